@@ -1,4 +1,5 @@
-"""Sharded, atomic, exactly resumable checkpoints; export to Hugging Face format.
+"""Sharded, atomic, exactly resumable checkpoints that fail loudly and fall back; export to Hugging
+Face format.
 
 Layout of a checkpoint root:
 
@@ -9,11 +10,18 @@ Layout of a checkpoint root:
     root/step_00000050.tmp/      being written, or left by a crash: ignored, removed by the next save
     root/latest                  the name of the newest complete checkpoint, for people and tools
 
-Every rank writes its own shard into `step_N.tmp`; after a barrier rank 0 renames the directory to
-`step_N` (atomic on one filesystem) and only then updates `latest` and deletes old checkpoints, so a
-crash at any point leaves the previous checkpoint complete and the new one invisible. The root must
-be on a filesystem all ranks share. DCP reshards on load: a checkpoint written by 8 ranks loads on
-2, or in one process without a process group (RNG states are then restored where a rank file exists).
+Every rank writes its own shard into `step_N.tmp`; once every rank has written, rank 0 renames the
+directory to `step_N` (atomic on one filesystem) and only then updates `latest` and deletes old
+checkpoints, so a crash at any point leaves the previous checkpoint complete and the new one
+invisible. A save that fails (a full disk) removes its `.tmp` on every rank's behalf and raises
+CheckpointError naming the cause. The root must be on a filesystem all ranks share. DCP reshards on
+load: a checkpoint written by 8 ranks loads on 2, or in one process without a process group (RNG
+states are then restored where a rank file exists).
+
+Loading checks the newest checkpoint first (every file present, shards as long as .metadata says,
+trainer and RNG files readable) and falls back, with a warning naming the damaged file, to the
+previous one. Rank 0 makes those checks and every rank follows it; an error while any rank reads
+the files is shared by all of them (one collective), so every rank loads the same checkpoint.
 
 Everything saved besides DCP shards is loaded with `torch.load(weights_only=True)`: `extra` may hold
 only plain Python values (dict, list, tuple, str, int, float, bool, None) and tensors; `save_checkpoint`
@@ -21,6 +29,7 @@ checks this before writing.
 """
 
 import copy
+import glob
 import io
 import os
 import random
@@ -31,35 +40,60 @@ import sys
 import warnings
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
+
+import distributed
 
 _STEP_DIR = re.compile(r"step_(\d{8})")
 _TMP_DIR = re.compile(r"step_\d{8}\.tmp")
 TRAINER_FILE = "trainer.pt"
 LATEST_FILE = "latest"
+METADATA_FILE = ".metadata"  # DCP's index of the shards
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be saved, or no checkpoint under a root could be loaded."""
 
 
-def _rank() -> int:
-    return dist.get_rank() if _distributed() else 0
+def _warn(message: str) -> None:
+    if distributed.rank() == 0:  # every rank reaches the same decision; one of them says so
+        print(f"[checkpoint] warning: {message}", file=sys.stderr, flush=True)
 
 
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
+def _describe(e: BaseException) -> str:
+    """One line. DCP's CheckpointException holds each failed rank's error and whole traceback."""
+    if isinstance(e, CheckpointException):
+        return "; ".join(f"rank {r}: {_describe(exc)}" for r, (exc, _) in e.failures.items())
+    if isinstance(e, CheckpointError):  # ours: it names the file already
+        return str(e)
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+
+
+def _agree(fn):
+    """Call fn() on every rank. Returns this rank's result (None if it raised) and what failed on any
+    rank ("rank 0,1: OSError: ..."), the same list on every rank: a collective, so an error on one
+    rank never leaves the others waiting in the next collective."""
+    try:
+        result, error = fn(), None
+    except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+        result, error = None, _describe(e)
+    errors = distributed.gather_objects(error)
+    ranks: dict[str, list[str]] = {}
+    for r, e in enumerate(errors):
+        if e is not None:
+            ranks.setdefault(e, []).append(str(r))
+    return result, [e if len(errors) == 1 else f"rank {','.join(rs)}: {e}" for e, rs in ranks.items()]
 
 
 def _dcp(fn, state: dict, path: str) -> None:
     """dcp.save / dcp.load; without a process group, one process on purpose (no DCP warning)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        fn(state, checkpoint_id=path, no_dist=not _distributed())
+        fn(state, checkpoint_id=path, no_dist=not distributed.is_initialized())
 
 
 def _fsync_dir(path: str) -> None:
@@ -112,24 +146,112 @@ def set_rng_state(state: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# save / load
+# what is on disk, and whether it is whole
 
-def _complete_checkpoints(root: str) -> list[tuple[int, str]]:
-    """(step, path) of every committed checkpoint under root, oldest first."""
+def _step_dirs(root: str) -> list[str]:
+    """Every committed checkpoint directory under root (complete or damaged), oldest first."""
     if not os.path.isdir(root):
         return []
-    found = []
-    for name in os.listdir(root):
-        m = _STEP_DIR.fullmatch(name)
-        if m and os.path.isfile(os.path.join(root, name, TRAINER_FILE)):
-            found.append((int(m.group(1)), os.path.join(root, name)))
-    return sorted(found)
+    steps = sorted((int(m.group(1)), name) for name in os.listdir(root)
+                   if (m := _STEP_DIR.fullmatch(name)) and os.path.isdir(os.path.join(root, name)))
+    return [os.path.join(root, name) for _, name in steps]
+
+
+def _load_small(file: str):
+    """torch.load(weights_only=True) of a trainer or RNG file, or CheckpointError naming the file."""
+    try:
+        return torch.load(file, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} missing") from None
+    except Exception as e:
+        raise CheckpointError(f"{file} unreadable ({_describe(e)})") from e
+
+
+def _problems(path: str, world: int) -> list[str]:
+    """What is missing or cut short in the checkpoint directory `path`, each naming its file; empty if
+    it looks complete. Reads .metadata, the trainer and RNG files and the shards' sizes, not the shards:
+    a missing or truncated shard shows here; bytes damaged inside a shard show only when loading."""
+    try:
+        saved_world = _load_small(os.path.join(path, TRAINER_FILE))["world_size"]
+    except CheckpointError as e:
+        return [str(e)]
+    problems = []
+    ends: dict[str, int] = {}  # shard file -> bytes .metadata says it holds
+    try:
+        for item in FileSystemReader(path).read_metadata().storage_data.values():
+            ends[item.relative_path] = max(ends.get(item.relative_path, 0), item.offset + item.length)
+    except Exception as e:
+        problems.append(f"{os.path.join(path, METADATA_FILE)} unreadable ({_describe(e)})")
+    else:
+        for name, end in sorted(ends.items()):
+            file = os.path.join(path, name)
+            if not os.path.isfile(file):
+                problems.append(f"{file} missing")
+            elif os.path.getsize(file) < end:
+                problems.append(f"{file} truncated ({os.path.getsize(file)} of {end} bytes)")
+    if saved_world == world:  # the same ranks: each one's RNG must be there for an exact resume
+        for r in range(world):
+            try:
+                _load_small(os.path.join(path, f"rank{r}.pt"))
+            except CheckpointError as e:
+                problems.append(str(e))
+    return problems
 
 
 def latest_checkpoint(root: str) -> str | None:
-    """The newest complete checkpoint directory under root, or None."""
-    found = _complete_checkpoints(root)
-    return found[-1][1] if found else None
+    """The newest complete checkpoint directory under root, or None. Newer damaged ones are reported."""
+    for path in reversed(_step_dirs(root)):
+        problems = _problems(path, distributed.world_size())
+        if not problems:
+            return path
+        _warn(f"skipping damaged checkpoint {path}: {'; '.join(problems)}")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# save
+
+def _refuse_non_finite(model, what: str) -> None:
+    """CheckpointError on every rank if any rank's shard of any parameter holds a NaN or inf: one
+    all-reduce of one flag per parameter (same order on every rank), so all ranks decide alike."""
+    names, flags = [], []
+    for name, p in model.named_parameters():
+        shard = p.to_local() if hasattr(p, "to_local") else p  # this rank's part; no gather needed
+        names.append(name)
+        flags.append(~torch.isfinite(shard.detach()).all())
+    if not flags:
+        return
+    bad = distributed.all_max(torch.stack(flags).int()).tolist()
+    if any(bad):
+        raise CheckpointError(f"checkpoint: refusing to save {what}: parameter {names[bad.index(1)]} "
+                              f"holds non-finite values (NaN or inf); {sum(bad)} of {len(bad)} parameters do")
+
+
+def _prepare(root: str, final: str, tmp: str, world: int) -> bool:
+    """Rank 0: clear what a crash left and make `tmp`. True if `final` is already a complete checkpoint
+    (a trainer may save at step N and again at the end of a run that stopped at N)."""
+    os.makedirs(root, exist_ok=True)
+    for name in os.listdir(root):  # left by a crash (or an interrupted prune)
+        if _TMP_DIR.fullmatch(name):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)  # if not, makedirs(tmp) says so
+    if os.path.isdir(final):
+        problems = _problems(final, world)
+        if not problems:
+            return True
+        _warn(f"replacing damaged checkpoint {final}: {'; '.join(problems)}")
+        os.rename(final, tmp)  # out of sight first (atomic), as _prune does
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    return False
+
+
+def _write(tmp: str, model, optimizer, trainer_bytes: bytes) -> None:
+    """Every rank: its DCP shard and RNG file; rank 0 also trainer.pt."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    _dcp(dcp.save, {"model": model_sd, "optim": optim_sd}, tmp)
+    _write_file(os.path.join(tmp, f"rank{distributed.rank()}.pt"), _to_bytes(rng_state(), "RNG state"))
+    if distributed.rank() == 0:
+        _write_file(os.path.join(tmp, TRAINER_FILE), trainer_bytes)
 
 
 def _commit(root: str, tmp: str, final: str) -> None:
@@ -142,10 +264,17 @@ def _commit(root: str, tmp: str, final: str) -> None:
     _fsync_dir(root)
 
 
+def _publish(root: str, tmp: str, final: str, keep: int | None) -> None:
+    """Rank 0: commit, then delete all but the newest `keep` checkpoints (None: keep all)."""
+    _commit(root, tmp, final)
+    if keep is not None:
+        _prune(root, keep)
+
+
 def _prune(root: str, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints. Each is first renamed to `.tmp` (atomic), so a
     crash mid-delete leaves an ignored directory, never a half-deleted one that looks complete."""
-    for _, path in _complete_checkpoints(root)[:-keep]:
+    for path in _step_dirs(root)[:-keep]:
         os.rename(path, path + ".tmp")
         shutil.rmtree(path + ".tmp", ignore_errors=True)
 
@@ -156,78 +285,119 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler=None, extr
 
     Called by every rank (it holds collectives). `model` may be FSDP2-sharded or a plain module;
     `extra` is rank-independent state (sampler position, counters) saved by rank 0. Keeps the newest
-    `keep` checkpoints (None: all). Saving a step that is already committed does nothing (a trainer
-    may save at step N and again at the end of a run that stopped at N). Returns the directory.
+    `keep` checkpoints (None: all). Saving a step that is already committed and complete does nothing;
+    a damaged one is replaced. Returns the directory.
+
+    Raises CheckpointError, on every rank, if a parameter holds NaN or inf (nothing is written) or if
+    writing fails on any rank (e.g. a full disk): the `.tmp` directory is removed and the checkpoints
+    already committed are untouched.
     """
     if keep is not None and keep < 1:
         raise ValueError(f"checkpoint: keep must be at least 1 (or None for all), got {keep}")
-    rank, world = _rank(), (dist.get_world_size() if _distributed() else 1)
+    rank, world = distributed.rank(), distributed.world_size()
     final = os.path.join(root, f"step_{step:08d}")
     tmp = final + ".tmp"
-    if os.path.isfile(os.path.join(final, TRAINER_FILE)):
-        return final
+    _refuse_non_finite(model, f"step {step}")
     # Check `extra` on every rank before anyone writes, so a bad value fails everywhere alike.
     trainer_bytes = _to_bytes({"step": step, "world_size": world, "extra": dict(extra or {}),
                                "scheduler": scheduler.state_dict() if scheduler is not None else None},
                               "extra / scheduler state")
-    if rank == 0:
-        os.makedirs(root, exist_ok=True)
-        for name in os.listdir(root):  # left by a crash (or an interrupted prune)
-            if _TMP_DIR.fullmatch(name):
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
-        os.makedirs(tmp)
-    _barrier()
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    _dcp(dcp.save, {"model": model_sd, "optim": optim_sd}, tmp)
-    _write_file(os.path.join(tmp, f"rank{rank}.pt"), _to_bytes(rng_state(), "RNG state"))
-    if rank == 0:
-        _write_file(os.path.join(tmp, TRAINER_FILE), trainer_bytes)
-    _barrier()  # every shard is on disk before the commit
-
-    if rank == 0:
-        _commit(root, tmp, final)
-        if keep is not None:
-            _prune(root, keep)
-    _barrier()  # nobody moves on (or loads) before the commit is visible
+    done, failures = _agree(lambda: _prepare(root, final, tmp, world) if rank == 0 else None)
+    if not failures and distributed.broadcast_object(done):
+        return final
+    if not failures:  # every shard is on disk before the commit: _agree waits for all ranks
+        _, failures = _agree(lambda: _write(tmp, model, optimizer, trainer_bytes))
+    if not failures:  # and nobody moves on (or loads) before the commit is visible
+        _, failures = _agree(lambda: _publish(root, tmp, final, keep) if rank == 0 else None)
+    if failures:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if os.path.exists(os.path.join(root, LATEST_FILE + ".part")):
+                os.remove(os.path.join(root, LATEST_FILE + ".part"))
+        distributed.barrier()
+        raise CheckpointError(f"checkpoint: saving step {step} to {final} failed: {'; '.join(failures)}. "
+                              f"Removed {tmp}; the checkpoints already in {root} are untouched")
     return final
+
+
+# ----------------------------------------------------------------------------------------------
+# load
+
+def _candidates(root: str) -> list[str]:
+    """`root` itself if it is a checkpoint directory, else every checkpoint under it, newest first."""
+    root = os.path.normpath(root)
+    if _STEP_DIR.fullmatch(os.path.basename(root)) or os.path.isfile(os.path.join(root, TRAINER_FILE)):
+        return [root]
+    return _step_dirs(root)[::-1]
+
+
+def _read_small(path: str) -> tuple[dict, dict | None]:
+    """This rank's view of trainer.pt and its own RNG file (None where the world size changed)."""
+    rng_file = os.path.join(path, f"rank{distributed.rank()}.pt")
+    rng = _load_small(rng_file) if os.path.isfile(rng_file) else None
+    return _load_small(os.path.join(path, TRAINER_FILE)), rng
+
+
+def _read_shards(path: str, model, optimizer) -> dict:
+    """Model and optimizer state from the DCP shards. get_state_dict gives tensors of the right shapes
+    and shardings (it initialises an empty optimizer state with a zero-lr step); DCP fills them in
+    place, resharding if the world changed, and every key or it raises (on every rank)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    try:
+        _dcp(dcp.load, state, path)
+    except CheckpointException as e:  # it cannot say which file: name them all
+        shards = sorted(glob.glob(os.path.join(path, "*.distcp")))
+        names = ", ".join(shards) if len(shards) <= 8 else f"{path}/*.distcp ({len(shards)} files)"
+        raise CheckpointError(f"reading {names} failed: {_describe(e)}") from None
+    return state
 
 
 def load_checkpoint(root: str, model, optimizer, scheduler=None) -> dict | None:
     """Restore the newest complete checkpoint under `root` (or `root` itself if it is a checkpoint
     directory) into model, optimizer and scheduler, and this rank's RNG states.
 
-    Called by every rank. Returns `extra` with "step" added, or None when there is no checkpoint.
+    Called by every rank. A damaged checkpoint (a file missing, truncated or unreadable) is reported,
+    naming the file, and the next older one is tried; every rank tries the same ones in the same order
+    and agrees on each outcome. A checkpoint that fails while its shards are being read may have
+    overwritten part of the state; the one loaded after it overwrites every tensor. Returns `extra`
+    with "step" added, or None when there is no checkpoint; CheckpointError, naming each damaged file,
+    when there are checkpoints but none loads.
     """
-    if os.path.isfile(os.path.join(root, TRAINER_FILE)):
-        path = root
+    world = distributed.world_size()
+    paths = distributed.broadcast_object(_candidates(root) if distributed.rank() == 0 else None)
+    damaged = []
+    for path in paths:
+        problems = distributed.broadcast_object(_problems(path, world) if distributed.rank() == 0 else None)
+        if not problems:
+            small, problems = _agree(lambda: _read_small(path))
+        if not problems:
+            state, problems = _agree(lambda: _read_shards(path, model, optimizer))
+        if not problems:
+            break
+        damaged.append(f"{path}: {'; '.join(problems)}")
+        _warn(f"skipping damaged checkpoint {damaged[-1]}")
     else:
-        path = latest_checkpoint(root)
-        if _distributed():  # every rank must read the same one, even if the directory changes meanwhile
-            box = [path]
-            dist.broadcast_object_list(box, src=0)
-            path = box[0]
-    if path is None:
+        if damaged:
+            raise CheckpointError(f"checkpoint: no loadable checkpoint in {root}: {' | '.join(damaged)}. "
+                                  "Repair or move them away to start from scratch")
         return None
+    if damaged:
+        _warn(f"resuming from {path}, the newest complete checkpoint")
 
-    # get_state_dict gives tensors of the right shapes and shardings (it initialises an empty
-    # optimizer state with a zero-lr step); DCP fills them in place, resharding if the world changed.
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    _dcp(dcp.load, state, path)
+    trainer, rng = small
+    if scheduler is not None and trainer["scheduler"] is None:
+        raise ValueError(f"checkpoint {path}: no scheduler state saved, but a scheduler was given to load")
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-
-    trainer = torch.load(os.path.join(path, TRAINER_FILE), weights_only=True)
     if scheduler is not None:
-        if trainer["scheduler"] is None:
-            raise ValueError(f"checkpoint {path}: no scheduler state saved, but a scheduler was given to load")
         scheduler.load_state_dict(trainer["scheduler"])
-    rng_file = os.path.join(path, f"rank{_rank()}.pt")
-    if os.path.isfile(rng_file):
-        set_rng_state(torch.load(rng_file, weights_only=True))
-    else:
-        print(f"[checkpoint] warning: {rng_file} missing (saved with {trainer['world_size']} ranks): "
-              "this rank's RNG is not restored, so the run is not bit-exact from here", file=sys.stderr)
+    if rng is not None:
+        set_rng_state(rng)
+    else:  # only when the world size changed: _problems requires every rank file otherwise
+        print(f"[checkpoint] warning: {path}/rank{distributed.rank()}.pt missing (saved with "
+              f"{trainer['world_size']} ranks): this rank's RNG is not restored, so the run is not bit-exact "
+              "from here", file=sys.stderr)
     return {**trainer["extra"], "step": trainer["step"]}
 
 
@@ -250,10 +420,12 @@ def export_hf(model, tokenizer, out_dir: str, dtype: torch.dtype | None = None) 
     Called by every rank (gathering the full weights is a collective); rank 0 gathers them onto the
     CPU and writes. Weights are saved in the dtype the model holds them in (float32 master weights
     stay float32, and config.json says so); pass `dtype` (e.g. torch.bfloat16) to cast for serving.
-    Written to `out_dir.tmp`, then renamed over `out_dir`.
+    Written to `out_dir.tmp`, then renamed over `out_dir`. Weights holding NaN or inf are refused
+    (CheckpointError, on every rank) before anything is written.
     """
+    _refuse_non_finite(model, f"the export to {out_dir}")
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if _rank() == 0:
+    if distributed.rank() == 0:
         out_dir = os.path.normpath(out_dir)
         tmp, old = out_dir + ".tmp", out_dir + ".old"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -277,7 +449,7 @@ def export_hf(model, tokenizer, out_dir: str, dtype: torch.dtype | None = None) 
             os.rename(out_dir, old)
         os.rename(tmp, out_dir)
         shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    distributed.barrier()
     return out_dir
 
 
@@ -289,8 +461,10 @@ class StopSignal:
 
     The first signal only sets a flag (and puts the previous handler back, so a second Ctrl-C
     interrupts at once). `should_stop()` is a collective: every rank calls it once per step, and all
-    agree to stop if any rank was signalled (a scheduler may signal only some of them). Under torchrun,
-    Ctrl-C reaches torchrun too, which terminates the workers after its own grace period.
+    agree to stop if any rank was signalled (a scheduler may signal only some of them). Once it says
+    stop, `received` is the signal's number on every rank, so each can exit with 128 + signum, the
+    status a shell gives a process the signal killed, which a scheduler tells from success. Under
+    torchrun, Ctrl-C reaches torchrun too, which terminates the workers after its own grace period.
     """
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
@@ -304,12 +478,11 @@ class StopSignal:
               "(send it again to stop now)", file=sys.stderr, flush=True)
 
     def should_stop(self) -> bool:
-        flag = torch.tensor([int(self.received is not None)])
-        if _distributed():
-            if "nccl" in str(dist.get_backend()):
-                flag = flag.to(torch.device("cuda", torch.cuda.current_device()))
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        """True on every rank if any rank was signalled (the highest signal number wins)."""
+        signum = int(distributed.all_max(torch.tensor([self.received or 0])).item())
+        if signum and self.received is None:
+            self.received = signum  # another rank was signalled: exit as it does
+        return bool(signum)
 
     def restore(self) -> None:
         """Put back the handlers that were there before."""

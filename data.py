@@ -1,7 +1,8 @@
-"""Where prompts come from: one record type, loaders, hash splits, the resumable sampler, the toy task.
+"""Where prompts come from: one record type, loaders, hash splits, the resumable sampler, and the
+judged-row format ((question, reference, response) with an optional 0/1 label) both trainers share.
 
-Imports none of the project's files, and nothing heavy at import time: torch, datasets and pyarrow
-are imported inside the functions that need them.
+Imports none of the project's files, and nothing heavy at import time: datasets and pyarrow are
+imported inside the functions that need them. The offline demo's toy task is in toy.py.
 """
 from __future__ import annotations
 
@@ -11,10 +12,7 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
-
-if TYPE_CHECKING:
-    import torch
+from typing import Iterable, Iterator
 
 # The system prompt stored in the released Multi-subject-RLVR / Math-RLVR rows: it makes the policy
 # end with "Therefore, the answer is ...", so the last line (all the verifier reads) carries the answer.
@@ -158,8 +156,7 @@ def _dataset_rows(name: str, split: str, where: str) -> Iterator[tuple[int, obje
 
 def _to_record(row: object, at: str, prompt_field: str, answer_field: str, system_prompt: str,
                provenance: dict) -> Record:
-    if not isinstance(row, dict):
-        raise DataError(f"{at}: expected an object with fields, got {type(row).__name__}")
+    _require_object(row, at)
     prompt = _field(row, prompt_field, at)
     if isinstance(prompt, str):
         messages = [{"role": "user", "content": prompt.strip()}]
@@ -174,14 +171,7 @@ def _to_record(row: object, at: str, prompt_field: str, answer_field: str, syste
     if system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt})
 
-    reference = _field(row, answer_field, at)
-    if isinstance(reference, (int, float)) and not isinstance(reference, bool) and math.isfinite(reference):
-        reference = str(reference)  # numeric answers of math sets; a class *index* (MMLU) would need mapping
-    if not isinstance(reference, str):
-        raise DataError(f"{at}: field '{answer_field}' must be a string, got {type(reference).__name__}")
-    reference = reference.strip()
-    if not reference:
-        raise DataError(f"{at}: field '{answer_field}' is empty")
+    reference = _text(row, answer_field, at, required=True).strip()
 
     row_id = row.get("id")
     row_id = str(row_id) if isinstance(row_id, (str, int)) and not isinstance(row_id, bool) and row_id != "" else None
@@ -194,12 +184,30 @@ def _to_record(row: object, at: str, prompt_field: str, answer_field: str, syste
     return make_record(question, reference, messages, meta, id=row_id)
 
 
+def _require_object(row: object, at: str) -> None:
+    if not isinstance(row, dict):
+        raise DataError(f"{at}: expected an object with fields, got {type(row).__name__}")
+
+
 def _field(row: dict, field: str, at: str):
     if field not in row:
         raise DataError(f"{at}: field '{field}' is missing")
     if row[field] is None:
         raise DataError(f"{at}: field '{field}' is null")
     return row[field]
+
+
+def _text(row: dict, field: str, at: str, required: bool = False) -> str:
+    """A string field, as stored (not stripped); a finite number is written with str() (the numeric
+    answers of math sets; a class *index*, as in MMLU, would need mapping). `required`: not blank."""
+    value = _field(row, field, at)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        value = str(value)
+    if not isinstance(value, str):
+        raise DataError(f"{at}: field '{field}' must be a string, got {type(value).__name__}")
+    if required and not value.strip():
+        raise DataError(f"{at}: field '{field}' is empty")
+    return value
 
 
 def _messages(messages: list, at: str, field: str) -> list[dict]:
@@ -301,22 +309,6 @@ def tokenize_prompts(tokenizer, records: list[Record], max_prompt_len: int) -> l
     return out
 
 
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), both LongTensor[B, T]: left padding so every prompt ends at the
-    last column, where generation continues."""
-    import torch
-
-    if not seqs or any(len(s) == 0 for s in seqs):
-        raise ValueError("left_pad needs at least one sequence and no empty ones")
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        input_ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        attention_mask[i, width - len(s):] = 1
-    return input_ids, attention_mask
-
-
 # ----------------------------------------------------------------------------------------------
 # the sampler
 
@@ -373,86 +365,58 @@ class PromptSampler:
 
 
 # ----------------------------------------------------------------------------------------------
-# the toy task: which of two different digits is larger (or smaller), learnable by a tiny model on a
-# CPU in minutes (one-digit addition is not: a random tiny model trained on it stays at chance for
-# thousands of SFT steps, and GRPO alone collapses onto one answer). Answers come in equivalent surface
-# forms ("7", "7.0", "14/2"): substring matching misses "14/2" and is fooled by "17", while a verifier
-# that knows equivalence (rule:math, or a distilled one) is not.
+# judged rows: (question, reference, response) and, once judged, a 0/1 label. What the verifier
+# trainer labels, trains on and evaluates, and what the RL trainer's rollouts.jsonl holds.
 
-TOY_SYSTEM_PROMPT = "Answer with: Therefore, the answer is N."  # short: the demo's cost is its prompt
+@dataclass
+class JudgedRow:
+    question: str
+    reference: str
+    response: str
+    label: int | None = None            # 1: the response's answer matches the reference
+    teacher_p_yes: float | None = None  # the labelling verifier's p(positive token)
 
+    @property
+    def id(self) -> str:
+        """Stable: the same (question, reference, response) has the same id on every machine and run,
+        so a label file made by an earlier run still matches its rows."""
+        key = json.dumps([self.question, self.reference, self.response], ensure_ascii=False)
+        return _sha16(key)
 
-def _toy_problems() -> list[tuple[str, int, str]]:
-    problems = []
-    for a in range(10):
-        for b in range(10):
-            if a != b:
-                problems.append((f"Which is larger, {a} or {b}?", max(a, b), "larger"))
-                problems.append((f"Which is smaller, {a} or {b}?", min(a, b), "smaller"))
-    return problems
-
-
-TOY_PROBLEMS = 180
-
-
-def toy_records(n: int, seed: int, system_prompt: str = TOY_SYSTEM_PROMPT) -> list[Record]:
-    """`n` comparison problems ("Which is larger, 3 or 7?", reference "7"). The 180 problems are
-    shuffled by `seed` and dealt without repeats until all are used, so split_heldout() on
-    toy_records(180, s) gives disjoint train and eval questions."""
-    problems = _toy_problems()
-    rng = random.Random(f"toy:{seed}")
-    records: list[Record] = []
-    while len(records) < n:
-        deck = problems[:]
-        rng.shuffle(deck)
-        for question, value, subject in deck[:n - len(records)]:
-            messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
-            messages.append({"role": "user", "content": question})
-            records.append(make_record(question, str(value), messages,
-                                       {"subject": subject, "source": "toy", "row": len(records) + 1}))
-    return records
+    def to_json(self, **extra) -> dict:
+        return {"id": self.id, "question": self.question, "reference": self.reference, "response": self.response,
+                "label": self.label, "teacher_p_yes": self.teacher_p_yes, **extra}
 
 
-def toy_answer_forms(value: int) -> list[str]:
-    """Surface forms math-verify judges equal to str(value): plain, decimal and an unreduced fraction."""
-    return [str(value), f"{value}.0", f"{2 * value}/2"]
+def parse_label(value, at: str) -> int:
+    """0/1, true/false (JSON booleans or strings, any case) as 0 or 1; `at` names the file and row."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return int(value)
+    if isinstance(value, str) and value.strip().lower() in ("0", "1", "true", "false"):
+        return int(value.strip().lower() in ("1", "true"))
+    raise DataError(f"{at}: field 'label' must be 0/1 or true/false, got {value!r}")
 
 
-def toy_response(value_form: str) -> str:
-    return f"Therefore, the answer is {value_form}."
-
-
-TOY_WARM_START_STEPS = 200  # supervised steps that take the random tiny model to ~50% on the task
-
-
-def toy_sft_pairs(n: int, seed: int, heldout_fraction: float = 0.0) -> list[tuple[list[dict], str]]:
-    """(messages, response) pairs for the tiny model's warm start: correct answers, mostly the plain
-    integer (70%), else "7.0" or "14/2" (15% each); questions in the hash-held-out share are left out,
-    so the warm start never sees what eval grades."""
-    rng = random.Random(f"toy-sft:{seed}")
-    pairs = []
-    records = toy_records(n, seed)
-    if heldout_fraction:
-        heldout = {r.question for r in split_heldout(records, heldout_fraction)[1]}
-        records = [r for r in records if r.question not in heldout]
-    for r in records:
-        form = rng.choices(toy_answer_forms(int(r.reference)), weights=(0.7, 0.15, 0.15))[0]
-        pairs.append((r.messages, toy_response(form)))
-    return pairs
-
-
-def toy_judge_rows(n: int, seed: int) -> list[dict]:
-    """Rows {"question", "reference", "response", "correct"} for verifier distillation: half correct
-    answers in any equivalent form, half wrong values (off by 1 to 3, or +10 so that "17" contains the
-    reference "7") in any form, shuffled. `correct` is the truth by construction."""
-    rng = random.Random(f"toy-judge:{seed}")
-    correct = [i % 2 == 0 for i in range(n)]
-    rng.shuffle(correct)
+def read_judged_rows(source: str, split: str = "train", labelled: bool = False) -> list[JudgedRow]:
+    """Rows from a .jsonl/.json/.parquet file or a data set name (the loaders above). A question or
+    reference that is blank, and with `labelled` a missing or unreadable label, is a DataError naming
+    the file, row and field. Values are kept as stored (not stripped): the row id hashes them."""
+    where, raw_rows = iter_rows(str(source), split)
     rows = []
-    for r, ok in zip(toy_records(n, seed), correct):
-        value = int(r.reference)
-        if not ok:
-            value = rng.choice([value + d for d in (1, 2, 3, 10)] + [value - d for d in (1, 2, 3) if value >= d])
-        rows.append({"question": r.question, "reference": r.reference,
-                     "response": toy_response(rng.choice(toy_answer_forms(value))), "correct": ok})
+    for n, raw in raw_rows:
+        at = f"{where}, row {n}"
+        if isinstance(raw, DataError):
+            raise raw
+        _require_object(raw, at)
+        row = JudgedRow(_text(raw, "question", at, required=True), _text(raw, "reference", at, required=True),
+                        _text(raw, "response", at))
+        if labelled:
+            row.label = parse_label(_field(raw, "label", at), at)
+        if isinstance(raw.get("teacher_p_yes"), (int, float)):
+            row.teacher_p_yes = float(raw["teacher_p_yes"])
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{where}: no rows")
     return rows

@@ -1,10 +1,16 @@
-"""Where numbers go: `metrics.jsonl` (always), wandb (when it can), the console line, phase timings
-and peak memory.
+"""Where numbers go: `metrics.jsonl` (always), wandb (when it can), the console line, phase timings,
+peak memory and figures (matplotlib).
 
 Only rank 0 writes. Nothing here needs a wandb account: without credentials, network or the wandb
 package, runs log to local files (and, in offline mode, a local wandb run to `wandb sync` later).
 
-    metrics = Metrics(out_dir, config, project="rlvr", run_name="toy", mode="auto", rank=rank)
+The JSONL files are append-only and crash-consistent: each append is one write followed by fsync; a
+line torn by a crash is cut off when the file is next read; a resumed run first cuts every file back
+to the rows of the steps its checkpoint holds (`resume_step`), so its files equal those of a run that
+never stopped (apart from the time fields).
+
+    metrics = Metrics(out_dir, config, project="rlvr", run_name="toy", mode="auto", rank=rank,
+                      resume_step=None)   # or the step of the checkpoint the run resumed from
     timer = PhaseTimer(device)
     with timer("generate"): ...
     scalars = {"reward": r, **timer.pop(), "memory/peak_gb": peak_memory_gb(device)}
@@ -70,18 +76,95 @@ def _redact(text: str, environ=os.environ) -> str:
     return text.replace(key, "***") if key else text
 
 
+# ----------------------------------------------------------------------------------------------
+# append-only JSONL files (metrics, samples, rollouts, audits): durable appends, repair, rewind
+
+def append_jsonl(path: str, rows: list[dict]) -> None:
+    """Append rows as JSON lines in one write, then flush and fsync: a crash can tear only the last
+    line, which `read_jsonl` cuts off."""
+    if not rows:
+        return
+    with open(path, "ab") as f:
+        f.write("".join(json.dumps(row) + "\n" for row in rows).encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _lines(path: str) -> list[tuple[bytes, dict]]:
+    """Each line of a JSONL file (with its newline) and its row. A last line torn by a crash (no
+    trailing newline, or not a JSON object) is cut off the file, with a warning; a bad line anywhere
+    else is a ValueError naming the file and row."""
+    with open(path, "rb") as f:
+        data = f.read()
+    lines = data.split(b"\n")
+    torn = lines.pop()  # what follows the last newline: empty unless a crash tore the last line
+    out = []
+    for i, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)  # bytes: a torn UTF-8 character is a ValueError too
+            if not isinstance(row, dict):
+                raise ValueError(f"a JSON {type(row).__name__}, not an object")
+        except ValueError as e:
+            if i < len(lines) or torn:
+                raise ValueError(f"{path}: row {i}: not a JSON object ({e})") from None
+            torn = line + b"\n"
+            break
+        out.append((line + b"\n", row))
+    if torn:
+        print(f"[metrics] warning: {path}: cut off a last line torn by a crash ({len(torn)} bytes: "
+              f"{torn[:80]!r})", file=sys.stderr, flush=True)
+        with open(path, "r+b") as f:
+            f.truncate(len(data) - len(torn))
+            os.fsync(f.fileno())
+    return out
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The rows of a JSONL file, after cutting off a last line torn by a crash (see `_lines`)."""
+    return [row for _, row in _lines(path)]
+
+
+def rewind_jsonl(path: str, step: int) -> int:
+    """Cut a JSONL file back to its rows with row["step"] <= step (a torn last line is cut first);
+    returns how many rows were dropped. A missing file has none. The kept lines are written byte for
+    byte to a temporary file that os.replace puts in place: a crash leaves the old file or the new."""
+    if not os.path.exists(path):
+        return 0
+    lines = _lines(path)
+    keep = []
+    for i, (line, row) in enumerate(lines, 1):
+        if not isinstance(row.get("step"), int):
+            raise ValueError(f"{path}: row {i}: no integer \"step\" to rewind by (got {row.get('step')!r})")
+        if row["step"] <= step:
+            keep.append(line)
+    if len(keep) < len(lines):
+        with open(path + ".tmp", "wb") as f:
+            f.write(b"".join(keep))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(path + ".tmp", path)  # if the rename is lost in a crash, the next resume rewinds again
+    return len(lines) - len(keep)
+
+
 class Metrics:
     """One per run. `log` appends a JSON line to `out_dir/metrics.jsonl` and logs to wandb;
-    `table` records samples; `close` finishes and says where everything went."""
+    `table` records samples; `close` finishes and says where everything went.
+
+    A run resumed from the checkpoint of step S passes resume_step=S: metrics.jsonl, and each table
+    file when it is first written again, are cut back to the rows of steps <= S before anything is
+    appended, so a killed and resumed run's files equal an uninterrupted run's (apart from "time" and
+    "elapsed"). The trainer must not log step S again."""
 
     def __init__(self, out_dir: str, config: dict, project: str, run_name: str, mode: str = "auto",
-                 rank: int = 0):
-        self.rank, self.out_dir, self.run = rank, out_dir, None
+                 rank: int = 0, resume_step: int | None = None):
+        self.rank, self.out_dir, self.run, self.resume_step = rank, out_dir, None, resume_step
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self.start = time.time()
+        self._rewound: set[str] = set()  # files already cut back to resume_step
         if rank != 0:
             return
         os.makedirs(out_dir, exist_ok=True)
+        self._rewind_once(self.path)
         with open(os.path.join(out_dir, "config.json"), "w") as f:  # the local files describe the run alone
             json.dump(config, f, indent=2, default=str)
         mode = wandb_mode(mode)
@@ -101,8 +184,7 @@ class Metrics:
             return
         row = {k: _plain(v, f"scalar {k!r}") for k, v in scalars.items()}
         now = time.time()
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, "time": now, "elapsed": now - self.start, **row}) + "\n")
+        self._append(self.path, [{"step": step, "time": now, "elapsed": now - self.start, **row}])
         if self.run is not None:
             self.run.log(row, step=step)
 
@@ -115,13 +197,25 @@ class Metrics:
             raise ValueError(f"metrics: table name {name!r} must be a plain file name (letters, digits, _ . -)")
         rows = [[_plain(v, f"table {name!r} column {c!r}") for c, v in zip(columns, row, strict=True)]
                 for row in rows]
-        with open(os.path.join(self.out_dir, f"{name}.jsonl"), "a") as f:
-            for row in rows:
-                f.write(json.dumps({"step": step, **dict(zip(columns, row))}) + "\n")
+        self._append(os.path.join(self.out_dir, f"{name}.jsonl"),
+                     [{"step": step, **dict(zip(columns, row))} for row in rows])
         if self.run is not None:
             import wandb
 
             self.run.log({name: wandb.Table(columns=list(columns), data=rows)}, step=step)
+
+    def _rewind_once(self, path: str) -> None:
+        if self.resume_step is None or path in self._rewound:
+            return
+        self._rewound.add(path)
+        dropped = rewind_jsonl(path, self.resume_step)
+        if dropped:
+            print(f"[metrics] resumed after step {self.resume_step}: dropped {dropped} rows of later steps "
+                  f"from {path}", file=sys.stderr, flush=True)
+
+    def _append(self, path: str, rows: list[dict]) -> None:
+        self._rewind_once(path)
+        append_jsonl(path, rows)
 
     @staticmethod
     def summary(step: int, scalars: dict, keys: list[str] | None = None) -> str:
@@ -216,13 +310,75 @@ def peak_memory_gb(device: torch.device | str = "cpu") -> float:
     return kb / 2**20
 
 
-def reset_peak_memory(device: torch.device | str = "cpu") -> None:
+def reset_peak_memory(device: torch.device | str = "cpu") -> bool:
+    """Start `peak_memory_gb` over. Returns whether it could: False where the CPU peak is the whole
+    run's (not Linux), so a peak measured after it is not the peak of what followed alone."""
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        return
+        return True
     try:  # Linux: "5" resets VmHWM to the current RSS
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
-        pass
+        return False
+    return _vm_hwm_kb() is not None
+
+
+# ----------------------------------------------------------------------------------------------
+# figures: matplotlib's Agg canvas, no display and no pyplot state (imported here: only figures need it)
+
+DPI = 100
+
+
+def _figure(width_in: float, height_in: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_in, height_in), dpi=DPI)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _save(fig, path) -> str:
+    """PNG of exactly figsize * DPI pixels (no tight bounding box, which would change the size)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI, format="png")
+    return str(path)
+
+
+def plot_curves(path, curves: dict[str, tuple[list, list]], xlabel: str, ylabel: str, title: str) -> str:
+    """Line plot of named curves {label: (xs, ys)}, e.g. reward and held-out accuracy against the step,
+    as a 700 x 450 PNG at `path`. Returns the path."""
+    if not curves:
+        raise ValueError(f"metrics: no curves to plot in {path}")
+    fig, ax = _figure(7, 4.5)
+    for label, (xs, ys) in curves.items():
+        if len(xs) != len(ys):
+            raise ValueError(f"metrics: curve {label!r} for {path} has {len(xs)} x values and {len(ys)} y values")
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def reliability_plot(path, bins: list[dict]) -> str:
+    """The reliability diagram of a verifier's p(YES) against labels, as a 500 x 500 PNG at `path`,
+    from calibration bins [{"lo", "hi", "count", "mean_p", "frac_positive"}] (empty bins: count 0).
+    Bars: each non-empty bin's fraction of rows labelled correct, its row count on top; red ticks: the
+    bin's mean p(YES) (a calibrated verifier's bars reach their ticks); dashed: perfect calibration."""
+    full = [b for b in bins if b["count"]]
+    fig, ax = _figure(5, 5)
+    ax.bar([b["lo"] for b in full], [b["frac_positive"] for b in full], width=[b["hi"] - b["lo"] for b in full],
+           align="edge", color="tab:blue", alpha=0.7, edgecolor="white", label="fraction labelled correct")
+    ax.hlines([b["mean_p"] for b in full], [b["lo"] for b in full], [b["hi"] for b in full], colors="tab:red",
+              linewidth=2.5, label="mean p(YES) of the bin")
+    ax.plot([0, 1], [0, 1], "--", color="grey", linewidth=1, label="perfect calibration")
+    for b in full:
+        ax.annotate(str(b["count"]), ((b["lo"] + b["hi"]) / 2, max(b["frac_positive"], b["mean_p"])),
+                    textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
+    ax.set(xlim=(0, 1), ylim=(0, 1.1), xlabel="p(YES) from the verifier", ylabel="fraction labelled correct")
+    ax.set_title(f"Reliability diagram: {sum(b['count'] for b in bins)} rows (on each bar: its rows)", fontsize=10)
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)

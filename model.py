@@ -1,61 +1,19 @@
-"""Models: load with the right attention kernel, build the tiny offline models, shard with FSDP2,
-pack sequences and compute per-token log-probs without full-vocabulary float32 logits.
+"""Models: load with the right attention kernel, shard with FSDP2, lay batches out (left-padded for
+generation; packed or right-padded for log-probs), compute per-token log-probs without full-vocabulary
+float32 logits, generate with seeded sampling, and the one optimizer and LR schedule of both trainers.
 
-Imports none of the project's files. `python model.py tiny --out DIR` builds a tiny model.
+Imports distributed.py only. The tiny offline models of the demo are built in toy.py.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import importlib.util
-import json
-import os
-import shutil
-import socket
-import tempfile
-from pathlib import Path
+import math
 
 import torch
-import torch.distributed as dist
 
-# ----------------------------------------------------------------------------------------------
-# distributed set-up
-
-
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Returns (rank, world_size, device).
-
-    Under torchrun a process group is created (nccl on GPU, gloo on CPU). A plain `python` run on
-    a GPU also gets a one-process group, so the GPU path is always FSDP2 with bf16 parameters and
-    float32 reduction. A plain CPU run stays a single process with no group: the simplest path.
-    """
-    cuda = torch.cuda.is_available()
-    if "WORLD_SIZE" not in os.environ and not cuda:
-        return 0, 1, torch.device("cpu")
-    if not dist.is_initialized():
-        backend = "nccl" if cuda else "gloo"
-        if "WORLD_SIZE" in os.environ:
-            if cuda:
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group(backend)
-        else:
-            with socket.socket() as s:  # a free port for the one-process group
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
-
+import distributed
 
 # ----------------------------------------------------------------------------------------------
 # loading
@@ -91,7 +49,7 @@ def load_model(name_or_path: str, device: torch.device | str = "cpu", dtype: tor
             trust_remote_code=trust_remote_code, use_safetensors=True)
     except OSError as e:
         raise OSError(f"cannot load model '{name_or_path}': {e}\n(no hub access here? build a tiny "
-                      f"offline model with `python model.py tiny --out DIR`)") from e
+                      f"offline model with `python toy.py tiny --out DIR`)") from e
     return model.to(device)
 
 
@@ -107,7 +65,7 @@ def shard_model(model, mixed_precision: bool, activation_checkpointing: bool = F
     """
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if not is_distributed():
+    if not distributed.is_initialized():
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
@@ -145,18 +103,68 @@ def gathered_params(model):
 
 
 # ----------------------------------------------------------------------------------------------
-# packing and log-probs
+# batch layouts: every tensor a batch needs, built by one padding helper
+
+
+def _layout(per_sequence: list[list], fill, how: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Per-sequence values as one packed row [1, sum of lengths] (how="pack"), or as rows [B, longest]
+    filled with `fill` after ("right") or before ("left") each sequence."""
+    if how == "pack":
+        return torch.tensor([v for s in per_sequence for v in s], device=device)[None]
+    width = max(len(s) for s in per_sequence)
+    if how == "right":
+        return torch.tensor([s + [fill] * (width - len(s)) for s in per_sequence], device=device)
+    return torch.tensor([[fill] * (width - len(s)) + s for s in per_sequence], device=device)
+
+
+def _check_sequences(sequences: list[list[int]], caller: str) -> None:
+    if not sequences or any(len(s) == 0 for s in sequences):
+        raise ValueError(f"{caller} needs at least one sequence and no empty ones")
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both LongTensor[B, T]: left padding so every prompt ends at the
+    last column, where generation continues."""
+    _check_sequences(seqs, "left_pad")
+    return (_layout(seqs, pad_id, "left").long(), _layout([[1] * len(s) for s in seqs], 0, "left").long())
 
 
 def pack(sequences: list[list[int]], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenate sequences into one row; position ids restart at 0 for each sequence.
 
     Called with no attention_mask and no cache, transformers turns restarting position ids into a
-    block-diagonal mask (sdpa) or varlen boundaries (flash-attention), so no FLOP goes to padding.
+    block-diagonal mask (sdpa) or varlen boundaries (flash-attention); token_logprobs runs one causal
+    attention per sequence on CPU (see _varlen_sdpa). So no FLOP goes to padding.
     """
-    ids = torch.tensor([t for s in sequences for t in s], dtype=torch.long, device=device)
-    pos = torch.cat([torch.arange(len(s), device=device) for s in sequences])
-    return ids[None], pos[None]
+    _check_sequences(sequences, "pack")
+    positions = [list(range(len(s))) for s in sequences]
+    return _layout(sequences, 0, "pack", device).long(), _layout(positions, 0, "pack", device).long()
+
+
+def rows(sequences: list[list[int]], target_masks: list[list[bool]], pack: bool, pad_id: int,
+         device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(input_ids, position_ids, attention_mask, target_mask): the batch layout of token_logprobs.
+
+    pack=True: one row, position ids restarting per sequence, no attention mask and no padding (the
+    varlen path). pack=False: right-padded rows [B, longest] with an attention mask; on CPU, rows of
+    similar length can be faster than one long packed row. Either way `values[target_mask]` lists the
+    target tokens' values sequence by sequence, in order, so callers never depend on the layout.
+    """
+    _check_sequences(sequences, "rows")
+    if [len(m) for m in target_masks] != [len(s) for s in sequences]:
+        raise ValueError(f"rows: target mask lengths {[len(m) for m in target_masks]} differ from sequence "
+                         f"lengths {[len(s) for s in sequences]}")
+    how = "pack" if pack else "right"
+    positions = [list(range(len(s))) for s in sequences]
+    ids = _layout(sequences, pad_id, how, device).long()
+    position_ids = _layout(positions, 0, how, device).long()
+    target_mask = _layout([[bool(t) for t in m] for m in target_masks], False, how, device)
+    attention_mask = None if pack else _layout([[1] * len(s) for s in sequences], 0, how, device).long()
+    return ids, position_ids, attention_mask, target_mask
+
+
+# ----------------------------------------------------------------------------------------------
+# log-probs
 
 
 def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float):
@@ -286,14 +294,20 @@ def _splitmix64(x: torch.Tensor) -> torch.Tensor:
 
 class SeededSampling:
     """Logits processor for temperature / top-p sampling by the Gumbel-max trick, with noise that is
-    a hash of (row seed, position, token): greedy decoding over perturbed scores is then an exact
-    sample, and a sample depends only on its own seed, never on which rank or batch it ran in.
-    So one process and N processes draw the same rollouts, and a resumed run redraws them."""
+    a hash of (row seed, index of the generated token, token): greedy decoding over perturbed scores
+    is then an exact sample, and a sample depends only on its own seed and prompt, never on which rank
+    or batch it ran in (nor on the left padding a longer prompt in the batch adds). So one process and
+    N processes draw the same rollouts, and a resumed run redraws them. One instance per generate call:
+    the first call sees the (padded) prompt width, from which later calls count generated tokens."""
 
     def __init__(self, row_seeds: torch.Tensor, temperature: float, top_p: float):
         self.row_seeds, self.temperature, self.top_p = row_seeds, temperature, top_p
+        self.prompt_width: int | None = None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prompt_width is None:
+            self.prompt_width = input_ids.shape[1]
+        generated = input_ids.shape[1] - self.prompt_width  # 0 for the first new token
         scores = scores.float() / self.temperature
         if self.top_p < 1.0:
             sorted_scores, order = scores.sort(-1, descending=True)
@@ -301,8 +315,7 @@ class SeededSampling:
             drop = cum - sorted_scores.softmax(-1) >= self.top_p  # keep the smallest set reaching top_p
             scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
         vocab = torch.arange(scores.shape[-1], device=scores.device)
-        pos = input_ids.shape[1]
-        key = _splitmix64(self.row_seeds.to(scores.device)[:, None] * 1_000_003 + pos)
+        key = _splitmix64(self.row_seeds.to(scores.device)[:, None] * 1_000_003 + generated)
         bits = _splitmix64(key * 0x100000001B3 + vocab[None])
         u = (((bits >> 11) & ((1 << 53) - 1)).double() + 0.5) / float(1 << 53)  # uniform in (0, 1)
         return scores + (-torch.log(-torch.log(u))).float()
@@ -321,23 +334,18 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, te
     device = next(model.parameters()).device
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):  # left padding: every prompt ends at the last column
-        ids[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
     processors = LogitsProcessorList()
     if row_seeds is not None:
         processors.append(SeededSampling(torch.tensor(row_seeds, dtype=torch.long), temperature, top_p))
-    ctx = gathered_params(model) if is_distributed() else contextlib.nullcontext()
+    ctx = gathered_params(model) if distributed.is_initialized() else contextlib.nullcontext()
     with ctx:
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                              max_new_tokens=max_new_tokens, logits_processor=processors,
                              eos_token_id=sorted(eos), pad_token_id=tokenizer.pad_token_id,
                              temperature=None, top_p=None, top_k=None)
     responses, truncated = [], []
-    for row in out[:, width:].tolist():
+    for row in out[:, ids.shape[1]:].tolist():
         cut = next((i + 1 for i, t in enumerate(row) if t in eos), None)
         responses.append(row[:cut] if cut else row)
         truncated.append(cut is None)
@@ -345,137 +353,34 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, te
 
 
 # ----------------------------------------------------------------------------------------------
-# tiny offline models: a random Qwen2-architecture LM and a byte-level BPE tokenizer, from code
-
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-# What the tokenizer's merges are learned from: the phrases the demo, the verifier template and the
-# chat format use most. Byte-level BPE encodes any other text too, only in more tokens.
-_CORPUS = """You are a helpful assistant. You are a chatbot who can solve problems. Please solve the following
-problem and give your thought process. Before giving the final result, you should output "Therefore, the answer is",
-and then give your final answer. What is 3 + 4? What is 9 - 5? Therefore, the answer is 7. The answer is 12.
-Given a problem, determine whether the final answer in the provided (incomplete) solution process matches the
-reference answer. The reference answer may be one single option character (e.g., A, B, C, D), a numerical value,
-an expression, or a list of answers if multiple questions are involved. **The reference answer may be in Chinese or
-another language, but your evaluation should be language-agnostic.** Your task: - Compare the final output of the
-solution process with the reference answer. - If they **match exactly**, output **YES**. - If they **do not match**,
-output **NO**. - If the solution process is unclear, incomplete, or ambiguous, assume it is incorrect and output
-**NO**. Your output must be strictly **'YES'** or **'NO'**, with no additional words, punctuation, or explanation.
---- **Question:** **Solution Process (Final Step Only):** **Reference Answer:** **Output:** YES NO Yes No yes no
-Correct Incorrect True False A B C D 0 1 2 3 4 5 6 7 8 9 10 + - * / = . , ; : ! ? ( ) user assistant system
-"""
+# optimizer and learning-rate schedule (both trainers)
 
 
-def _build_tokenizer(vocab_size: int):
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    # digits split one by one (as Qwen does), then GPT-2 style byte-level words
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\p{N}"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=1)
-    tok.train_from_iterator([_CORPUS] * 50, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   chat_template=CHAT_TEMPLATE, padding_side="left", model_max_length=4096)
-    for word in ("YES", "NO", " YES", " NO"):  # the verifier's judgement tokens must be single tokens
-        assert len(fast.encode(word, add_special_tokens=False)) == 1, word
-    return fast
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str, min_lr_ratio: float = 0.0) -> float:
+    """The learning rate of optimizer step `step` (0-based) as a multiple of the peak: linear warm-up
+    ((step + 1) / warmup_steps, so the first step already moves), then "constant" (1) or "cosine"
+    decay from 1 to `min_lr_ratio` at step `total_steps` (OpenRLHF's cosine_with_min_lr uses 0.1),
+    staying at that floor after it."""
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr schedule {schedule!r}: expected 'constant' or 'cosine'")
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("RLVR_CACHE", Path.home() / ".cache" / "rlvr_recipe"))
-
-
-def build_tiny_model(out_dir: str | None = None, seed: int = 0, sft_pairs: list | None = None,
-                     sft_steps: int = 0, hidden_size: int = 128, num_layers: int = 4, vocab_size: int = 1024) -> str:
-    """Build (once; cached on disk) a tiny Qwen2-architecture causal LM and its tokenizer in Hugging
-    Face format (safetensors), deterministic from `seed`. head_dim is 64 so vLLM's CPU backend
-    serves it. With `sft_pairs` [(messages, response), ...] it is warm-started by `sft_steps` of
-    supervised fine-tuning: a random model trained by RL alone collapses onto one answer.
-    Returns the directory. Deterministic content means concurrent builders (ranks, tests) race
-    harmlessly: each writes a private temp dir and the first rename wins.
-    """
-    spec = dict(seed=seed, hidden=hidden_size, layers=num_layers, vocab=vocab_size, sft_steps=sft_steps,
-                sft=hashlib.sha256(json.dumps(sft_pairs or [], sort_keys=True).encode()).hexdigest()[:12], v=1)
-    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-    out = Path(out_dir) if out_dir else _cache_root() / f"tiny-{key}"
-    if (out / "config.json").exists() and json.loads((out / "rlvr_tiny.json").read_text()) == spec:
-        return str(out)
-
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-
-    tok = _build_tokenizer(vocab_size)
-    config = Qwen2Config(
-        vocab_size=(len(tok) + 63) // 64 * 64, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=hidden_size // 64, num_key_value_heads=1, head_dim=64,
-        max_position_embeddings=4096, rope_theta=10000.0, tie_word_embeddings=True,
-        bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config).float()
-        if sft_pairs:
-            supervised_warm_start(model, tok, sft_pairs, sft_steps, seed)
-    model.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp)
-    (tmp / "rlvr_tiny.json").write_text(json.dumps(spec, sort_keys=True))
-    try:
-        if out.exists():  # a stale build with another spec at an explicit path
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race with the same content
-    return str(out)
-
-
-def supervised_warm_start(model, tokenizer, pairs: list, steps: int, seed: int, batch_size: int = 32,
-                          lr: float = 1e-3) -> list[float]:
-    """A few steps of next-token SFT on (messages, response) pairs, loss on the response (and its
-    end-of-turn token) only, on packed rows. Returns the losses."""
-    g = torch.Generator().manual_seed(seed)
-    seqs, masks = [], []
-    for messages, response in pairs:
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        p = tokenizer.encode(prompt, add_special_tokens=False)
-        r = tokenizer.encode(response, add_special_tokens=False) + [tokenizer.eos_token_id]
-        seqs.append(p + r)
-        masks.append([False] * len(p) + [True] * len(r))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        idx = torch.randint(len(seqs), (batch_size,), generator=g).tolist()
-        ids, pos = pack([seqs[i] for i in idx])
-        mask = torch.tensor([m for i in idx for m in masks[i]])[None]
-        logp, _ = token_logprobs(model, ids, pos, mask)
-        loss = -logp.sum() / mask[:, 1:].sum()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    model.eval()
-    return losses
-
-
-if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Build the tiny offline model (Qwen2 architecture + tokenizer).")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("tiny", help="random-initialised tiny model, saved in Hugging Face format")
-    t.add_argument("--out", default=None, help="directory (default: a cache dir keyed by the settings)")
-    t.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    print(build_tiny_model(args.out, seed=args.seed))
+def build_optimizer(model, lr: float, betas: tuple[float, float], weight_decay: float, total_steps: int,
+                    warmup_ratio: float, schedule: str, min_lr_ratio: float = 0.0):
+    """(AdamW, LambdaLR): the schedule of lr_factor over `total_steps` optimizer steps, the first
+    ceil(warmup_ratio * total_steps) of them warm-up. Call the scheduler's step() after each
+    optimizer step."""
+    if total_steps < 1 or not 0.0 <= warmup_ratio <= 1.0 or not 0.0 <= min_lr_ratio <= 1.0:
+        raise ValueError(f"build_optimizer: total_steps={total_steps} must be >= 1, warmup_ratio={warmup_ratio} "
+                         f"and min_lr_ratio={min_lr_ratio} in [0, 1]")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+    factor = functools.partial(lr_factor, total_steps=total_steps, warmup_steps=math.ceil(warmup_ratio * total_steps),
+                               schedule=schedule, min_lr_ratio=min_lr_ratio)
+    # LambdaLR evaluates the factor at step 0 now: an unknown schedule fails here, not mid-run
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

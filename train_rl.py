@@ -1,77 +1,101 @@
 """RL with verifiable rewards from a generative verifier: the GRPO-family loop, written out by hand.
 
-    python train_rl.py                                    # CPU demo: tiny policy, toy task, a few minutes
+    python train_rl.py          # the main job on CPU: a distilled tiny verifier's soft reward trains a tiny policy
     torchrun --nproc_per_node 8 train_rl.py --config recipes/paper_reinforce_soft.yaml
 
-One step: sample prompts -> generate n responses each -> judge them with a verifier (reward.py)
--> z-normalise, KL, advantages -> clipped policy-gradient update(s) -> log, maybe eval/checkpoint.
+train() is the algorithm. Each step:
+    rollout -> judge -> advantages -> policy_update -> log -> maybe audit / eval -> maybe checkpoint
+The functions below are defined in that order; the formulas live in rl_math.py.
 """
 from __future__ import annotations
 
-import gc
-import json
 import math
 import os
+import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
-import torch.distributed as dist
 
 import checkpoint
 import config
 import data
-import model as M
+import distributed
+import metrics
+import model
 import reward
-from metrics import Metrics, PhaseTimer, peak_memory_gb
+import rl_math
+import rollout
+import toy
 
 
 @dataclass
 class Config:
     config: str = field(default="", metadata={"help": "YAML or JSON file of field values; command-line flags override it"})
-    # models
-    policy: str = field(default="tiny", metadata={"help": "policy: hub name or local dir; 'tiny' builds the offline tiny model warm-started on the toy task"})
-    verifier: str = field(default="rule:math", metadata={"help": "reward verifier: rule:substring|rule:jaccard|rule:math, a model dir/hub name, or http://host:port[,http://...]"})
-    eval_verifier: str = field(default="", metadata={"help": "grader for eval (like the paper's 72B judge); default: the reward verifier"})
-    log_verifiers: str = field(default="rule:substring", metadata={"help": "comma-separated extra verifiers scored for logging only, to watch reward hacking and surface-form misses ('': none)"})
-    reward_type: str = field(default="soft", metadata={"help": "binary (Eq. 3) or soft (Eq. 4, or p(yes)/(p(yes)+p(no)) with --soft_mode renorm)"})
-    soft_mode: str = field(default="eq4", metadata={"help": "eq4 or renorm"})
-    verifier_batch_size: int = field(default=16, metadata={"help": "sequences per verifier forward pass"})
-    verifier_template: str = field(default="", metadata={"help": "file with another verifier prompt ({question}, {reference}, {response}); default: the paper's"})
-    verifier_positive: str = field(default="YES", metadata={"help": "the verifier's positive judgement token (1, Correct, A, ... for other verifiers)"})
-    verifier_negative: str = field(default="NO", metadata={"help": "the verifier's negative judgement token"})
-    verifier_sum_variants: bool = field(default=False, metadata={"help": "sum the probabilities of ' YES', 'Yes', ... single-token spellings"})
-    verifier_full_response: bool = field(default=False, metadata={"help": "show the verifier the whole response instead of its last line"})
-    master_key_warn: float = field(default=0.05, metadata={"help": "warn when the verifier says YES to more than this fraction of content-free answers"})
+    # models and verifiers
+    policy: str = field(default="tiny", metadata={"help": "hub name or local dir; 'tiny': the offline tiny model "
+                                                          "warm-started on the toy task"})
+    verifier: str = field(default="tiny", metadata={
+        "help": "reward verifier: a model dir or hub name, http://host:port[,...] (vLLM servers), or "
+                "rule:substring|rule:jaccard|rule:math; 'tiny': a tiny verifier distilled from rule:math "
+                "(train_verifier.py sft --config recipes/verifier_cpu_demo.yaml, built once and cached)"})
+    reward_type: Literal["binary", "soft"] = field(default="soft", metadata={"help": "binary (Eq. 3) or soft (Eq. 4)"})
+    eval_verifier: str = field(default="rule:math", metadata={
+        "help": "the grader of held-out answers (the paper: a 72B judge); '': the reward verifier"})
+    audit_verifier: str = field(default="rule:math", metadata={
+        "help": "a stronger judge that re-grades a sample of rollouts every --audit_every steps ('': no audit)"})
+    audit_every: int = field(default=5, metadata={"help": "steps between audits"})
+    audit_samples: int = field(default=64, metadata={"help": "rollouts re-graded per audit (over all ranks)"})
+    audit_max_fpr: float = field(default=0.0, metadata={
+        "help": "stop (after a checkpoint) when the audit's false-positive rate exceeds this for "
+                "--audit_patience audits in a row (0: never stop)"})
+    audit_patience: int = field(default=2, metadata={"help": "audits in a row above --audit_max_fpr before stopping"})
+    log_verifiers: str = field(default="rule:substring", metadata={
+        "help": "comma-separated verifiers scored for logging only, to watch reward hacking ('': none)"})
+    master_key_warn: float = field(default=0.05, metadata={
+        "help": "warn when the verifier says YES to more than this share of content-free answers"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub (off: safer)"})
     # data
-    data: str = field(default="toy", metadata={"help": "'toy', a .jsonl/.json/.parquet file, or a Hugging Face data set name"})
+    data: str = field(default="toy", metadata={"help": "'toy', a .jsonl/.json/.parquet file, or a hub data set"})
     data_split: str = field(default="train", metadata={"help": "split of a data set name"})
     prompt_field: str = field(default="query", metadata={"help": "column with the chat messages or a plain question"})
     answer_field: str = field(default="label", metadata={"help": "column with the reference answer"})
-    skip_bad_rows: bool = field(default=False, metadata={"help": "skip malformed rows (and report how many) instead of stopping"})
-    heldout_fraction: float = field(default=0.1, metadata={"help": "share of questions (by hash) kept out of training for eval"})
-    exclude_hashes: str = field(default="", metadata={"help": "file of question hashes to keep out of training (train_verifier.py writes one)"})
+    skip_bad_rows: bool = field(default=False, metadata={"help": "skip malformed rows (and report them) instead of stopping"})
+    heldout_fraction: float = field(default=0.1, metadata={"help": "share of questions (by hash) held out for eval"})
+    eval_data: str = field(default="", metadata={"help": "a separate eval set (e.g. the released test split); "
+                                                         "its questions are removed from training"})
+    eval_split: str = field(default="test", metadata={"help": "split of --eval_data"})
+    exclude_hashes: str = field(default="", metadata={"help": "question hashes to keep out of training "
+                                                              "(train_verifier.py label writes them)"})
     max_prompt_len: int = field(default=1024, metadata={"help": "longer prompts are dropped (and counted)"})
     # rollout
     prompts_per_step: int = field(default=16, metadata={"help": "prompts per rollout batch, over all ranks"})
     samples_per_prompt: int = field(default=8, metadata={"help": "responses sampled per prompt"})
     max_new_tokens: int = field(default=12, metadata={"help": "generation length limit"})
-    temperature: float = field(default=1.0, metadata={"help": "sampling temperature"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (> 0)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold"})
-    rollout_engine: str = field(default="hf", metadata={"help": "hf (transformers generate, needs nothing extra) or vllm (an in-process vLLM engine per rank, weights copied in after every update)"})
-    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "share of each GPU's memory the vLLM engine keeps (weights + KV cache); the trainer gets the rest"})
-    # advantages, KL and loss
-    advantage: str = field(default="grpo", metadata={"help": "grpo | reinforce | rloo | reinforce_pp"})
-    reward_norm: str = field(default="batch", metadata={"help": "z-normalise rewards over the batch (the paper), per prompt group, or none"})
-    kl_mode: str = field(default="none", metadata={"help": "none | reward (k1 in the reward, the paper) | loss (k3 in the loss, GRPO)"})
+    rollout_engine: Literal["hf", "vllm"] = field(default="hf", metadata={
+        "help": "hf: transformers generate; vllm: an in-process vLLM engine per rank, weights copied in after every update"})
+    vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "share of each GPU the vLLM engine keeps"})
+    # advantages, KL and loss (rl_math.py)
+    reward_norm: Literal["batch", "group", "none"] = field(default="group", metadata={
+        "help": "the z-score of rewards: over the batch (the paper), per prompt group (GRPO), or none"})
+    advantage: Literal["reinforce", "rloo", "reinforce_pp", "rloo_seq", "reinforce_pp_seq"] = field(
+        default="reinforce", metadata={"help": "estimator (rl_math.shape_advantages): reinforce (the paper's), "
+                                                "rloo / reinforce_pp (per token, as OpenRLHF), *_seq (per sequence)"})
+    reward_clip: float = field(default=10.0, metadata={"help": "clip shaped rewards to +-this (OpenRLHF's default; 0: off)"})
+    kl_mode: Literal["none", "reward", "loss"] = field(default="none", metadata={
+        "help": "none | reward (k1 in the reward, the paper) | loss (k3 in the loss, GRPO)"})
     kl_coef: float = field(default=0.01, metadata={"help": "beta of the KL term"})
     clip_low: float = field(default=0.2, metadata={"help": "ratio clip below 1 - clip_low"})
     clip_high: float = field(default=0.28, metadata={"help": "ratio clip above 1 + clip_high (clip-higher)"})
-    loss_agg: str = field(default="token_mean", metadata={"help": "token_mean | seq_mean | seq_sum_norm (Dr. GRPO: token sum / (sequences * max_new_tokens))"})
+    loss_agg: Literal["token_mean", "seq_mean", "seq_sum_norm"] = field(default="token_mean", metadata={
+        "help": "token_mean | seq_mean (OpenRLHF) | seq_sum_norm (Dr. GRPO)"})
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
-    minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass"})
+    minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass (OpenRLHF: rollout batch / train batch)"})
     micro_batch_size: int = field(default=32, metadata={"help": "sequences per forward/backward (gradient accumulation)"})
     pack: bool = field(default=True, metadata={"help": "padding-free packed rows for log-probs and training"})
     logprob_chunk: int = field(default=1024, metadata={"help": "tokens per chunk of the vocabulary projection"})
@@ -82,525 +106,607 @@ class Config:
     adam_beta2: float = 0.95
     weight_decay: float = 0.0
     warmup_ratio: float = field(default=0.03, metadata={"help": "share of optimizer steps with linear warm-up"})
-    lr_schedule: str = field(default="constant", metadata={"help": "constant or cosine after warm-up"})
+    lr_schedule: Literal["constant", "cosine"] = field(default="constant", metadata={"help": "after warm-up"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to this share of --lr (OpenRLHF: 0.1)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient norm clip"})
+    max_nonfinite_steps: int = field(default=3, metadata={
+        "help": "a NaN/inf loss or gradient is never applied (the update is skipped); this many steps in a row "
+                "with a skipped update stop the run"})
     activation_checkpointing: bool = False
     seed: int = 0
     # eval, checkpoints, logging
-    eval_every: int = field(default=20, metadata={"help": "steps between evals (0: only at the end)"})
+    eval_every: int = field(default=20, metadata={"help": "steps between evals (also before step 1 and at the end; "
+                                                          "0: only at the end)"})
     eval_prompts: int = field(default=256, metadata={"help": "held-out prompts per eval (0: all)"})
-    eval_only: bool = field(default=False, metadata={"help": "evaluate the policy (or the latest checkpoint with --resume) and exit"})
-    save_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: only at the end and on SIGTERM/SIGINT)"})
+    eval_only: bool = field(default=False, metadata={"help": "evaluate the policy (or, with --resume, the checkpoint) and exit"})
+    save_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: at the end and on SIGTERM/SIGINT)"})
     keep_checkpoints: int = 2
-    resume: bool = field(default=False, metadata={"help": "continue from the latest checkpoint in out_dir"})
-    out_dir: str = field(default="runs/demo", metadata={"help": "checkpoints, metrics.jsonl, rollouts.jsonl, the final model"})
-    dump_rollouts: bool = field(default=True, metadata={"help": "append every judged response to out_dir/rollouts.jsonl (train_verifier.py label input)"})
+    resume: str = field(default="no", metadata={
+        "choices": ["no", "yes", "auto"], "nargs": "?", "const": "yes",
+        "help": "--resume: continue from the latest checkpoint in out_dir (an error if there is none); "
+                "--resume auto: continue if there is one, else start fresh (for job scripts)"})
+    out_dir: str = field(default="runs/demo", metadata={"help": "checkpoints, metrics.jsonl, rollouts.jsonl, audit.jsonl, final/"})
+    dump_rollouts: bool = field(default=True, metadata={"help": "append every judged response to out_dir/rollouts.jsonl"})
     wandb_project: str = "rlvr"
     wandb_run_name: str = ""
-    wandb_mode: str = field(default="auto", metadata={"help": "auto | online | offline | disabled"})
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     log_samples: int = field(default=8, metadata={"help": "samples per step in the wandb table"})
 
 
-# ----------------------------------------------------------------------------------------------
-# the math: small pure functions on per-sequence (advantages) and per-token (loss) tensors
-
-
-def advantages(rewards: torch.Tensor, estimator: str, group_size: int) -> torch.Tensor:
-    """Per-sequence advantages from (already normalised, KL-adjusted) rewards of one global batch,
-    laid out prompt-major: [p0s0, p0s1, ..., p1s0, ...]."""
-    if estimator == "reinforce":  # the paper: the z-normalised reward is the advantage
-        return rewards
-    if estimator == "reinforce_pp":  # REINFORCE++: whiten over the whole batch
-        return reward.znorm(rewards)
-    if estimator == "grpo":  # z-score within each prompt's group
-        return reward.znorm(rewards, group_size=group_size)
-    if estimator == "rloo":  # baseline: the mean of the other samples of the same prompt
-        if group_size < 2:
-            raise ValueError("rloo needs samples_per_prompt >= 2")
-        g = rewards.view(-1, group_size)
-        return (g - (g.sum(1, keepdim=True) - g) / (group_size - 1)).flatten()
-    raise ValueError(f"unknown --advantage {estimator!r}: grpo, reinforce, rloo or reinforce_pp")
-
-
-def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """log pi/pi_ref per token: unbiased for KL(pi || pi_ref) under samples of pi (used in the reward)."""
-    return logp - ref_logp
-
-
-def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """exp(ref - logp) - (ref - logp) - 1 per token: non-negative, low-variance (GRPO's loss term)."""
-    d = ref_logp - logp
-    return torch.exp(d) - d - 1
-
-
-def clipped_pg_loss(logp, old_logp, adv, clip_low, clip_high):
-    """Per-token PPO loss -min(r A, clip(r, 1-low, 1+high) A) and the clip indicators."""
-    ratio = torch.exp(logp - old_logp)
-    a = adv[:, None] if adv.dim() == 1 else adv
-    loss = -torch.minimum(ratio * a, ratio.clamp(1 - clip_low, 1 + clip_high) * a)
-    clipped_low = (ratio < 1 - clip_low) & (a < 0)
-    clipped_high = (ratio > 1 + clip_high) & (a > 0)
-    return loss, ratio, clipped_low, clipped_high
-
-
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, n_tokens: float, n_seqs: float,
-              max_new_tokens: int) -> torch.Tensor:
-    """Reduce a [B, T] per-token loss to a scalar. The denominators are totals over the whole
-    optimizer step (all micro-batches, all ranks), so accumulation and sharding change nothing."""
-    per_token = per_token * mask
-    if mode == "token_mean":
-        return per_token.sum() / n_tokens
-    if mode == "seq_mean":
-        return (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / n_seqs
-    if mode == "seq_sum_norm":
-        return per_token.sum() / (n_seqs * max_new_tokens)
-    raise ValueError(f"unknown --loss_agg {mode!r}: token_mean, seq_mean or seq_sum_norm")
+def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
+    """Every range and relation, before any model loads: a bad value is one line naming its flag."""
+    req = config.require
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "ppo_epochs", "minibatches",
+                 "micro_batch_size", "logprob_chunk", "max_prompt_len", "max_nonfinite_steps", "audit_patience"):
+        req(getattr(cfg, name) >= 1, name, getattr(cfg, name), "must be >= 1")
+    req(cfg.temperature > 0, "temperature", cfg.temperature, "must be > 0 (sampling divides the logits by it)")
+    req(0 < cfg.top_p <= 1, "top_p", cfg.top_p, "must be in (0, 1]")
+    req(cfg.lr > 0, "lr", cfg.lr, "must be > 0")
+    req(cfg.prompts_per_step % world == 0, "prompts_per_step", cfg.prompts_per_step,
+        f"must be divisible by the number of ranks ({world})")
+    per_rank = cfg.prompts_per_step * cfg.samples_per_prompt // max(world, 1)
+    req(per_rank % cfg.minibatches == 0, "minibatches", cfg.minibatches,
+        f"must divide each rank's {per_rank} responses, or some would never be trained on")
+    req(cfg.samples_per_prompt >= 2 or cfg.advantage not in ("rloo", "rloo_seq"), "advantage", cfg.advantage,
+        "needs --samples_per_prompt >= 2 (the baseline is the other samples' mean)")
+    req(cfg.samples_per_prompt >= 2 or cfg.reward_norm != "group", "reward_norm", cfg.reward_norm,
+        "needs --samples_per_prompt >= 2 (a group of one has no spread)")
+    req(cfg.kl_coef > 0 or cfg.kl_mode == "none", "kl_coef", cfg.kl_coef, f"must be > 0 with --kl_mode {cfg.kl_mode}")
+    req(cfg.kl_coef >= 0, "kl_coef", cfg.kl_coef, "must be >= 0")
+    req(0 < cfg.clip_low < 1, "clip_low", cfg.clip_low, "must be in (0, 1)")
+    req(cfg.clip_high > 0, "clip_high", cfg.clip_high, "must be > 0")
+    req(cfg.reward_clip >= 0, "reward_clip", cfg.reward_clip, "must be >= 0 (0: off)")
+    req(0 <= cfg.warmup_ratio < 1, "warmup_ratio", cfg.warmup_ratio, "must be in [0, 1)")
+    req(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", cfg.min_lr_ratio, "must be in [0, 1]")
+    req(cfg.max_grad_norm > 0, "max_grad_norm", cfg.max_grad_norm, "must be > 0")
+    req(0 <= cfg.heldout_fraction < 1, "heldout_fraction", cfg.heldout_fraction, "must be in [0, 1)")
+    for name in ("eval_every", "eval_prompts", "save_every", "audit_every", "log_samples"):
+        req(getattr(cfg, name) >= 0, name, getattr(cfg, name), "must be >= 0")
+    req(cfg.keep_checkpoints >= 1, "keep_checkpoints", cfg.keep_checkpoints, "must be >= 1")
+    req(cfg.audit_samples >= 1 or not cfg.audit_verifier, "audit_samples", cfg.audit_samples, "must be >= 1")
+    req(0 <= cfg.audit_max_fpr <= 1, "audit_max_fpr", cfg.audit_max_fpr, "must be in [0, 1]")
+    req(0 <= cfg.master_key_warn <= 1, "master_key_warn", cfg.master_key_warn, "must be in [0, 1]")
+    req(cfg.verifier.strip() != "", "verifier", cfg.verifier, "is required")
+    vopts.check()
 
 
 # ----------------------------------------------------------------------------------------------
-# plumbing of the loop
+# 1. rollout and 2. judge: rollout.py
+# 3. advantages: log-probs before the update, then rewards (+ KL) -> per-token advantages
 
 
-def all_gather_cat(x: torch.Tensor, world: int) -> torch.Tensor:
-    """Concatenate equal-sized per-rank tensors in rank order (rank r holds the r-th slice)."""
-    if world == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+@dataclass
+class Batch:
+    """The update's input on this rank; per-token tensors are flat and sequence-major."""
+    prompts: list[list[int]]
+    responses: list[list[int]]
+    advantages: torch.Tensor
+    old_logp: torch.Tensor | None      # None: on-policy with a single update (the update's forward is the behaviour)
+    ref_logp: torch.Tensor | None      # with --kl_mode loss
+    behaviour_logp: torch.Tensor | None
+    entropy: torch.Tensor | None
+
+    def __post_init__(self):
+        self.offsets = [0]
+        for r in self.responses:
+            self.offsets.append(self.offsets[-1] + len(r))
+
+    def take(self, x: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        """The flat per-token values of sequences `idx`, in that order."""
+        return torch.cat([x[self.offsets[i]:self.offsets[i + 1]] for i in idx])
 
 
-def all_sum(x: float, device) -> float:
-    if not M.is_distributed():
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item()
+def needs_old_logprobs(cfg: Config) -> bool:
+    """A separate no-grad pass for the behaviour log-probs: when the batch feeds several updates (later
+    ones are off-policy) or the KL goes into the reward (before the update)."""
+    return cfg.ppo_epochs * cfg.minibatches > 1 or cfg.kl_mode == "reward"
 
 
-def micro_batch(prompts, responses, idx, pack, device):
-    """Rows for a forward pass: packed into one row (position ids restart per sequence) or right-padded."""
+def forward_logprobs(net, prompts, responses, idx, cfg: Config, device, with_entropy=False):
+    """Flat per-token log-probs (and entropies) of responses `idx` under `net`: one forward pass."""
     seqs = [prompts[i] + responses[i] for i in idx]
-    masks = [[False] * len(prompts[i]) + [True] * len(responses[i]) for i in idx]
-    if pack:
-        ids, pos = M.pack(seqs, device)
-        return ids, pos, None, torch.tensor([m for ms in masks for m in ms], device=device)[None]
-    width = max(map(len, seqs))
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    att = torch.zeros_like(ids)
-    tmask = torch.zeros(len(seqs), width, dtype=torch.bool)
-    for r, (s, m) in enumerate(zip(seqs, masks)):
-        ids[r, :len(s)], att[r, :len(s)], tmask[r, :len(s)] = torch.tensor(s), 1, torch.tensor(m)
-    pos = (att.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), pos.to(device), att.to(device), tmask.to(device)
-
-
-def per_sequence(x: torch.Tensor, tmask: torch.Tensor, packed: bool, lengths: list[int]) -> list[torch.Tensor]:
-    """Split a [B, T] per-token tensor of a micro-batch into one 1-D tensor of response values each."""
-    if packed:
-        return list(x[tmask].split(lengths))
-    return [row[m] for row, m in zip(x, tmask)]
+    targets = [[False] * len(prompts[i]) + [True] * len(responses[i]) for i in idx]
+    ids, pos, att, tmask = model.rows(seqs, targets, cfg.pack, 0, device)
+    lp, ent = model.token_logprobs(net, ids, pos, tmask, att, cfg.temperature, cfg.logprob_chunk, with_entropy)
+    return lp[tmask], (ent[tmask] if with_entropy else None)
 
 
 @torch.no_grad()
-def sequence_logprobs(model, prompts, responses, cfg, device, with_entropy=False):
-    """Per-sequence tensors of response-token log-probs (and entropies) without gradients."""
-    logps, ents = [], []
-    for start in range(0, len(responses), cfg.micro_batch_size):
-        idx = list(range(start, min(start + cfg.micro_batch_size, len(responses))))
-        ids, pos, att, tmask = micro_batch(prompts, responses, idx, cfg.pack, device)
-        lp, ent = M.token_logprobs(model, ids, pos, tmask, att, cfg.temperature, cfg.logprob_chunk, with_entropy)
-        lengths = [len(responses[i]) for i in idx]
-        logps += per_sequence(lp, tmask, cfg.pack, lengths)
-        if with_entropy:
-            ents += per_sequence(ent, tmask, cfg.pack, lengths)
-    return logps, ents
+def logprobs_no_grad(net, ro: rollout.Rollout, cfg: Config, device, with_entropy=False):
+    lps, ents = [], []
+    for start in range(0, len(ro.responses), cfg.micro_batch_size):
+        idx = list(range(start, min(start + cfg.micro_batch_size, len(ro.responses))))
+        lp, ent = forward_logprobs(net, ro.prompts, ro.responses, idx, cfg, device, with_entropy)
+        lps.append(lp)
+        ents.append(ent)
+    return torch.cat(lps), (torch.cat(ents) if with_entropy else None)
 
 
-def padded(seqs: list[torch.Tensor], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad 1-D tensors into [B, T] and their mask."""
-    width = max([len(s) for s in seqs] + [1])
-    out = torch.zeros(len(seqs), width, device=device)
-    mask = torch.zeros(len(seqs), width, dtype=torch.bool, device=device)
-    for i, s in enumerate(seqs):
-        out[i, :len(s)], mask[i, :len(s)] = s, True
-    return out, mask
+def advantages(policy, ref, ro: rollout.Rollout, rewards: torch.Tensor, cfg: Config, device) -> tuple[Batch, dict]:
+    """`rewards`: the global batch's [N] (all ranks, rank order). Returns this rank's Batch and the
+    global per-token KL total for logging."""
+    old = ent = ref_lp = None
+    if needs_old_logprobs(cfg):
+        old, ent = logprobs_no_grad(policy, ro, cfg, device, with_entropy=True)
+    if ref is not None:
+        ref_lp = logprobs_no_grad(ref, ro, cfg, device)[0]
+    kl_local = rl_math.kl_k1(old, ref_lp) if cfg.kl_mode == "reward" else None
+    # shaping needs the whole batch (whitening over all tokens, group baselines): every rank computes
+    # it from the gathered batch and keeps its slice, so 1 rank and N ranks agree exactly
+    parts = distributed.gather_objects((ro.lengths, None if kl_local is None else kl_local.cpu()))
+    lengths = [n for part, _ in parts for n in part]
+    kl = None if kl_local is None else torch.cat([k for _, k in parts])
+    adv = rl_math.shape_advantages(rewards.cpu(), lengths, cfg.samples_per_prompt, norm=cfg.reward_norm,
+                                   estimator=cfg.advantage, kl=kl, kl_coef=cfg.kl_coef, reward_clip=cfg.reward_clip)
+    first = sum(len(part) for part, _ in parts[:distributed.rank()])
+    start, end = sum(lengths[:first]), sum(lengths[:first + len(ro.lengths)])
+    batch = Batch(ro.prompts, ro.responses, adv[start:end].to(device), old, ref_lp if cfg.kl_mode == "loss" else None,
+                  ro.behaviour_logp, ent)
+    stats = {"advantage/mean": adv.mean().item(), "advantage/std": adv.std(unbiased=False).item(),
+             "advantage/min": adv.min().item(), "advantage/max": adv.max().item()}
+    if kl is not None:
+        stats["kl/k1"] = kl.sum().item() / max(1, kl.numel())
+    return batch, stats
 
 
-def build_policy_path(cfg: Config) -> str:
-    if cfg.policy != "tiny":
-        return cfg.policy
-    # the tiny demo policy: random Qwen2 weights plus a short supervised warm start on the toy task's
-    # training questions (never the held-out ones eval grades)
-    pairs = data.toy_sft_pairs(400, seed=1, heldout_fraction=cfg.heldout_fraction)
-    return M.build_tiny_model(seed=cfg.seed, sft_pairs=pairs, sft_steps=data.TOY_WARM_START_STEPS)
+# ----------------------------------------------------------------------------------------------
+# 4. policy update: clipped ratio loss over epochs x minibatches x micro-batches
 
 
-def load_data(cfg: Config, tokenizer, rank: int):
-    if cfg.data == "toy":
-        records = data.toy_records(data.TOY_PROBLEMS, seed=cfg.seed)  # every problem once
-    else:
-        records, skipped = data.load_records(cfg.data, cfg.data_split, cfg.prompt_field, cfg.answer_field,
-                                             skip_bad=cfg.skip_bad_rows)
-        if skipped and rank == 0:
-            print(f"skipped {len(skipped)} bad rows (--skip_bad_rows); first: {skipped[0]}")
-    train, heldout = data.split_heldout(records, cfg.heldout_fraction)
-    if cfg.exclude_hashes:
-        train, n = data.drop_hashes(train, data.read_hashes(cfg.exclude_hashes))
-        if rank == 0:
-            print(f"excluded {n} training prompts listed in {cfg.exclude_hashes}")
-    train, n_long = data.drop_long(train, tokenizer, cfg.max_prompt_len)
-    heldout, _ = data.drop_long(heldout, tokenizer, cfg.max_prompt_len)
-    if rank == 0:
-        print(f"data: {len(train)} train / {len(heldout)} held-out prompts"
-              + (f", {n_long} longer than --max_prompt_len dropped" if n_long else ""))
-    return train, heldout
+class NonFiniteError(RuntimeError):
+    """Loss or gradients stayed NaN/inf: the run stops rather than train on (or save) garbage."""
 
 
-def lr_lambda(cfg: Config, total_updates: int):
-    warmup = max(1, math.ceil(cfg.warmup_ratio * total_updates)) if cfg.warmup_ratio > 0 else 0
+def policy_update(policy, optimizer, scheduler, batch: Batch, cfg: Config, step: int, device) -> tuple[float, dict]:
+    """The clipped policy-gradient update(s) of one rollout batch. Returns (mean loss, local sums for
+    the step's metrics). On-policy with a single update (batch.old_logp is None), the first forward
+    is the behaviour policy itself: its detached log-probs are the old ones (ratio 1) and it gives
+    the step's entropy. A minibatch whose gradient norm is not finite is not applied."""
+    world = distributed.world_size()
+    n_local = len(batch.responses)
+    order = torch.randperm(n_local, generator=torch.Generator().manual_seed(rollout.sample_seed(cfg.seed, step, 0, "order")))
+    size = n_local // cfg.minibatches
+    minibatches = [order[m * size:(m + 1) * size].tolist() for m in range(cfg.minibatches)] * cfg.ppo_epochs
+    # global token and sequence counts of every minibatch, in one collective: the loss denominators
+    counts = distributed.all_sum(torch.tensor([[sum(len(batch.responses[i]) for i in mb), len(mb)]
+                                               for mb in minibatches], dtype=torch.float64))
+    sums = dict.fromkeys(("loss", "tokens", "clip_low", "clip_high", "ratio", "kl_k3", "entropy", "entropy_tokens",
+                          "skipped", "engine_gap"), 0.0)
+    sums["engine_gap_max"] = 0.0
+    grad_norm = 0.0
+    policy.train()
+    for k, mb in enumerate(minibatches):
+        first_pass = k < cfg.minibatches
+        with_entropy = batch.old_logp is None and first_pass
+        n_tok, n_seq = counts[k].tolist()
+        loss_sum = 0.0
+        for s in range(0, len(mb), cfg.micro_batch_size):
+            idx = mb[s:s + cfg.micro_batch_size]
+            lp, ent = forward_logprobs(policy, batch.prompts, batch.responses, idx, cfg, device, with_entropy)
+            old = lp.detach() if batch.old_logp is None else batch.take(batch.old_logp, idx)
+            adv = batch.take(batch.advantages, idx)
+            per_token, ratio, cl, ch = rl_math.clipped_pg_loss(lp, old, adv, cfg.clip_low, cfg.clip_high)
+            if batch.ref_logp is not None:
+                k3 = rl_math.kl_k3(lp, batch.take(batch.ref_logp, idx))
+                per_token = per_token + cfg.kl_coef * k3
+                sums["kl_k3"] += k3.detach().sum().item()
+            seq_len = torch.cat([torch.full((len(batch.responses[i]),), float(len(batch.responses[i]))) for i in idx])
+            loss = rl_math.aggregate(per_token, seq_len.to(device), cfg.loss_agg, n_tok, n_seq, cfg.max_new_tokens)
+            (loss * world).backward()  # FSDP averages gradients over ranks; the denominators are already global
+            loss_sum += loss.item()
+            sums["tokens"] += len(lp)
+            sums["clip_low"] += cl.sum().item()
+            sums["clip_high"] += ch.sum().item()
+            sums["ratio"] += ratio.detach().sum().item()
+            if with_entropy:
+                sums["entropy"] += ent.sum().item()
+                sums["entropy_tokens"] += len(ent)
+            if batch.behaviour_logp is not None and first_pass:  # the engine's log-probs vs the trainer's
+                gap = (old - batch.take(batch.behaviour_logp, idx).to(device)).abs()
+                sums["engine_gap"] += gap.sum().item()
+                sums["engine_gap_max"] = max(sums["engine_gap_max"], gap.max().item())
+        norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
+        if torch.isfinite(norm):  # the norm is global, so every rank takes the same branch
+            optimizer.step()
+            grad_norm = norm.item()
+        else:
+            sums["skipped"] += 1
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        sums["loss"] += loss_sum
+    if batch.entropy is not None:
+        sums["entropy"], sums["entropy_tokens"] = batch.entropy.sum().item(), len(batch.entropy)
+    sums["grad_norm"] = grad_norm
+    return sums["loss"] / len(minibatches), sums
 
-    def f(i):
-        if i < warmup:
-            return (i + 1) / warmup
-        if cfg.lr_schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * (i - warmup) / max(1, total_updates - warmup)))
-        return 1.0
-    return f
+
+# ----------------------------------------------------------------------------------------------
+# 5. log: every rank's numbers and rows in one collective; rank 0 writes
 
 
-def build_verifier(spec, cfg, device):
-    return reward.build_verifier(
-        spec, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-        shard=M.is_distributed(), batch_size=cfg.verifier_batch_size, soft_mode=cfg.soft_mode,
-        template_file=cfg.verifier_template or None, positive=cfg.verifier_positive, negative=cfg.verifier_negative,
-        sum_variants=cfg.verifier_sum_variants, full_response=cfg.verifier_full_response, seed=cfg.seed,
-        trust_remote_code=cfg.trust_remote_code)
+def step_record(ro: rollout.Rollout, judged: reward.Judgement, used: torch.Tensor, logged: dict, update: dict, step: int) -> dict:
+    """This rank's contribution to the step's metrics and files (reduced on every rank by log_step)."""
+    sums = {"binary": judged.binary.sum().item(), "soft": judged.soft.sum().item(),
+            "p_yes": judged.p_yes.sum().item(), "unjudged": (~judged.judged).sum().item(),
+            "truncated": float(sum(ro.truncated)), "length": float(sum(ro.lengths))}
+    for name, j in logged.items():
+        sums[f"{name}/binary"], sums[f"{name}/soft"] = j.binary.sum().item(), j.soft.sum().item()
+    sums.update({f"update/{k}": v for k, v in update.items() if k not in ("grad_norm", "engine_gap_max")})
+    rows = [{"step": step, "question": r.question, "reference": r.reference, "response": t,
+             "reward": float(used[i]), "p_yes": float(judged.p_yes[i])}
+            for i, (r, t) in enumerate(zip(ro.records, ro.texts))]
+    return {"n": len(ro.responses), "sums": sums, "length_max": max(ro.lengths),
+            "gap_max": update["engine_gap_max"], "grad_norm": update["grad_norm"], "rows": rows}
+
+
+def reduce_step(parts: list[dict], rewards: torch.Tensor, logged_names: list[str], updates: int, cfg: Config) -> dict:
+    n = sum(p["n"] for p in parts)
+    s = {k: sum(p["sums"][k] for p in parts) for k in parts[0]["sums"]}
+    tokens = max(1.0, s["length"])
+    m = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std(unbiased=False).item(),
+         "reward/binary_mean": s["binary"] / n, "reward/soft_mean": s["soft"] / n, "reward/p_yes_mean": s["p_yes"] / n,
+         "reward/unjudged_frac": s["unjudged"] / n, "response/length_mean": s["length"] / n,
+         "response/length_max": max(p["length_max"] for p in parts), "response/truncated": s["truncated"] / n,
+         "loss": s["update/loss"] / updates, "grad_norm": parts[0]["grad_norm"],
+         "entropy": s["update/entropy"] / max(1.0, s["update/entropy_tokens"]),
+         "clip/low_frac": s["update/clip_low"] / max(1.0, s["update/tokens"]),
+         "clip/high_frac": s["update/clip_high"] / max(1.0, s["update/tokens"]),
+         "ratio/mean": s["update/ratio"] / max(1.0, s["update/tokens"]), "update/skipped": s["update/skipped"]}
+    if cfg.kl_mode == "loss":
+        m["kl/k3"] = s["update/kl_k3"] / max(1.0, s["update/tokens"])
+    for name in logged_names:
+        m[f"reward/{name}/binary_mean"], m[f"reward/{name}/soft_mean"] = s[f"{name}/binary"] / n, s[f"{name}/soft"] / n
+    if any(p["gap_max"] for p in parts) or s["update/engine_gap"]:
+        m["rollout/engine_logprob_gap_mean"] = s["update/engine_gap"] / tokens
+        m["rollout/engine_logprob_gap_max"] = max(p["gap_max"] for p in parts)
+    return m
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. audit: a stronger judge re-grades a sample of the step's rollouts
+
+
+def audit(auditor, ro: rollout.Rollout, judged: reward.Judgement, step: int, cfg: Config, n_global: int) -> list[dict]:
+    """This rank's audited rows: a seeded sample of the global batch, each rank judging its own members."""
+    chosen = set(random.Random(rollout.sample_seed(cfg.seed, step, 0, "audit")).sample(range(n_global),
+                                                                                min(cfg.audit_samples, n_global)))
+    first = distributed.rank() * len(ro.responses)
+    mine = [i for i in range(len(ro.responses)) if first + i in chosen]
+    verdict = auditor([ro.records[i].question for i in mine], [ro.records[i].reference for i in mine],
+                      [ro.texts[i] for i in mine], seeds=[ro.seeds[i] for i in mine])
+    rows = []
+    for k, i in enumerate(mine):
+        row = data.JudgedRow(ro.records[i].question, ro.records[i].reference, ro.texts[i],
+                             label=int(verdict.binary[k]), teacher_p_yes=float(verdict.p_yes[k]))
+        rows.append(row.to_json(step=step, reward_label=int(judged.binary[i]), reward_p_yes=float(judged.p_yes[i])))
+    return rows
+
+
+def audit_metrics(rows: list[dict]) -> dict:
+    """Agreement of the reward verifier (pred) with the judge (label) on the audited rows."""
+    a = reward.agreement([r["label"] for r in rows], [r["reward_label"] for r in rows])
+    m = {"audit/agreement": a["accuracy"], "audit/rows": a["n"]}
+    if a["fp"] + a["tn"]:
+        m["audit/false_positive_rate"] = a["fp"] / (a["fp"] + a["tn"])  # judge NO, reward verifier YES
+    if a["fn"] + a["tp"]:
+        m["audit/false_negative_rate"] = a["fn"] / (a["fn"] + a["tp"])
+    if a["kappa"] is not None:
+        m["audit/kappa"] = a["kappa"]
+    return m
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. eval: greedy answers on held-out prompts, graded by the eval verifier
 
 
 @torch.no_grad()
-def evaluate(policy, tokenizer, heldout, grader, cfg, rank, world, device) -> dict:
-    """Greedy answers on the held-out prompts (sharded over ranks), graded by `grader`."""
+def evaluate(policy, tokenizer, heldout, grader, cfg: Config, device) -> dict:
+    """Accuracy overall and per subject; prompts are sharded over ranks (padded with repeats so every
+    rank runs as many batches: FSDP gathers inside generate's forward)."""
     records = heldout[:cfg.eval_prompts] if cfg.eval_prompts else heldout
+    world, rank = distributed.world_size(), distributed.rank()
     mine = records[rank::world]
-    # every rank must generate the same number of batches (FSDP collectives): pad with repeats
     per_rank = math.ceil(len(records) / world)
     n_real = len(mine)
     mine = mine + records[:per_rank - n_real]
     policy.eval()
-    correct, subjects = [], []
+    correct = []
     for start in range(0, per_rank, cfg.micro_batch_size):
         batch = mine[start:start + cfg.micro_batch_size]
         prompts = data.tokenize_prompts(tokenizer, batch, cfg.max_prompt_len)
-        responses, _ = M.generate(policy, tokenizer, prompts, cfg.max_new_tokens)
+        responses, _ = model.generate(policy, tokenizer, prompts, cfg.max_new_tokens)
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        j = grader([r.question for r in batch], [r.reference for r in batch], texts)
-        correct += j.binary.tolist()
-        subjects += [r.meta.get("subject", "") for r in batch]
-    correct, subjects = correct[:n_real], subjects[:n_real]
-    totals = {"": [sum(correct), len(correct)]}
-    for c, s in zip(correct, subjects):
-        if s:
-            totals.setdefault(s, [0, 0])
-            totals[s][0] += c
-            totals[s][1] += 1
-    if M.is_distributed():
-        gathered = [None] * world
-        dist.all_gather_object(gathered, totals)
-        totals = {}
-        for t in gathered:
-            for k, (c, n) in t.items():
-                totals.setdefault(k, [0, 0])
-                totals[k][0] += c
-                totals[k][1] += n
-    out = {"eval/accuracy": totals[""][0] / max(1, totals[""][1]), "eval/prompts": totals[""][1]}
+        correct += grader([r.question for r in batch], [r.reference for r in batch], texts).binary.tolist()
+    totals: dict[str, list[float]] = {}
+    for part in distributed.gather_objects([(r.meta.get("subject", ""), c) for r, c in zip(mine[:n_real], correct)]):
+        for subject, c in part:
+            for key in {"", subject}:
+                totals.setdefault(key, [0.0, 0])
+                totals[key][0] += c
+                totals[key][1] += 1
+    out = {"eval/accuracy": totals[""][0] / totals[""][1], "eval/prompts": totals[""][1]}
     out.update({f"eval/accuracy/{k}": c / n for k, (c, n) in sorted(totals.items()) if k})
     return out
 
 
 # ----------------------------------------------------------------------------------------------
-# the loop
+# set-up: paths, data, models, verifiers, resume
 
 
-def train(cfg: Config) -> dict:
-    rank, world, device = M.init_distributed()
+def resolve_paths(cfg: Config) -> tuple[str, str]:
+    """(policy path, reward verifier spec): the tiny demo models are built on rank 0 once (cached)."""
+    policy = toy.tiny_policy(cfg.seed, cfg.heldout_fraction) if cfg.policy == "tiny" else cfg.policy
+    verifier = toy.tiny_verifier(cfg.seed) if cfg.verifier == "tiny" else cfg.verifier
+    return policy, verifier
+
+
+def load_data(cfg: Config, tokenizer) -> tuple[list, list]:
+    """(training records, held-out records). Held-out questions never reach training."""
+    say = print if distributed.rank() == 0 else (lambda *a, **k: None)
+    if cfg.data == "toy":
+        records = toy.records(toy.PROBLEMS, seed=cfg.seed)  # every problem once
+    else:
+        records, skipped = data.load_records(cfg.data, cfg.data_split, cfg.prompt_field, cfg.answer_field,
+                                             skip_bad=cfg.skip_bad_rows)
+        if skipped:
+            say(f"skipped {len(skipped)} bad rows (--skip_bad_rows); first: {skipped[0]}")
+    train_set, heldout = data.split_heldout(records, cfg.heldout_fraction)
+    if cfg.eval_data:
+        heldout, _ = data.load_records(cfg.eval_data, cfg.eval_split, cfg.prompt_field, cfg.answer_field)
+        train_set, n = data.drop_hashes(train_set, {data.question_hash(r.question) for r in heldout})
+        say(f"eval: {len(heldout)} prompts from {cfg.eval_data}[{cfg.eval_split}]; {n} of them removed from training")
+    if cfg.exclude_hashes:
+        train_set, n = data.drop_hashes(train_set, data.read_hashes(cfg.exclude_hashes))
+        say(f"excluded {n} training prompts listed in {cfg.exclude_hashes}")
+    train_set, n_long = data.drop_long(train_set, tokenizer, cfg.max_prompt_len)
+    heldout, _ = data.drop_long(heldout, tokenizer, cfg.max_prompt_len)
+    if not train_set:
+        raise data.DataError(f"--data {cfg.data}: no training prompts left (held out, excluded or too long)")
+    say(f"data: {len(train_set)} train / {len(heldout)} held-out prompts"
+        + (f", {n_long} longer than --max_prompt_len dropped" if n_long else ""))
+    return train_set, heldout
+
+
+def load_models(cfg: Config, policy_path: str, device):
+    """The policy (float32 master weights; FSDP2 computes in bf16 on GPU) and, only when a KL term is
+    on, a frozen reference."""
     gpu = device.type == "cuda"
-    torch.manual_seed(cfg.seed)
-    out_dir = Path(cfg.out_dir)
-    ckpt_dir = out_dir / "checkpoints"
-
-    policy_path = build_policy_path(cfg) if rank == 0 else None
-    if M.is_distributed():  # rank 0 builds the tiny model (if asked) once; the others wait for its path
-        box = [policy_path]
-        dist.broadcast_object_list(box, src=0)
-        policy_path = box[0]
-    tokenizer = M.load_tokenizer(policy_path, cfg.trust_remote_code)
-    train_set, heldout = load_data(cfg, tokenizer, rank)
-
-    # the policy keeps float32 master weights; FSDP2 computes in bf16 on GPU
-    policy = M.load_model(policy_path, device, torch.float32, cfg.trust_remote_code)
-    policy = M.shard_model(policy, mixed_precision=gpu, activation_checkpointing=cfg.activation_checkpointing)
+    policy = model.shard_model(model.load_model(policy_path, device, torch.float32, cfg.trust_remote_code),
+                               mixed_precision=gpu, activation_checkpointing=cfg.activation_checkpointing)
     ref = None
-    if cfg.kl_mode != "none" and cfg.kl_coef > 0:  # frozen reference, only when a KL term is on
-        ref = M.load_model(policy_path, device, torch.bfloat16 if gpu else torch.float32, cfg.trust_remote_code)
-        ref = M.shard_model(ref.eval().requires_grad_(False), mixed_precision=False)
+    if cfg.kl_mode != "none":
+        ref = model.load_model(policy_path, device, torch.bfloat16 if gpu else torch.float32, cfg.trust_remote_code)
+        ref = model.shard_model(ref.eval().requires_grad_(False), mixed_precision=False)
+    return policy, ref
 
-    verifier = build_verifier(cfg.verifier, cfg, device)
-    grader = build_verifier(cfg.eval_verifier, cfg, device) if cfg.eval_verifier else verifier
-    extra = {s: build_verifier(s, cfg, device) for s in filter(None, cfg.log_verifiers.split(","))}
 
+def load_verifiers(cfg: Config, vopts, spec: str, device) -> dict:
+    """The reward verifier (asked with its saved settings and the verifier flags), and the judges that
+    only grade: eval, audit, log-only (their own settings; transport flags only)."""
+    def build(s, from_flags):
+        return reward.build_verifier(s, vopts, settings_from_flags=from_flags, device=device,
+                                     dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                                     shard=distributed.is_initialized(), seed=cfg.seed,
+                                     trust_remote_code=cfg.trust_remote_code)
+    reward_verifier = build(spec, True)
+    return {"reward": reward_verifier,
+            "eval": build(cfg.eval_verifier, False) if cfg.eval_verifier else reward_verifier,
+            "audit": build(cfg.audit_verifier, False) if cfg.audit_verifier else None,
+            "logged": {s: build(s, False) for s in filter(None, cfg.log_verifiers.split(","))}}
+
+
+def probe_master_keys(verifier, train_set, cfg: Config) -> dict:
+    """Does the reward verifier say YES to content-free answers ("Thought process:")? Warn loudly if so."""
+    probe = reward.master_key_probe(verifier, [r.question for r in train_set[:64]],
+                                    [r.reference for r in train_set[:64]], warn=cfg.master_key_warn)
+    if distributed.rank() == 0:
+        worst = sorted(probe["per_key"].items(), key=lambda kv: -kv[1])[:3]
+        line = f"master-key probe: the verifier says YES to {probe['fpr']:.1%} of content-free answers"
+        print(f"\n{'!' * 100}\nWARNING: {line} (> {cfg.master_key_warn:.0%}); the policy may learn to hack it; "
+              f"worst: {worst}. Watch audit/false_positive_rate.\n{'!' * 100}\n" if probe["warn"] else line)
+    return {"verifier/master_key_fpr": probe["fpr"]}
+
+
+def resume(cfg: Config, ckpt_dir: Path, policy, optimizer, scheduler, sampler) -> dict:
+    """The checkpoint's trainer state ({"step": 0, ...} when starting fresh). Outputs written after the
+    checkpoint's step are cut back, so a killed and resumed run writes what an uninterrupted one does."""
+    fresh = {"step": 0, "streaks": {"nonfinite": 0, "audit": 0}}
+    if cfg.resume == "no":
+        return fresh
+    state = checkpoint.load_checkpoint(str(ckpt_dir), policy, optimizer, scheduler)
+    if state is None:
+        if cfg.resume == "yes":
+            raise config.ConfigError(f"--resume: no checkpoint in {ckpt_dir}; --resume auto starts fresh when there is none")
+        return fresh
+    sampler.load_state_dict(state["sampler"])
+    if distributed.rank() == 0:
+        for name in ("rollouts.jsonl", "audit.jsonl"):
+            if (Path(cfg.out_dir) / name).exists():
+                metrics.rewind_jsonl(Path(cfg.out_dir) / name, state["step"])
+        print(f"resumed from step {state['step']} ({ckpt_dir})")
+    return state
+
+
+def write_outputs(out_dir: Path, rows: list[dict], audited: list[dict], cfg: Config) -> None:
+    """Rank 0: every judged response (train_verifier.py label input) and the audit's disagreements
+    with the judge's label (train_verifier.py sft input: the next distillation round's data)."""
+    if distributed.rank() != 0:
+        return
+    if cfg.dump_rollouts:
+        metrics.append_jsonl(out_dir / "rollouts.jsonl", rows)
+    disagreements = [r for r in audited if r["label"] != r["reward_label"]]
+    if disagreements:
+        metrics.append_jsonl(out_dir / "audit.jsonl", disagreements)
+
+
+def check_streaks(m: dict, streaks: dict, step: int, cfg: Config, out_dir: Path) -> str | None:
+    """Update the runs of bad steps; return why the run must stop (after a checkpoint), if it must."""
+    streaks["nonfinite"] = streaks["nonfinite"] + 1 if m["update/skipped"] else 0
+    if streaks["nonfinite"] >= cfg.max_nonfinite_steps:
+        raise NonFiniteError(f"step {step}: the loss or gradients were NaN/inf in {streaks['nonfinite']} steps in a "
+                             f"row; those updates were not applied. Last checkpoint: "
+                             f"{checkpoint.latest_checkpoint(str(out_dir / 'checkpoints'))}. Lower --lr or check rewards.")
+    if "audit/rows" in m:
+        fpr = m.get("audit/false_positive_rate", 0.0)
+        streaks["audit"] = streaks["audit"] + 1 if cfg.audit_max_fpr > 0 and fpr > cfg.audit_max_fpr else 0
+        if streaks["audit"] >= cfg.audit_patience:
+            return (f"step {step}: the audit judge {cfg.audit_verifier} found the reward verifier saying YES to "
+                    f"{fpr:.1%} of the answers it judged wrong, above --audit_max_fpr {cfg.audit_max_fpr} for "
+                    f"{streaks['audit']} audits in a row: the policy is hacking the verifier. The disagreements are in "
+                    f"{out_dir / 'audit.jsonl'}: harden the verifier with train_verifier.py sft --data on them.")
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# the algorithm
+
+
+def train(cfg: Config, vopts: reward.VerifierOptions) -> dict:
+    rank, world, device = distributed.init()
+    torch.manual_seed(cfg.seed)
+    out_dir, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
+    policy_path, verifier_spec = resolve_paths(cfg)
+    tokenizer = model.load_tokenizer(policy_path, cfg.trust_remote_code)
+    train_set, heldout = load_data(cfg, tokenizer)
+    policy, ref = load_models(cfg, policy_path, device)
+    judges = load_verifiers(cfg, vopts, verifier_spec, device)
     updates_per_step = cfg.ppo_epochs * cfg.minibatches
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                            weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, cfg.steps * updates_per_step))
+    optimizer, scheduler = model.build_optimizer(policy, cfg.lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.weight_decay,
+                                                 cfg.steps * updates_per_step, cfg.warmup_ratio, cfg.lr_schedule,
+                                                 cfg.min_lr_ratio)
     sampler = data.PromptSampler(len(train_set), cfg.prompts_per_step, cfg.seed, rank, world)
-    start = 0
-    if cfg.resume:
-        state = checkpoint.load_checkpoint(ckpt_dir, policy, opt, sched)
-        if state is not None:
-            sampler.load_state_dict(state["sampler"])
-            start = state["step"]
-            if rank == 0:
-                print(f"resumed from step {start} ({ckpt_dir})")
-
-    metrics = Metrics(out_dir, asdict(cfg), cfg.wandb_project, cfg.wandb_run_name or None, cfg.wandb_mode, rank)
+    state = resume(cfg, ckpt_dir, policy, optimizer, scheduler, sampler)
+    start, streaks = state["step"], state["streaks"]
+    log = metrics.Metrics(str(out_dir), {**asdict(cfg), **asdict(vopts), "policy_path": policy_path,
+                                         "verifier_path": verifier_spec}, cfg.wandb_project,
+                          cfg.wandb_run_name or None, cfg.wandb_mode, rank, resume_step=start)
     if cfg.eval_only:
-        result = evaluate(policy, tokenizer, heldout, grader, cfg, rank, world, device)
-        metrics.log(start, result)
-        if rank == 0:
-            print(json.dumps(result, indent=1))
-        metrics.close()
-        return result
-
-    # Master-key probe: does the verifier say YES to content-free answers ("Thought process:")?
-    probe = reward.master_key_probe(verifier, [r.question for r in train_set[:32]], [r.reference for r in train_set[:32]])
-    metrics.log(start, {"verifier/master_key_fpr": probe["fpr"]})
-    if rank == 0:
-        if probe["fpr"] > cfg.master_key_warn:
-            print(f"\n{'!' * 80}\nWARNING: the verifier {cfg.verifier} accepts content-free 'master key' answers "
-                  f"{probe['fpr']:.1%} of the time (> {cfg.master_key_warn:.0%}); the policy may learn to hack it.\n"
-                  f"worst keys: {sorted(probe['per_key'].items(), key=lambda kv: -kv[1])[:3]}\n{'!' * 80}\n")
-        else:
-            print(f"master-key probe: false-positive rate {probe['fpr']:.1%}")
-
+        result = evaluate(policy, tokenizer, heldout, judges["eval"], cfg, device)
+        log.log(start, result)
+        log.close()
+        return {"eval": result}
+    if start == 0:  # before any update: the verifier's master-key rate and the policy's starting accuracy
+        m = probe_master_keys(judges["reward"], train_set, cfg)
+        log.log(0, m | (evaluate(policy, tokenizer, heldout, judges["eval"], cfg, device) if cfg.eval_every else {}))
     engine = None
     if cfg.rollout_engine == "vllm":  # created after the trainer's models: it sizes its KV cache around them
         from vllm_engine import VLLMEngine
         engine = VLLMEngine(policy_path, seed=cfg.seed, max_model_len=cfg.max_prompt_len + cfg.max_new_tokens,
-                            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, dtype="auto" if gpu else "float32")
+                            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                            dtype="auto" if device.type == "cuda" else "float32")
         if start:
             engine.load_weights(policy)  # resumed: the checkpoint's weights, not policy_path's
-    elif cfg.rollout_engine != "hf":
-        raise ValueError(f"unknown --rollout_engine {cfg.rollout_engine!r}: hf or vllm")
 
-    stop = checkpoint.StopSignal()
-    timer = PhaseTimer(device)
-    n = cfg.samples_per_prompt
-    history = []
+    stop, timer, history, stopped = checkpoint.StopSignal(), metrics.PhaseTimer(device), [], None
     from tqdm import tqdm
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank != 0, desc="rl", dynamic_ncols=True)
     for step in bar:
         t0 = time.time()
-        # 1. rollouts: each rank generates for its slice of the global prompt batch
         with timer("generate"):
-            records = [train_set[i] for i in sampler.next()]
-            per_rank = len(records)
-            prompt_ids = data.tokenize_prompts(tokenizer, records, cfg.max_prompt_len)
-            prompts = [p for p in prompt_ids for _ in range(n)]
-            # a sample's seed names it globally (seed, step, prompt slot, sample): any world size draws the same
-            first = rank * per_rank * n
-            seeds = [hash((cfg.seed, step, first + i)) & 0x7FFFFFFFFFFF for i in range(len(prompts))]
-            policy.eval()
-            if engine is not None:
-                responses, truncated, engine_lp = engine.generate(prompts, cfg.max_new_tokens, cfg.temperature,
-                                                                  cfg.top_p, seeds)
-            else:
-                responses, truncated = M.generate(policy, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature,
-                                                  cfg.top_p, seeds)
-            texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-        # 2. rewards from the verifier (question, reference, last line of the response)
+            ro = rollout.generate(policy, engine, tokenizer, [train_set[i] for i in sampler.next()], step, cfg)
         with timer("reward"):
-            questions = [r.question for r in records for _ in range(n)]
-            references = [r.reference for r in records for _ in range(n)]
-            judged = verifier(questions, references, texts)
-            raw = (judged.soft if cfg.reward_type == "soft" else judged.binary).float().to(device)
-            logged = {name: v(questions, references, texts) for name, v in extra.items()}
-        # 3. log-probs of the behaviour policy (needed for several updates or KL in the reward) and reference
+            judged = rollout.judge(judges["reward"], ro, step, cfg)
+            used = (judged.soft if cfg.reward_type == "soft" else judged.binary).float()
+            also = {name: rollout.judge(v, ro, step, cfg) for name, v in judges["logged"].items()}
         with timer("logprobs"):
-            need_old = updates_per_step > 1 or cfg.kl_mode == "reward"
-            old, ents = sequence_logprobs(policy, prompts, responses, cfg, device, with_entropy=True) \
-                if need_old else (None, None)
-            ref_lp = sequence_logprobs(ref, prompts, responses, cfg, device)[0] if ref is not None else None
-        # 4. advantages over the global batch: z-norm, KL in the reward, estimator
-        rewards = all_gather_cat(raw, world)
-        if cfg.reward_norm == "none":
-            shaped = rewards
-        else:
-            shaped = reward.znorm(rewards, group_size=n if cfg.reward_norm == "group" else None)
-        kl_seq = torch.zeros(len(responses), device=device)
-        if ref_lp is not None and old is not None:
-            kl_seq = torch.stack([kl_k1(o, r).sum() for o, r in zip(old, ref_lp)])
-        if cfg.kl_mode == "reward" and ref is not None:
-            shaped = shaped - cfg.kl_coef * all_gather_cat(kl_seq, world)
-        adv_all = advantages(shaped, cfg.advantage, n)
-        adv = adv_all[rank * len(responses):(rank + 1) * len(responses)]
-
-        # the engine's log-probs of its samples vs the trainer's (the mismatch importance sampling corrects)
-        gaps = [(o - torch.tensor(engine_lp[i], device=device)).abs() for i, o in enumerate(old)] \
-            if engine is not None and old is not None else []
-        # 5. policy update(s): clipped ratio loss, micro-batches, one optimizer step per minibatch
+            rewards = distributed.all_gather_cat(used.to(device))
+            batch, m = advantages(policy, ref, ro, rewards, cfg, device)
         with timer("update"):
-            policy.train()
-            stats = {"loss": 0.0, "clip_low": 0.0, "clip_high": 0.0, "ratio": 0.0, "kl_k3": 0.0, "grad_norm": 0.0}
-            n_tok_stats = 0.0
-            entropy_fresh = []
-            order = torch.randperm(len(responses), generator=torch.Generator().manual_seed(hash((cfg.seed, step))))
-            mb_size = len(responses) // cfg.minibatches
-            for epoch in range(cfg.ppo_epochs):
-                for mb in range(cfg.minibatches):
-                    idx_mb = order[mb * mb_size:(mb + 1) * mb_size].tolist() if cfg.minibatches > 1 else \
-                        list(range(len(responses)))
-                    n_tok = all_sum(float(sum(len(responses[i]) for i in idx_mb)), device)
-                    n_seq = all_sum(float(len(idx_mb)), device)
-                    for s in range(0, len(idx_mb), cfg.micro_batch_size):
-                        idx = idx_mb[s:s + cfg.micro_batch_size]
-                        ids, pos, att, tmask = micro_batch(prompts, responses, idx, cfg.pack, device)
-                        lp, ent = M.token_logprobs(policy, ids, pos, tmask, att, cfg.temperature, cfg.logprob_chunk,
-                                                   with_entropy=old is None)
-                        lengths = [len(responses[i]) for i in idx]
-                        lp_seq = per_sequence(lp, tmask, cfg.pack, lengths)
-                        if engine is not None and old is None:  # one update: these are the behaviour log-probs
-                            gaps += [(x.detach() - torch.tensor(engine_lp[i], device=device)).abs()
-                                     for x, i in zip(lp_seq, idx)]
-                        lp_pad, mask = padded(lp_seq, device)
-                        old_pad = padded([old[i] for i in idx], device)[0] if old is not None else lp_pad.detach()
-                        pg, ratio, cl, ch = clipped_pg_loss(lp_pad, old_pad, adv[idx], cfg.clip_low, cfg.clip_high)
-                        per_token = pg
-                        if cfg.kl_mode == "loss" and ref is not None:
-                            k3 = kl_k3(lp_pad, padded([ref_lp[i] for i in idx], device)[0])
-                            per_token = per_token + cfg.kl_coef * k3
-                            stats["kl_k3"] += (k3.detach() * mask).sum().item()
-                        loss = aggregate(per_token, mask, cfg.loss_agg, n_tok, n_seq, cfg.max_new_tokens)
-                        # FSDP averages gradients over ranks; our denominators are already global
-                        (loss * world).backward()
-                        stats["loss"] += loss.item()
-                        stats["clip_low"] += (cl & mask).sum().item()
-                        stats["clip_high"] += (ch & mask).sum().item()
-                        stats["ratio"] += (ratio.detach() * mask).sum().item()
-                        n_tok_stats += mask.sum().item()
-                        if ent is not None:
-                            entropy_fresh += per_sequence(ent, tmask, cfg.pack, lengths)
-                    gn = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm)
-                    stats["grad_norm"] = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad(set_to_none=True)
+            _, update = policy_update(policy, optimizer, scheduler, batch, cfg, step, device)
         if engine is not None:
             with timer("sync"):
                 engine.load_weights(policy)  # every rank: FSDP all-gathers each parameter in turn
-
-        # 6. log: global statistics, the dump for verifier distillation, a sample table
-        ents = ents if ents is not None else entropy_fresh
-        lengths = torch.tensor([len(r) for r in responses], dtype=torch.float32, device=device)
-        tok_total = all_sum(lengths.sum().item(), device)
-        g = lambda x: all_gather_cat(x.float().to(device), world)  # noqa: E731
-        m = {
-            "reward/mean": rewards.mean().item(), "reward/std": rewards.std(unbiased=False).item(),
-            "reward/binary_mean": g(judged.binary).mean().item(), "reward/soft_mean": g(judged.soft).mean().item(),
-            "reward/p_yes_mean": g(judged.p_yes).mean().item(),
-            "advantage/mean": adv_all.mean().item(), "advantage/std": adv_all.std(unbiased=False).item(),
-            "advantage/min": adv_all.min().item(), "advantage/max": adv_all.max().item(),
-            "response/length_mean": g(lengths).mean().item(), "response/length_max": g(lengths).max().item(),
-            "response/truncated": g(torch.tensor(truncated)).mean().item(),
-            "entropy": all_sum(sum(e.sum().item() for e in ents), device) / max(tok_total, 1),
-            "kl/k1": g(kl_seq).sum().item() / max(tok_total, 1),
-            "loss": all_sum(stats["loss"], device) / updates_per_step,
-            "clip/low_frac": all_sum(stats["clip_low"], device) / max(all_sum(n_tok_stats, device), 1),
-            "clip/high_frac": all_sum(stats["clip_high"], device) / max(all_sum(n_tok_stats, device), 1),
-            "ratio/mean": all_sum(stats["ratio"], device) / max(all_sum(n_tok_stats, device), 1),
-            "grad_norm": stats["grad_norm"], "lr": sched.get_last_lr()[0], "epoch": sampler.epoch,
-        }
-        if engine is not None:
-            gap = torch.cat(gaps) if gaps else torch.zeros(1, device=device)
-            m["rollout/engine_logprob_gap_mean"] = all_sum(gap.sum().item(), device) / max(tok_total, 1)
-            m["rollout/engine_logprob_gap_max"] = g(gap.max()[None]).max().item()
-        if cfg.kl_mode == "loss":
-            m["kl/k3"] = all_sum(stats["kl_k3"], device) / max(all_sum(n_tok_stats, device), 1)
-        for name, j in logged.items():
-            m[f"reward/{name}/binary_mean"] = g(j.binary).mean().item()
-            m[f"reward/{name}/soft_mean"] = g(j.soft).mean().item()
-        m.update(timer.pop())
-        m["time/step"] = time.time() - t0
-        m["time/other"] = m["time/step"] - sum(v for k, v in m.items() if k.startswith("time/") and k != "time/step")
-        m["throughput/generated_tokens_per_s"] = tok_total / max(m["time/generate"], 1e-9)
-        m["throughput/tokens_per_s"] = tok_total / max(m["time/step"], 1e-9)
-        m["memory/peak_gb"] = peak_memory_gb(device)
-        rows = [[step, q, ref_, t, float(raw[i]), float(judged.p_yes[i])]
-                for i, (q, ref_, t) in enumerate(zip(questions, references, texts))]
-        if cfg.dump_rollouts:
-            dump_rollouts(out_dir / "rollouts.jsonl", rows, rank, world)
-        if cfg.log_samples:
-            metrics.table(step, "samples", ["step", "question", "reference", "response", "reward", "p_yes"],
-                          rows[:cfg.log_samples])
+        audited = []
+        if judges["audit"] is not None and cfg.audit_every and (step + 1) % cfg.audit_every == 0:
+            with timer("audit"):
+                audited = audit(judges["audit"], ro, judged, step + 1, cfg, len(rewards))
+        # everything each rank reports, in one collective
+        parts = distributed.gather_objects(step_record(ro, judged, used, also, update, step + 1) | {"audit": audited})
+        m.update(reduce_step(parts, rewards, list(judges["logged"]), updates_per_step, cfg))
+        rows, audited = [r for p in parts for r in p["rows"]], [r for p in parts for r in p["audit"]]
+        if audited:
+            m.update(audit_metrics(audited))
         last = step + 1 == cfg.steps
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
-            m.update(evaluate(policy, tokenizer, heldout, grader, cfg, rank, world, device))
-        metrics.log(step + 1, m)
+            with timer("eval"):
+                m.update(evaluate(policy, tokenizer, heldout, judges["eval"], cfg, device))
+        m.update(timer.pop() | {"time/step": time.time() - t0, "lr": scheduler.get_last_lr()[0],
+                                "epoch": sampler.epoch, "memory/peak_gb": metrics.peak_memory_gb(device)})
+        m["throughput/tokens_per_s"] = m["response/length_mean"] * len(rewards) / max(m["time/step"], 1e-9)
+        write_outputs(out_dir, rows, audited, cfg)
+        if cfg.log_samples:
+            log.table(step + 1, "samples", list(rows[0]), [list(r.values()) for r in rows[:cfg.log_samples]])
+        log.log(step + 1, m)
         history.append(m)
         if rank == 0:
-            bar.write(metrics.summary(step + 1, m, ["reward/mean", "eval/accuracy", "kl/k1", "entropy",
-                                                    "response/length_mean", "time/step"]))
-        # 7. checkpoint: periodically, at the end, and when pre-empted (SIGTERM/SIGINT)
+            bar.write(log.summary(step + 1, m, ["reward/mean", "eval/accuracy", "audit/false_positive_rate", "kl/k1",
+                                               "entropy", "response/length_mean", "time/step"]))
+        halt = check_streaks(m, streaks, step + 1, cfg, out_dir)
         stopping = stop.should_stop()
-        if last or stopping or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            checkpoint.save_checkpoint(ckpt_dir, step + 1, policy, opt, sched, {"step": step + 1,
-                                       "sampler": sampler.state_dict()}, keep=cfg.keep_checkpoints)
+        if last or stopping or halt or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+            checkpoint.save_checkpoint(str(ckpt_dir), step + 1, policy, optimizer, scheduler,
+                                       {"sampler": sampler.state_dict(), "streaks": dict(streaks)},
+                                       keep=cfg.keep_checkpoints)
+        if halt:
+            raise reward.VerifierError(halt + f" Checkpoint: {ckpt_dir}.")
         if stopping:
-            if rank == 0:
-                print(f"stopped by signal after step {step + 1}; resume with --resume")
+            stopped = stop.received
             break
-    else:
-        checkpoint.export_hf(policy, tokenizer, out_dir / "final")
-        if rank == 0:
-            print(f"final policy (Hugging Face format): {out_dir / 'final'}")
-    metrics.close()
-    return {"history": history}
+    stop.restore()
+    if stopped is None:
+        checkpoint.export_hf(policy, tokenizer, str(out_dir / "final"))
+    log.close()
+    return {"history": history, "stopped": stopped, "start": start, "policy": policy_path, "verifier": verifier_spec}
 
 
-def dump_rollouts(path: Path, rows: list, rank: int, world: int) -> None:
-    """Append this step's judged responses of all ranks to one JSONL (train_verifier.py label input)."""
-    if M.is_distributed():
-        gathered = [None] * world
-        dist.all_gather_object(gathered, rows)
-        rows = [r for part in gathered for r in part]
-    if rank != 0:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        for step, q, ref_, t, r, p in rows:
-            f.write(json.dumps({"step": step, "question": q, "reference": ref_, "response": t, "reward": r,
-                                "p_yes": p}, ensure_ascii=False) + "\n")
+# ----------------------------------------------------------------------------------------------
+# command line
 
 
-def parse_config(argv: list[str] | None = None) -> Config:
-    return config.parse_config((Config,), argv, prog="train_rl.py")[0]
+def parse_config(argv: list[str] | None = None) -> tuple[Config, reward.VerifierOptions]:
+    cfg, vopts = config.parse_config((Config, reward.VerifierOptions), argv, prog="train_rl.py")
+    check_config(cfg, vopts)
+    return cfg, vopts
+
+
+def closing_lines(cfg: Config, result: dict) -> list[str]:
+    """What was trained on what, and what the grader says of it."""
+    h = result["history"]
+    lines = [f"trained {result['policy']} on the {cfg.reward_type} reward of {result['verifier']} "
+             f"({cfg.advantage}, --reward_norm {cfg.reward_norm}), steps {result['start']}..{result['start'] + len(h)}"]
+    evals = [(m["step"], m["eval/accuracy"]) for m in metrics.read_jsonl(Path(cfg.out_dir) / "metrics.jsonl")
+             if "eval/accuracy" in m]
+    if len(evals) >= 2:
+        grader = cfg.eval_verifier or result["verifier"]
+        lines.append(f"held-out accuracy graded by {grader}: {evals[0][1]:.3f} (step {evals[0][0]}) -> "
+                     f"{evals[-1][1]:.3f} (step {evals[-1][0]})")
+    for key in [k for k in h[-1] if k.startswith("reward/rule:") and k.endswith("binary_mean")] + ["reward/mean"]:
+        k = max(1, len(h) // 5)
+        lines.append(f"{key}: first {k} steps {sum(x[key] for x in h[:k]) / k:.3f} -> "
+                     f"last {k} steps {sum(x[key] for x in h[-k:]) / k:.3f}")
+    return lines
 
 
 def main() -> None:
-    cfg = parse_config()
-    result = train(cfg)
-    if M.is_distributed():
-        # FSDP modules keep gloo's threads alive: free them before tearing the group down, or a
-        # finished CPU run can abort at exit ("terminate called without an active exception")
-        gc.collect()
-        dist.destroy_process_group()
-    if "history" in result and result["history"] and int(os.environ.get("RANK", 0)) == 0:
-        h = result["history"]
-        k = max(1, len(h) // 5)
-        first = sum(x["reward/mean"] for x in h[:k]) / k
-        last = sum(x["reward/mean"] for x in h[-k:]) / k
-        print(f"mean reward: first {k} steps {first:.3f} -> last {k} steps {last:.3f}")
-        print(f"metrics: {Path(cfg.out_dir) / 'metrics.jsonl'}")
+    try:
+        cfg, vopts = parse_config()
+    except config.ConfigError as e:
+        config.exit_on_error("train_rl.py", e)
+    try:
+        result = train(cfg, vopts)
+    except config.ConfigError as e:
+        config.exit_on_error("train_rl.py", e)
+    finally:
+        distributed.shutdown()
+    if int(os.environ.get("RANK", 0)) != 0 or "history" not in result:
+        return
+    if result["history"]:
+        print("\n".join(closing_lines(cfg, result)))
+    if result["stopped"] is not None:
+        print(f"stopped by signal {result['stopped']} after a checkpoint; continue with the same command and --resume",
+              file=sys.stderr)
+        sys.exit(128 + result["stopped"])
 
 
 if __name__ == "__main__":

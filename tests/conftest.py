@@ -11,13 +11,13 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 # at .venv-vllm; without it the vLLM tests skip.
 VLLM_PYTHON = os.environ.get("RLVR_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python"))
 requires_vllm = pytest.mark.skipif(not Path(VLLM_PYTHON).exists(),
-                                   reason=f"no vLLM interpreter at {VLLM_PYTHON} (see .ci/run; or set RLVR_VLLM_PYTHON)")
+                                   reason=f"no vLLM interpreter at {VLLM_PYTHON} (see .ci/run or set RLVR_VLLM_PYTHON)")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """The tiny offline model (random weights), built once per test session."""
-    import model
+    import toy
 
-    return model.build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"), seed=0)
+    return toy.build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"), seed=0)

@@ -6,9 +6,11 @@ FSDP2-shards a tiny Qwen2, trains a step, saves, trains on (perturbing), loads, 
 parameters, optimizer state, scheduler and the next training step match the run that never
 stopped. Then exports to Hugging Face format and leaves in OUT what the parent test compares:
 logits.pt (the sharded model's logits) and full_step1.pt (gathered state at the checkpoint).
-Exits non-zero on any failure.
+Then, in OUT/failures, refuses NaN weights and survives a full disk on rank 1 only, and falls back
+past damaged checkpoints: every rank must reach the same outcome. Exits non-zero on any failure.
 """
 
+import errno
 import gc
 import os
 import random
@@ -70,6 +72,63 @@ def assert_equal(a: dict, b: dict, what: str):
     assert not bad, f"{what}: {len(bad)} tensors differ, e.g. {bad[:3]}"
 
 
+def save_fails(root: str, model, optimizer, scheduler, says: str):
+    import checkpoint
+
+    try:
+        checkpoint.save_checkpoint(root, 4, model, optimizer, scheduler)
+    except checkpoint.CheckpointError as e:
+        assert says in str(e), e
+        return
+    raise AssertionError(f"saved despite what should fail with {says!r}")
+
+
+def check_failures(root: str, model, optimizer, scheduler):
+    """What goes wrong on one rank goes wrong, in the same words, on every rank."""
+    import torch.distributed as dist
+
+    import checkpoint
+
+    rank = dist.get_rank()
+    for step in (1, 2, 3):
+        train_step(model, optimizer, scheduler)
+        checkpoint.save_checkpoint(root, step, model, optimizer, scheduler, extra={"at": step}, keep=None)
+        if step == 1:
+            at_1 = snapshot(model, optimizer)
+
+    first = next(model.parameters()).to_local()  # NaN in rank 1's shard only
+    kept = first.detach().clone()
+    if rank == 1:
+        with torch.no_grad():
+            first[0] = float("nan")
+    save_fails(root, model, optimizer, scheduler, "model.embed_tokens.weight holds non-finite values")
+    with torch.no_grad():
+        first.copy_(kept)
+
+    write = checkpoint._write_file
+
+    def full_disk(path, data):  # rank 1's disk only
+        if path.endswith("rank1.pt"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        write(path, data)
+
+    checkpoint._write_file = full_disk
+    save_fails(root, model, optimizer, scheduler, "rank 1: OSError: [Errno 28] No space left on device")
+    checkpoint._write_file = write
+    assert sorted(os.listdir(root)) == ["latest", "step_00000001", "step_00000002", "step_00000003"], os.listdir(root)
+
+    if rank == 0:  # the filesystem is shared: damage the shards rank 1 reads
+        shard = os.path.join(root, "step_00000002", "__1_0.distcp")
+        os.truncate(shard, os.path.getsize(shard) // 2)  # seen in the sizes, by rank 0
+        shard = os.path.join(root, "step_00000003", "__1_0.distcp")
+        with open(shard, "r+b") as f:  # seen only when rank 1 reads it
+            f.write(bytes(os.path.getsize(shard)))
+    dist.barrier()
+    extra = checkpoint.load_checkpoint(root, model, optimizer, scheduler)
+    assert extra == {"at": 1, "step": 1}, extra
+    assert_equal(snapshot(model, optimizer), at_1, f"rank {rank} after falling back")
+
+
 def main():
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -128,7 +187,10 @@ def main():
     if rank == 1:
         os.kill(os.getpid(), signal.SIGTERM)
     assert stop.should_stop() is True, f"rank {rank} did not agree to stop"
+    assert stop.received == signal.SIGTERM, f"rank {rank}: received {stop.received}"  # the exit status, everywhere
     stop.restore()
+
+    check_failures(os.path.join(out, "failures"), model, optimizer, scheduler)
 
     # Free the FSDP model (its device mesh holds the process group) so destroy_process_group really
     # ends gloo's worker threads now; left to interpreter shutdown they can abort the process

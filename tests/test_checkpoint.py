@@ -1,6 +1,8 @@
+import errno
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -32,6 +34,14 @@ def assert_same(a: dict, b: dict):
     assert a.keys() == b.keys()
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, differ[:5]
+
+
+def checkpoint_at_step_1(root: str):
+    """A run after one step, checkpointed with extra {"k": 1}: (model, optimizer, scheduler), its state."""
+    model, optimizer, scheduler = make_run()
+    train_step(model, optimizer, scheduler)
+    checkpoint.save_checkpoint(root, 1, model, optimizer, scheduler, {"k": 1})
+    return (model, optimizer, scheduler), state(model, optimizer)
 
 
 def test_single_process_resume_is_exact(tmp_path):
@@ -71,19 +81,20 @@ def test_no_checkpoint_returns_none(tmp_path):
     assert checkpoint.load_checkpoint(str(tmp_path), model, optimizer, scheduler) is None
 
 
+class Killed(BaseException):
+    """A process killed mid-save (kill -9) runs no cleanup: not an Exception, so nothing catches it."""
+
+
 def test_crash_before_commit_keeps_previous(tmp_path, monkeypatch):
     root = str(tmp_path)
-    model, optimizer, scheduler = make_run()
-    train_step(model, optimizer, scheduler)
-    checkpoint.save_checkpoint(root, 1, model, optimizer, scheduler, {"k": 1})
-    at_1 = state(model, optimizer)
+    (model, optimizer, scheduler), at_1 = checkpoint_at_step_1(root)
     train_step(model, optimizer, scheduler)
 
     def crash(*args):
-        raise RuntimeError("simulated crash after the shards were written")
+        raise Killed("simulated crash after the shards were written")
 
     monkeypatch.setattr(checkpoint, "_commit", crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pytest.raises(Killed, match="simulated crash"):
         checkpoint.save_checkpoint(root, 2, model, optimizer, scheduler, {"k": 2})
     monkeypatch.undo()
     assert os.path.isfile(tmp_path / "step_00000002.tmp" / ".metadata")  # the shards did land
@@ -154,6 +165,7 @@ def test_stop_signal_first_sets_flag_second_interrupts():
         assert stop.should_stop() is False
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.should_stop() is True  # no KeyboardInterrupt: just a flag
+        assert stop.received == signal.SIGINT  # the trainer exits with 128 + 2
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     finally:
@@ -161,18 +173,137 @@ def test_stop_signal_first_sets_flag_second_interrupts():
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+# ----------------------------------------------------------------------------------------------
+# damaged checkpoints, failed saves
+
+def two_checkpoints(root: str):
+    """Checkpoints at steps 1 and 2 under root; returns the state saved at step 1."""
+    run, at_1 = checkpoint_at_step_1(root)
+    train_step(*run)
+    checkpoint.save_checkpoint(root, 2, *run, {"k": 2})
+    return at_1
+
+
+def truncate(path):
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def zero_bytes(path):  # same size, so only reading the shard shows it
+    with open(path, "r+b") as f:
+        f.write(bytes(os.path.getsize(path)))
+
+
+DAMAGE = {  # what breaks, and the word the warning must say about that file
+    "truncated shard": ("__0_0.distcp", truncate, "truncated"),
+    "missing shard": ("__0_0.distcp", os.remove, "missing"),
+    "shard bytes": ("__0_0.distcp", zero_bytes, "UnpicklingError|Error"),
+    "missing trainer state": ("trainer.pt", os.remove, "missing"),
+    "missing rank RNG": ("rank0.pt", os.remove, "missing"),
+    "bad metadata": (".metadata", truncate, "unreadable"),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_damaged_latest_falls_back_to_previous_with_a_warning_naming_the_file(tmp_path, capsys, case):
+    name, damage, says = DAMAGE[case]
+    at_1 = two_checkpoints(str(tmp_path))
+    bad = tmp_path / "step_00000002" / name
+    damage(bad)
+    model, optimizer, scheduler = make_run(seed=9)
+    assert checkpoint.load_checkpoint(str(tmp_path), model, optimizer, scheduler) == {"k": 1, "step": 1}
+    assert_same(state(model, optimizer), at_1)
+    assert scheduler.last_epoch == 1
+    err = capsys.readouterr().err
+    assert f"{bad}" in err and "resuming from " + str(tmp_path / "step_00000001") in err, err
+    assert re.search(says, err.split(str(bad))[1]), err
+    if case != "shard bytes":  # metadata and sizes show the others without loading
+        assert checkpoint.latest_checkpoint(str(tmp_path)) == str(tmp_path / "step_00000001")
+
+
+def test_saving_over_a_damaged_step_replaces_it(tmp_path):
+    root = str(tmp_path)
+    two_checkpoints(root)
+    os.remove(tmp_path / "step_00000002" / "trainer.pt")
+    model, optimizer, scheduler = make_run(seed=9)
+    assert checkpoint.load_checkpoint(root, model, optimizer, scheduler)["step"] == 1
+    train_step(model, optimizer, scheduler)
+    checkpoint.save_checkpoint(root, 2, model, optimizer, scheduler, {"k": "again"})
+    assert checkpoint.load_checkpoint(root, *make_run(seed=4)) == {"k": "again", "step": 2}
+
+
+def test_every_checkpoint_damaged_is_an_error_naming_each_file(tmp_path):
+    two_checkpoints(str(tmp_path))
+    truncate(tmp_path / "step_00000002" / "__0_0.distcp")
+    os.remove(tmp_path / "step_00000001" / "trainer.pt")
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.load_checkpoint(str(tmp_path), *make_run())
+    assert str(tmp_path / "step_00000002" / "__0_0.distcp") in str(e.value)
+    assert str(tmp_path / "step_00000001" / "trainer.pt") in str(e.value)
+    # A checkpoint directory asked for by name does not fall back to another one.
+    with pytest.raises(checkpoint.CheckpointError, match="__0_0.distcp truncated"):
+        checkpoint.load_checkpoint(str(tmp_path / "step_00000002"), *make_run())
+
+
+def test_full_disk_during_save_names_the_cause_and_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    root = str(tmp_path)
+    two_checkpoints(root)
+    model, optimizer, scheduler = make_run(seed=2)
+    write = checkpoint._write_file
+
+    def full_disk(path, data):
+        if path.endswith("trainer.pt"):  # after the shards landed in .tmp
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        write(path, data)
+
+    monkeypatch.setattr(checkpoint, "_write_file", full_disk)
+    with pytest.raises(checkpoint.CheckpointError, match="No space left on device") as e:
+        checkpoint.save_checkpoint(root, 3, model, optimizer, scheduler, {"k": 3})
+    assert "step_00000003" in str(e.value)
+    monkeypatch.undo()
+    assert sorted(os.listdir(root)) == ["latest", "step_00000001", "step_00000002"]  # no .tmp holds the space
+    assert (tmp_path / "latest").read_text().strip() == "step_00000002"
+    assert checkpoint.load_checkpoint(root, *make_run(seed=4)) == {"k": 2, "step": 2}
+    checkpoint.save_checkpoint(root, 3, model, optimizer, scheduler, {"k": 3})  # space again: it works
+    assert checkpoint.load_checkpoint(root, *make_run(seed=4)) == {"k": 3, "step": 3}
+
+
+def test_non_finite_weights_are_neither_saved_nor_exported(tmp_path):
+    model, optimizer, scheduler = make_run()
+    train_step(model, optimizer, scheduler)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+        model.model.norm.weight[0] = float("inf")
+    with pytest.raises(checkpoint.CheckpointError, match=r"save step 1: parameter model\.layers\.1\.mlp\.up_proj\."
+                                                           r"weight holds non-finite values.*2 of"):
+        checkpoint.save_checkpoint(str(tmp_path), 1, model, optimizer, scheduler)
+    with pytest.raises(checkpoint.CheckpointError, match=r"save the export to .*hf: parameter model\.layers\.1"):
+        checkpoint.export_hf(model, tiny_tokenizer(), str(tmp_path / "hf"))
+    assert os.listdir(tmp_path) == []  # nothing written, not even a .tmp
+
+
 def test_two_rank_fsdp_checkpoint_and_export(tmp_path):
-    """torchrun, 2 ranks, gloo, FSDP2: the worker asserts the exact resume; here the 2-rank sharded
-    checkpoint loads into one process (resharded) and the HF export gives the sharded model's logits."""
+    """torchrun, 2 ranks, gloo, FSDP2: the worker asserts the exact resume, that a failure on one rank
+    (NaN weights, a full disk, a damaged shard only it reads) is the same error or the same fallback on
+    both; here the 2-rank sharded checkpoint loads into one process (resharded) and the HF export gives
+    the sharded model's logits."""
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(HERE, "dist_checkpoint_worker.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert "rank 0 ok" in proc.stdout and "rank 1 ok" in proc.stdout
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        out, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # a rank waits in a collective the other never entered
+        proc.terminate()  # torchrun passes SIGTERM on to the workers (each in a session of its own)
+        pytest.fail(f"2-rank worker hung:\n{proc.communicate(timeout=60)[1][-6000:]}")
+    assert proc.returncode == 0, out[-3000:] + err[-6000:]
+    assert "rank 0 ok" in out and "rank 1 ok" in out
+    failures = tmp_path / "failures"
+    assert f"skipping damaged checkpoint {failures / 'step_00000003'}: rank 0,1: reading " in err
+    assert f"{failures / 'step_00000002' / '__1_0.distcp'} truncated" in err
+    assert f"resuming from {failures / 'step_00000001'}" in err
 
     ckpt = tmp_path / "ckpt" / "step_00000001"
     assert {"rank0.pt", "rank1.pt", "trainer.pt", ".metadata"} <= set(os.listdir(ckpt))

@@ -15,6 +15,13 @@ def _write_jsonl(path, rows):
     return path
 
 
+def _records(n):
+    """Records of distinct questions (the loaders' own output, without a file)."""
+    return [data.make_record(f"What is {i} + 1?", str(i + 1), [{"role": "system", "content": "Be brief."},
+                                                                {"role": "user", "content": f"What is {i} + 1?"}],
+                             {"source": "test", "row": i + 1}) for i in range(n)]
+
+
 def _rows(n=3):
     return [{"query": [{"role": "system", "content": "sys"}, {"role": "user", "content": f"Question {i}?"}],
              "label": f"answer {i}", "subject": "physics"} for i in range(n)]
@@ -206,7 +213,7 @@ def test_split_heldout():
 
 
 def test_hash_files_and_drop(tmp_path):
-    records = data.toy_records(180, seed=0)
+    records = _records(180)
     used = records[:40]
     path = tmp_path / "verifier_prompts.txt"
     assert data.write_hashes(path, used) == 40
@@ -222,7 +229,7 @@ def test_hash_files_and_drop(tmp_path):
         data.read_hashes(path)
 
 
-# ----------------------------------------------------------------------------- tokens and padding
+# ------------------------------------------------------------------------------------ tokens
 
 @pytest.fixture(scope="module")
 def tokenizer():
@@ -243,7 +250,7 @@ def tokenizer():
 
 
 def test_render_and_tokenize(tokenizer):
-    records = data.toy_records(3, seed=0, system_prompt="Be brief.")
+    records = _records(3)
     text = data.render_prompt(tokenizer, records[0])
     assert text == (f"<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n{records[0].question}<|im_end|>\n"
                     "<|im_start|>assistant\n")
@@ -257,15 +264,6 @@ def test_render_and_tokenize(tokenizer):
     assert dropped == sum(len(x) > n for x in ids)
     with pytest.raises(ValueError, match=f"record {records[0].id} .*max_prompt_len={n - 1}"):
         data.tokenize_prompts(tokenizer, records, max_prompt_len=n - 1)
-
-
-def test_left_pad():
-    ids, mask = data.left_pad([[5, 6, 7], [8], [1, 2]], pad_id=0)
-    assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 1, 2]]
-    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
-    assert str(ids.dtype) == str(mask.dtype) == "torch.int64"
-    with pytest.raises(ValueError):
-        data.left_pad([[1], []], pad_id=0)
 
 
 # ---------------------------------------------------------------------------------------- sampler
@@ -306,54 +304,62 @@ def test_sampler_resume():
         PromptSampler(14, 5, seed=7).load_state_dict(state)
 
 
-# --------------------------------------------------------------------------------------- toy task
+# ----------------------------------------------------------------------------------- judged rows
 
-def test_toy_records():
-    a = data.toy_records(data.TOY_PROBLEMS, seed=0)
-    assert a == data.toy_records(180, seed=0) and a != data.toy_records(180, seed=1)
-    assert len({r.question for r in a}) == 180  # every problem once before any repeats
-    assert {r.meta["subject"] for r in a} == {"larger", "smaller"}
-    for r in a:
-        x, y = (int(t) for t in r.question.rstrip("?").split(", ")[1].split(" or "))
-        assert x != y and int(r.reference) == (max(x, y) if "larger" in r.question else min(x, y))
-        assert r.messages == [{"role": "system", "content": data.TOY_SYSTEM_PROMPT},
-                              {"role": "user", "content": r.question}]
-    assert len(data.toy_records(400, seed=0)) == 400
+def test_judged_row_id_is_pinned_and_to_json():
+    # pinned: the ids of train_verifier.py's former Row, so label files written before still match
+    row = data.JudgedRow("Which is larger, 3 or 7?", "7", "Therefore, the answer is 14/2.")
+    assert row.id == "7d6abd20556141ea"
+    assert data.JudgedRow("答案 x", " 7 ", "y\n").id == "4ab64c433da15287"  # unstripped, non-ASCII as is
+    assert data.JudgedRow(row.question, row.reference, row.response, label=1).id == row.id  # the label is no part
+    assert row.to_json(step=3) == {"id": "7d6abd20556141ea", "question": row.question, "reference": "7",
+                                   "response": row.response, "label": None, "teacher_p_yes": None, "step": 3}
 
 
-def test_toy_answer_forms_equivalent_under_math_verify():
-    from math_verify import parse, verify
-
-    assert data.toy_answer_forms(7) == ["7", "7.0", "14/2"]
-    assert data.toy_response("14/2") == "Therefore, the answer is 14/2."
-    for value in range(19):
-        for form in data.toy_answer_forms(value):
-            assert verify(parse(str(value)), parse(data.toy_response(form))), (value, form)
-        assert not verify(parse(str(value)), parse(data.toy_response(str(value + 1))))
-
-
-def test_toy_sft_pairs():
-    pairs = data.toy_sft_pairs(200, seed=0)
-    assert pairs == data.toy_sft_pairs(200, seed=0)
-    records = data.toy_records(200, seed=0)
-    forms = {"plain": 0, "other": 0}
-    for (messages, response), r in zip(pairs, records):
-        assert messages == r.messages
-        answer = response.removeprefix("Therefore, the answer is ").removesuffix(".")
-        assert answer in data.toy_answer_forms(int(r.reference))
-        forms["plain" if answer == r.reference else "other"] += 1
-    assert forms["plain"] > forms["other"] > 20
+def test_read_judged_rows_round_trip(tmp_path):
+    rows = [data.JudgedRow("Q1?", "7", "Therefore, the answer is 7.", label=1, teacher_p_yes=0.9),
+            data.JudgedRow(" Q2? ", "x", "", label=0)]
+    path = _write_jsonl(tmp_path / "labels.jsonl", [r.to_json() for r in rows] + [
+        {"question": "Q3?", "reference": 12, "response": "12", "label": "TRUE", "extra": [1]}])
+    got = data.read_judged_rows(str(path), labelled=True)
+    assert got[:2] == rows  # kept as stored: the id hashes the stored text
+    assert (got[2].reference, got[2].label, got[2].teacher_p_yes) == ("12", 1, None)
+    unlabelled = data.read_judged_rows(str(path))
+    assert [r.label for r in unlabelled] == [None] * 3 and [r.id for r in unlabelled] == [r.id for r in got]
 
 
-def test_toy_judge_rows():
-    from math_verify import parse, verify
+@pytest.mark.parametrize("value,want", [(True, 1), (False, 0), (1, 1), (0.0, 0), ("1", 1), (" false ", 0),
+                                        ("True", 1), ("maybe", None), (2, None), (0.5, None), ([1], None)])
+def test_parse_label(value, want):
+    if want is None:
+        with pytest.raises(DataError, match=r"^f.jsonl, row 4: field 'label' must be 0/1 or true/false, got "):
+            data.parse_label(value, "f.jsonl, row 4")
+    else:
+        assert data.parse_label(value, "f.jsonl, row 4") == want
 
-    rows = data.toy_judge_rows(200, seed=0)
-    assert rows == data.toy_judge_rows(200, seed=0)
-    assert sum(r["correct"] for r in rows) == 100
-    for r in rows:
-        assert set(r) == {"question", "reference", "response", "correct"}
-        assert verify(parse(r["reference"]), parse(r["response"])) == r["correct"]
-    # the traps that separate verifiers: correct but not a substring, wrong but a substring
-    assert any(r["correct"] and r["reference"] not in r["response"] for r in rows)
-    assert any(not r["correct"] and r["reference"] in r["response"] for r in rows)
+
+@pytest.mark.parametrize("row,message", [
+    ({"question": " \n", "reference": "r", "response": "a", "label": 1}, "field 'question' is empty"),
+    ({"question": "q", "reference": "", "response": "a", "label": 1}, "field 'reference' is empty"),
+    ({"question": "q", "reference": None, "response": "a", "label": 1}, "field 'reference' is null"),
+    ({"question": "q", "reference": "r", "label": 1}, "field 'response' is missing"),
+    ({"question": ["q"], "reference": "r", "response": "a", "label": 1}, "field 'question' must be a string, got list"),
+    ({"question": "q", "reference": "r", "response": "a", "label": "maybe"}, "field 'label' must be 0/1 or true/false"),
+    ({"question": "q", "reference": "r", "response": "a"}, "field 'label' is missing"),
+    ("text", "expected an object with fields, got str"),
+])
+def test_bad_judged_rows_name_file_row_and_field(tmp_path, row, message):
+    good = {"question": "q", "reference": "r", "response": "a", "label": 0}
+    path = _write_jsonl(tmp_path / "bad.jsonl", [good, row])
+    with pytest.raises(DataError, match="bad.jsonl, row 2: ") as e:
+        data.read_judged_rows(str(path), labelled=True)
+    assert message in str(e.value)
+
+
+def test_judged_rows_file_errors(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="empty.jsonl: no rows"):
+        data.read_judged_rows(str(tmp_path / "empty.jsonl"))
+    (tmp_path / "torn.jsonl").write_text('{"question": "q", "reference": "r", "response": "a"}\n{"quest')
+    with pytest.raises(DataError, match="torn.jsonl, row 2: not valid JSON"):
+        data.read_judged_rows(str(tmp_path / "torn.jsonl"))

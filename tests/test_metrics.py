@@ -10,12 +10,8 @@ import pytest
 import torch
 
 import metrics
-from metrics import Metrics, PhaseTimer, peak_memory_gb, reset_peak_memory, wandb_mode
-
-
-def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
+from metrics import (Metrics, PhaseTimer, append_jsonl, peak_memory_gb, plot_curves, read_jsonl, reliability_plot,
+                     reset_peak_memory, rewind_jsonl, wandb_mode)
 
 
 def test_log_writes_plain_json_lines(tmp_path, monkeypatch):
@@ -125,6 +121,122 @@ def test_peak_memory_cpu_rises_and_resets():
     high = peak_memory_gb("cpu")
     assert high - base >= 0.055
     del block
-    reset_peak_memory("cpu")
-    if metrics._vm_hwm_kb() is not None:  # Linux can reset the peak
+    if reset_peak_memory("cpu"):  # Linux can reset the peak
         assert peak_memory_gb("cpu") < high - 0.05
+
+
+# ----------------------------------------------------------------------------------------------
+# append-only JSONL: durable appends, torn lines, rewind on resume
+
+def test_append_jsonl_writes_once_and_fsyncs(tmp_path, monkeypatch):
+    path = tmp_path / "rows.jsonl"
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(metrics.os, "fsync", lambda fd: (synced.append(os.fstat(fd).st_size), fsync(fd)))
+    append_jsonl(str(path), [{"step": 1, "a": "é"}, {"step": 1, "a": 2.5}])
+    append_jsonl(str(path), [])  # nothing to write: no empty write, no fsync
+    append_jsonl(str(path), [{"step": 2, "x": None}])
+    assert path.read_text() == '{"step": 1, "a": "\\u00e9"}\n{"step": 1, "a": 2.5}\n{"step": 2, "x": null}\n'
+    assert synced == [len('{"step": 1, "a": "\\u00e9"}\n{"step": 1, "a": 2.5}\n'), path.stat().st_size]
+
+
+def test_read_jsonl_cuts_off_a_torn_last_line(tmp_path, capsys):
+    path = tmp_path / "rollouts.jsonl"
+    good = b'{"step": 1, "r": 0.5}\n{"step": 2, "r": "\xc3\xa9"}\n'
+    for torn in [b'{"step": 3, "r": 0.', b'{"step": 3}', b'{"step": 3, "r": "\xc3', b'{"step": 3, "r\n', b"\0\0\0"]:
+        path.write_bytes(good + torn)
+        assert read_jsonl(str(path)) == [{"step": 1, "r": 0.5}, {"step": 2, "r": "é"}], torn
+        assert path.read_bytes() == good  # repaired on disk, so appends start on a fresh line
+        err = capsys.readouterr().err
+        assert f"{path}: cut off a last line torn by a crash ({len(torn)} bytes" in err, err
+    append_jsonl(str(path), [{"step": 3}])
+    assert read_jsonl(str(path))[-1] == {"step": 3} and capsys.readouterr().err == ""
+
+
+def test_read_jsonl_bad_line_elsewhere_is_an_error_naming_file_and_row(tmp_path):
+    path = tmp_path / "samples.jsonl"
+    text = b'{"step": 1}\n{"step": 2, oops}\n{"step": 3}\n'
+    path.write_bytes(text)
+    with pytest.raises(ValueError, match=f"{path}: row 2: not a JSON object"):
+        read_jsonl(str(path))
+    path.write_bytes(b'{"step": 1}\n[1, 2]\n{"step": 3}')  # a torn last line does not excuse a bad middle one
+    with pytest.raises(ValueError, match="row 2: not a JSON object .a JSON list"):
+        read_jsonl(str(path))
+    assert path.read_bytes() == b'{"step": 1}\n[1, 2]\n{"step": 3}'  # untouched: a person must look
+
+
+def test_rewind_jsonl_keeps_steps_up_to_s_byte_for_byte(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    kept = b'{"step": 0, "eval": 0.25}\n{"step": 1,   "x": 1}\n{"step": 2, "x": 0.1}\n{"step": 2, "y": 2}\n'
+    path.write_bytes(kept + b'{"step": 3, "x": 3}\n{"step": 4, "x": 4}\n{"step": 5, "x"')
+    assert rewind_jsonl(str(path), 2) == 2  # steps 3 and 4; the torn line is not a row
+    assert path.read_bytes() == kept and sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
+    assert rewind_jsonl(str(path), 2) == 0 and path.read_bytes() == kept
+    assert rewind_jsonl(str(tmp_path / "absent.jsonl"), 2) == 0
+    path.write_bytes(b'{"step": 1}\n{"no_step": 1}\n')
+    with pytest.raises(ValueError, match=f'{path}: row 2: no integer "step"'):
+        rewind_jsonl(str(path), 5)
+
+
+def run_steps(m: Metrics, steps):
+    for step in steps:
+        m.table(step, "samples", ["question", "reward"], [[f"q{step}a", step / 10], [f"q{step}b", 0.0]])
+        if step % 2 == 0:
+            m.table(step, "audit", ["agree"], [[step % 4 == 0]])
+        m.log(step, {"reward": step / 10, "loss": torch.tensor(1.0 / step)})
+
+
+def without_time(path):
+    return [{k: v for k, v in row.items() if k not in ("time", "elapsed")} for row in read_jsonl(str(path))]
+
+
+def test_resumed_run_files_equal_an_uninterrupted_run(tmp_path):
+    """Killed while writing step 6 (steps 1-5 logged, two files' last lines torn), resumed from the
+    checkpoint of step 3: every file equals an uninterrupted run's, apart from the time fields."""
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    m = Metrics(str(whole), {}, "p", "r", mode="disabled")
+    run_steps(m, range(1, 8))
+    m.close()
+
+    m = Metrics(str(resumed), {}, "p", "r", mode="disabled")
+    run_steps(m, range(1, 6))
+    for name in ("metrics", "samples"):  # the kill tore the last line of two files
+        with open(resumed / f"{name}.jsonl", "ab") as f:
+            f.write(b'{"step": 6, "quest')
+    m = Metrics(str(resumed), {}, "p", "r", mode="disabled", resume_step=3)
+    assert [r["step"] for r in read_jsonl(str(resumed / "metrics.jsonl"))] == [1, 2, 3]  # before any log
+    run_steps(m, range(4, 8))
+    m.close()
+    names = sorted(os.listdir(whole))
+    assert names == sorted(os.listdir(resumed)) == ["audit.jsonl", "config.json", "metrics.jsonl", "samples.jsonl"]
+    for name in ["audit.jsonl", "metrics.jsonl", "samples.jsonl"]:
+        assert without_time(resumed / name) == without_time(whole / name), name
+    assert [r["step"] for r in read_jsonl(str(resumed / "metrics.jsonl"))] == list(range(1, 8))
+
+
+# ----------------------------------------------------------------------------------------------
+# figures
+
+def test_plot_curves_writes_a_png_of_the_expected_size(tmp_path):
+    import matplotlib.image
+
+    path = plot_curves(tmp_path / "curves.png", {"reward": ([1, 2, 3], [0.1, 0.4, 0.3]), "eval": ([1, 3], [0.5, 0.6])},
+                       "step", "mean", "toy run")
+    image = matplotlib.image.imread(path)
+    assert path == str(tmp_path / "curves.png") and image.shape[:2] == (450, 700)
+    assert (image[..., :3] < 0.5).any()  # something is drawn
+    with pytest.raises(ValueError, match="curve 'reward' .* 3 x values and 2 y values"):
+        plot_curves(tmp_path / "bad.png", {"reward": ([1, 2, 3], [0.1, 0.4])}, "step", "mean", "bad")
+
+
+def test_reliability_plot_writes_a_png_of_the_expected_size(tmp_path):
+    import matplotlib.image
+
+    bins = [{"lo": b / 10, "hi": (b + 1) / 10, "count": c, "mean_p": (b + 0.5) / 10 if c else None,
+             "frac_positive": (b + 0.2) / 10 if c else None} for b, c in enumerate([9, 0, 3, 0, 0, 0, 0, 4, 0, 20])]
+    path = reliability_plot(str(tmp_path / "reliability.png"), bins)
+    image = matplotlib.image.imread(path)
+    assert image.shape[:2] == (500, 500)
+    blue = (image[..., 2] > 0.6) & (image[..., 0] < 0.5)  # the bars
+    red = (image[..., 0] > 0.7) & (image[..., 1] < 0.3) & (image[..., 2] < 0.3)  # the mean-p ticks
+    assert blue.sum() > 2000 and red.sum() > 100

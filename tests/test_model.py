@@ -1,45 +1,10 @@
-"""model.py: the tiny offline model, log-probs without full logits, seeded sampling, packing."""
-import json
+"""model.py: batch layouts, log-probs without full logits, seeded sampling, the LR schedule."""
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-import model as M
-
-
-def test_tiny_model_loads_with_plain_transformers_and_generates(tiny_model_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    cfg = json.loads((Path(tiny_model_dir) / "config.json").read_text())
-    assert cfg["architectures"] == ["Qwen2ForCausalLM"] and cfg["head_dim"] == 64
-    assert (Path(tiny_model_dir) / "model.safetensors").exists()
-    text = tok.apply_chat_template([{"role": "user", "content": "What is 3 + 4?"}], tokenize=False,
-                                   add_generation_prompt=True)
-    assert text == "<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n<|im_start|>assistant\n"
-    ids = tok(text, return_tensors="pt")
-    out = lm.generate(**ids, max_new_tokens=5, do_sample=False)
-    assert out.shape[1] > ids["input_ids"].shape[1]
-    for word in ("YES", "NO"):  # the verifier's judgement tokens are single tokens
-        assert len(tok.encode(word, add_special_tokens=False)) == 1
-    # any text encodes (byte-level), including the real data's Chinese
-    assert tok.decode(tok.encode("答案是 Western blot", add_special_tokens=False)) == "答案是 Western blot"
-
-
-def test_tiny_model_is_deterministic_and_cached(tmp_path, tiny_model_dir):
-    from safetensors.torch import load_file
-
-    again = M.build_tiny_model(str(tmp_path / "again"), seed=0)
-    a, b = load_file(Path(tiny_model_dir) / "model.safetensors"), load_file(Path(again) / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    other = load_file(Path(M.build_tiny_model(str(tmp_path / "other"), seed=1)) / "model.safetensors")
-    assert not all(torch.equal(a[k], other[k]) for k in a)
-    mtime = (Path(again) / "model.safetensors").stat().st_mtime
-    assert M.build_tiny_model(str(tmp_path / "again"), seed=0) == again  # cached: not rebuilt
-    assert (Path(again) / "model.safetensors").stat().st_mtime == mtime
+import model
 
 
 def _naive_logprobs(lm, seq):
@@ -48,15 +13,16 @@ def _naive_logprobs(lm, seq):
 
 
 def test_packed_chunked_logprobs_equal_a_plain_forward(tiny_model_dir):
-    lm = M.load_model(tiny_model_dir)
+    lm = model.load_model(tiny_model_dir)
     g = torch.Generator().manual_seed(0)
-    seqs = [torch.randint(3, 600, (n,), generator=g).tolist() for n in (5, 17, 5, 2, 9, 17)]  # equal lengths share a batched attention call
+    # equal lengths share a batched attention call
+    seqs = [torch.randint(3, 600, (n,), generator=g).tolist() for n in (5, 17, 5, 2, 9, 17)]
     targets = [[False] * 2 + [True] * (len(s) - 2) for s in seqs]
-    ids, pos = M.pack(seqs)
+    ids, pos = model.pack(seqs)
     assert pos.tolist()[0][:7] == [0, 1, 2, 3, 4, 0, 1]
     mask = torch.tensor([t for ts in targets for t in ts])[None]
     for chunk in (3, 1024):  # chunking the vocabulary projection changes nothing
-        lp, ent = M.token_logprobs(lm, ids, pos, mask, chunk_size=chunk, with_entropy=True)
+        lp, ent = model.token_logprobs(lm, ids, pos, mask, chunk_size=chunk, with_entropy=True)
         got = lp[0][mask[0]]
         want = torch.cat([_naive_logprobs(lm, s)[1:] for s in seqs])
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -67,11 +33,11 @@ def test_packed_chunked_logprobs_equal_a_plain_forward(tiny_model_dir):
 
 
 def test_logprob_gradients_match_a_plain_forward(tiny_model_dir):
-    a, b = M.load_model(tiny_model_dir), M.load_model(tiny_model_dir)
+    a, b = model.load_model(tiny_model_dir), model.load_model(tiny_model_dir)
     seqs = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
-    ids, pos = M.pack(seqs)
+    ids, pos = model.pack(seqs)
     mask = pos != 0  # every token but each sequence's first is a target
-    M.token_logprobs(a, ids, pos, mask, chunk_size=2)[0].sum().backward()
+    model.token_logprobs(a, ids, pos, mask, chunk_size=2)[0].sum().backward()
     sum(_naive_logprobs(b, s).sum() for s in seqs).backward()
     for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, atol=1e-5, rtol=1e-4, msg=n)
@@ -80,53 +46,133 @@ def test_logprob_gradients_match_a_plain_forward(tiny_model_dir):
 def test_seeded_sampling_is_exact_and_independent_of_the_batch(tiny_model_dir):
     # Gumbel-max over hashed noise samples softmax(logits / T): check the frequencies
     n = 40000
-    proc = M.SeededSampling(torch.arange(n), temperature=2.0, top_p=1.0)
+    proc = model.SeededSampling(torch.arange(n), temperature=2.0, top_p=1.0)
     logits = torch.log(torch.tensor([0.6, 0.3, 0.1]))[None].repeat(n, 1)
     freq = torch.bincount(proc(torch.zeros(n, 4, dtype=torch.long), logits).argmax(-1), minlength=3) / n
     want = torch.tensor([0.6, 0.3, 0.1]).sqrt()  # temperature 2: p^(1/2), renormalised
     torch.testing.assert_close(freq, want / want.sum(), atol=0.01, rtol=0)
-    proc = M.SeededSampling(torch.arange(n), temperature=1.0, top_p=0.7)  # nucleus {0.6, 0.3}
+    proc = model.SeededSampling(torch.arange(n), temperature=1.0, top_p=0.7)  # nucleus {0.6, 0.3}
     freq = torch.bincount(proc(torch.zeros(n, 4, dtype=torch.long), logits).argmax(-1), minlength=3) / n
     torch.testing.assert_close(freq, torch.tensor([2 / 3, 1 / 3, 0.0]), atol=0.01, rtol=0)
     # a sample depends on its seed only: same rows in another batch (order, padding) are the same
-    tok, lm = M.load_tokenizer(tiny_model_dir), M.load_model(tiny_model_dir)
+    tok, lm = model.load_tokenizer(tiny_model_dir), model.load_model(tiny_model_dir)
     p1, p2 = [5, 6, 7, 8, 9], [10, 11]
-    a, _ = M.generate(lm, tok, [p1, p2, p1], 8, row_seeds=[1, 2, 3])
-    b, _ = M.generate(lm, tok, [p2, p1], 8, row_seeds=[2, 3])
+    a, _ = model.generate(lm, tok, [p1, p2, p1], 8, row_seeds=[1, 2, 3])
+    b, _ = model.generate(lm, tok, [p2, p1], 8, row_seeds=[2, 3])
     assert a[1] == b[0] and a[2] == b[1] and a[0] != a[2]
 
 
+def test_a_sample_depends_only_on_its_seed_and_prompt_not_on_left_padding(tiny_model_dir):
+    # prompts of unequal length: batched together, the shorter ones are left-padded to the longest
+    tok, lm = model.load_tokenizer(tiny_model_dir), model.load_model(tiny_model_dir)
+    prompts, seeds = [[5, 6], [7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 17, 18, 19, 20]], [11, 12, 13]
+    batched, _ = model.generate(lm, tok, prompts, 6, temperature=1.0, row_seeds=seeds)
+    alone = [model.generate(lm, tok, [p], 6, temperature=1.0, row_seeds=[s])[0][0] for p, s in zip(prompts, seeds)]
+    assert batched == alone
+    assert len({tuple(r) for r in batched}) == 3  # real samples, not one greedy answer
+
+
 def test_generate_cuts_at_eos_and_flags_truncation(tiny_model_dir):
-    tok, lm = M.load_tokenizer(tiny_model_dir), M.load_model(tiny_model_dir)
+    tok, lm = model.load_tokenizer(tiny_model_dir), model.load_model(tiny_model_dir)
     eos = tok.eos_token_id
     with torch.no_grad():  # all-zero final hidden states -> uniform logits -> greedy picks token 0
         lm.model.norm.weight.zero_()
-    responses, truncated = M.generate(lm, tok, [[5, 6, 7]], 4)
+    responses, truncated = model.generate(lm, tok, [[5, 6, 7]], 4)
     assert responses == [[0, 0, 0, 0]] and truncated == [True]
     bias = torch.zeros(lm.config.vocab_size)
     bias[eos] = 1.0
     lm.lm_head.register_forward_hook(lambda m, i, o: o + bias)
-    responses, truncated = M.generate(lm, tok, [[5, 6, 7]], 4)
+    responses, truncated = model.generate(lm, tok, [[5, 6, 7]], 4)
     assert responses == [[eos]] and truncated == [False]
 
 
 def test_attention_kernel_choice():
-    assert M.attn_implementation("cpu") == "sdpa"
+    assert model.attn_implementation("cpu") == "sdpa"
 
 
-def test_cli_builds_a_model(tmp_path):
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, str(Path(M.__file__)), "tiny", "--out", str(tmp_path / "m")],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert (tmp_path / "m" / "config.json").exists() and out.stdout.strip().endswith("m")
 
 
-def test_warm_start_lowers_the_loss(tiny_model_dir):
-    tok, lm = M.load_tokenizer(tiny_model_dir), M.load_model(tiny_model_dir)
-    pairs = [([{"role": "user", "content": f"What is {a} + 1?"}], f"Therefore, the answer is {a + 1}.")
-             for a in range(8)]
-    losses = M.supervised_warm_start(lm, tok, pairs, steps=30, seed=0, batch_size=8, lr=3e-3)
-    assert math.isfinite(losses[-1]) and sum(losses[-5:]) / 5 < 0.5 * losses[0]
+# ------------------------------------------------------------------------------------------ layouts
+
+def test_left_pad():
+    ids, mask = model.left_pad([[5, 6, 7], [8], [1, 2]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 1, 2]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+    assert ids.dtype == mask.dtype == torch.int64
+    assert model.left_pad([[4]], pad_id=9)[0].tolist() == [[4]]
+    for bad in ([[1], []], []):
+        with pytest.raises(ValueError, match="left_pad needs at least one sequence and no empty ones"):
+            model.left_pad(bad, pad_id=0)
+
+
+def test_rows_packed_and_padded():
+    seqs = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    masks = [[False, False, True, True], [False, True], [False, True, True]]
+    ids, pos, att, target = model.rows(seqs, masks, pack=True, pad_id=0)
+    assert ids.tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13]] and att is None
+    assert pos.tolist() == [[0, 1, 2, 3, 0, 1, 0, 1, 2]]
+    assert target.tolist() == [[False, False, True, True, False, True, False, True, True]]
+    ids, pos, att, target = model.rows(seqs, masks, pack=False, pad_id=99)
+    assert ids.tolist() == [[5, 6, 7, 8], [9, 10, 99, 99], [11, 12, 13, 99]]
+    assert pos.tolist() == [[0, 1, 2, 3], [0, 1, 0, 0], [0, 1, 2, 0]]
+    assert att.tolist() == [[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]]
+    assert target.tolist() == [[False, False, True, True], [False, True, False, False], [False, True, True, False]]
+    assert ids.dtype == pos.dtype == att.dtype == torch.int64 and target.dtype == torch.bool
+    with pytest.raises(ValueError, match=r"target mask lengths \[4, 1, 3\] differ from sequence lengths \[4, 2, 3\]"):
+        model.rows(seqs, [masks[0], [True], masks[2]], pack=True, pad_id=0)
+    with pytest.raises(ValueError, match="rows needs at least one sequence"):
+        model.rows([], [], pack=False, pad_id=0)
+
+
+def test_rows_give_the_same_flat_target_tokens_packed_and_padded():
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, 100, (n,), generator=g).tolist() for n in (7, 1, 12, 4, 9)]
+    masks = [(torch.rand(len(s), generator=g) < 0.6).tolist() for s in seqs]
+    want = [t for s, m in zip(seqs, masks) for t, keep in zip(s, m) if keep]  # sequence by sequence, in order
+    for pack in (True, False):
+        ids, pos, _, target = model.rows(seqs, masks, pack=pack, pad_id=0)
+        assert ids[target].tolist() == want
+        assert pos[target].tolist() == [i for s, m in zip(seqs, masks) for i, keep in enumerate(m) if keep]
+
+
+# ------------------------------------------------------------------------------ optimizer and schedule
+
+def test_lr_factor_by_hand():
+    # 10 steps, 2 of warm-up: 1/2, 2/2, then cosine over the 8 left from 1 down to the floor
+    assert model.lr_factor(0, 10, 2, "cosine") == 0.5
+    assert model.lr_factor(1, 10, 2, "cosine") == 1.0
+    assert model.lr_factor(2, 10, 2, "cosine") == 1.0
+    assert model.lr_factor(4, 10, 2, "cosine") == pytest.approx((1 + math.cos(math.pi / 4)) / 2)  # 0.853553
+    assert model.lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5)
+    assert model.lr_factor(6, 10, 2, "cosine", min_lr_ratio=0.1) == pytest.approx(0.55)  # 0.1 + 0.9 * 0.5
+    assert model.lr_factor(9, 10, 2, "cosine", min_lr_ratio=0.1) == pytest.approx(0.1 + 0.9 * 0.0380602, abs=1e-7)
+    assert model.lr_factor(10, 10, 2, "cosine", min_lr_ratio=0.1) == pytest.approx(0.1)
+    assert model.lr_factor(15, 10, 2, "cosine", min_lr_ratio=0.1) == pytest.approx(0.1)  # stays at the floor
+    assert model.lr_factor(5, 10, 0, "cosine") == pytest.approx(0.5)  # no warm-up: decay from step 0
+    assert [model.lr_factor(i, 10, 4, "constant", 0.1) for i in (0, 1, 2, 3, 4, 9, 12)] == \
+        [0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="lr schedule 'cosin'"):
+        model.lr_factor(5, 10, 2, "cosin")
+
+
+def test_build_optimizer_follows_lr_factor():
+    lm = torch.nn.Linear(2, 1)
+    opt, sched = model.build_optimizer(lm, 0.5, (0.8, 0.9), 0.01, total_steps=8, warmup_ratio=0.2,
+                                       schedule="cosine", min_lr_ratio=0.1)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert opt.param_groups[0]["betas"] == (0.8, 0.9) and opt.param_groups[0]["weight_decay"] == 0.01
+    seen = []
+    for _ in range(8):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    # ceil(0.2 * 8) = 2 warm-up steps
+    assert seen == pytest.approx([0.5 * model.lr_factor(i, 8, 2, "cosine", 0.1) for i in range(8)])
+    assert seen[:3] == pytest.approx([0.25, 0.5, 0.5])
+    resumed_opt, resumed = model.build_optimizer(lm, 0.5, (0.8, 0.9), 0.01, 8, 0.2, "cosine", 0.1)
+    resumed.load_state_dict(sched.state_dict())  # a checkpoint round trip keeps the position
+    assert resumed.get_last_lr() == sched.get_last_lr()
+    with pytest.raises(ValueError, match="lr schedule 'cosin'"):
+        model.build_optimizer(lm, 0.5, (0.9, 0.99), 0.0, 8, 0.2, "cosin")
+    with pytest.raises(ValueError, match="total_steps=0 must be >= 1"):
+        model.build_optimizer(lm, 0.5, (0.9, 0.99), 0.0, 0, 0.2, "constant")

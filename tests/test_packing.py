@@ -28,10 +28,11 @@ def _load(path):
 
 
 def _per_sequence_logprobs(model, prompts, responses, pack: bool):
-    idx = list(range(len(responses)))
-    ids, pos, att, tmask = train_rl.micro_batch(prompts, responses, idx, pack, "cpu")
+    seqs = [p + r for p, r in zip(prompts, responses)]
+    masks = [[False] * len(p) + [True] * len(r) for p, r in zip(prompts, responses)]
+    ids, pos, att, tmask = M.rows(seqs, masks, pack, pad_id=0, device="cpu")
     lp, _ = M.token_logprobs(model, ids, pos, tmask, att, chunk_size=5)  # several chunks, a ragged last one
-    return train_rl.per_sequence(lp, tmask, pack, [len(r) for r in responses])
+    return list(lp[tmask].split([len(r) for r in responses]))  # the flat target list, sequence by sequence
 
 
 @pytest.mark.parametrize("with_grad", [False, True])
@@ -161,23 +162,26 @@ def test_loss_and_gradients_equal_trl_grpo_trainer(tiny_model_dir, tmp_path):
     trl_loss = trainer._compute_loss(trainer.model, inputs)
     trl_loss.backward()
 
-    # ours: packed rows, clipped ratio loss, token_mean over the whole step (TRL's "dapo")
-    idx = list(range(n))
-    ids, pos, att, tmask = train_rl.micro_batch(prompts, responses, idx, True, "cpu")
-    lp, _ = M.token_logprobs(ours_model, ids, pos, tmask, att)
-    lp_pad, mask = train_rl.padded(train_rl.per_sequence(lp, tmask, True, RESPONSE_LENS), "cpu")
-    old_ours = train_rl.padded(old, "cpu")[0]
-    per_token, ratio, cl, ch = train_rl.clipped_pg_loss(lp_pad, old_ours, adv, clip_low, clip_high)
-    loss = train_rl.aggregate(per_token, mask, "token_mean", float(sum(RESPONSE_LENS)), float(n), cw)
-    loss.backward()
+    # ours: train_rl.policy_update itself (packed rows, clipped ratio loss, token_mean over the step, TRL's
+    # "dapo") with plain SGD at lr 1 and no clipping of the norm: the weights move by exactly -gradient
+    cfg = train_rl.Config(micro_batch_size=n, clip_low=clip_low, clip_high=clip_high, loss_agg="token_mean",
+                          max_grad_norm=1e9, max_new_tokens=cw)
+    batch = train_rl.Batch(prompts, responses, torch.cat([adv[i].repeat(len(r)) for i, r in enumerate(responses)]),
+                           torch.cat(old), None, None, None)
+    before = {name: p.detach().clone() for name, p in ours_model.named_parameters()}
+    sgd = torch.optim.SGD(ours_model.parameters(), lr=1.0)
+    loss, stats = train_rl.policy_update(ours_model, sgd, torch.optim.lr_scheduler.LambdaLR(sgd, lambda i: 1.0),
+                                         batch, cfg, step=0, device="cpu")
+    for name, p in ours_model.named_parameters():
+        p.grad = before[name] - p.detach()
 
-    assert (cl & mask).any() and (ch & mask).any()  # the comparison covers both clipped branches
-    assert abs(loss.item() - trl_loss.item()) <= 1e-5 * max(1.0, abs(loss.item())), (loss.item(), trl_loss.item())
+    assert stats["clip_low"] > 0 and stats["clip_high"] > 0  # the comparison covers both clipped branches
+    assert abs(loss - trl_loss.item()) <= 1e-5 * max(1.0, abs(loss)), (loss, trl_loss.item())
     trl_params = dict(trainer.model.named_parameters())
     worst = 0.0
     for name, p in ours_model.named_parameters():
         q = trl_params[name]
         assert p.grad is not None and q.grad is not None, name
         worst = max(worst, ((p.grad - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-8)).item())
-    print(f"ours loss {loss.item():.9f}, TRL loss {trl_loss.item():.9f}, worst relative gradient gap {worst:.2e}")
+    print(f"ours loss {loss:.9f}, TRL loss {trl_loss.item():.9f}, worst relative gradient gap {worst:.2e}")
     assert worst <= 1e-4, worst

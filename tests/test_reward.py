@@ -1,21 +1,25 @@
-"""reward.py: template bytes, last line, Eq. 3 / Eq. 4 by hand, z-norm, rules, token resolution, the
-local verifier against plain one-at-a-time forwards, the remote verifier against a fake server."""
+"""reward.py: template bytes, last line and <think>, Eq. 3 / Eq. 4 by hand (greedy and sampled c),
+verifier settings saved with the weights, the local verifier against plain forwards, rules (rule:math
+against a public labelled set), agreement figures and the master-key probe. The HTTP transport and the
+math-verify pool are tested in test_remote.py."""
 import json
 import math
 import re
-import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
 
+import config
 import reward
-from reward import Judgement, VerifierError, judgement_rewards, last_line, rewards_from_logits, znorm
+from reward import (Judgement, VerifierError, VerifierOptions, VerifierSettings, judgement_rewards, last_line,
+                    rewards_from_logits)
 
-METHOD = Path("/work/shared/METHOD.md")
+ROOT = Path(__file__).resolve().parents[1]
+METHOD = ROOT.parent / "shared" / "METHOD.md"
+FINAL_LINES = ROOT / "tests" / "data" / "math_final_lines.jsonl"
 
 # A hard-coded copy of the paper's prompt (two trailing spaces on every non-empty line but "---").
 PAPER_TEMPLATE = """Given a problem, determine whether the final answer in the provided (incomplete) solution process matches the reference answer.  
@@ -45,16 +49,20 @@ Your output must be strictly **'YES'** or **'NO'**, with no additional words, pu
 """  # noqa: W291
 
 
-# ---------------------------------------------------------------------------------------------- template
+# ---------------------------------------------------------------------------------------------- the input
 
 
-def test_template_bytes_match_method_md_and_hard_copy():
+def test_template_bytes_match_the_hard_copy():
     assert reward.TEMPLATE.encode() == PAPER_TEMPLATE.encode()
-    if METHOD.exists():
-        block = re.search(r"\n```\n(Given a problem.*?\n)```\n", METHOD.read_text(encoding="utf-8"), re.S).group(1)
-        assert reward.TEMPLATE.encode() == block.encode()
     assert reward.TEMPLATE.count("  \n") == 16 and reward.TEMPLATE.endswith("**Output:**  \n")
     assert reward.SYSTEM_PROMPT == "You are a helpful assistant."
+
+
+def test_template_bytes_match_method_md():
+    if not METHOD.exists():
+        pytest.skip(f"{METHOD} not found (the repo's ../shared); the hard copy above is still checked")
+    block = re.search(r"\n```\n(Given a problem.*?\n)```\n", METHOD.read_text(encoding="utf-8"), re.S).group(1)
+    assert reward.TEMPLATE.encode() == block.encode()
 
 
 def test_fill_template_keeps_braces_in_values_literal():
@@ -77,19 +85,31 @@ def test_last_line(text, expected):
     assert last_line(text) == expected
 
 
-def test_prompt_uses_system_message_and_last_line(tiny_model_dir):
+@pytest.mark.parametrize("text,expected", [
+    ("<think>\nwork\nso 5\n</think>\nTherefore, the answer is 7.", "Therefore, the answer is 7."),
+    ("<think>a</think>x\n<think>b\n</think>\ny", "y"),                   # every closed block goes
+    ("work\nso 5\n</think>\nThe answer is 7", "The answer is 7"),        # the chat template opened the block
+    ("<think>\nstill thinking\nso the answer is 5", ""),                 # unclosed: no answer at all
+    ("The answer is 7\n<think>\nmore thoughts", ""),
+    ("plain\nanswer 3", "answer 3"),
+])
+def test_think_blocks_go_before_the_last_line(text, expected):
+    assert reward.answer_text(text) == expected
+    assert reward.answer_text(text, think=False) == last_line(text)  # strip_think off: as before
+
+
+def test_prompt_renders_settings_through_the_chat_template(tiny_model_dir):
     import model
 
     tok = model.load_tokenizer(tiny_model_dir)
-    judge = reward.VerifierPrompt(tok, "tiny")
-    ids = judge.prompt_ids("What is 3 + 4?", "7", "step 1\nTherefore, the answer is 7.\n\n")
+    ids = reward.VerifierPrompt(tok).prompt_ids("What is 3 + 4?", "7", "<think>7?</think>step 1\nThe answer is 7.\n\n")
     expected = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-                + reward.fill_template(reward.TEMPLATE, "What is 3 + 4?", "7", "Therefore, the answer is 7.")
+                + reward.fill_template(reward.TEMPLATE, "What is 3 + 4?", "7", "The answer is 7.")
                 + "<|im_end|>\n<|im_start|>assistant\n")
     assert tok.decode(ids) == expected
-    nosys = reward.VerifierPrompt(tok, "tiny", system_prompt="", full_response=True)
-    text = tok.decode(nosys.prompt_ids("q", "r", "step 1\nlast"))
-    assert text.startswith("<|im_start|>user\n") and "step 1\nlast  \n" in text
+    bare = VerifierSettings(system_prompt="", full_response=True, template="{reference}|{response}")
+    text = tok.decode(reward.VerifierPrompt(tok, bare).prompt_ids("q", "r", "step 1\nlast"))
+    assert text == "<|im_start|>user\nr|step 1\nlast<|im_end|>\n<|im_start|>assistant\n"
 
 
 # ---------------------------------------------------------------------------------------------- Eq. 3 / Eq. 4
@@ -97,7 +117,7 @@ def test_prompt_uses_system_message_and_last_line(tiny_model_dir):
 
 def _logits(*rows):
     """Logits whose softmax is exactly the given probability rows."""
-    return torch.tensor(rows, dtype=torch.float64).log().float()
+    return torch.tensor(rows, dtype=torch.float64).log()
 
 
 YES, NO = 1, 2  # ids in a 4-token vocabulary
@@ -111,7 +131,7 @@ def test_eq3_eq4_by_hand():
         [0.97, 0.0, 0.0, 0.03],  # neither, both 0: renorm 0, not NaN
     )
     j = rewards_from_logits(logits, [YES], [NO])
-    assert j.binary.tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert j.binary.tolist() == [1.0, 0.0, 0.0, 0.0] and j.judged.tolist() == [True, True, False, False]
     torch.testing.assert_close(j.soft, torch.tensor([0.6, 0.45, 0.0, 0.0]), atol=1e-6, rtol=0)
     torch.testing.assert_close(j.p_yes, torch.tensor([0.6, 0.3, 0.3, 0.0]), atol=1e-6, rtol=0)
     r = rewards_from_logits(logits, [YES], [NO], soft_mode="renorm")
@@ -122,24 +142,36 @@ def test_eq3_eq4_by_hand():
 
 
 def test_eq4_softmax_is_over_the_whole_vocabulary_and_variants_sum():
-    # raw logits, softmax by hand: p = exp(l) / sum(exp(l))
-    logits = torch.tensor([[0.0, 2.0, 1.0, 1.5]])
+    logits = torch.tensor([[0.0, 2.0, 1.0, 1.5]])  # softmax by hand: p = exp(l) / sum(exp(l))
     z = math.exp(0) + math.exp(2) + math.exp(1) + math.exp(1.5)
-    j = rewards_from_logits(logits, [YES], [NO])
-    assert j.soft.item() == pytest.approx(math.exp(2) / z, abs=1e-6)
-    # token 3 as a second spelling of YES: p_yes sums both
-    j2 = rewards_from_logits(logits, [YES, 3], [NO])
+    assert rewards_from_logits(logits, [YES], [NO]).soft.item() == pytest.approx(math.exp(2) / z, abs=1e-6)
+    j2 = rewards_from_logits(logits, [YES, 3], [NO])  # token 3 as a second spelling of YES
     assert j2.p_yes.item() == pytest.approx((math.exp(2) + math.exp(1.5)) / z, abs=1e-6)
 
 
-def test_eq3_sampled_is_seeded_and_soft_stays_greedy():
-    logits = _logits(*[[0.0, 0.5, 0.5, 0.0]] * 2000)
-    a = rewards_from_logits(logits, [YES], [NO], generator=torch.Generator().manual_seed(1))
-    b = rewards_from_logits(logits, [YES], [NO], generator=torch.Generator().manual_seed(1))
-    assert torch.equal(a.binary, b.binary)
-    assert 0.45 < a.binary.mean().item() < 0.55  # c ~ {YES: .5, NO: .5}
-    # greedy c is YES (first of the tie) for every row, whatever was sampled
-    torch.testing.assert_close(a.soft, torch.full((2000,), 0.5))
+def test_sampled_c_inverts_the_cdf_at_the_seeds_uniform():
+    probs = torch.tensor([0.1, 0.5, 0.3, 0.1], dtype=torch.float64)
+    seeds = list(range(40))
+    got = reward.first_token(probs.expand(40, 4), seeds).tolist()
+    cdf = [0.1, 0.6, 0.9, 1.0]
+    want = [next(k for k, c in enumerate(cdf) if reward._uniform(s) < c) for s in seeds]  # by hand
+    assert got == want and len(set(got)) == 4
+    # a seed's token depends on nothing else: alone, reversed, in another batch
+    assert reward.first_token(probs[None], [7]).item() == got[7]
+    assert reward.first_token(probs.expand(40, 4), seeds[::-1]).tolist() == got[::-1]
+
+
+def test_sampled_eq3_and_eq4_read_the_same_c():
+    p = [0.05, 0.5, 0.3, 0.15]  # p(YES) 0.5, p(NO) 0.3
+    logits, seeds = _logits(*[p] * 3000), list(range(3000))
+    j = rewards_from_logits(logits, [YES], [NO], seeds=seeds)
+    c = reward.first_token(logits.softmax(-1), seeds)
+    soft_by_hand = torch.where(c == YES, 0.5, torch.where(c == NO, 1 - 0.3, 0.0)).float()
+    torch.testing.assert_close(j.soft, soft_by_hand)
+    assert torch.equal(j.binary, (c == YES).float()) and torch.equal(j.judged, (c == YES) | (c == NO))
+    assert 0.46 < j.binary.mean().item() < 0.54  # c ~ p: P(YES) = 0.5
+    again = rewards_from_logits(logits[:10], [YES], [NO], seeds=seeds[:10])  # same seeds, other batch
+    assert torch.equal(again.binary, j.binary[:10])
 
 
 def test_judgement_rewards_rejects_unknown_soft_mode():
@@ -147,52 +179,156 @@ def test_judgement_rewards_rejects_unknown_soft_mode():
         judgement_rewards(torch.zeros(1), torch.zeros(1), torch.zeros(1, dtype=torch.long), soft_mode="bogus")
 
 
-# ---------------------------------------------------------------------------------------------- z-norm
+# ---------------------------------------------------------------------------------------------- settings
 
 
-def test_znorm_batch_by_hand():
-    z = znorm(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0]))
-    mean, std = 0.6, math.sqrt(0.24)  # population std
-    torch.testing.assert_close(z, torch.tensor([(x - mean) / std for x in [1, 0, 0, 1, 1]]))
-    assert z.dtype == torch.float32
+CUSTOM = VerifierSettings(template="Q: {question}\nA: {response}\nRef: {reference}\nVerdict:",
+                          system_prompt="You grade arithmetic.", full_response=True)
 
 
-def test_znorm_degenerate_sets_give_zero():
-    assert znorm(torch.ones(8)).tolist() == [0.0] * 8                 # std 0
-    assert znorm(torch.tensor([0.3])).tolist() == [0.0]               # single sample
-    assert znorm(torch.tensor([0.5, 0.5 + 1e-8])).tolist() == [0.0, 0.0]  # std below 1e-6
-    assert znorm(torch.zeros(0)).numel() == 0
+def test_settings_round_trip_and_errors(tmp_path):
+    assert reward.load_settings(str(tmp_path)) is None  # no file: the paper's defaults apply
+    reward.save_settings(tmp_path, CUSTOM)
+    assert reward.load_settings(str(tmp_path)) == CUSTOM
+    (tmp_path / reward.SETTINGS_FILE).write_text(json.dumps({"positive": "YES", "temprature": "x"}))
+    with pytest.raises(ValueError, match=r"verifier_settings.json: field 'temprature'"):
+        reward.load_settings(str(tmp_path))
 
 
-def test_znorm_groups_and_mask():
-    r = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.2, 0.4, 0.0, 0.0])
-    z = znorm(r, group_size=2)
-    torch.testing.assert_close(z, torch.tensor([1.0, -1.0, 0.0, 0.0, -1.0, 1.0, 0.0, 0.0]))
-    m = torch.tensor([True, True, False, True, True, True, True, False])
-    zm = znorm(torch.tensor([3.0, 1.0, 100.0, 5.0, 0.0, 1.0, 2.0, -50.0]), group_size=4, mask=m)
-    # group 1: [3, 1, 5] mean 3, std sqrt(8/3); group 2: [0, 1, 2] mean 1, std sqrt(2/3)
-    s1, s2 = math.sqrt(8 / 3), math.sqrt(2 / 3)
-    torch.testing.assert_close(zm, torch.tensor([0.0, -2 / s1, 0.0, 2 / s1, -1 / s2, 0.0, 1 / s2, 0.0]))
-    # a group with one unmasked sample gets 0
-    assert znorm(torch.tensor([1.0, 5.0]), mask=torch.tensor([True, False])).tolist() == [0.0, 0.0]
-    with pytest.raises(ValueError, match="groups of 3"):
-        znorm(torch.ones(8), group_size=3)
+def test_resolve_settings_refuses_a_flag_that_contradicts_the_saved_value():
+    default = reward.resolve_settings(None, {"system_prompt": ""})
+    assert default == VerifierSettings(system_prompt="")  # nothing saved: flags apply
+    assert reward.resolve_settings(CUSTOM, {"full_response": True}) == CUSTOM  # agreeing flags are fine
+    with pytest.raises(config.ConfigError, match=r"--verifier_system_prompt 'You are a helpful assistant.'.*"
+                                                 r"trained with system_prompt = 'You grade arithmetic.'"):
+        reward.resolve_settings(CUSTOM, {"system_prompt": reward.SYSTEM_PROMPT}, name="student")
+    forced = reward.resolve_settings(CUSTOM, {"system_prompt": reward.SYSTEM_PROMPT}, force=True)
+    assert forced.system_prompt == reward.SYSTEM_PROMPT and forced.template == CUSTOM.template
 
 
-def test_znorm_large_values_stay_finite():
-    for big in (1e30, 3e38, -3e38):
-        z = znorm(torch.tensor([big, big / 2, 0.0, -big]))
-        assert torch.isfinite(z).all()
-        assert z.mean().abs().item() < 1e-6 and z.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)
-    z64 = znorm(torch.tensor([1e300, -1e300, 0.0], dtype=torch.float64))
-    torch.testing.assert_close(z64, torch.tensor([math.sqrt(1.5), -math.sqrt(1.5), 0.0]))
+def test_verifier_options_check_names_the_flag(tmp_path):
+    for bad, match in ((dict(verifier_timeout=0), "--verifier_timeout 0"),
+                       (dict(verifier_max_unjudged=2.0), "max_unjudged"),
+                       (dict(verifier_template=str(tmp_path / "none.txt")), "no such file"),
+                       (dict(verifier_positive="A", verifier_negative="A"), "must differ")):
+        with pytest.raises(config.ConfigError, match=match):
+            VerifierOptions(**bad).check()
+    (tmp_path / "t.txt").write_text("{reference} {response}")
+    o = VerifierOptions(verifier_template=str(tmp_path / "t.txt"), verifier_system_prompt="",
+                        verifier_strip_think=False)
+    assert o.settings_overrides() == {"template": "{reference} {response}", "system_prompt": "", "strip_think": False}
 
 
-def test_znorm_rejects_nan_and_inf_naming_index():
-    with pytest.raises(ValueError, match="index 2"):
-        znorm(torch.tensor([0.0, 1.0, float("nan"), 1.0]))
-    with pytest.raises(ValueError, match="index 0"):
-        znorm(torch.tensor([float("inf"), 1.0]))
+def test_saved_settings_travel_with_the_verifier(tiny_model_dir, tmp_path):
+    """A verifier saved with a non-default prompt is asked exactly that way by build_verifier(dir) with
+    no flags; a contradicting flag is refused unless forced."""
+    import shutil
+
+    import model
+
+    student = tmp_path / "student"
+    shutil.copytree(tiny_model_dir, student)
+    reward.save_settings(student, CUSTOM)
+    opts = dict(verifier_max_unjudged=1.0)  # the random tiny model answers anything
+    built = reward.build_verifier(str(student), VerifierOptions(**opts))
+    explicit = reward.LocalVerifier(model.load_model(str(student)).eval(), model.load_tokenizer(str(student)), CUSTOM,
+                                    max_unjudged=1.0)
+    rows = (["What is 3 + 4?", "2+2"], ["7", "4"], ["work\nTherefore, the answer is 7.", "<think>x</think>5"])
+    assert built.prompt.settings == CUSTOM
+    assert [built.prompt.prompt_ids(*r) for r in zip(*rows)] == [explicit.prompt.prompt_ids(*r) for r in zip(*rows)]
+    jb, je = built(*rows), explicit(*rows)
+    for name in ("binary", "soft", "p_yes", "judged"):
+        assert torch.equal(getattr(jb, name), getattr(je, name)), name
+    with pytest.raises(config.ConfigError, match="--verifier_system_prompt ''.*You grade arithmetic"):
+        reward.build_verifier(str(student), VerifierOptions(verifier_system_prompt="", **opts))
+    forced = reward.build_verifier(str(student),
+                                   VerifierOptions(verifier_system_prompt="", verifier_force_settings=True, **opts))
+    assert forced.prompt.settings.system_prompt == "" and forced.prompt.settings.template == CUSTOM.template
+    # a judge built with settings_from_flags=False ignores the prompt flags and keeps the saved settings
+    judge = reward.build_verifier(str(student), VerifierOptions(verifier_system_prompt="", **opts),
+                                  settings_from_flags=False)
+    assert judge.prompt.settings == CUSTOM
+
+
+# ---------------------------------------------------------------------------------------------- local verifier
+
+
+def test_judgement_token_resolution(tiny_model_dir):
+    import model
+
+    tok = model.load_tokenizer(tiny_model_dir)
+    yes = tok.encode("YES", add_special_tokens=False)
+    assert reward.judgement_token_ids(tok, "YES") == yes
+    variants = reward.judgement_token_ids(tok, "YES", sum_variants=True)
+    assert variants[0] == yes[0] and tok.encode(" YES", add_special_tokens=False)[0] in variants
+    assert all(len(tok.decode([i]).strip()) == 3 for i in variants)
+    with pytest.raises(ValueError, match=r"'Affirmative!' is \d+ tokens .* tiny"):
+        reward.judgement_token_ids(tok, "Affirmative!", name="tiny")
+    with pytest.raises(ValueError, match="share token ids"):
+        reward.VerifierPrompt(tok, VerifierSettings(positive="YES", negative="YES"))
+
+
+QS = ["What is 3 + 4?", "What is 9 - 5? " * 6, "Q", "Name the capital of France.", "2+2", "x" * 40, "y"]
+REFS = ["7", "4", "A", "Paris", "4", "B", "C"]
+RESP = ["work\nTherefore, the answer is 7.", "NO", "", "Paris\r\n\r\n", "5", "long " * 30, "Therefore, YES"]
+
+
+def _tiny_local(tiny_model_dir, **kw):
+    """The random tiny model says neither YES nor NO: its most common argmax becomes "positive" and
+    another argmax "negative", so c takes more than one class."""
+    import model
+
+    m = model.load_model(tiny_model_dir).eval()
+    v = reward.LocalVerifier(m, model.load_tokenizer(tiny_model_dir), name="tiny", **kw)
+    seqs = [v.prompt.prompt_ids(q, r, a) for q, r, a in zip(QS, REFS, RESP)]
+    with torch.no_grad():
+        plain = torch.cat([m(torch.tensor([s])).logits[:, -1] for s in seqs])
+    top = plain.argmax(-1)
+    pos = int(top.mode().values)
+    v.prompt.positive_ids = [pos]
+    v.prompt.negative_ids = [next((int(t) for t in top if int(t) != pos), int(plain[0].topk(2).indices[1]))]
+    return v, seqs, plain
+
+
+def test_local_verifier_batched_equals_one_at_a_time(tiny_model_dir):
+    v, seqs, plain = _tiny_local(tiny_model_dir, batch_size=3, max_unjudged=1.0)
+    assert len({len(s) for s in seqs}) >= 5  # different lengths: padding matters
+    torch.testing.assert_close(v.last_logits(seqs), plain, atol=1e-5, rtol=0)
+    j = v(QS, REFS, RESP)
+    ref = rewards_from_logits(plain, v.prompt.positive_ids, v.prompt.negative_ids)
+    for got, want in ((j.binary, ref.binary), (j.soft, ref.soft), (j.p_yes, ref.p_yes)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert torch.equal(j.judged, ref.judged) and j.binary.sum() >= 1 and (j.soft > 0).all()
+    assert v([], [], []).binary.numel() == 0
+    with pytest.raises(ValueError, match="equally long"):
+        v(["q"], [], ["a"])
+
+
+def test_local_sampled_c_depends_on_the_seed_alone(tiny_model_dir):
+    v, _, plain = _tiny_local(tiny_model_dir, batch_size=2, sample=True, max_unjudged=1.0)
+    seeds = [11, 22, 33, 44, 55, 66, 77]
+    j = v(QS, REFS, RESP, seeds=seeds)
+    ref = rewards_from_logits(plain, v.prompt.positive_ids, v.prompt.negative_ids, seeds=seeds)
+    torch.testing.assert_close(j.soft, ref.soft, atol=1e-5, rtol=0)
+    alone = v(QS[3:4], REFS[3:4], RESP[3:4], seeds=seeds[3:4])
+    assert alone.binary.item() == j.binary[3].item() and alone.soft.item() == pytest.approx(j.soft[3].item(), abs=1e-5)
+    # no seeds: fresh ones per call, so two calls draw differently (7 rows x 3 classes)
+    draws = {tuple(reward.first_token(plain.softmax(-1), reward._seeds_for(None, 7, True, 0, k)).tolist())
+             for k in range(3)}
+    assert len(draws) > 1
+
+
+def test_unjudged_share_above_the_bound_is_an_error_naming_the_tokens(tiny_model_dir):
+    import model
+
+    v = reward.LocalVerifier(model.load_model(tiny_model_dir).eval(), model.load_tokenizer(tiny_model_dir), name="tiny")
+    with pytest.raises(VerifierError, match=r"verifier tiny: 7 of 7 first tokens \(100%\) were neither 'YES' nor "
+                                            r"'NO'.*answered instead: \{"):
+        v(QS, REFS, RESP)
+    with pytest.raises(VerifierError, match="were neither"):  # the master-key probe obeys the same rule
+        reward.master_key_probe(v, QS, REFS, n=2)
+    v.max_unjudged = 1.0
+    assert (~v(QS, REFS, RESP).judged).all()
 
 
 # ---------------------------------------------------------------------------------------------- rules
@@ -202,14 +338,16 @@ def test_final_answer_and_normalize():
     assert reward.final_answer("work\nTherefore, the answer is 42.\n") == "42."
     assert reward.final_answer("THE ANSWER IS: B") == "B"
     assert reward.final_answer("so the answer is 3") == "so the answer is 3"  # only a leading phrase
+    assert reward.final_answer("<think>the answer is 3</think>\nThe answer is 4") == "4"
     assert reward.normalize("  Paris\t\n  France!?。 ") == "paris france"
 
 
 def test_substring_rule_by_hand():
     v = reward.build_verifier("rule:substring")
     j = v(["q"] * 5, ["Paris", "B", "mitochondria", "7", ""],
-          ["...\nTherefore, the answer is paris.", "Therefore, the answer is C", "It is the  MITOCHONDRIA.", "x\n\n", "a"])
-    assert j.binary.tolist() == [1.0, 0.0, 1.0, 0.0, 0.0]
+          ["...\nTherefore, the answer is paris.", "Therefore, the answer is C", "It is the  MITOCHONDRIA.",
+           "x\n\n", "a"])
+    assert j.binary.tolist() == [1.0, 0.0, 1.0, 0.0, 0.0] and j.judged.all()
     assert torch.equal(j.soft, j.binary) and torch.equal(j.p_yes, j.binary)
 
 
@@ -229,20 +367,36 @@ def test_unknown_rule_lists_valid_ones():
         reward.build_verifier("rule:xyz")
 
 
-def test_math_rule_and_time_bound():
-    v = reward.build_verifier("rule:math", math_timeout=2.0)
+def test_math_rule_reads_prose_latex_and_boxed_answers():
+    v = reward.build_verifier("rule:math", VerifierOptions(math_timeout=10.0))
     try:
-        j = v(["q"] * 6, ["\\frac{1}{2}", "x+1", "7", "2\\sqrt{2}", "3", "x"],
-              ["Therefore, the answer is 0.5.", "1+x", "so $\\boxed{7}$", "\\sqrt{8}", "4", "y"])
-        assert j.binary.tolist() == [1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
-        assert v.timeouts == 0
-        # 9^(9^9) has 370 million digits: sympy hangs in C. The worker is killed at the bound,
-        # the response scores 0 and is counted, and the next one is judged by a fresh worker.
-        v.math.timeout = 1.0
-        t = time.monotonic()
-        j = v(["q"] * 2, ["1", "7"], ["$9^{9^{9}}$", "7"])
-        assert time.monotonic() - t < 8.0
-        assert j.binary.tolist() == [0.0, 1.0] and v.timeouts == 1
+        cases = [  # (reference, response, correct)
+            ("\\frac{1}{2}", "Therefore, the answer is 0.5.", 1), ("x+1", "1+x", 1), ("7", "so $\\boxed{7}$", 1),
+            ("2\\sqrt{2}", "\\sqrt{8}", 1), ("3", "4", 0), ("x", "y", 0),
+            ("3", "It takes 3 bolts.", 1), ("2", "x equals 2.", 1),                      # prose: what $...$ broke
+            ("18", "Melanie started with 18 vacuum cleaners.", 1), ("20", "It is 21 cm long.", 0),
+            ("2", "2\\sqrt{2}", 0), ("1", "1+x", 0),                    # bare math: plain parse reads 2 and 1
+            ("12", "<think>maybe 11</think>\nThe answer is 12", 1), ("12", "<think>the answer is 12", 0),
+            ("324", "Therefore, the total cost will be \\$324.", 1),                  # an escaped dollar is money
+        ]
+        j = v(["q"] * len(cases), [c[0] for c in cases], [c[1] for c in cases])
+        assert j.binary.tolist() == [float(c[2]) for c in cases] and v.timeouts == 0
+    finally:
+        v.math.close()
+
+
+def test_math_rule_time_bound_scores_zero_and_counts():
+    v = reward.build_verifier("rule:math", VerifierOptions(math_timeout=1.0))
+    try:
+        # 9^(9^9) has 370 million digits: sympy hangs in C. The worker is killed at the bound, the
+        # answer scores 0 and is counted, and the next one is judged by a fresh worker.
+        out = {}
+        th = threading.Thread(target=lambda: out.setdefault("j", v(["q"] * 2, ["1", "7"], ["$9^{9^{9}}$", "7"])),
+                              daemon=True)
+        th.start()
+        th.join(15)
+        assert not th.is_alive(), "rule:math did not bound the time of one answer"
+        assert out["j"].binary.tolist() == [0.0, 1.0] and v.timeouts == 1
     finally:
         v.math.close()
 
@@ -257,6 +411,65 @@ def test_math_rule_works_from_a_thread():
     assert out["j"].binary.tolist() == [1.0]
 
 
+def test_math_rule_agrees_with_public_labels_at_least_as_well_as_plain_math_verify():
+    """tests/data/math_final_lines.jsonl (see its README): final lines of public model and human
+    solutions with correctness labels. rule:math must agree with the labels at least as often as
+    math_verify.verify(parse(reference), parse(final line)) called plainly, overall and per source."""
+    import logging
+
+    from math_verify import parse, verify
+
+    rows = [json.loads(line) for line in FINAL_LINES.read_text(encoding="utf-8").splitlines()]
+    v = reward.build_verifier("rule:math", VerifierOptions(math_timeout=10.0))
+    try:
+        ours = v(["q"] * len(rows), [r["reference"] for r in rows], [r["final_line"] for r in rows]).binary.tolist()
+    finally:
+        v.math.close()
+    logging.disable(logging.CRITICAL)
+    try:
+        plain = [float(verify(parse(r["reference"]), parse(r["final_line"]))) for r in rows]
+    finally:
+        logging.disable(logging.NOTSET)
+    labels = [r["label"] for r in rows]
+    for source in sorted({r["source"] for r in rows}) + ["all"]:
+        idx = [i for i, r in enumerate(rows) if source in ("all", r["source"])]
+        a = reward.agreement([labels[i] for i in idx], [int(ours[i]) for i in idx])["accuracy"]
+        b = reward.agreement([labels[i] for i in idx], [int(plain[i]) for i in idx])["accuracy"]
+        print(f"{source}: {len(idx)} rows, rule:math {a:.4f}, plain math-verify {b:.4f}")
+        assert a >= b, source
+    assert len(rows) > 1500 and reward.agreement(labels, [int(x) for x in ours])["accuracy"] > 0.96
+
+
+# ---------------------------------------------------------------------------------------------- agreement
+
+
+def test_agreement_by_hand():
+    labels, preds = [1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 1, 0, 0, 0]  # TP 3, FN 1, FP 1, TN 3
+    a = reward.agreement(labels, preds)
+    assert (a["tp"], a["fp"], a["fn"], a["tn"], a["n"]) == (3, 1, 1, 3, 8)
+    assert a["accuracy"] == pytest.approx(6 / 8) and a["f1"] == pytest.approx(3 / 4)
+    assert a["precision"] == pytest.approx(3 / 4) and a["recall"] == pytest.approx(3 / 4)
+    # 4 positive labels and 4 positive predictions of 8: chance agreement 1/2, kappa (3/4 - 1/2) / (1/2)
+    assert a["kappa"] == pytest.approx(0.5) and a["notes"] == []
+    b = reward.agreement([1, 1, 0, 0, 0], [1, 0, 0, 0, 1])  # po 3/5; pe (2*2 + 3*3)/25 = 13/25
+    assert b["kappa"] == pytest.approx((3 / 5 - 13 / 25) / (1 - 13 / 25))
+
+
+def test_kappa_undefined_when_everything_is_one_class():
+    a = reward.agreement([1, 1, 1], [1, 1, 1])
+    assert a["accuracy"] == 1 and a["precision"] == 1 and a["recall"] == 1 and a["f1"] == 1
+    assert a["kappa"] is None and any("kappa undefined" in n for n in a["notes"])
+    b = reward.agreement([0, 0], [0, 0])
+    assert b["accuracy"] == 1 and b["precision"] is b["recall"] is b["f1"] is b["kappa"] is None
+    assert len(b["notes"]) == 4
+    # labels all one class but predictions mixed: defined, and 0 (no better than chance)
+    c = reward.agreement([1, 1, 1, 1], [1, 0, 1, 1])
+    assert c["kappa"] == pytest.approx(0.0) and c["recall"] == pytest.approx(3 / 4)
+
+
+# ---------------------------------------------------------------------------------------------- master keys
+
+
 def test_master_key_probe_on_substring_rule():
     # substring is fooled by keys that contain the reference letter: "a" in "answer:", "the answer is"...
     qs, refs = ["q1", "q2"], ["A", "7"]
@@ -264,208 +477,12 @@ def test_master_key_probe_on_substring_rule():
                                   keys=[":", "Answer:", "Solution", "解"])
     assert res["per_key"] == {":": 0.0, "Answer:": 0.5, "Solution": 0.0, "解": 0.0}
     assert res["fpr"] == pytest.approx(1 / 8) and res["n"] == 2 and res["warn"]
+    clean = reward.master_key_probe(reward.build_verifier("rule:substring"), qs, refs, n=2, keys=["Solution"])
+    assert clean["fpr"] == 0.0 and not clean["warn"]
     assert {":", "Thought process:", "解", "答案是"} <= set(reward.MASTER_KEYS)
 
 
-# ---------------------------------------------------------------------------------------------- local verifier
-
-
-def test_judgement_token_resolution(tiny_model_dir):
-    import model
-
-    tok = model.load_tokenizer(tiny_model_dir)
-    yes = tok.encode("YES", add_special_tokens=False)
-    assert reward.judgement_token_ids(tok, "YES") == yes
-    variants = reward.judgement_token_ids(tok, "YES", sum_variants=True)
-    assert variants[0] == yes[0] and tok.encode(" YES", add_special_tokens=False)[0] in variants
-    assert all(len(tok.decode([i]).strip()) == 3 for i in variants)
-    with pytest.raises(ValueError, match=r"'Affirmative!' is \d+ tokens .* tiny"):
-        reward.judgement_token_ids(tok, "Affirmative!", name="tiny")
-    with pytest.raises(ValueError, match="share token ids"):
-        reward.VerifierPrompt(tok, "tiny", positive="YES", negative="YES")
-
-
-def test_local_verifier_batched_equals_one_at_a_time(tiny_model_dir):
-    import model
-
-    m = model.load_model(tiny_model_dir).eval()
-    tok = model.load_tokenizer(tiny_model_dir)
-    v = reward.LocalVerifier(m, tok, name="tiny", batch_size=3)
-    qs = ["What is 3 + 4?", "What is 9 - 5? " * 6, "Q", "Name the capital of France.", "2+2", "x" * 40, "y"]
-    refs = ["7", "4", "A", "Paris", "4", "B", "C"]
-    resp = ["work\nTherefore, the answer is 7.", "NO", "", "Paris\r\n\r\n", "5", "long " * 30, "Therefore, YES"]
-    seqs = [v.prompt_ids(q, r, a) for q, r, a in zip(qs, refs, resp)]
-    assert len({len(s) for s in seqs}) >= 5  # different lengths: padding matters
-    with torch.no_grad():
-        plain = torch.cat([m(torch.tensor([s])).logits[:, -1] for s in seqs])
-    # The random model says neither YES nor NO: take its most common argmax as "positive" and
-    # another argmax (if any) as "negative", so c takes more than one class.
-    top = plain.argmax(-1)
-    pos = int(top.mode().values)
-    v.positive_ids = [pos]
-    v.negative_ids = [next((int(t) for t in top if int(t) != pos), int(plain[0].topk(2).indices[1]))]
-    batched = v.last_logits(seqs)
-    torch.testing.assert_close(batched, plain, atol=1e-5, rtol=0)
-    j = v(qs, refs, resp)
-    ref = rewards_from_logits(plain, v.positive_ids, v.negative_ids)
-    for got, want in ((j.binary, ref.binary), (j.soft, ref.soft), (j.p_yes, ref.p_yes)):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-    assert j.binary.sum() >= 1 and (j.soft > 0).all()
-    assert v([], [], []).binary.numel() == 0
-    with pytest.raises(ValueError, match="equally long"):
-        v(["q"], [], ["a"])
-
-
-# ---------------------------------------------------------------------------------------------- remote verifier
-
-P = {"yes": 0.7, "no": 0.2}  # probabilities the fake server reports, per class of prompt
-
-
-class FakeVLLM:
-    """A stdlib HTTP server speaking the slice of vLLM's API the remote verifier uses. `table` maps a
-    prompt (tuple of ids) to the first token's class: "yes", "no" or "other"."""
-
-    def __init__(self, model_id, yes, no):
-        self.model_id, self.yes, self.no = model_id, yes, no
-        self.table, self.fail, self.sleep, self.status = {}, 0, 0.0, 503
-        self.calls, self.inflight, self.max_inflight = 0, 0, 0
-        self.lock = threading.Lock()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def _send(self, code, obj):
-                body = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self):
-                self._send(200, {"data": [{"id": fake.model_id}]})
-
-            def do_POST(self):
-                req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with fake.lock:
-                    fake.calls += 1
-                    fake.inflight += 1
-                    fake.max_inflight = max(fake.max_inflight, fake.inflight)
-                    fail = fake.fail > 0
-                    fake.fail -= fail
-                    sleep, fake.sleep = fake.sleep, 0.0 if fake.sleep > 1 else fake.sleep
-                try:
-                    time.sleep(sleep)
-                    if fail:
-                        code, reply = fake.status, {"error": "overloaded"}
-                    else:
-                        assert req["max_tokens"] == 1 and req["temperature"] == 0.0 and req["return_tokens_as_token_ids"]
-                        kind = fake.table[tuple(req["prompt"])]
-                        tok = {"yes": fake.yes, "no": fake.no, "other": 5}[kind]
-                        top = {f"token_id:{fake.yes}": math.log({"yes": 0.7, "no": 0.1, "other": 0.3}[kind]),
-                               f"token_id:{fake.no}": math.log({"yes": 0.2, "no": 0.8, "other": 0.1}[kind]),
-                               "token_id:5": math.log({"yes": 0.05, "no": 0.05, "other": 0.5}[kind])}
-                        code, reply = 200, {"choices": [{"text": "", "logprobs": {
-                            "tokens": [f"token_id:{tok}"], "token_logprobs": [top[f"token_id:{tok}"]],
-                            "top_logprobs": [top]}}]}
-                finally:
-                    # leave the in-flight count before replying: once the client has the reply it
-                    # may send its next request, which must not be counted alongside this one
-                    with fake.lock:
-                        fake.inflight -= 1
-                self._send(code, reply)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def fakes(tiny_model_dir):
-    import model
-
-    tok = model.load_tokenizer(tiny_model_dir)
-    yes, no = tok.encode("YES", add_special_tokens=False)[0], tok.encode("NO", add_special_tokens=False)[0]
-    servers = [FakeVLLM(tiny_model_dir, yes, no) for _ in range(2)]
-    yield servers
-    for s in servers:
-        s.close()
-
-
-ROWS = (["q1", "q2", "q3", "q4"], ["7", "4", "A", "B"], ["x\nThe answer is 7", "4", "C", "B\n\n"])
-KINDS = ["yes", "no", "other", "yes"]
-
-
-def _register(v, servers):
-    for q, r, a, k in zip(*ROWS, KINDS):
-        for s in servers:
-            s.table[tuple(v.prompt_ids(q, r, a))] = k
-
-
-def test_remote_rewards_by_hand_and_round_robin(fakes):
-    a, b = fakes
-    v = reward.build_verifier(f"{a.url},{b.url}", concurrency=2, timeout=5)
-    _register(v, fakes)
-    j = v(*ROWS)
-    assert j.binary.tolist() == [1.0, 0.0, 0.0, 1.0]
-    torch.testing.assert_close(j.soft, torch.tensor([0.7, 0.2, 0.0, 0.7]))
-    torch.testing.assert_close(j.p_yes, torch.tensor([0.7, 0.1, 0.3, 0.7]))
-    assert (a.calls, b.calls) == (2, 2)  # round-robin over the endpoints
-    v.soft_mode = "renorm"
-    torch.testing.assert_close(v(*ROWS).soft, torch.tensor([0.7 / 0.9, 0.1 / 0.9, 0.3 / 0.4, 0.7 / 0.9]))
-
-
-def test_remote_retries_with_backoff_then_succeeds(fakes):
-    a = fakes[0]
-    v = reward.RemoteVerifier([a.url], concurrency=1, timeout=5, retries=3, backoff=0.2)
-    _register(v, [a])
-    a.fail = 2  # two 503s, then served
-    t = time.monotonic()
-    j = v(ROWS[0][:1], ROWS[1][:1], ROWS[2][:1])
-    assert time.monotonic() - t >= 0.2 + 0.4  # backoff 0.2 s, then 0.4 s
-    assert j.binary.tolist() == [1.0] and a.calls == 3
-
-
-def test_remote_request_timeout_is_retried(fakes):
-    a = fakes[0]
-    v = reward.RemoteVerifier([a.url], concurrency=1, timeout=0.5, retries=2, backoff=0.05)
-    _register(v, [a])
-    a.sleep = 3.0  # the first request hangs past the timeout
-    t = time.monotonic()
-    j = v(ROWS[0][:1], ROWS[1][:1], ROWS[2][:1])
-    assert time.monotonic() - t < 2.5 and j.binary.tolist() == [1.0] and a.calls == 2
-
-
-def test_remote_concurrency_is_bounded(fakes):
-    a = fakes[0]
-    v = reward.RemoteVerifier([a.url], concurrency=3, timeout=5)
-    _register(v, [a])
-    a.sleep = 0.1  # every request takes 0.1 s
-    v(ROWS[0] * 3, ROWS[1] * 3, ROWS[2] * 3)
-    assert a.max_inflight == 3
-
-
-def test_remote_clear_error_when_down(fakes):
-    a = fakes[0]
-    v = reward.RemoteVerifier([a.url], concurrency=2, timeout=2, retries=2, backoff=0.01)
-    _register(v, [a])
-    a.fail = 10**6
-    with pytest.raises(VerifierError, match=re.escape(a.url) + r".*3 tries.*HTTP 503"):
-        v(*ROWS)
-    b = fakes[1]  # refused requests (HTTP 400) are not retried
-    b.fail, b.status = 10**6, 400
-    v = reward.RemoteVerifier([b.url], concurrency=1, timeout=2, retries=2, backoff=0.01)
-    with pytest.raises(VerifierError, match=re.escape(b.url) + r".*HTTP 400"):
-        v(ROWS[0][:1], ROWS[1][:1], ROWS[2][:1])
-    assert b.calls == 1
-    with socket.socket() as s:  # a port where nothing listens
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
-    with pytest.raises(VerifierError, match=re.escape(dead) + ".*refused"):
-        reward.build_verifier(dead, retries=1, timeout=1)
+def test_judgement_is_the_interface_of_every_verifier():
+    j = reward.build_verifier("rule:jaccard")(["q"], ["a b"], ["a"])
+    assert isinstance(j, Judgement) and j.judged.dtype == torch.bool
+    assert reward.build_verifier("rule:math").name == "rule:math"

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import reward
+from reward import VerifierOptions
 
 from conftest import VLLM_PYTHON, requires_vllm
 START_TIMEOUT = 300  # seconds; a cold start on 2 CPU cores takes 60-90
@@ -71,13 +72,14 @@ def server(tiny_model_dir, tmp_path_factory):
 
 QS = ["What is 3 + 4?", "What is 9 - 5? " * 6, "Q", "Name the capital of France.", "2+2", "x" * 40, "y", "解方程"]
 REFS = ["7", "4", "A", "Paris", "4", "B", "C", "x=2"]
-RESP = ["work\nTherefore, the answer is 7.", "NO", "", "Paris\r\n\r\n", "5", "long " * 30, "Therefore, YES", "答案是 2"]
+RESP = ["work\nTherefore, the answer is 7.", "NO", "", "Paris\r\n\r\n", "5", "long " * 30, "Therefore, YES",
+        "答案是 2"]
 
 
 def _spellings(local, tok):
     """The random tiny model rarely says YES or NO. Use the decoded argmax tokens of the rows as the
     positive / negative spellings so c takes several classes and Eq. 4 gives non-trivial values."""
-    seqs = [local.prompt_ids(q, r, a) for q, r, a in zip(QS, REFS, RESP)]
+    seqs = [local.prompt.prompt_ids(q, r, a) for q, r, a in zip(QS, REFS, RESP)]
     top = local.last_logits(seqs).argmax(-1).tolist()
     words = []
     for t in sorted(set(top), key=top.count, reverse=True):
@@ -95,20 +97,38 @@ def test_remote_matches_local_verifier(server, tiny_model_dir, soft_mode):
     tok = model.load_tokenizer(tiny_model_dir)
     probe = reward.LocalVerifier(model.load_model(tiny_model_dir), tok, name="tiny")
     pos, neg = _spellings(probe, tok)
-    opts = dict(positive=pos, negative=neg, soft_mode=soft_mode)
-    local = reward.build_verifier(tiny_model_dir, batch_size=3, **opts)
-    remote = reward.build_verifier(url, concurrency=4, timeout=60, **opts)
-    assert remote.model_id == tiny_model_dir and remote.positive_ids == local.positive_ids
+    opts = dict(verifier_positive=pos, verifier_negative=neg, soft_mode=soft_mode, verifier_max_unjudged=1.0)
+    local = reward.build_verifier(tiny_model_dir, VerifierOptions(verifier_batch_size=3, **opts))
+    remote = reward.build_verifier(url, VerifierOptions(verifier_concurrency=4, verifier_timeout=60, **opts))
+    assert remote.client.model_id == tiny_model_dir and remote.prompt.positive_ids == local.prompt.positive_ids
     jl, jr = local(QS, REFS, RESP), remote(QS, REFS, RESP)
-    for name in ("binary", "soft", "p_yes"):
+    for name in ("binary", "soft", "p_yes", "judged"):
         torch.testing.assert_close(getattr(jr, name), getattr(jl, name), atol=1e-3, rtol=0, msg=name)
     assert jl.binary.sum() >= 1 and (jl.soft > 0).any()  # not a comparison of zeros
 
 
+def test_remote_sampled_c_is_seeded_per_request_with_exact_logprobs(server, tiny_model_dir):
+    """vLLM honours logprob_token_ids (the judgement tokens' exact log-probabilities, so p_yes equals
+    the local verifier's whatever c was drawn) and the per-request seed (same seeds, same c)."""
+    import model
+
+    _, url = server
+    tok = model.load_tokenizer(tiny_model_dir)
+    pos, neg = _spellings(reward.LocalVerifier(model.load_model(tiny_model_dir), tok, name="tiny"), tok)
+    opts = dict(verifier_positive=pos, verifier_negative=neg, verifier_max_unjudged=1.0)
+    local = reward.build_verifier(tiny_model_dir, VerifierOptions(**opts))
+    remote = reward.build_verifier(url, VerifierOptions(verifier_sample=True, **opts))
+    seeds = list(range(100, 100 + len(QS)))
+    a, b = remote(QS, REFS, RESP, seeds=seeds), remote(QS, REFS, RESP, seeds=seeds)
+    assert torch.equal(a.binary, b.binary) and torch.equal(a.judged, b.judged)
+    torch.testing.assert_close(a.p_yes, local(QS, REFS, RESP).p_yes, atol=1e-3, rtol=0)
+
+
 def test_server_stopped_mid_batch_is_a_clear_error(server):
     proc, url = server  # runs last in this module: it stops the shared server
-    v = reward.build_verifier(url, concurrency=2, timeout=10, retries=2)
-    v.backoff = 0.1
+    v = reward.build_verifier(url, VerifierOptions(verifier_concurrency=2, verifier_timeout=10, verifier_retries=2,
+                                                   verifier_max_unjudged=1.0))
+    v.client.backoff = 0.1
     n = 400
     killer = threading.Timer(1.0, lambda: os.killpg(proc.pid, signal.SIGKILL))
     killer.start()

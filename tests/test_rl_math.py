@@ -1,95 +1,220 @@
-"""The RL formulas of train_rl.py against values worked out by hand on small tensors."""
+"""rl_math.py against values worked out by hand on small tensors. Each test names the deliberate bug
+it is there to catch (issue 12: the KL sign, KL as a mean, per-token returns, whitening, clipping)."""
 import math
 
 import pytest
 import torch
 
-import train_rl as T
+import rl_math as R
 
 
-def test_reinforce_is_the_normalised_reward():
-    r = torch.tensor([1.0, -1.0, 0.5])
-    assert torch.equal(T.advantages(r, "reinforce", 3), r)
+def close(a, b):
+    torch.testing.assert_close(a, torch.tensor(b, dtype=a.dtype), rtol=1e-5, atol=1e-6)
 
 
-def test_grpo_group_zscore_by_hand():
-    # group 1: [1, 0] -> mean .5, population std .5 -> [1, -1]; group 2: [2, 2] -> std 0 -> [0, 0]
-    r = torch.tensor([1.0, 0.0, 2.0, 2.0])
-    torch.testing.assert_close(T.advantages(r, "grpo", 2), torch.tensor([1.0, -1.0, 0.0, 0.0]))
+# ---------------------------------------------------------------------------------------------- znorm
 
 
-def test_rloo_leave_one_out_by_hand():
-    # group [1, 2, 6]: baselines (2+6)/2=4, (1+6)/2=3.5, (1+2)/2=1.5
-    r = torch.tensor([1.0, 2.0, 6.0])
-    torch.testing.assert_close(T.advantages(r, "rloo", 3), torch.tensor([-3.0, -1.5, 4.5]))
-    with pytest.raises(ValueError, match="rloo"):
-        T.advantages(torch.tensor([1.0]), "rloo", 1)
+def test_znorm_batch_by_hand():
+    z = R.znorm(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0]))
+    mean, std = 0.6, math.sqrt(0.24)  # population std
+    close(z, [(x - mean) / std for x in [1, 0, 0, 1, 1]])
+    assert z.dtype == torch.float32
 
 
-def test_reinforce_pp_whitens_the_batch():
-    r = torch.tensor([0.0, 1.0, 2.0, 3.0])
-    mean, std = 1.5, math.sqrt(1.25)
-    torch.testing.assert_close(T.advantages(r, "reinforce_pp", 2), (r - mean) / std)
+def test_znorm_degenerate_sets_give_zero():
+    assert R.znorm(torch.ones(8)).tolist() == [0.0] * 8                 # std 0
+    assert R.znorm(torch.tensor([0.3])).tolist() == [0.0]               # single sample
+    assert R.znorm(torch.tensor([0.5, 0.5 + 1e-8])).tolist() == [0.0, 0.0]  # std below 1e-6
+    assert R.znorm(torch.zeros(0)).numel() == 0
 
 
-def test_unknown_estimator_names_the_flag():
+def test_znorm_groups_by_hand():
+    r = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.2, 0.4, 0.0, 0.0])
+    close(R.znorm(r, group_size=2), [1.0, -1.0, 0.0, 0.0, -1.0, 1.0, 0.0, 0.0])
+    # [3, 1, 5, 3]: mean 3, population std sqrt(2)
+    close(R.znorm(torch.tensor([3.0, 1.0, 5.0, 3.0]), group_size=4), [0.0, -2 / math.sqrt(2), 2 / math.sqrt(2), 0.0])
+    with pytest.raises(ValueError, match="groups of 3"):
+        R.znorm(torch.ones(8), group_size=3)
+
+
+def test_znorm_large_values_stay_finite():
+    for big in (1e30, 3e38, -3e38):
+        z = R.znorm(torch.tensor([big, big / 2, 0.0, -big]))
+        assert torch.isfinite(z).all()
+        assert z.mean().abs().item() < 1e-6 and z.std(unbiased=False).item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_znorm_rejects_nan_and_inf_naming_index():
+    with pytest.raises(ValueError, match="index 2"):
+        R.znorm(torch.tensor([0.0, 1.0, float("nan"), 1.0]))
+    with pytest.raises(ValueError, match="index 0"):
+        R.znorm(torch.tensor([float("inf"), 1.0]))
+
+
+def test_one_normalisation_switch():
+    r = torch.tensor([1.0, 0.0, 0.5, 0.5])
+    close(R.normalize_rewards(r, "none", 2), [1.0, 0.0, 0.5, 0.5])
+    close(R.normalize_rewards(r, "group", 2), [1.0, -1.0, 0.0, 0.0])
+    close(R.normalize_rewards(r, "batch", 2), [(x - 0.5) / math.sqrt(0.125) for x in [1.0, 0.0, 0.5, 0.5]])
+    with pytest.raises(ValueError, match="--reward_norm"):
+        R.normalize_rewards(r, "grp", 2)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def test_returns_are_suffix_sums_within_each_sequence():
+    x = torch.tensor([1.0, 2.0, 3.0, 10.0, 4.0, 5.0])
+    close(R.token_returns(x, [3, 1, 2]), [6.0, 5.0, 3.0, 10.0, 9.0, 5.0])
+
+
+def test_outcome_token_rewards_put_the_reward_on_the_last_token():
+    kl = torch.tensor([0.1, 0.2, 0.3])
+    # seq 0 (2 tokens): [-0.5*0.1, -0.5*0.2 + 1]; seq 1 (1 token): [-0.5*0.3 + 0]
+    close(R.outcome_token_rewards(torch.tensor([1.0, 0.0]), kl, 0.5, [2, 1]), [-0.05, 0.9, -0.15])
+    close(R.outcome_token_rewards(torch.tensor([1.0, 2.0]), None, 0.5, [2, 1]), [0.0, 1.0, 2.0])
+
+
+def test_whiten_population_std():
+    close(R.whiten(torch.tensor([1.0, 3.0])), [-1.0, 1.0])
+    close(R.whiten(torch.tensor([2.0, 2.0])), [0.0, 0.0])  # var clamped at 1e-8: 0 * 1e4
+
+
+def test_leave_one_out_by_hand():
+    # group [1, 2, 6]: baselines (2+6)/2 = 4, (1+6)/2 = 3.5, (1+2)/2 = 1.5
+    close(R.leave_one_out(torch.tensor([1.0, 2.0, 6.0]), 3), [-3.0, -1.5, 4.5])
+    with pytest.raises(ValueError, match="samples_per_prompt >= 2"):
+        R.leave_one_out(torch.tensor([1.0]), 1)
+
+
+# ---------------------------------------------------------------------------------------------- shaping
+
+# a batch of 2 prompts x 2 samples, lengths 2, 1, 1, 2; k1 per token; kl_coef 0.5
+LENGTHS = [2, 1, 1, 2]
+KL = torch.tensor([0.2, 0.4, -0.2, 0.6, 0.0, 1.0])
+REWARDS = torch.tensor([1.0, 0.0, 0.0, 0.0])
+
+
+def shape(estimator, norm="none", kl=KL, coef=0.5, clip=0.0, rewards=REWARDS):
+    return R.shape_advantages(rewards, LENGTHS, 2, norm=norm, estimator=estimator, kl=kl, kl_coef=coef,
+                              reward_clip=clip)
+
+
+def test_reinforce_is_the_reward_minus_the_summed_kl_on_every_token():
+    # sequence KL sums: 0.6, -0.2, 0.6, 1.0 -> r - 0.5 * sum: 0.7, 0.1, -0.3, -0.5
+    # (a flipped sign gives 1.3, ...; a mean instead of a sum gives 0.85, ...)
+    close(shape("reinforce"), [0.7, 0.7, 0.1, -0.3, -0.5, -0.5])
+    close(shape("reinforce", kl=None), [1.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+
+
+def test_the_paper_batch_zscore_comes_before_the_kl():
+    # z of [1, 0, 0, 0]: mean .25, std sqrt(3)/4 -> [sqrt 3, -1/sqrt 3, ...]
+    a, b = math.sqrt(3), -1 / math.sqrt(3)
+    close(shape("reinforce", norm="batch"), [a - 0.3, a - 0.3, b + 0.1, b - 0.3, b - 0.5, b - 0.5])
+
+
+def test_rloo_seq_by_hand():
+    # per-sequence r - 0.5 KL = [0.7, 0.1 | -0.3, -0.5] -> leave-one-out: [0.6, -0.6 | 0.2, -0.2]
+    close(shape("rloo_seq"), [0.6, 0.6, -0.6, 0.2, -0.2, -0.2])
+
+
+def test_reinforce_pp_seq_whitens_sequences():
+    seq = torch.tensor([0.7, 0.1, -0.3, -0.5])
+    w = (seq - seq.mean()) / seq.std(unbiased=False)
+    close(shape("reinforce_pp_seq"), [w[0], w[0], w[1], w[2], w[3], w[3]])
+
+
+def _whitened(values):
+    t = torch.tensor(values, dtype=torch.float64)
+    return ((t - t.mean()) / t.std(unbiased=False)).tolist()
+
+
+def test_reinforce_pp_per_token_returns_then_token_whitening():
+    # token rewards: seq0 [-.1, -.2 + 1], seq1 [.1 + 0], seq2 [-.3 + 0], seq3 [0, -.5 + 0]
+    # returns:       seq0 [.7, .8],       seq1 [.1],       seq2 [-.3],      seq3 [-.5, -.5]
+    close(shape("reinforce_pp"), _whitened([0.7, 0.8, 0.1, -0.3, -0.5, -0.5]))
+
+
+def test_rloo_per_token_baseline_then_kl_returns_and_whitening():
+    # leave-one-out of [1, 0 | 0, 0] = [1, -1 | 0, 0]; returns: seq0 [.7, .8], seq1 [.1 - 1], seq2 [-.3], seq3 [-.5, -.5]
+    close(shape("rloo"), _whitened([0.7, 0.8, -0.9, -0.3, -0.5, -0.5]))
+
+
+def test_rewards_are_clipped_after_the_baseline_and_before_the_kl():
+    # 1 right answer in 512: its batch z-score is sqrt(511) = 22.6; OpenRLHF clips to +-10
+    r = torch.zeros(512)
+    r[0] = 1.0
+    z = R.normalize_rewards(r, "batch", 4)
+    assert z[0].item() == pytest.approx(math.sqrt(511), rel=1e-5)
+    adv = R.shape_advantages(r, [1] * 512, 4, norm="batch", estimator="reinforce", reward_clip=10.0)
+    assert adv[0].item() == pytest.approx(10.0) and adv[1].item() == pytest.approx(z[1].item())
+    # clipped before the KL: 10 - 0.5 * 2, not clip(10 - 1)
+    kl = torch.full((512,), 2.0)
+    adv = R.shape_advantages(r, [1] * 512, 4, norm="batch", estimator="reinforce", kl=kl, kl_coef=0.5, reward_clip=10.0)
+    assert adv[0].item() == pytest.approx(9.0)
+
+
+def test_shaping_rejects_bad_input():
     with pytest.raises(ValueError, match="--advantage"):
-        T.advantages(torch.zeros(2), "ppo", 2)
+        shape("grpo")
+    with pytest.raises(ValueError, match="3 rewards for 4"):
+        R.shape_advantages(torch.zeros(3), LENGTHS, 2, norm="none", estimator="reinforce")
+    with pytest.raises(ValueError, match="non-finite"):
+        R.shape_advantages(torch.tensor([1.0, float("nan"), 0, 0]), LENGTHS, 2, norm="none", estimator="reinforce")
+    with pytest.raises(ValueError, match="non-finite"):
+        shape("reinforce_pp", kl=torch.tensor([0.0, float("inf"), 0, 0, 0, 0]))
+
+
+# ---------------------------------------------------------------------------------------------- KL and loss
 
 
 def test_kl_estimators_by_hand():
     logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])
-    torch.testing.assert_close(T.kl_k1(logp, ref), torch.tensor([0.5, -1.0]))
+    close(R.kl_k1(logp, ref), [0.5, -1.0])
     # k3 = exp(ref - logp) - (ref - logp) - 1: d = -0.5 -> e^-.5 + .5 - 1; d = 1 -> e - 2
-    torch.testing.assert_close(T.kl_k3(logp, ref), torch.tensor([math.exp(-0.5) - 0.5, math.e - 2]))
-    assert T.kl_k3(logp, logp).abs().max() == 0
+    close(R.kl_k3(logp, ref), [math.exp(-0.5) - 0.5, math.e - 2])
+    assert R.kl_k3(logp, logp).abs().max() == 0
 
 
 def test_clipped_loss_by_hand():
-    # ratios e^0.5=1.6487 (A>0: clipped at 1.28), e^-0.5=.6065 (A<0: clipped at .8), 1.1 inside
-    logp = torch.tensor([[0.5, -0.5, math.log(1.1)]])
-    old = torch.zeros(1, 3)
-    adv = torch.tensor([2.0])
-    loss, ratio, cl, ch = T.clipped_pg_loss(logp, old, adv, 0.2, 0.28)
-    torch.testing.assert_close(loss, torch.tensor([[-2 * 1.28, -2 * math.exp(-0.5), -2 * 1.1]]))
-    assert ch.tolist() == [[True, False, False]] and cl.tolist() == [[False, False, False]]
-    loss, _, cl, ch = T.clipped_pg_loss(logp, old, torch.tensor([-1.0]), 0.2, 0.28)
-    # A<0: -min(r*A, clip(r)*A) = max(r, clip(r)) * 1 -> [e^.5, .8, 1.1]
-    torch.testing.assert_close(loss, torch.tensor([[math.exp(0.5), 0.8, 1.1]]))
-    assert cl.tolist() == [[False, True, False]] and not ch.any()
+    # ratios e^0.5 = 1.6487 (A > 0: clipped at 1.28), e^-0.5 = .6065 (A > 0: not clipped), 1.1 inside
+    logp = torch.tensor([0.5, -0.5, math.log(1.1)])
+    old = torch.zeros(3)
+    loss, ratio, cl, ch = R.clipped_pg_loss(logp, old, torch.full((3,), 2.0), 0.2, 0.28)
+    close(loss, [-2 * 1.28, -2 * math.exp(-0.5), -2 * 1.1])
+    assert ch.tolist() == [True, False, False] and cl.tolist() == [False, False, False]
+    loss, _, cl, ch = R.clipped_pg_loss(logp, old, torch.full((3,), -1.0), 0.2, 0.28)
+    # A < 0: -min(r A, clip(r) A) = max(r, clip(r)) -> [e^.5, .8, 1.1]
+    close(loss, [math.exp(0.5), 0.8, 1.1])
+    assert cl.tolist() == [False, True, False] and not ch.any()
 
 
 def test_clipped_loss_gradient_is_zero_when_clipped():
-    logp = torch.tensor([[0.5, 0.0]], requires_grad=True)
-    loss, *_ = T.clipped_pg_loss(logp, torch.zeros(1, 2), torch.tensor([1.0]), 0.2, 0.2)
+    logp = torch.tensor([0.5, 0.0], requires_grad=True)
+    loss, *_ = R.clipped_pg_loss(logp, torch.zeros(2), torch.tensor([1.0, 1.0]), 0.2, 0.2)
     loss.sum().backward()
-    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, -1.0]]))
+    close(logp.grad, [0.0, -1.0])
 
 
 def test_aggregations_by_hand():
-    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
-    mask = torch.tensor([[True, True, True], [True, False, False]])
-    # token mean: (1+2+3+4)/4; seq mean: (2 + 4)/2; Dr. GRPO: 10 / (2 * 5)
-    assert T.aggregate(per_token, mask, "token_mean", 4, 2, 5).item() == pytest.approx(2.5)
-    assert T.aggregate(per_token, mask, "seq_mean", 4, 2, 5).item() == pytest.approx(3.0)
-    assert T.aggregate(per_token, mask, "seq_sum_norm", 4, 2, 5).item() == pytest.approx(1.0)
+    per_token = torch.tensor([1.0, 2.0, 3.0, 4.0])  # sequences [1, 2, 3] and [4]
+    seq_len = torch.tensor([3.0, 3.0, 3.0, 1.0])
+    # token mean: 10/4; seq mean: (2 + 4)/2; Dr. GRPO: 10 / (2 * 5)
+    assert R.aggregate(per_token, seq_len, "token_mean", 4, 2, 5).item() == pytest.approx(2.5)
+    assert R.aggregate(per_token, seq_len, "seq_mean", 4, 2, 5).item() == pytest.approx(3.0)
+    assert R.aggregate(per_token, seq_len, "seq_sum_norm", 4, 2, 5).item() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="--loss_agg"):
-        T.aggregate(per_token, mask, "sum", 4, 2, 5)
+        R.aggregate(per_token, seq_len, "sum", 4, 2, 5)
 
 
 def test_aggregation_over_micro_batches_equals_the_whole_batch():
     torch.manual_seed(0)
-    per_token = torch.randn(4, 5)
-    mask = torch.rand(4, 5) > 0.3
-    for mode in ("token_mean", "seq_mean", "seq_sum_norm"):
-        whole = T.aggregate(per_token, mask, mode, mask.sum().item(), 4, 5)
-        parts = sum(T.aggregate(per_token[i:i + 2], mask[i:i + 2], mode, mask.sum().item(), 4, 5) for i in (0, 2))
+    lengths = [3, 1, 4, 2]
+    per_token = torch.randn(sum(lengths))
+    seq_len = torch.tensor([float(n) for n in lengths for _ in range(n)])
+    for mode in R.AGGREGATIONS:
+        whole = R.aggregate(per_token, seq_len, mode, 10, 4, 5)
+        parts = R.aggregate(per_token[:4], seq_len[:4], mode, 10, 4, 5) + \
+            R.aggregate(per_token[4:], seq_len[4:], mode, 10, 4, 5)
         torch.testing.assert_close(whole, parts)
-
-
-def test_lr_schedule_warmup_then_cosine():
-    cfg = T.Config(warmup_ratio=0.1, lr_schedule="cosine")
-    f = T.lr_lambda(cfg, 100)
-    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
-    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
-    assert T.lr_lambda(T.Config(warmup_ratio=0.0), 100)(0) == 1.0

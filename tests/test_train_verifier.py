@@ -1,19 +1,20 @@
-"""train_verifier.py: eval figures against hand-computed ones, the labeller's crash safety, the
-distillation of a rule teacher into the tiny student, sft resume, and the saved student as a verifier."""
+"""train_verifier.py: eval figures against hand-computed ones, the labeller's crash safety and coverage
+check, one-line flag errors, the added negatives, the distillation of a rule teacher into the tiny
+student, sft resume and signals, and the saved settings that make a student judged as it learned."""
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
 
+import config
 import data
 import reward
+import toy
 import train_verifier as TV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,6 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def labelled_rows(n: int, seed: int) -> list[dict]:
+    return [r.to_json() for r in toy.judge_rows(n, seed)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -42,8 +47,8 @@ EVAL_ROWS = [
 
 def test_eval_figures_equal_hand_computed(tmp_path):
     path = write_jsonl(tmp_path / "labelled.jsonl", EVAL_ROWS)
-    report = TV.main(["eval", "--verifier", "rule:substring", "--data", str(path), "--out_dir", str(tmp_path / "ev"),
-                      "--out", str(tmp_path / "report.json"), "--wandb_mode", "disabled"])
+    report = TV.run(["eval", "--verifier", "rule:substring", "--data", str(path), "--out_dir", str(tmp_path / "ev"),
+                     "--out", str(tmp_path / "report.json"), "--wandb_mode", "disabled"])
     # TP 3, FP 1, FN 1, TN 3
     assert (report["tp"], report["fp"], report["fn"], report["tn"]) == (3, 1, 1, 3)
     assert report["accuracy"] == pytest.approx(6 / 8)
@@ -57,10 +62,10 @@ def test_eval_figures_equal_hand_computed(tmp_path):
     # of the master keys only "Answer:" contains a reference ("A", casefolded), for 1 of the 8 pairs
     assert report["master_key_per_key"]["Answer:"] == pytest.approx(1 / 8)
     assert report["master_key_fpr"] == pytest.approx(1 / (8 * len(reward.MASTER_KEYS)))
-    assert report["judgements_per_s"] > 0 and report["notes"] == []
+    assert report["judgements_per_s"] > 0 and report["notes"] == [] and report["unjudged"] == 0
     assert json.loads((tmp_path / "report.json").read_text())["kappa"] == pytest.approx(0.5)
-    png = (tmp_path / "ev" / "reliability.png").read_bytes()
-    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    png = (tmp_path / "ev" / "reliability.png").read_bytes()  # metrics.reliability_plot: 500 x 500
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[16:24] == (500).to_bytes(4, "big") * 2
 
 
 def test_eval_cli_prints_json(tmp_path):
@@ -73,22 +78,10 @@ def test_eval_cli_prints_json(tmp_path):
     assert report["kappa"] == pytest.approx(0.5) and report["n"] == 8
 
 
-def test_kappa_undefined_when_everything_is_one_class():
-    a = TV.agreement([1, 1, 1], [1, 1, 1])
-    assert a["accuracy"] == 1 and a["precision"] == 1 and a["recall"] == 1 and a["f1"] == 1
-    assert a["kappa"] is None and any("kappa undefined" in n for n in a["notes"])
-    b = TV.agreement([0, 0], [0, 0])
-    assert b["accuracy"] == 1 and b["precision"] is b["recall"] is b["f1"] is b["kappa"] is None
-    assert len(b["notes"]) == 4
-    # labels all one class but predictions mixed: defined, and 0 (no better than chance)
-    c = TV.agreement([1, 1, 1, 1], [1, 0, 1, 1])
-    assert c["kappa"] == pytest.approx(0.0) and c["recall"] == pytest.approx(3 / 4)
-
-
 def test_eval_all_labels_equal_reports_null_kappa(tmp_path):
     rows = [{"question": f"q{i}", "reference": "7", "response": "7", "label": 1} for i in range(3)]
-    report = TV.main(["eval", "--verifier", "rule:substring", "--data", str(write_jsonl(tmp_path / "l.jsonl", rows)),
-                      "--out_dir", str(tmp_path / "ev"), "--wandb_mode", "disabled"])
+    report = TV.run(["eval", "--verifier", "rule:substring", "--data", str(write_jsonl(tmp_path / "l.jsonl", rows)),
+                     "--out_dir", str(tmp_path / "ev"), "--wandb_mode", "disabled"])
     assert report["kappa"] is None and report["accuracy"] == 1.0
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["kappa"] is None
 
@@ -102,48 +95,30 @@ def test_calibration_by_hand():
     assert TV.calibration([1], [1.0])["bins"][9]["count"] == 1  # p = 1 falls in the last bin
 
 
-def test_reliability_png_decodes():
-    bins = TV.calibration([1, 1, 0, 0], [0.95, 0.92, 0.05, 0.91])["bins"]
-    png = TV.reliability_png(bins)
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[12:16] == b"IHDR"
-    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
-    idat = png.index(b"IDAT")
-    raw = zlib.decompress(png[idat + 4:idat + 4 + int.from_bytes(png[idat - 4:idat], "big")])
-    assert len(raw) == height * (1 + 3 * width)
-
-    def pixel(x, y):  # plot coordinates, y up
-        row = TV.MARGIN + TV.PLOT - 1 - y
-        i = row * (1 + 3 * width) + 1 + 3 * (TV.MARGIN + x)
-        return raw[i:i + 3]
-    # bin 9 holds 3 rows, 2 positive: the bar reaches 2/3 of the height, not the top
-    x9 = 9 * TV.PLOT // 10 + 5
-    assert pixel(x9, round(2 / 3 * (TV.PLOT - 1))) == b"\x40\x70\xc0"  # blue bar top
-    assert pixel(x9, round(2 / 3 * (TV.PLOT - 1)) + 5) == b"\xff\xff\xff"  # white above it
-    assert pixel(x9, round((0.95 + 0.92 + 0.91) / 3 * (TV.PLOT - 1))) == b"\xd0\x20\x20"  # red: mean p_yes
-    x0 = TV.PLOT // 20  # bin 0 holds one negative row: no bar above the axis
-    assert pixel(x0, TV.PLOT // 2) == b"\xff\xff\xff"
-
-
-def test_bad_rows_name_file_row_and_field(tmp_path):
-    path = write_jsonl(tmp_path / "bad.jsonl", [EVAL_ROWS[0], {**EVAL_ROWS[1], "label": "maybe"}])
-    with pytest.raises(data.DataError, match=r"bad\.jsonl, row 2: field 'label'.*'maybe'"):
-        TV.read_rows(str(path), labelled=True)
-    path = write_jsonl(tmp_path / "bad2.jsonl", [EVAL_ROWS[0], EVAL_ROWS[1], {"question": "q", "reference": "r"}])
-    with pytest.raises(data.DataError, match=r"bad2\.jsonl, row 3: field 'response' is missing"):
-        TV.read_rows(str(path))
+@pytest.mark.parametrize("command", ["eval", "label"])
+def test_eval_and_label_reject_an_empty_question_or_reference(tmp_path, command):
+    for field, value in (("question", " "), ("reference", "")):
+        path = write_jsonl(tmp_path / "bad.jsonl", [EVAL_ROWS[0], {**EVAL_ROWS[1], field: value}])
+        flags = ["--out_dir", str(tmp_path / "ev"), "--wandb_mode", "disabled"] if command == "eval" \
+            else ["--out", str(tmp_path / "l.jsonl")]
+        with pytest.raises(data.DataError, match=rf"bad\.jsonl, row 2: field '{field}' is empty"):
+            TV.run([command, "--data", str(path), *flags])
+        assert not (tmp_path / "l.jsonl").exists()
 
 
 # ----------------------------------------------------------------------------------------------
-# label: crash safety
+# label: crash safety, and a teacher that does not answer is an error, not all-NO labels
 
 
 def test_label_killed_half_way_and_rerun_gives_one_label_per_row(tmp_path, tiny_model_dir):
-    rows = data.toy_judge_rows(120, seed=3)
-    src = write_jsonl(tmp_path / "rollouts.jsonl", [{"step": 1, **r, "reward": 0.0} for r in rows])
-    ids = {TV.Row(r["question"], r["reference"], r["response"]).id for r in rows}
+    rows = toy.judge_rows(120, seed=3)
+    src = write_jsonl(tmp_path / "rollouts.jsonl", [{"step": 1, **r.to_json(), "reward": 0.0} for r in rows])
+    ids = {r.id for r in rows}
     out = tmp_path / "labels.jsonl"
-    # a local-model teacher, one row per batch: slow enough to be killed half way
-    args = ["label", "--data", str(src), "--teacher", tiny_model_dir, "--batch_size", "1", "--out", str(out)]
+    # a local-model teacher (random weights: its first token is anything, so --verifier_max_unjudged 1),
+    # one row per write: slow enough to be killed half way
+    args = ["label", "--data", str(src), "--teacher", tiny_model_dir, "--verifier_max_unjudged", "1",
+            "--rows_per_write", "1", "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "train_verifier.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -155,28 +130,194 @@ def test_label_killed_half_way_and_rerun_gives_one_label_per_row(tmp_path, tiny_
     assert out.read_bytes().count(b"\n") < len(ids)
     with open(out, "ab") as f:  # as if the kill had landed mid-write: a torn last line
         f.write(b'{"id": "0123456789abcdef", "question": "What is')
-    TV.main([*args[:-3], "16", "--out", str(out)])
+    TV.run([*args[:-3], "16", "--out", str(out)])
     labelled = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["id"] for r in labelled) == sorted(ids)  # exactly one label per distinct row
     clean = tmp_path / "clean.jsonl"
-    TV.main([*args[:-3], "16", "--out", str(clean)])
+    TV.run([*args[:-3], "16", "--out", str(clean)])
     reference = {r["id"]: r for r in map(json.loads, clean.read_text().splitlines())}
     for r in labelled:
         assert r["label"] == reference[r["id"]]["label"]
         assert r["teacher_p_yes"] == pytest.approx(reference[r["id"]]["teacher_p_yes"], abs=1e-5)
     hashes = data.read_hashes(out.with_suffix(".hashes.txt"))
-    assert hashes == {data.question_hash(r["question"]) for r in rows}
+    assert hashes == {data.question_hash(r.question) for r in rows}
+
+
+def test_teacher_answering_neither_judgement_token_stops_the_labeller(tmp_path, tiny_model_dir):
+    src = write_jsonl(tmp_path / "rows.jsonl", labelled_rows(8, seed=1))
+    out = tmp_path / "labels.jsonl"
+    with pytest.raises(reward.VerifierError, match="neither 'YES' nor 'NO'"):
+        TV.run(["label", "--data", str(src), "--teacher", tiny_model_dir, "--out", str(out)])
+    assert not out.exists() or out.read_text() == ""  # no all-NO labels written
 
 
 def test_damaged_line_in_the_middle_is_an_error(tmp_path):
     out = tmp_path / "labels.jsonl"
-    out.write_text('{"id": "a"}\nnot json\n{"id": "b"}\n')
-    with pytest.raises(data.DataError, match=r"labels\.jsonl, row 2"):
-        TV.labelled_ids(out)
+    out.write_text('{"id": "a", "label": 1}\nnot json\n{"id": "b", "label": 0}\n')
+    with pytest.raises(ValueError, match=r"labels\.jsonl: row 2"):
+        TV.label_rows(None, [], out, 1)
+    out.write_text('{"id": "a", "label": 1}\n{"question": "q"}\n')
+    with pytest.raises(data.DataError, match=r"labels\.jsonl, row 2: not a labelled row"):
+        TV.label_rows(None, [], out, 1)
 
 
 # ----------------------------------------------------------------------------------------------
-# sft
+# validation: one pass before any model loads, one line naming the flag
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["sft", "--batch_size", "6", "--micro_batch_size", "4"], "--batch_size 6: must split into 1 ranks x whole"),
+    (["sft", "--lr", "0"], "--lr 0.0: must be > 0"),
+    (["sft", "--epochs", "-1"], "--epochs -1.0: must be > 0"),
+    (["sft", "--heldout_fraction", "1"], "--heldout_fraction 1.0: must be in [0, 1)"),
+    (["sft", "--policy_samples", "2"], "--policy_samples 2: needs --policy"),
+    (["sft", "--policy", "tiny"], "--policy_samples 0: must be >= 1 with --policy"),
+    (["sft", "--master_key_negatives", "-0.1"], "--master_key_negatives -0.1: must be >= 0"),
+    (["sft", "--policy_rollouts", "nowhere.jsonl"], "--policy_rollouts 'nowhere.jsonl': no such file"),
+    (["eval"], "--data '': is required"),
+    (["label", "--rows_per_write", "0"], "--rows_per_write 0: must be >= 1"),
+    (["label", "--verifier_timeout", "0"], "--verifier_timeout 0.0: must be > 0"),
+])
+def test_bad_values_are_refused_before_any_model_loads(argv, message):
+    with pytest.raises(config.ConfigError) as e:
+        TV.parse_config(argv[0], argv[1:])
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_choices_from_a_config_file_and_unknown_commands_are_refused(tmp_path):
+    (tmp_path / "c.yaml").write_text("balance: oversampel\n")
+    with pytest.raises(config.ConfigError, match="--balance 'oversampel': invalid choice; choose from none, oversample"):
+        TV.parse_config("sft", ["--config", str(tmp_path / "c.yaml")])
+    with pytest.raises(config.ConfigError, match="unknown command 'train'"):
+        TV.run(["train"])
+    cfg, _ = TV.parse_config("sft", ["--resume"])
+    assert cfg.resume == "yes" and TV.parse_config("sft", ["--resume", "auto"])[0].resume == "auto"
+    assert TV.parse_config("sft", [])[0].resume == "no"
+
+
+def test_a_bad_flag_is_one_line_and_exit_status_2(tmp_path):
+    out = subprocess.run([sys.executable, "train_verifier.py", "sft", "--batch_size", "6", "--micro_batch_size", "4"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "train_verifier.py sft: error: --batch_size 6: must split into 1 ranks x whole micro-batches of "
+        "--micro_batch_size 4"]
+
+
+def test_resume_without_a_checkpoint_is_an_error_and_auto_starts_fresh(tmp_path, tiny_model_dir):
+    labels = write_jsonl(tmp_path / "labels.jsonl", labelled_rows(40, seed=5))
+    flags = ["sft", "--student", tiny_model_dir, "--data", str(labels), "--out_dir", str(tmp_path / "run"),
+             "--batch_size", "8", "--micro_batch_size", "8", "--epochs", "0.2", "--pack", "false",
+             "--wandb_mode", "disabled"]
+    with pytest.raises(config.ConfigError, match="--resume: no checkpoint in .*run/checkpoints; --resume auto"):
+        TV.run([*flags, "--resume"])
+    assert TV.run([*flags, "--resume", "auto"])["steps"] == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# the added negatives (Master-RM): labelled NO, from training questions only
+
+
+def test_opening_cuts_a_response_before_its_answer():
+    import random
+
+    rng = random.Random(0)
+    # several lines: the first sentence of the first line (the reasoning opener)
+    assert TV.opening("Let's think. 3 < 7 so\nthe larger is 7\nTherefore, the answer is 7.", rng) == "Let's think."
+    assert TV.opening("First line without end\n7", rng) == "First line without end"
+    # one line: a prefix of its words that never reaches the last one
+    cuts = {TV.opening("Therefore, the answer is 7.", rng) for _ in range(200)}
+    assert cuts == {"Therefore,", "Therefore, the", "Therefore, the answer", "Therefore, the answer is"}
+    assert TV.opening("7", rng) is None and TV.opening(" \n", rng) is None
+
+
+def test_master_key_and_truncated_rows_are_labelled_no_and_reproducible():
+    train = [data.JudgedRow(f"Q{i}?", str(i), f"Therefore, the answer is {i}.", label=i % 2) for i in range(50)]
+    keys = TV.master_key_rows(train, 0.2, seed=3)
+    assert len(keys) == 10 and keys == TV.master_key_rows(train, 0.2, seed=3) != TV.master_key_rows(train, 0.2, seed=4)
+    assert all(r.label == 0 and r.response in reward.MASTER_KEYS for r in keys)
+    by_question = {r.question: r for r in train}
+    assert all(by_question[r.question].reference == r.reference for r in keys)
+    cut = TV.truncated_rows(train, 0.5, seed=3)
+    assert len(cut) == 25 and all(r.label == 0 for r in cut)
+    for r in cut:  # a prefix of the row's own response, without its answer
+        full = by_question[r.question].response
+        assert full.startswith(r.response) and r.response != full and r.reference not in r.response
+    assert TV.master_key_rows(train, 0.0, seed=3) == [] == TV.truncated_rows(train, 0.0, seed=3)
+
+
+def test_sft_settings_travel_with_the_student_and_negatives_join_training_only(tmp_path, tiny_model_dir):
+    """One small run carries three checks: (1) the student, distilled with a non-default system prompt and
+    template, is judged by `eval` with no prompt flags exactly as by reward.build_verifier(dir), and a
+    contradicting flag is refused unless forced; (2) the added negatives are counted, labelled as intended
+    and drawn from training questions only; (3) the master-key rate is reported beside held-out agreement."""
+    rows = labelled_rows(200, seed=5)
+    labels = write_jsonl(tmp_path / "labels.jsonl", rows)
+    train, heldout = data.split_heldout(data.read_judged_rows(str(labels), labelled=True), 0.2)
+    heldout_questions = {r.question for r in heldout}
+    rollouts = write_jsonl(tmp_path / "rollouts.jsonl", [{"step": 1, "question": r.question, "reference": r.reference,
+                                                          "response": f"The answer is {r.reference}", "reward": 0.0}
+                                                         for r in train[:6] + heldout[:4]])
+    (tmp_path / "template.txt").write_text("Ref: {reference}\nAns: {response}\nMatch?")
+    result = TV.run(["sft", "--student", tiny_model_dir, "--data", str(labels), "--out_dir", str(tmp_path / "run"),
+                     "--verifier_template", str(tmp_path / "template.txt"), "--verifier_system_prompt", "Judge.",
+                     "--heldout_fraction", "0.2", "--master_key_negatives", "0.1", "--truncated_negatives", "0.1",
+                     "--policy", tiny_model_dir, "--policy_samples", "1", "--policy_max_new_tokens", "4",
+                     "--policy_rollouts", str(rollouts), "--batch_size", "16", "--micro_batch_size", "16",
+                     "--epochs", "2", "--lr", "3e-3", "--pack", "false", "--wandb_mode", "disabled"])
+    final = result["final"]
+    saved = reward.load_settings(final)
+    assert saved == reward.VerifierSettings(template=(tmp_path / "template.txt").read_text(), system_prompt="Judge.")
+
+    # (2) negatives: counted, labelled NO (master keys, truncations) or by the teacher (policy), training only
+    n_train = result["rows"]["data/train_rows"]
+    assert n_train == len(train) and result["rows"]["data/heldout_rows"] == len(heldout)
+    assert result["rows"]["data/master_key_rows"] == round(0.1 * n_train)
+    assert 0 < result["rows"]["data/truncated_rows"] <= round(0.1 * n_train)
+    policy = [json.loads(line) for line in (tmp_path / "run" / "policy_labels.jsonl").read_text().splitlines()]
+    distinct_train_questions = len({r.question for r in train})
+    assert result["rows"]["data/policy_rows"] == len(policy) <= distinct_train_questions + 6
+    assert not {r["question"] for r in policy} & heldout_questions  # held-out rollouts were left out
+    assert sum(r["response"].startswith("The answer is") for r in policy) == 6
+    rule = reward.build_verifier("rule:math")
+    j = rule([r["question"] for r in policy], [r["reference"] for r in policy], [r["response"] for r in policy])
+    assert [r["label"] for r in policy] == [int(b) for b in j.binary.tolist()]  # the teacher's labels
+    assert result["rows"]["data/policy_yes"] == sum(r["label"] for r in policy) >= 6
+
+    # (3) the master-key probe after training, in the result and in metrics.jsonl
+    after = result["after"]
+    assert 0 <= after["master_key/fpr"] <= 1 and after["master_key/questions"] == len(heldout_questions)
+    assert set(result["master_key_per_key"]) == set(reward.MASTER_KEYS)
+    last = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["master_key/fpr"] == after["master_key/fpr"] and last["eval/kappa"] == after["eval/kappa"]
+
+    # (1) eval with no prompt flags asks the student as it learned: the same judgements as build_verifier(dir)
+    held = write_jsonl(tmp_path / "heldout.jsonl", [r.to_json() for r in heldout])
+    report = TV.run(["eval", "--verifier", final, "--data", str(held), "--out_dir", str(tmp_path / "ev"),
+                     "--verifier_max_unjudged", "1", "--wandb_mode", "disabled"])
+    student = reward.build_verifier(final, reward.VerifierOptions(verifier_max_unjudged=1.0))
+    j = student([r.question for r in heldout], [r.reference for r in heldout], [r.response for r in heldout])
+    labels_ = [r.label for r in heldout]
+    mine = reward.agreement(labels_, [int(b) for b in j.binary.tolist()])
+    assert (report["tp"], report["fp"], report["fn"], report["tn"]) == (mine["tp"], mine["fp"], mine["fn"], mine["tn"])
+    assert report["brier"] == pytest.approx(TV.calibration(labels_, j.p_yes.tolist())["brier"], abs=1e-6)
+    assert report["kappa"] == pytest.approx(after["eval/kappa"], abs=1e-9)  # as sft's own held-out eval
+    # asked another way, it judges otherwise (the settings matter), and only when forced
+    with pytest.raises(config.ConfigError, match="--verifier_system_prompt 'You are a helpful assistant.'.*'Judge.'"):
+        TV.run(["eval", "--verifier", final, "--data", str(held), "--verifier_system_prompt",
+                "You are a helpful assistant.", "--out_dir", str(tmp_path / "ev2")])
+    forced = TV.run(["eval", "--verifier", final, "--data", str(held), "--out_dir", str(tmp_path / "ev2"),
+                     "--verifier_system_prompt", "You are a helpful assistant.", "--verifier_force_settings",
+                     "--verifier_max_unjudged", "1", "--wandb_mode", "disabled"])
+    assert forced["brier"] != pytest.approx(report["brier"], abs=1e-6)
+    # fine-tuning the student again keeps its settings: a contradicting flag is refused before training
+    with pytest.raises(config.ConfigError, match="--verifier_template"):
+        TV.run(["sft", "--student", final, "--data", str(labels), "--out_dir", str(tmp_path / "round2"),
+                "--verifier_template", str(ROOT / "recipes" / "toy_verifier_template.txt")])
+
+
+# ----------------------------------------------------------------------------------------------
+# sft: balance, resume, signals, the distillation demo
 
 
 def test_balanced_pool():
@@ -189,26 +330,58 @@ def test_balanced_pool():
         TV.balanced_pool([1, 1], "weight", seed=0)
 
 
+@pytest.mark.parametrize("pack", [True, False])
+def test_micro_loss_is_the_weighted_nll_of_judgement_and_end_of_turn(tiny_model_dir, pack):
+    import model
+
+    lm = model.load_model(tiny_model_dir)
+    seqs = [([5, 6, 7, 8, 9, 10], 4), ([11, 12, 13, 14], 2)]  # (ids, prompt length): targets are the last two
+
+    def nll(ids, plen):  # by hand: -log p of each target token given what precedes it
+        logits = lm(torch.tensor([ids])).logits[0].log_softmax(-1)
+        return -sum(logits[t - 1, ids[t]] for t in range(plen, len(ids)))
+    loss, p_sum, right = TV.micro_loss(lm, seqs, [2.0, 0.5], n_targets=8, pack=pack, pad_id=0, device="cpu")
+    assert loss.item() == pytest.approx(((2.0 * nll(*seqs[0]) + 0.5 * nll(*seqs[1])) / 8).item(), rel=1e-4)
+    p_judgement = [lm(torch.tensor([ids])).logits[0, plen - 1].softmax(-1)[ids[plen]].item() for ids, plen in seqs]
+    assert p_sum == pytest.approx(sum(p_judgement), rel=1e-4) and right == sum(p > 0.5 for p in p_judgement)
+
+
+def test_a_non_finite_loss_stops_sft_before_the_update(tmp_path, tiny_model_dir, monkeypatch):
+    labels = write_jsonl(tmp_path / "labels.jsonl", labelled_rows(40, seed=5))
+    real = TV.micro_loss
+
+    def nan_loss(*args, **kwargs):
+        loss, p_sum, right = real(*args, **kwargs)
+        return loss * float("nan"), p_sum, right
+    monkeypatch.setattr(TV, "micro_loss", nan_loss)
+    with pytest.raises(FloatingPointError, match="sft step 1: loss nan.*the update was not applied"):
+        TV.run(sft_args(tmp_path, tiny_model_dir, labels, tmp_path / "run", "--batch_size", "8",
+                        "--micro_batch_size", "8"))
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "final").exists()
+
+
 SHORT_TEMPLATE = "{response}\n{reference}"  # the paper's template works too; short rows keep the tests fast
 
 
 def sft_args(tmp_path, model_dir, labels, out_dir, *extra):
     (tmp_path / "template.txt").write_text(SHORT_TEMPLATE)
     return ["sft", "--student", model_dir, "--data", str(labels), "--out_dir", str(out_dir),
-            "--template_file", str(tmp_path / "template.txt"), "--system_prompt", "", "--pack", "false",
+            "--verifier_template", str(tmp_path / "template.txt"), "--verifier_system_prompt", "", "--pack", "false",
             "--wandb_mode", "disabled", *extra]
 
 
 class StopAfter:
-    """Stands in for checkpoint.StopSignal: asks the loop to stop after `n` steps, like a SIGTERM would."""
+    """Stands in for checkpoint.StopSignal: asks the loop to stop after `n` steps, as a SIGTERM would."""
     n = 2
 
     def __init__(self):
-        self.calls = 0
+        self.calls, self.received = 0, None
 
     def should_stop(self):
         self.calls += 1
-        return self.calls >= self.n
+        if self.calls >= self.n:
+            self.received = signal.SIGTERM
+        return self.received is not None
 
     def restore(self):
         pass
@@ -217,40 +390,60 @@ class StopAfter:
 def test_sft_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, monkeypatch):
     from safetensors.torch import load_file
 
-    rows = [{**r, "label": int(r["correct"])} for r in data.toy_judge_rows(80, seed=5)]
-    labels = write_jsonl(tmp_path / "labels.jsonl", rows)
+    labels = write_jsonl(tmp_path / "labels.jsonl", labelled_rows(80, seed=5))
     flags = ["--batch_size", "8", "--micro_batch_size", "4", "--epochs", "0.5", "--lr", "1e-3", "--eval_every", "2"]
-    full = TV.main(sft_args(tmp_path, tiny_model_dir, labels, tmp_path / "a", *flags))
-    train, _ = data.split_heldout(TV.read_rows(str(labels), labelled=True), 0.1)
+    full = TV.run(sft_args(tmp_path, tiny_model_dir, labels, tmp_path / "a", *flags))
+    train, _ = data.split_heldout(data.read_judged_rows(str(labels), labelled=True), 0.1)
     assert full["steps"] == -(-len(train) // 16)  # half an epoch at 8 rows per step
     with monkeypatch.context() as m:
         m.setattr(TV.checkpoint, "StopSignal", StopAfter)
-        stopped = TV.main(sft_args(tmp_path, tiny_model_dir, labels, tmp_path / "b", *flags))
-    assert stopped["stopped"] == 2 and not (tmp_path / "b" / "final").exists()
-    resumed = TV.main(sft_args(tmp_path, tiny_model_dir, labels, tmp_path / "b", *flags, "--resume"))
+        stopped = TV.run(sft_args(tmp_path, tiny_model_dir, labels, tmp_path / "b", *flags))
+    assert stopped["stopped"] == signal.SIGTERM and stopped["step"] == 2 and not (tmp_path / "b" / "final").exists()
+    resumed = TV.run(sft_args(tmp_path, tiny_model_dir, labels, tmp_path / "b", *flags, "--resume"))
     assert resumed["before"] == full["before"] and resumed["after"] == full["after"]
     wa, wb = load_file(tmp_path / "a" / "final" / "model.safetensors"), load_file(tmp_path / "b" / "final" / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     w0 = load_file(Path(tiny_model_dir) / "model.safetensors")
     assert any(not torch.equal(wa[k], w0[k]) for k in wa)  # it did train
+    # the metrics of the interrupted and resumed run equal the uninterrupted run's (times aside)
+    def rows(d):
+        return [{k: v for k, v in json.loads(line).items() if k not in ("time", "elapsed") and not k.startswith("time/")}
+                for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert rows(tmp_path / "b") == rows(tmp_path / "a")
 
+
+def test_sigterm_checkpoints_and_exits_with_128_plus_signum(tmp_path, tiny_model_dir):
+    labels = write_jsonl(tmp_path / "labels.jsonl", labelled_rows(40, seed=5))
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train_verifier.py", *sft_args(tmp_path, tiny_model_dir, labels, run,
+                             "--batch_size", "4", "--micro_batch_size", "4", "--epochs", "1000")],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not ((run / "metrics.jsonl").exists() and b'"step": 1,' in (run / "metrics.jsonl").read_bytes()):
+        assert proc.poll() is None and time.monotonic() < deadline, "sft ended before the signal"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM after step" in err and "--resume" in err
+    assert list((run / "checkpoints").glob("step_*")) and not (run / "final").exists()
 
 
 def test_distilled_student_agrees_with_the_teacher_on_heldout_questions(tmp_path):
-    """The CPU distillation demo, shortened: rule:math labels toy rows, the tiny student (warm-started
-    on the toy task) learns YES/NO, and on questions it never saw its agreement with the teacher
-    (Cohen's kappa) rises clearly above the untrained student's (measured: 0.00 -> 0.53)."""
-    root = Path(__file__).resolve().parents[1]
-    template = str(root / "recipes" / "toy_verifier_template.txt")
-    result = TV.main(["sft", "--config", str(root / "recipes" / "verifier_cpu_demo.yaml"), "--epochs", "16",
-                      "--template_file", template, "--out_dir", str(tmp_path / "run"), "--wandb_mode", "disabled"])
+    """The CPU distillation demo, shortened: a rule labels toy rows, the tiny student (warm-started on
+    the toy task) learns YES/NO, and on questions it never saw its agreement with the teacher (Cohen's
+    kappa) rises clearly above the untrained student's (measured: 0.00 -> 0.76 in 268 steps). The teacher
+    is rule:substring here: the student imitates it in far fewer steps than rule:math, whose equivalences
+    (7 = 14/2 = 7.0) it learns late and erratically (kappa 0.20 after 16 epochs, 0.90 after the recipe's 40)."""
+    result = TV.run(["sft", "--config", str(ROOT / "recipes" / "verifier_cpu_demo.yaml"), "--epochs", "12",
+                     "--teacher", "rule:substring", "--verifier_template", str(ROOT / "recipes" / "toy_verifier_template.txt"),
+                     "--out_dir", str(tmp_path / "run"), "--wandb_mode", "disabled"])
     before, after = result["before"]["eval/kappa"] or 0.0, result["after"]["eval/kappa"]
     assert abs(before) < 0.1 and after > before + 0.25, (before, after)
-    # the exported directory is a verifier for reward.py directly: same judgements on the held-out rows
-    labels = [json.loads(line) for line in (tmp_path / "run" / "labels.jsonl").read_text().splitlines()]
-    heldout = {r.question for r in data.split_heldout(data.toy_records(data.TOY_PROBLEMS, 0), 0.1)[1]}
-    rows = [r for r in labels if r["question"] in heldout]
-    student = reward.build_verifier(result["final"], template_file=template, system_prompt="")
-    j = student([r["question"] for r in rows], [r["reference"] for r in rows], [r["response"] for r in rows])
-    assert TV.agreement([r["label"] for r in rows], [int(b) for b in j.binary.tolist()])["kappa"] == \
-        pytest.approx(after, abs=0.05)
+    # the exported directory is a verifier for reward.py directly, with no flags: it carries its settings
+    labels = data.read_judged_rows(str(tmp_path / "run" / "labels.jsonl"), labelled=True)
+    rows = data.split_heldout(labels, 0.1)[1]
+    student = reward.build_verifier(result["final"])
+    j = student([r.question for r in rows], [r.reference for r in rows], [r.response for r in rows])
+    assert reward.agreement([r.label for r in rows], [int(b) for b in j.binary.tolist()])["kappa"] == \
+        pytest.approx(after, abs=1e-9)

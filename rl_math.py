@@ -1,0 +1,215 @@
+"""The RL formulas: small pure functions on flat tensors, each tested against values worked out by hand.
+
+Layout: a batch of N responses is a flat, sequence-major vector of its response tokens (sequence 0's
+tokens, then sequence 1's, ...) plus `lengths` (tokens per response). Per-sequence values (rewards)
+are [N]; per-token values (log-probs, KL, advantages, losses) are [sum(lengths)].
+
+    rewards [N] --shape_advantages--> advantages per token --clipped_pg_loss, aggregate--> loss
+
+Sources: Su et al. 2025 (METHOD.md) for the z-score and the KL in the reward; OpenRLHF 0.6.0
+(the framework the paper ran; commit e13ba176, March 2025, openrlhf/models/utils.py compute_reward,
+experience_maker.py, replay_buffer.py normalize, models/loss.py PolicyLoss) for the per-token
+REINFORCE++ and RLOO, reward clipping and the per-sequence loss mean. Imports none of the project's files.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+NORMS = ("batch", "group", "none")
+ESTIMATORS = ("reinforce", "rloo", "reinforce_pp", "rloo_seq", "reinforce_pp_seq")
+AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum_norm")
+
+
+# ----------------------------------------------------------------------------------------------
+# normalisation: the one place rewards are z-scored
+
+
+def znorm(rewards: Tensor, group_size: int | None = None, eps: float = 1e-6) -> Tensor:
+    """(r - mean) / std over the whole batch (group_size None: the paper) or over each run of
+    `group_size` consecutive samples (GRPO: the samples of one prompt). A set whose std is below
+    `eps` (all equal, or one sample) gets 0: no signal, rather than noise blown up.
+
+    The std is the population std: it is defined for one sample, gives the set unit variance, and
+    differs from the unbiased one (OpenRLHF's group_norm uses torch's default, unbiased) by
+    sqrt((n-1)/n), a scale the learning rate absorbs. Computed in float64 after dividing by the
+    largest |r|, so no finite input gives NaN or inf; NaN or inf input is an error naming its index.
+    """
+    r = rewards.detach().double().cpu().flatten()
+    bad = (~torch.isfinite(r)).nonzero().flatten()
+    if len(bad):
+        raise ValueError(f"znorm: reward at index {bad[0].item()} is {r[bad[0]].item()} "
+                         f"({len(bad)} non-finite value(s)); a verifier or the KL term failed upstream")
+    if r.numel() == 0:
+        return rewards.new_zeros(rewards.shape, dtype=torch.float32)
+    g = r.numel() if group_size is None else group_size
+    if g <= 0 or r.numel() % g:
+        raise ValueError(f"znorm: {r.numel()} rewards do not split into groups of {group_size}")
+    scale = r.abs().max().clamp_min(1e-300)
+    x = (r / scale).view(-1, g)
+    mean = x.mean(-1, keepdim=True)
+    std = x.std(-1, unbiased=False, keepdim=True)
+    ok = (std * scale >= eps) & (g > 1)
+    z = torch.where(ok, (x - mean) / torch.where(ok, std, torch.ones_like(std)), torch.zeros_like(x))
+    return z.view(rewards.shape).float().to(rewards.device)
+
+
+def normalize_rewards(rewards: Tensor, norm: str, group_size: int) -> Tensor:
+    """The paper's z-score over the batch, GRPO's per prompt group, or none."""
+    if norm == "batch":
+        return znorm(rewards)
+    if norm == "group":
+        return znorm(rewards, group_size)
+    if norm == "none":
+        return rewards.float()
+    raise ValueError(f"unknown --reward_norm {norm!r}: {', '.join(NORMS)}")
+
+
+def whiten(x: Tensor, eps: float = 1e-8) -> Tensor:
+    """(x - mean) / std over every element (REINFORCE++: over all response tokens of the batch).
+    As OpenRLHF's replay buffer: population variance, clamped at eps before the inverse sqrt."""
+    x64 = x.double()
+    mean = x64.mean()
+    var = ((x64 - mean) ** 2).mean()
+    return ((x64 - mean) * var.clamp_min(eps).rsqrt()).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# KL estimators (Schulman's k1 and k3), per token
+
+
+def kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """log pi/pi_ref: unbiased for KL(pi || pi_ref) under samples of pi (the KL in the reward)."""
+    return logp - ref_logp
+
+
+def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """exp(ref - logp) - (ref - logp) - 1: non-negative, low variance (GRPO's KL in the loss)."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# per-sequence and per-token helpers
+
+
+def seq_index(lengths: list[int], device=None) -> Tensor:
+    """For each token of the flat layout, the index of its sequence: [0, 0, 0, 1, 1, 2, ...]."""
+    return torch.repeat_interleave(torch.arange(len(lengths), device=device),
+                                   torch.tensor(lengths, device=device))
+
+
+def per_sequence_sum(x: Tensor, lengths: list[int]) -> Tensor:
+    """[N] sums of a flat per-token tensor within each sequence."""
+    out = torch.zeros(len(lengths), dtype=x.dtype, device=x.device)
+    return out.index_add_(0, seq_index(lengths, x.device), x)
+
+
+def leave_one_out(rewards: Tensor, group_size: int) -> Tensor:
+    """RLOO: r_i minus the mean of the other samples of the same prompt."""
+    if group_size < 2:
+        raise ValueError("rloo needs samples_per_prompt >= 2 (the baseline is the other samples' mean)")
+    g = rewards.view(-1, group_size)
+    return (g - (g.sum(1, keepdim=True) - g) / (group_size - 1)).flatten()
+
+
+def token_returns(token_rewards: Tensor, lengths: list[int]) -> Tensor:
+    """Undiscounted return per token, within each sequence: G_t = sum of rewards from t to its end
+    (OpenRLHF get_cumulative_returns with gamma = 1)."""
+    x = token_rewards.double()
+    total = x.cumsum(0)
+    ends = torch.tensor(lengths, device=x.device).cumsum(0) - 1
+    end_of_seq = total[ends][seq_index(lengths, x.device)]
+    return (end_of_seq - total + x).to(token_rewards.dtype)
+
+
+def outcome_token_rewards(seq_rewards: Tensor, kl: Tensor | None, kl_coef: float, lengths: list[int]) -> Tensor:
+    """OpenRLHF compute_reward: -kl_coef * k1 at every token, plus the sequence's reward at its last
+    token (the end-of-sequence token when the response finished)."""
+    out = torch.zeros(sum(lengths), dtype=torch.float32, device=seq_rewards.device)
+    if kl is not None:
+        out = out - kl_coef * kl.float()
+    last = torch.tensor(lengths, device=out.device).cumsum(0) - 1
+    return out.index_add(0, last, seq_rewards.float())
+
+
+# ----------------------------------------------------------------------------------------------
+# reward shaping: rewards (+ KL) -> advantages, in one function
+
+
+def shape_advantages(rewards: Tensor, lengths: list[int], group_size: int, *, norm: str, estimator: str,
+                     kl: Tensor | None = None, kl_coef: float = 0.0, reward_clip: float = 0.0) -> Tensor:
+    """Per-token advantages [sum(lengths)] from one global batch's rewards [N] (prompt-major: the
+    group_size samples of a prompt are consecutive) and, for the KL in the reward, per-token
+    k1 = log pi - log pi_ref [sum(lengths)] (None: no KL).
+
+    1. normalise (the only normalisation of rewards): `batch` z-score (the paper, for every
+       estimator), `group` z-score per prompt (GRPO), or `none`;
+    2. the estimator:
+       reinforce         A = r - kl_coef * sum_t k1, the same for every token (the paper's REINFORCE:
+                         the whole response is one action);
+       rloo_seq          leave-one-out baseline on r - kl_coef * sum_t k1, per sequence;
+       reinforce_pp_seq  r - kl_coef * sum_t k1 whitened over the batch's sequences;
+       rloo              OpenRLHF rloo: r minus the leave-one-out mean, clipped; per-token rewards
+                         (-kl_coef * k1 at each token, r at the last); return per token; whitened
+                         over all response tokens of the batch;
+       reinforce_pp      OpenRLHF reinforce (REINFORCE++): as rloo without the baseline.
+    Rewards are clipped to +-reward_clip (0: off; OpenRLHF's default range is +-10) after the
+    baseline and before the KL, as OpenRLHF's compute_reward does.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown --advantage {estimator!r}: {', '.join(ESTIMATORS)}")
+    if rewards.numel() != len(lengths):
+        raise ValueError(f"shape_advantages: {rewards.numel()} rewards for {len(lengths)} responses")
+    if min(lengths, default=1) < 1:
+        raise ValueError("shape_advantages: every response has at least one token (its end-of-sequence token)")
+    for name, x in (("reward", rewards), ("KL", kl)):
+        if x is not None and not torch.isfinite(x).all():
+            i = (~torch.isfinite(x)).nonzero().flatten()[0].item()
+            raise ValueError(f"shape_advantages: non-finite {name} at index {i} ({x.flatten()[i].item()}); "
+                             "the verifier or the log-probs failed upstream")
+    r = normalize_rewards(rewards, norm, group_size)
+    if estimator == "rloo":
+        r = leave_one_out(r, group_size)
+    if reward_clip > 0:
+        r = r.clamp(-reward_clip, reward_clip)
+    if estimator in ("rloo", "reinforce_pp"):  # per token, as the paper's framework ran them
+        return whiten(token_returns(outcome_token_rewards(r, kl, kl_coef, lengths), lengths))
+    seq = r if kl is None else r - kl_coef * per_sequence_sum(kl.float(), lengths)
+    if estimator == "rloo_seq":
+        seq = leave_one_out(seq, group_size)
+    elif estimator == "reinforce_pp_seq":
+        seq = whiten(seq)
+    return seq[seq_index(lengths, seq.device)]
+
+
+# ----------------------------------------------------------------------------------------------
+# the loss
+
+
+def clipped_pg_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, clip_low: float, clip_high: float):
+    """Per-token PPO loss -min(r A, clip(r, 1-low, 1+high) A), r = exp(logp - old_logp), and the
+    indicators of tokens whose gradient the clip removed (ratio out of range on the side that counts)."""
+    ratio = torch.exp(logp - old_logp)
+    loss = -torch.minimum(ratio * adv, ratio.clamp(1 - clip_low, 1 + clip_high) * adv)
+    clipped_low = (ratio < 1 - clip_low) & (adv < 0)
+    clipped_high = (ratio > 1 + clip_high) & (adv > 0)
+    return loss, ratio, clipped_low, clipped_high
+
+
+def aggregate(per_token: Tensor, seq_len: Tensor, mode: str, n_tokens: float, n_seqs: float,
+              max_new_tokens: int) -> Tensor:
+    """Reduce a flat per-token loss to the scalar whose gradient the optimizer step takes.
+    `seq_len`: for each token, the length of its sequence. The denominators are totals over the
+    whole optimizer step (all micro-batches, all ranks), so accumulation and sharding change nothing.
+      token_mean    sum over tokens / tokens in the step
+      seq_mean      mean over sequences of each sequence's token mean (OpenRLHF 0.6's PolicyLoss)
+      seq_sum_norm  sum over tokens / (sequences * max_new_tokens) (Dr. GRPO)
+    """
+    if mode == "token_mean":
+        return per_token.sum() / n_tokens
+    if mode == "seq_mean":
+        return (per_token / seq_len).sum() / n_seqs
+    if mode == "seq_sum_norm":
+        return per_token.sum() / (n_seqs * max_new_tokens)
+    raise ValueError(f"unknown --loss_agg {mode!r}: {', '.join(AGGREGATIONS)}")

@@ -1,0 +1,147 @@
+"""toy.py: the tiny offline models, the warm start, the toy task and its judged rows, the demo policy."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import data
+import model
+import toy
+
+
+# ----------------------------------------------------------------------------------------- models
+
+def test_tiny_model_loads_with_plain_transformers_and_generates(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    cfg = json.loads((Path(tiny_model_dir) / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen2ForCausalLM"] and cfg["head_dim"] == 64
+    assert (Path(tiny_model_dir) / "model.safetensors").exists()
+    text = tok.apply_chat_template([{"role": "user", "content": "What is 3 + 4?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text == "<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n<|im_start|>assistant\n"
+    ids = tok(text, return_tensors="pt")
+    out = lm.generate(**ids, max_new_tokens=5, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+    for word in ("YES", "NO"):  # the verifier's judgement tokens are single tokens
+        assert len(tok.encode(word, add_special_tokens=False)) == 1
+    # any text encodes (byte-level), including the real data's Chinese
+    assert tok.decode(tok.encode("答案是 Western blot", add_special_tokens=False)) == "答案是 Western blot"
+
+
+def test_tiny_model_is_deterministic_and_cached(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    again = toy.build_tiny_model(str(tmp_path / "again"), seed=0)
+    a, b = load_file(Path(tiny_model_dir) / "model.safetensors"), load_file(Path(again) / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other = load_file(Path(toy.build_tiny_model(str(tmp_path / "other"), seed=1)) / "model.safetensors")
+    assert not all(torch.equal(a[k], other[k]) for k in a)
+    mtime = (Path(again) / "model.safetensors").stat().st_mtime
+    assert toy.build_tiny_model(str(tmp_path / "again"), seed=0) == again  # cached: not rebuilt
+    assert (Path(again) / "model.safetensors").stat().st_mtime == mtime
+
+
+def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("RLVR_CACHE", str(tmp_path))
+    assert toy.cache_root() == tmp_path
+    monkeypatch.delenv("RLVR_CACHE")
+    assert toy.cache_root() == Path.home() / ".cache" / "rlvr_recipe"
+
+
+def test_cli_builds_a_model(tmp_path):
+    out = subprocess.run([sys.executable, str(Path(toy.__file__)), "tiny", "--out", str(tmp_path / "m")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "m" / "config.json").exists() and out.stdout.strip().endswith("m")
+
+
+def test_warm_start_lowers_the_loss(tiny_model_dir):
+    tok, lm = model.load_tokenizer(tiny_model_dir), model.load_model(tiny_model_dir)
+    pairs = [([{"role": "user", "content": f"What is {a} + 1?"}], f"Therefore, the answer is {a + 1}.")
+             for a in range(8)]
+    losses = toy.supervised_warm_start(lm, tok, pairs, steps=30, seed=0, batch_size=8, lr=3e-3)
+    assert math.isfinite(losses[-1]) and sum(losses[-5:]) / 5 < 0.5 * losses[0]
+
+
+def test_tiny_policy_keeps_the_demo_settings(monkeypatch, tmp_path):
+    # Pinned: the cache directory of train_rl's default demo policy (seed 0, 10% held out) is a hash of
+    # its settings (warm-start pairs, 200 steps, sizes), so a change here would silently change the demo.
+    spec = {"hidden": 128, "layers": 4, "seed": 0, "sft": "29152cc848e9", "sft_steps": 200, "v": 1, "vocab": 1024}
+    cached = tmp_path / "tiny-83f4a09174e9"
+    cached.mkdir()
+    (cached / "config.json").write_text("{}")
+    (cached / "rlvr_tiny.json").write_text(json.dumps(spec))
+    monkeypatch.setenv("RLVR_CACHE", str(tmp_path))
+    assert toy.tiny_policy(seed=0, heldout_fraction=0.1) == str(cached)  # found in the cache: nothing built
+    calls = []
+    monkeypatch.setattr(toy, "build_tiny_model", lambda **kw: calls.append(kw) or "built")
+    assert toy.tiny_policy(seed=3, heldout_fraction=0.2) == "built"
+    assert calls == [{"seed": 3, "sft_pairs": toy.sft_pairs(400, seed=1, heldout_fraction=0.2),
+                      "sft_steps": toy.WARM_START_STEPS}]
+
+
+# --------------------------------------------------------------------------------------- the task
+
+def test_records():
+    a = toy.records(toy.PROBLEMS, seed=0)
+    assert a == toy.records(180, seed=0) and a != toy.records(180, seed=1)
+    assert len({r.question for r in a}) == 180  # every problem once before any repeats
+    assert {r.meta["subject"] for r in a} == {"larger", "smaller"}
+    for r in a:
+        x, y = (int(t) for t in r.question.rstrip("?").split(", ")[1].split(" or "))
+        assert x != y and int(r.reference) == (max(x, y) if "larger" in r.question else min(x, y))
+        assert r.messages == [{"role": "system", "content": toy.SYSTEM_PROMPT},
+                              {"role": "user", "content": r.question}]
+    assert len(toy.records(400, seed=0)) == 400
+    assert toy.records(2, seed=0, system_prompt="")[0].messages == [{"role": "user", "content": a[0].question}]
+
+
+def test_answer_forms_equivalent_under_math_verify():
+    from math_verify import parse, verify
+
+    assert toy.answer_forms(7) == ["7", "7.0", "14/2"]
+    assert toy.response("14/2") == "Therefore, the answer is 14/2."
+    for value in range(19):
+        for form in toy.answer_forms(value):
+            assert verify(parse(str(value)), parse(toy.response(form))), (value, form)
+        assert not verify(parse(str(value)), parse(toy.response(str(value + 1))))
+
+
+def test_sft_pairs():
+    pairs = toy.sft_pairs(200, seed=0)
+    assert pairs == toy.sft_pairs(200, seed=0)
+    records = toy.records(200, seed=0)
+    forms = {"plain": 0, "other": 0}
+    for (messages, response), r in zip(pairs, records):
+        assert messages == r.messages
+        answer = response.removeprefix("Therefore, the answer is ").removesuffix(".")
+        assert answer in toy.answer_forms(int(r.reference))
+        forms["plain" if answer == r.reference else "other"] += 1
+    assert forms["plain"] > forms["other"] > 20
+
+
+def test_sft_pairs_leave_out_the_heldout_questions():
+    heldout = {r.question for r in data.split_heldout(toy.records(400, seed=1), 0.1)[1]}
+    pairs = toy.sft_pairs(400, seed=1, heldout_fraction=0.1)
+    assert heldout and len(pairs) == 400 - sum(r.question in heldout for r in toy.records(400, seed=1))
+    assert not {m[-1]["content"] for m, _ in pairs} & heldout
+
+
+def test_judge_rows():
+    from math_verify import parse, verify
+
+    rows = toy.judge_rows(200, seed=0)
+    assert rows == toy.judge_rows(200, seed=0)
+    assert all(isinstance(r, data.JudgedRow) and r.teacher_p_yes is None for r in rows)
+    assert sum(r.label for r in rows) == 100
+    for r in rows:
+        assert verify(parse(r.reference), parse(r.response)) == bool(r.label)
+    # the traps that separate verifiers: correct but not a substring, wrong but a substring
+    assert any(r.label and r.reference not in r.response for r in rows)
+    assert any(not r.label and r.reference in r.response for r in rows)
