@@ -31,6 +31,7 @@ def parse_config(classes: tuple, argv: list[str] | None = None, prog: str | None
 
     argv = sys.argv[1:] if argv is None else argv
     parser = HfArgumentParser(classes, prog=prog)
+    parser.error = _raise  # argparse would print the whole usage first: one line is enough
     known, _ = parser.parse_known_args(argv)
     if getattr(known, "config", ""):
         path = Path(known.config)
@@ -46,10 +47,12 @@ def parse_config(classes: tuple, argv: list[str] | None = None, prog: str | None
         if unknown:
             raise ConfigError(f"--config {path}: unknown fields {sorted(unknown)}; see --help for the flags")
         parser.set_defaults(**(values or {}))
-    parsed = parser.parse_args_into_dataclasses(argv)
+    *parsed, unknown_flags = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    if unknown_flags:
+        raise ConfigError(f"unrecognised arguments: {' '.join(unknown_flags)} (see --help for the flags)")
     for instance in parsed:
         check_choices(instance)
-    return parsed
+    return tuple(parsed)
 
 
 def check_choices(instance) -> None:
@@ -78,6 +81,10 @@ def exit_on_error(prog: str, error: Exception) -> typing.NoReturn:
     """The one-line message a user sees for a bad flag, with argparse's exit status (2)."""
     print(f"{prog}: error: {error}", file=sys.stderr)
     sys.exit(2)
+
+
+def _raise(message: str) -> typing.NoReturn:
+    raise ConfigError(message)
 
 
 def _yaml(text: str) -> dict:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -127,6 +128,10 @@ def _json_rows(path: Path, where: str, may_be_list: bool) -> Iterator[tuple[int,
             try:
                 yield line_number, json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                if not line.endswith(b"\n"):  # the last line, torn by a crash of the writer: not a row yet
+                    print(f"[data] warning: {where}, row {line_number}: skipping a last line torn by a crash "
+                          f"({line[:60]!r})", file=sys.stderr)
+                    return
                 yield line_number, DataError(f"{where}, row {line_number}: not valid JSON ({e})")
 
 

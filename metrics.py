@@ -79,7 +79,7 @@ def _redact(text: str, environ=os.environ) -> str:
 # ----------------------------------------------------------------------------------------------
 # append-only JSONL files (metrics, samples, rollouts, audits): durable appends, repair, rewind
 
-def append_jsonl(path: str, rows: list[dict]) -> None:
+def append_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
     """Append rows as JSON lines in one write, then flush and fsync: a crash can tear only the last
     line, which `read_jsonl` cuts off."""
     if not rows:
@@ -90,7 +90,7 @@ def append_jsonl(path: str, rows: list[dict]) -> None:
         os.fsync(f.fileno())
 
 
-def _lines(path: str) -> list[tuple[bytes, dict]]:
+def _lines(path: str | os.PathLike) -> list[tuple[bytes, dict]]:
     """Each line of a JSONL file (with its newline) and its row. A last line torn by a crash (no
     trailing newline, or not a JSON object) is cut off the file, with a warning; a bad line anywhere
     else is a ValueError naming the file and row."""
@@ -119,15 +119,16 @@ def _lines(path: str) -> list[tuple[bytes, dict]]:
     return out
 
 
-def read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The rows of a JSONL file, after cutting off a last line torn by a crash (see `_lines`)."""
     return [row for _, row in _lines(path)]
 
 
-def rewind_jsonl(path: str, step: int) -> int:
+def rewind_jsonl(path: str | os.PathLike, step: int) -> int:
     """Cut a JSONL file back to its rows with row["step"] <= step (a torn last line is cut first);
     returns how many rows were dropped. A missing file has none. The kept lines are written byte for
     byte to a temporary file that os.replace puts in place: a crash leaves the old file or the new."""
+    path = os.fspath(path)
     if not os.path.exists(path):
         return 0
     lines = _lines(path)

@@ -213,3 +213,56 @@ def aggregate(per_token: Tensor, seq_len: Tensor, mode: str, n_tokens: float, n_
     if mode == "seq_sum_norm":
         return per_token.sum() / (n_seqs * max_new_tokens)
     raise ValueError(f"unknown --loss_agg {mode!r}: {', '.join(AGGREGATIONS)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# rollout correction: the sampler's log-probs are not the trainer's (another engine, or stale weights)
+
+CORRECTIONS = ("none", "tis", "mask")
+
+
+def importance_weights(old_logp: Tensor, behaviour_logp: Tensor, mode: str,
+                       threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token weights for the policy-gradient loss when the responses were sampled by a behaviour
+    policy (the vLLM engine's numerics, or weights a step old) while the loss's ratio is taken against
+    the trainer's own log-probs (old_logp). Returns (weights, ratio pi_old / pi_behaviour, which tokens
+    the correction changed: capped or masked).
+      tis   min(ratio, threshold): truncated importance sampling (Yao et al. 2025, as verl and
+            OpenRLHF later adopted), unbiased up to the truncation
+      mask  1 where 1/threshold <= ratio <= threshold, else 0: a token the two policies disagree on
+            that much is dropped instead of reweighted
+      none  1 everywhere (the mismatch is ignored)"""
+    ratio = torch.exp(old_logp - behaviour_logp)
+    if mode == "tis":
+        return ratio.clamp(max=threshold), ratio, ratio > threshold
+    if mode == "mask":
+        keep = (ratio >= 1 / threshold) & (ratio <= threshold)
+        return keep.to(ratio.dtype), ratio, ~keep
+    if mode == "none":
+        return torch.ones_like(ratio), ratio, torch.zeros_like(ratio, dtype=torch.bool)
+    raise ValueError(f"unknown --rollout_correction {mode!r}: {', '.join(CORRECTIONS)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# micro-batches
+
+
+def micro_batches(idx: list[int], tokens: list[int], max_rows: int, max_tokens: int = 0) -> list[list[int]]:
+    """Split one minibatch (sequence indices `idx`, `tokens[i]` = prompt + response length) into the
+    micro-batches of gradient accumulation: `max_rows` sequences each in order, or, with max_tokens,
+    first-fit decreasing into micro-batches of at most `max_tokens` tokens (a longer sequence goes
+    alone), so a micro-batch of short sequences holds many and one of long ones few. The loss denominators are
+    global, so any split gives the same gradient."""
+    if max_tokens <= 0:
+        return [idx[s:s + max_rows] for s in range(0, len(idx), max_rows)]
+    out: list[list[int]] = []
+    loads: list[int] = []
+    for i in sorted(idx, key=lambda i: -tokens[i]):  # first-fit decreasing
+        fit = next((b for b, load in enumerate(loads) if load + tokens[i] <= max_tokens), None)
+        if fit is None:
+            out.append([])
+            loads.append(0)
+            fit = len(out) - 1
+        out[fit].append(i)
+        loads[fit] += tokens[i]
+    return out

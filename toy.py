@@ -267,7 +267,7 @@ def tiny_verifier(seed: int) -> str:
             print(f"[toy] distilling the tiny verifier (once; cached in {out}):\n  {' '.join(cmd)}", flush=True)
             # a process of its own, not a rank of this run's process group
             env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_ENV)}
-            if subprocess.run(cmd, env=env).returncode != 0:
+            if subprocess.run(cmd, env=env, cwd=script.parent).returncode != 0:  # the recipe names repo files
                 raise RuntimeError(f"distilling the tiny verifier failed (see above); command: {' '.join(cmd)}")
         path = str(out / "final")
     return distributed.broadcast_object(path)

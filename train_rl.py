@@ -97,6 +97,13 @@ class Config:
     ppo_epochs: int = field(default=1, metadata={"help": "passes over each rollout batch"})
     minibatches: int = field(default=1, metadata={"help": "optimizer steps per pass (OpenRLHF: rollout batch / train batch)"})
     micro_batch_size: int = field(default=32, metadata={"help": "sequences per forward/backward (gradient accumulation)"})
+    max_tokens_per_micro_batch: int = field(default=0, metadata={
+        "help": "if > 0: micro-batches by a token budget instead of --micro_batch_size (longest first; "
+                "many short sequences or few long ones per forward)"})
+    rollout_correction: Literal["none", "tis", "mask"] = field(default="none", metadata={
+        "help": "when the sampler is not the trainer (--rollout_engine vllm): per-token weights pi_old / pi_sampler, "
+                "truncated at --correction_threshold (tis) or tokens outside [1/threshold, threshold] dropped (mask)"})
+    correction_threshold: float = field(default=2.0, metadata={"help": "the cap (tis) or the band (mask)"})
     pack: bool = field(default=True, metadata={"help": "padding-free packed rows for log-probs and training"})
     logprob_chunk: int = field(default=1024, metadata={"help": "tokens per chunk of the vocabulary projection"})
     # optimisation
@@ -157,6 +164,10 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
     req(0 < cfg.clip_low < 1, "clip_low", cfg.clip_low, "must be in (0, 1)")
     req(cfg.clip_high > 0, "clip_high", cfg.clip_high, "must be > 0")
     req(cfg.reward_clip >= 0, "reward_clip", cfg.reward_clip, "must be >= 0 (0: off)")
+    req(cfg.max_tokens_per_micro_batch >= 0, "max_tokens_per_micro_batch", cfg.max_tokens_per_micro_batch, "must be >= 0")
+    req(cfg.correction_threshold > 1, "correction_threshold", cfg.correction_threshold, "must be > 1")
+    req(cfg.rollout_correction == "none" or cfg.rollout_engine == "vllm", "rollout_correction", cfg.rollout_correction,
+        "needs a sampler other than the trainer (--rollout_engine vllm); with hf the trainer samples itself")
     req(0 <= cfg.warmup_ratio < 1, "warmup_ratio", cfg.warmup_ratio, "must be in [0, 1)")
     req(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", cfg.min_lr_ratio, "must be in [0, 1]")
     req(cfg.max_grad_norm > 0, "max_grad_norm", cfg.max_grad_norm, "must be > 0")
@@ -271,22 +282,42 @@ def policy_update(policy, optimizer, scheduler, batch: Batch, cfg: Config, step:
     # global token and sequence counts of every minibatch, in one collective: the loss denominators
     counts = distributed.all_sum(torch.tensor([[sum(len(batch.responses[i]) for i in mb), len(mb)]
                                                for mb in minibatches], dtype=torch.float64))
+    tokens = [len(p) + len(r) for p, r in zip(batch.prompts, batch.responses)]
+    plans = [rl_math.micro_batches(mb, tokens, cfg.micro_batch_size, cfg.max_tokens_per_micro_batch) for mb in minibatches]
+    # FSDP gathers and reduces inside every forward/backward: all ranks run as many, padding with empty ones
+    calls = distributed.all_max(torch.tensor([len(p) for p in plans])).tolist()
+    plans = [p + [[]] * (c - len(p)) for p, c in zip(plans, calls)]
     sums = dict.fromkeys(("loss", "tokens", "clip_low", "clip_high", "ratio", "kl_k3", "entropy", "entropy_tokens",
-                          "skipped", "engine_gap"), 0.0)
-    sums["engine_gap_max"] = 0.0
+                          "skipped", "engine_gap", "is_ratio", "is_corrected"), 0.0)
+    sums["engine_gap_max"] = sums["is_ratio_max"] = 0.0
     grad_norm = 0.0
     policy.train()
-    for k, mb in enumerate(minibatches):
+    for k, plan in enumerate(plans):
         first_pass = k < cfg.minibatches
         with_entropy = batch.old_logp is None and first_pass
         n_tok, n_seq = counts[k].tolist()
         loss_sum = 0.0
-        for s in range(0, len(mb), cfg.micro_batch_size):
-            idx = mb[s:s + cfg.micro_batch_size]
+        for idx in plan:
+            if not idx:  # this rank has fewer micro-batches: a forward/backward that adds nothing
+                lp, _ = forward_logprobs(policy, [[0]], [[0]], [0], cfg, device)
+                (lp.sum() * 0).backward()
+                continue
             lp, ent = forward_logprobs(policy, batch.prompts, batch.responses, idx, cfg, device, with_entropy)
             old = lp.detach() if batch.old_logp is None else batch.take(batch.old_logp, idx)
             adv = batch.take(batch.advantages, idx)
             per_token, ratio, cl, ch = rl_math.clipped_pg_loss(lp, old, adv, cfg.clip_low, cfg.clip_high)
+            if batch.behaviour_logp is not None:  # the sampler's log-probs vs the trainer's
+                behaviour = batch.take(batch.behaviour_logp, idx).to(device)
+                weight, is_ratio, corrected = rl_math.importance_weights(old, behaviour, cfg.rollout_correction,
+                                                                         cfg.correction_threshold)
+                per_token = per_token * weight
+                if first_pass:
+                    gap = (old - behaviour).abs()
+                    sums["engine_gap"] += gap.sum().item()
+                    sums["engine_gap_max"] = max(sums["engine_gap_max"], gap.max().item())
+                    sums["is_ratio"] += is_ratio.sum().item()
+                    sums["is_ratio_max"] = max(sums["is_ratio_max"], is_ratio.max().item())
+                    sums["is_corrected"] += corrected.sum().item()
             if batch.ref_logp is not None:
                 k3 = rl_math.kl_k3(lp, batch.take(batch.ref_logp, idx))
                 per_token = per_token + cfg.kl_coef * k3
@@ -302,10 +333,6 @@ def policy_update(policy, optimizer, scheduler, batch: Batch, cfg: Config, step:
             if with_entropy:
                 sums["entropy"] += ent.sum().item()
                 sums["entropy_tokens"] += len(ent)
-            if batch.behaviour_logp is not None and first_pass:  # the engine's log-probs vs the trainer's
-                gap = (old - batch.take(batch.behaviour_logp, idx).to(device)).abs()
-                sums["engine_gap"] += gap.sum().item()
-                sums["engine_gap_max"] = max(sums["engine_gap_max"], gap.max().item())
         norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
         if torch.isfinite(norm):  # the norm is global, so every rank takes the same branch
             optimizer.step()
@@ -332,12 +359,13 @@ def step_record(ro: rollout.Rollout, judged: reward.Judgement, used: torch.Tenso
             "truncated": float(sum(ro.truncated)), "length": float(sum(ro.lengths))}
     for name, j in logged.items():
         sums[f"{name}/binary"], sums[f"{name}/soft"] = j.binary.sum().item(), j.soft.sum().item()
-    sums.update({f"update/{k}": v for k, v in update.items() if k not in ("grad_norm", "engine_gap_max")})
+    sums.update({f"update/{k}": v for k, v in update.items() if k not in ("grad_norm", "engine_gap_max", "is_ratio_max")})
     rows = [{"step": step, "question": r.question, "reference": r.reference, "response": t,
              "reward": float(used[i]), "p_yes": float(judged.p_yes[i])}
             for i, (r, t) in enumerate(zip(ro.records, ro.texts))]
     return {"n": len(ro.responses), "sums": sums, "length_max": max(ro.lengths),
-            "gap_max": update["engine_gap_max"], "grad_norm": update["grad_norm"], "rows": rows}
+            "gap_max": update["engine_gap_max"], "is_ratio_max": update["is_ratio_max"], "grad_norm": update["grad_norm"],
+            "rows": rows}
 
 
 def reduce_step(parts: list[dict], rewards: torch.Tensor, logged_names: list[str], updates: int, cfg: Config) -> dict:
@@ -357,9 +385,12 @@ def reduce_step(parts: list[dict], rewards: torch.Tensor, logged_names: list[str
         m["kl/k3"] = s["update/kl_k3"] / max(1.0, s["update/tokens"])
     for name in logged_names:
         m[f"reward/{name}/binary_mean"], m[f"reward/{name}/soft_mean"] = s[f"{name}/binary"] / n, s[f"{name}/soft"] / n
-    if any(p["gap_max"] for p in parts) or s["update/engine_gap"]:
+    if any(p["gap_max"] for p in parts) or s["update/engine_gap"]:  # a sampler other than the trainer
         m["rollout/engine_logprob_gap_mean"] = s["update/engine_gap"] / tokens
         m["rollout/engine_logprob_gap_max"] = max(p["gap_max"] for p in parts)
+        m["rollout/is_ratio_mean"] = s["update/is_ratio"] / tokens
+        m["rollout/is_ratio_max"] = max(p["is_ratio_max"] for p in parts)
+        m["rollout/corrected_frac"] = s["update/is_corrected"] / tokens
     return m
 
 
@@ -697,6 +728,10 @@ def main() -> None:
         result = train(cfg, vopts)
     except config.ConfigError as e:
         config.exit_on_error("train_rl.py", e)
+    except (reward.VerifierError, data.DataError, checkpoint.CheckpointError, NonFiniteError) as e:
+        # the message names the endpoint, file, row or step: a traceback would only bury it
+        print(f"train_rl.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
     finally:
         distributed.shutdown()
     if int(os.environ.get("RANK", 0)) != 0 or "history" not in result:

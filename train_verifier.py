@@ -2,7 +2,7 @@
 `eval` (agreement, calibration, master keys, speed). How the paper built RM-7B: a large judge labels
 responses sampled during RL, and a compact model is fine-tuned to say YES or NO.
 
-    python train_verifier.py sft --config recipes/verifier_cpu_demo.yaml   # CPU demo, about two minutes
+    python train_verifier.py sft --config recipes/verifier_cpu_demo.yaml   # CPU demo, 2-4 minutes
     python train_verifier.py label --data runs/demo/rollouts.jsonl --teacher http://judge:8000 --out labels.jsonl
     torchrun --nproc_per_node 8 train_verifier.py sft --config recipes/verifier_paper.yaml
     python train_verifier.py eval --verifier runs/verifier/final --data labelled.jsonl
@@ -200,7 +200,7 @@ def label_rows(get_teacher, rows: list[data.JudgedRow], out: Path, rows_per_writ
 
     out.parent.mkdir(parents=True, exist_ok=True)
     known = {}
-    for n, line in enumerate(metrics.read_jsonl(str(out)) if out.exists() else [], 1):
+    for n, line in enumerate(metrics.read_jsonl(out) if out.exists() else [], 1):
         if not isinstance(line.get("id"), str) or "label" not in line:
             raise data.DataError(f"{out}, row {n}: not a labelled row (needs 'id' and 'label'); fix or remove the file")
         known[line["id"]] = line
@@ -211,7 +211,7 @@ def label_rows(get_teacher, rows: list[data.JudgedRow], out: Path, rows_per_writ
         j = get_teacher()([r.question for r in batch], [r.reference for r in batch], [r.response for r in batch])
         lines = [r.to_json() | {"label": int(b), "teacher_p_yes": p} for r, b, p in
                  zip(batch, j.binary.tolist(), j.p_yes.tolist())]
-        metrics.append_jsonl(str(out), lines)
+        metrics.append_jsonl(out, lines)
         known.update((line["id"], line) for line in lines)
     return [dataclasses.replace(r, label=data.parse_label(known[r.id]["label"], str(out)),
                                 teacher_p_yes=known[r.id].get("teacher_p_yes")) for r in distinct]

@@ -360,6 +360,10 @@ def test_judged_rows_file_errors(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataError, match="empty.jsonl: no rows"):
         data.read_judged_rows(str(tmp_path / "empty.jsonl"))
+    # a last line torn by a crash of the writer (rollouts.jsonl of a killed run) is skipped, not an error...
     (tmp_path / "torn.jsonl").write_text('{"question": "q", "reference": "r", "response": "a"}\n{"quest')
-    with pytest.raises(DataError, match="torn.jsonl, row 2: not valid JSON"):
-        data.read_judged_rows(str(tmp_path / "torn.jsonl"))
+    assert [r.question for r in data.read_judged_rows(str(tmp_path / "torn.jsonl"))] == ["q"]
+    # ... but a bad line with a newline after it is damage, named by its row
+    (tmp_path / "bad.jsonl").write_text('{"quest\n{"question": "q", "reference": "r", "response": "a"}\n')
+    with pytest.raises(DataError, match="bad.jsonl, row 1: not valid JSON"):
+        data.read_judged_rows(str(tmp_path / "bad.jsonl"))

@@ -117,13 +117,10 @@ def test_load_weights_follows_the_policy(worker, tiny_model_dir):
 
 
 def test_train_rl_with_vllm_rollouts(tiny_model_dir, tmp_path):
-    import train_rl
-
-    if "rollout_engine" not in train_rl.Config.__dataclass_fields__:
-        pytest.skip("train_rl.py has no --rollout_engine yet (the lead's integration of vllm_engine.py)")
     out = tmp_path / "run"
     proc = subprocess.run(
         [VLLM_PYTHON, str(ROOT / "train_rl.py"), "--rollout_engine", "vllm", "--policy", tiny_model_dir,
+         "--verifier", "rule:math", "--rollout_correction", "tis", "--audit_verifier", "",
          "--steps", "2", "--prompts_per_step", "2", "--samples_per_prompt", "4", "--max_new_tokens", "8",
          "--eval_every", "0", "--eval_prompts", "4", "--out_dir", str(out), "--wandb_mode", "disabled"],
         env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -134,7 +131,7 @@ def test_train_rl_with_vllm_rollouts(tiny_model_dir, tmp_path):
     for s in steps:
         assert 0.0 <= s["reward/mean"] <= 1.0 and 0.0 <= s["reward/binary_mean"] <= 1.0
         assert 1 <= s["response/length_mean"] <= 8
-        if "rollout/engine_logprob_gap_max" in s:
-            assert s["rollout/engine_logprob_gap_max"] < LOGPROB_TOL
+        assert s["rollout/engine_logprob_gap_max"] < LOGPROB_TOL
+        assert abs(s["rollout/is_ratio_mean"] - 1) < 1e-3 and s["rollout/corrected_frac"] == 0  # same weights
     rows = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 2 * 4 and all(0.0 <= r["reward"] <= 1.0 for r in rows)

@@ -25,6 +25,7 @@ SAMPLES = 3  # per prompt, with distinct seeds
 
 def main(model_dir: str, out_dir: str) -> None:
     import model as M
+    import toy
     from vllm_engine import VLLMEngine
 
     tok = M.load_tokenizer(model_dir)
@@ -52,7 +53,7 @@ def main(model_dir: str, out_dir: str) -> None:
     # model B: a few optimizer steps on the policy in memory, then pushed into the engine
     policy = M.load_model(model_dir)
     pairs = [(c, "7") for c in chats]
-    M.supervised_warm_start(policy, tok, pairs, steps=25, seed=0, batch_size=8, lr=3e-3)
+    toy.supervised_warm_start(policy, tok, pairs, steps=25, seed=0, batch_size=8, lr=3e-3)
     policy.save_pretrained(os.path.join(out_dir, "model_b"), safe_serialization=True)  # for the parent only
     t = time.perf_counter()
     engine.load_weights(policy)
@@ -70,7 +71,7 @@ def main(model_dir: str, out_dir: str) -> None:
     run("b_fsdp", 0.7, seeds)
 
     with open(os.path.join(out_dir, "runs.json"), "w") as f:
-        json.dump({"prompts": prompts, "seeds": seeds, "eos": engine.eos, "vocab_size": engine.vocab_size,
+        json.dump({"prompts": prompts, "seeds": seeds, "eos": engine.eos, "vocab_size": policy.config.vocab_size,
                    "max_new_tokens": MAX_NEW_TOKENS, "startup_s": engine.startup_s, "load_weights_s": load_s,
                    "fsdp_param_type": dtensor, "runs": runs}, f)
 

@@ -1,0 +1,56 @@
+"""train_rl.py's main() with one fault injected at a chosen step (tests/test_faults.py):
+    FAULT=kill_in_update|kill_in_checkpoint|sigterm_group_in_reward FAULT_STEP=N python fault_runner.py FLAGS...
+kill_*: SIGKILL this process (no clean-up runs, as with kill -9 or an OOM killer) in the update of step N
+or between writing checkpoint N's shards and committing it. sigterm_group_in_reward: SIGTERM to this
+process's whole group in step N's reward phase (what torchrun does on pre-emption)."""
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import checkpoint  # noqa: E402
+import rollout  # noqa: E402
+import train_rl  # noqa: E402
+
+FAULT, AT = os.environ["FAULT"], int(os.environ["FAULT_STEP"])
+
+
+def kill_in_update(original):
+    def update(policy, optimizer, scheduler, batch, cfg, step, device):
+        if step + 1 == AT:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(policy, optimizer, scheduler, batch, cfg, step, device)
+    return update
+
+
+def kill_in_checkpoint(original):
+    def commit(root, tmp, final):
+        if final.endswith(f"step_{AT:08d}"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(root, tmp, final)
+    return commit
+
+
+def sigterm_group_in_reward(original):
+    calls = []
+
+    def judge(verifier, ro, step, cfg):
+        if step + 1 == AT and not calls:
+            calls.append(step)
+            os.killpg(os.getpgid(0), signal.SIGTERM)
+        return original(verifier, ro, step, cfg)
+    return judge
+
+
+if FAULT == "kill_in_update":
+    train_rl.policy_update = kill_in_update(train_rl.policy_update)
+elif FAULT == "kill_in_checkpoint":
+    checkpoint._commit = kill_in_checkpoint(checkpoint._commit)
+elif FAULT == "sigterm_group_in_reward":
+    rollout.judge = sigterm_group_in_reward(rollout.judge)
+else:
+    sys.exit(f"unknown FAULT {FAULT!r}")
+sys.argv[0] = str(Path(train_rl.__file__))
+train_rl.main()

@@ -1,0 +1,125 @@
+"""Fault injection on train_rl.py, run as a user runs it: each case gives a clear error, or a result
+equal to an undisturbed run (issue 13). The faults are injected by tests/fault_runner.py."""
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_remote import FakeVLLM
+from test_train_rl import flags, run, step_rows, weights
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 4
+
+
+def faulted(fault, at, args, timeout=300):
+    """train_rl.py in a session of its own (its own process group) with FAULT injected at step `at`."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", FAULT=fault, FAULT_STEP=str(at))
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "fault_runner.py")] + args, capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=ROOT, start_new_session=True)
+
+
+def outputs(out_dir):
+    d = Path(out_dir)
+    return step_rows(d), {name: (d / name).read_text() for name in ("rollouts.jsonl", "samples.jsonl", "audit.jsonl")
+                          if (d / name).exists()}
+
+
+def assert_same_run(a, b):
+    (rows_a, files_a), (rows_b, files_b) = outputs(a), outputs(b)
+    assert [r["step"] for r in rows_b] == list(range(1, STEPS + 1))
+    for x, y in zip(rows_a, rows_b):
+        assert x == pytest.approx(y, abs=1e-6)
+    assert files_a == files_b
+    wa, wb = weights(a), weights(b)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0, msg=k)
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_model_dir, tmp_path_factory):
+    """The undisturbed run every recovered run must equal."""
+    out = tmp_path_factory.mktemp("straight")
+    run(flags(tiny_model_dir, out, STEPS, save_every=1, log_verifiers="rule:math"))
+    return out
+
+
+def test_killed_in_an_update_then_resumed_equals_the_undisturbed_run(tiny_model_dir, straight, tmp_path):
+    args = flags(tiny_model_dir, tmp_path, STEPS, save_every=1, log_verifiers="rule:math")
+    out = faulted("kill_in_update", 3, args)
+    assert out.returncode == -signal.SIGKILL
+    run(args + ["--resume"])
+    assert_same_run(straight, tmp_path)
+
+
+def test_killed_between_checkpoint_write_and_commit_falls_back(tiny_model_dir, straight, tmp_path):
+    args = flags(tiny_model_dir, tmp_path, STEPS, save_every=1, log_verifiers="rule:math")
+    out = faulted("kill_in_checkpoint", 3, args)
+    assert out.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step")) == \
+        ["step_00000001", "step_00000002", "step_00000003.tmp"]
+    resumed = run(args + ["--resume"])
+    assert "resumed from step 2" in resumed.stdout
+    assert_same_run(straight, tmp_path)
+
+
+def test_damaged_latest_checkpoint_warns_names_the_file_and_falls_back(tiny_model_dir, straight, tmp_path):
+    args = flags(tiny_model_dir, tmp_path, STEPS, save_every=1, log_verifiers="rule:math")
+    assert faulted("kill_in_update", 4, args).returncode == -signal.SIGKILL  # checkpoints 1..3 are on disk
+    shard = next((tmp_path / "checkpoints" / "step_00000003").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])
+    resumed = run(args + ["--resume"])
+    assert shard.name in resumed.stderr and "step_00000003" in resumed.stderr
+    assert "resumed from step 2" in resumed.stdout
+    assert_same_run(straight, tmp_path)
+
+
+def test_sigterm_to_the_process_group_in_the_reward_phase(tiny_model_dir, straight, tmp_path):
+    """torchrun forwards SIGTERM to the whole group: the math-verify workers (in their own session)
+    keep judging, the step finishes, a checkpoint is saved, and the exit status says 'stopped'."""
+    args = flags(tiny_model_dir, tmp_path, STEPS, save_every=1, log_verifiers="rule:math")
+    out = faulted("sigterm_group_in_reward", 2, args)
+    assert out.returncode == 128 + signal.SIGTERM, out.stderr[-3000:]
+    assert "--resume" in out.stderr.splitlines()[-1]
+    assert (tmp_path / "checkpoints" / "step_00000002" / "trainer.pt").exists()
+    run(args + ["--resume"])
+    assert_same_run(straight, tmp_path)
+
+
+@pytest.mark.parametrize("mode, message", [("omit", "no valid log-probability for judgement token"),
+                                           ("hang", "timed out"), ("cut", "IncompleteRead")])
+def test_a_failing_verifier_server_stops_the_run_with_a_clear_error(mode, message, tiny_model_dir, tmp_path):
+    import model
+
+    tok = model.load_tokenizer(tiny_model_dir)
+    yes, no = (tok.encode(w, add_special_tokens=False)[0] for w in ("YES", "NO"))
+    server = FakeVLLM(tiny_model_dir, yes, no)
+    server.table = collections.defaultdict(lambda: "yes")
+    server.mode, server.bad = mode, 10 ** 6
+    try:
+        out = run(flags(tiny_model_dir, tmp_path, 2, verifier=server.url, verifier_tokenizer=tiny_model_dir,
+                        verifier_timeout=0.5, verifier_retries=1), check=False)
+    finally:
+        server.close()
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("train_rl.py: error: ") and message in last and server.url in last or mode == "omit", last
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "final").exists()
+
+
+def test_nan_updates_are_never_applied_and_stop_the_run(tiny_model_dir, tmp_path):
+    out = run(flags(tiny_model_dir, tmp_path, 8, lr=1e30, save_every=1, max_nonfinite_steps=2), check=False)
+    assert out.returncode == 1
+    assert "NaN/inf in 2 steps in a row" in out.stderr.strip().splitlines()[-1]
+    rows = step_rows(tmp_path)
+    assert rows[-1]["update/skipped"] == 1 and len(rows) < 8
+    for ckpt in (tmp_path / "checkpoints").glob("step_*"):  # whatever was saved is finite
+        assert ckpt.name < f"step_{rows[-1]['step']:08d}"
+    assert not (tmp_path / "final").exists()
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["update/skipped"] == 1
