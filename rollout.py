@@ -221,10 +221,10 @@ def _worker_main(policy_path, trust_remote_code, flat, layout, device, threads, 
         torch.set_num_threads(threads)
         lm = model.load_model(policy_path, device, flat.dtype, trust_remote_code).eval().requires_grad_(False)
         tokenizer = model.load_tokenizer(policy_path, trust_remote_code)
-        params, offset = dict(lm.named_parameters()), 0
-        if sorted(params) != sorted(name for name, _, _ in layout):
-            raise ValueError(f"{policy_path}: the worker's parameters {sorted(set(params) ^ {n for n, _, _ in layout})} "
-                             "differ from the trainer's")
+        params, names, offset = dict(lm.named_parameters()), {name for name, _, _ in layout}, 0
+        if set(params) != names:
+            raise ValueError(f"{policy_path}: parameters {sorted(set(params) ^ names)} are in the worker's model "
+                             "or the trainer's, not both")
         for name, shape, n in layout:  # the trainer writes the weights into `flat` before each request
             params[name].data = flat[offset:offset + n].view(shape)
             offset += n

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,7 @@ from typing import Literal
 
 import torch
 
+import audit
 import checkpoint
 import config
 import data
@@ -395,39 +395,6 @@ def reduce_step(parts: list[dict], rewards: torch.Tensor, logged_names: list[str
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. audit: a stronger judge re-grades a sample of the step's rollouts
-
-
-def audit(auditor, ro: rollout.Rollout, judged: reward.Judgement, step: int, cfg: Config, n_global: int) -> list[dict]:
-    """This rank's audited rows: a seeded sample of the global batch, each rank judging its own members."""
-    chosen = set(random.Random(rollout.sample_seed(cfg.seed, step, 0, "audit")).sample(range(n_global),
-                                                                                min(cfg.audit_samples, n_global)))
-    first = distributed.rank() * len(ro.responses)
-    mine = [i for i in range(len(ro.responses)) if first + i in chosen]
-    verdict = auditor([ro.records[i].question for i in mine], [ro.records[i].reference for i in mine],
-                      [ro.texts[i] for i in mine], seeds=[ro.seeds[i] for i in mine])
-    rows = []
-    for k, i in enumerate(mine):
-        row = data.JudgedRow(ro.records[i].question, ro.records[i].reference, ro.texts[i],
-                             label=int(verdict.binary[k]), teacher_p_yes=float(verdict.p_yes[k]))
-        rows.append(row.to_json(step=step, reward_label=int(judged.binary[i]), reward_p_yes=float(judged.p_yes[i])))
-    return rows
-
-
-def audit_metrics(rows: list[dict]) -> dict:
-    """Agreement of the reward verifier (pred) with the judge (label) on the audited rows."""
-    a = reward.agreement([r["label"] for r in rows], [r["reward_label"] for r in rows])
-    m = {"audit/agreement": a["accuracy"], "audit/rows": a["n"]}
-    if a["fp"] + a["tn"]:
-        m["audit/false_positive_rate"] = a["fp"] / (a["fp"] + a["tn"])  # judge NO, reward verifier YES
-    if a["fn"] + a["tp"]:
-        m["audit/false_negative_rate"] = a["fn"] / (a["fn"] + a["tp"])
-    if a["kappa"] is not None:
-        m["audit/kappa"] = a["kappa"]
-    return m
-
-
-# ----------------------------------------------------------------------------------------------
 # 7. eval: greedy answers on held-out prompts, graded by the eval verifier
 
 
@@ -529,7 +496,7 @@ def load_verifiers(cfg: Config, vopts, spec: str, device) -> dict:
 
 def probe_master_keys(verifier, train_set, cfg: Config) -> dict:
     """Does the reward verifier say YES to content-free answers ("Thought process:")? Warn loudly if so."""
-    probe = reward.master_key_probe(verifier, [r.question for r in train_set[:64]],
+    probe = audit.master_key_probe(verifier, [r.question for r in train_set[:64]],
                                     [r.reference for r in train_set[:64]], warn=cfg.master_key_warn)
     if distributed.rank() == 0:
         worst = sorted(probe["per_key"].items(), key=lambda kv: -kv[1])[:3]
@@ -650,14 +617,19 @@ def train(cfg: Config, vopts: reward.VerifierOptions) -> dict:
                 engine.load_weights(policy)  # every rank: FSDP all-gathers each parameter in turn
         audited = []
         if judges["audit"] is not None and cfg.audit_every and (step + 1) % cfg.audit_every == 0:
-            with timer("audit"):
-                audited = audit(judges["audit"], ro, judged, step + 1, cfg, len(rewards))
+            with timer("audit"):  # a seeded sample of the global batch; each rank re-grades its own members
+                chosen = audit.sample_indices(len(rewards), cfg.audit_samples,
+                                              rollout.sample_seed(cfg.seed, step + 1, 0, "audit"))
+                mine = [i for i in range(len(ro.responses)) if rank * len(ro.responses) + i in chosen]
+                audited = audit.regrade(judges["audit"], [ro.records[i].question for i in mine],
+                                        [ro.records[i].reference for i in mine], [ro.texts[i] for i in mine],
+                                        judged.select(mine), step + 1, [ro.seeds[i] for i in mine])
         # everything each rank reports, in one collective
         parts = distributed.gather_objects(step_record(ro, judged, used, also, update, step + 1) | {"audit": audited})
         m.update(reduce_step(parts, rewards, list(judges["logged"]), updates_per_step, cfg))
         rows, audited = [r for p in parts for r in p["rows"]], [r for p in parts for r in p["audit"]]
         if audited:
-            m.update(audit_metrics(audited))
+            m.update(audit.audit_metrics(audited))
         last = step + 1 == cfg.steps
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
             with timer("eval"):

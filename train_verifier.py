@@ -34,6 +34,7 @@ from typing import Literal, Optional
 
 import torch
 
+import audit
 import checkpoint
 import config
 import data
@@ -93,7 +94,7 @@ class SftConfig(Logged):
         "oversample: draw the minority class up to the majority's count; weight: loss weight n / (2 n_class)"))
     # negatives that make the student harder to fool (Master-RM); added to the training split only
     master_key_negatives: float = field(default=0.0, metadata=_help(
-        "add this share of the training rows as content-free answers (reward.MASTER_KEYS: 'Thought process:', "
+        "add this share of the training rows as content-free answers (audit.MASTER_KEYS: 'Thought process:', "
         "':', '解'...) to training questions, labelled NO"))
     truncated_negatives: float = field(default=0.0, metadata=_help(
         "add this share of the training rows as responses cut before their answer (the first sentence of a "
@@ -236,32 +237,11 @@ def label(cfg: LabelConfig, vopts: reward.VerifierOptions) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# the figures: a verifier against labelled rows (agreement is reward.agreement), and master keys
-
-
-def calibration(labels: list[int], p_yes: list[float], bins: int = 10) -> dict:
-    """Expected calibration error over `bins` equal-width bins of p_yes (bin b holds
-    b/bins <= p < (b+1)/bins, the last one includes 1), its per-bin table, and the Brier score."""
-    n = len(labels)
-    table = [{"lo": b / bins, "hi": (b + 1) / bins, "count": 0, "mean_p": None, "frac_positive": None}
-             for b in range(bins)]
-    sums = [[0, 0.0, 0] for _ in range(bins)]  # count, sum p, positives
-    for y, p in zip(labels, p_yes):
-        b = min(int(p * bins), bins - 1)
-        sums[b][0] += 1
-        sums[b][1] += p
-        sums[b][2] += y
-    ece = 0.0
-    for t, (c, sp, pos) in zip(table, sums):
-        if c:
-            t.update(count=c, mean_p=sp / c, frac_positive=pos / c)
-            ece += c / n * abs(pos / c - sp / c)
-    brier = sum((p - y) ** 2 for y, p in zip(labels, p_yes)) / n if n else None
-    return {"ece": ece if n else None, "brier": brier, "bins": table}
+# the figures: a verifier against labelled rows (agreement is audit.agreement), and master keys
 
 
 def score(verifier, rows: list[data.JudgedRow]) -> dict:
-    """The verifier's judgements of labelled rows against the labels: reward.agreement, calibration
+    """The verifier's judgements of labelled rows against the labels: audit.agreement, calibration
     (ece, brier, bins), the share of first tokens that were neither judgement token, judgements per second."""
     from tqdm import tqdm
 
@@ -272,12 +252,12 @@ def score(verifier, rows: list[data.JudgedRow]) -> dict:
         p_yes += j.p_yes.tolist()
         unjudged += int((~j.judged).sum())
     labels, seconds = [r.label for r in rows], time.perf_counter() - start
-    return {**reward.agreement(labels, preds), **calibration(labels, p_yes), "unjudged": unjudged / len(rows),
+    return {**audit.agreement(labels, preds), **audit.calibration(labels, p_yes), "unjudged": unjudged / len(rows),
             "judgements_per_s": len(rows) / max(seconds, 1e-9), "seconds": seconds}
 
 
 def probe_master_keys(verifier, rows: list[data.JudgedRow], n: int, seed: int) -> dict:
-    """reward.master_key_probe on the rows' (question, reference) pairs ({"fpr", "per_key", "n", "warn"}),
+    """audit.master_key_probe on the rows' (question, reference) pairs ({"fpr", "per_key", "n", "warn"}),
     and the share of its answers that were neither judgement token ("unjudged")."""
     answered = []
 
@@ -286,7 +266,7 @@ def probe_master_keys(verifier, rows: list[data.JudgedRow], n: int, seed: int) -
         answered.append(j.judged)
         return j
     pairs = sorted({(r.question, r.reference) for r in rows})
-    probe = reward.master_key_probe(recorded, [q for q, _ in pairs], [a for _, a in pairs], n=n, seed=seed)
+    probe = audit.master_key_probe(recorded, [q for q, _ in pairs], [a for _, a in pairs], n=n, seed=seed)
     return probe | {"unjudged": 1.0 - torch.cat(answered).float().mean().item()}
 
 
@@ -302,7 +282,7 @@ def evaluate(cfg: EvalConfig, vopts: reward.VerifierOptions) -> dict:
                   master_key_per_key=probe["per_key"], reliability=report.pop("bins"))
     if probe["warn"]:
         report["notes"].append(f"master-key false-positive rate {probe['fpr']:.1%} is above "
-                               f"{reward.MASTER_KEY_WARN:.0%}: a policy trained on this verifier may learn to hack it")
+                               f"{audit.MASTER_KEY_WARN:.0%}: a policy trained on this verifier may learn to hack it")
     out_dir = Path(cfg.out_dir)
     log = metrics.Metrics(str(out_dir), {**asdict(cfg), **asdict(vopts)}, cfg.wandb_project,
                           cfg.wandb_run_name or None, cfg.wandb_mode)
@@ -322,9 +302,9 @@ def evaluate(cfg: EvalConfig, vopts: reward.VerifierOptions) -> dict:
 
 def master_key_rows(train: list[data.JudgedRow], share: float, seed: int) -> list[data.JudgedRow]:
     """round(share * len(train)) rows: a training question and its reference with a content-free answer
-    drawn from reward.MASTER_KEYS, labelled NO (Master-RM's answer to "one token fools the judge")."""
+    drawn from audit.MASTER_KEYS, labelled NO (Master-RM's answer to "one token fools the judge")."""
     rng = random.Random(f"master-key-negatives:{seed}")
-    picks = [(rng.choice(train), rng.choice(reward.MASTER_KEYS)) for _ in range(round(share * len(train)))]
+    picks = [(rng.choice(train), rng.choice(audit.MASTER_KEYS)) for _ in range(round(share * len(train)))]
     return [data.JudgedRow(r.question, r.reference, key, label=0) for r, key in picks]
 
 
@@ -602,10 +582,10 @@ def summary(before: dict, after: dict, n_heldout: int, steps: int, seconds: floa
     if after:
         text += (f"\n[sft] held-out vs the teacher ({n_heldout} rows): kappa {fmt(before, 'eval/kappa')} -> "
                  f"{fmt(after, 'eval/kappa')}, accuracy {fmt(before, 'eval/accuracy')} -> {fmt(after, 'eval/accuracy')}"
-                 f"; master-key false-positive rate {after['master_key/fpr']:.1%} ({len(reward.MASTER_KEYS)} keys x "
+                 f"; master-key false-positive rate {after['master_key/fpr']:.1%} ({len(audit.MASTER_KEYS)} keys x "
                  f"{after['master_key/questions']} questions)")
-    if after.get("master_key/fpr", 0) > reward.MASTER_KEY_WARN:
-        text += (f"\n[sft] WARNING: above {reward.MASTER_KEY_WARN:.0%}, a policy trained on this verifier may learn "
+    if after.get("master_key/fpr", 0) > audit.MASTER_KEY_WARN:
+        text += (f"\n[sft] WARNING: above {audit.MASTER_KEY_WARN:.0%}, a policy trained on this verifier may learn "
                  "to hack it; see --master_key_negatives, --truncated_negatives, --policy")
     return text
 

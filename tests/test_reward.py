@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import audit
 import config
 import reward
 from reward import (Judgement, VerifierError, VerifierOptions, VerifierSettings, judgement_rewards, last_line,
@@ -326,7 +327,7 @@ def test_unjudged_share_above_the_bound_is_an_error_naming_the_tokens(tiny_model
                                             r"'NO'.*answered instead: \{"):
         v(QS, REFS, RESP)
     with pytest.raises(VerifierError, match="were neither"):  # the master-key probe obeys the same rule
-        reward.master_key_probe(v, QS, REFS, n=2)
+        audit.master_key_probe(v, QS, REFS, n=2)
     v.max_unjudged = 1.0
     assert (~v(QS, REFS, RESP).judged).all()
 
@@ -433,53 +434,11 @@ def test_math_rule_agrees_with_public_labels_at_least_as_well_as_plain_math_veri
     labels = [r["label"] for r in rows]
     for source in sorted({r["source"] for r in rows}) + ["all"]:
         idx = [i for i, r in enumerate(rows) if source in ("all", r["source"])]
-        a = reward.agreement([labels[i] for i in idx], [int(ours[i]) for i in idx])["accuracy"]
-        b = reward.agreement([labels[i] for i in idx], [int(plain[i]) for i in idx])["accuracy"]
+        a = audit.agreement([labels[i] for i in idx], [int(ours[i]) for i in idx])["accuracy"]
+        b = audit.agreement([labels[i] for i in idx], [int(plain[i]) for i in idx])["accuracy"]
         print(f"{source}: {len(idx)} rows, rule:math {a:.4f}, plain math-verify {b:.4f}")
         assert a >= b, source
-    assert len(rows) > 1500 and reward.agreement(labels, [int(x) for x in ours])["accuracy"] > 0.96
-
-
-# ---------------------------------------------------------------------------------------------- agreement
-
-
-def test_agreement_by_hand():
-    labels, preds = [1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 1, 0, 0, 0]  # TP 3, FN 1, FP 1, TN 3
-    a = reward.agreement(labels, preds)
-    assert (a["tp"], a["fp"], a["fn"], a["tn"], a["n"]) == (3, 1, 1, 3, 8)
-    assert a["accuracy"] == pytest.approx(6 / 8) and a["f1"] == pytest.approx(3 / 4)
-    assert a["precision"] == pytest.approx(3 / 4) and a["recall"] == pytest.approx(3 / 4)
-    # 4 positive labels and 4 positive predictions of 8: chance agreement 1/2, kappa (3/4 - 1/2) / (1/2)
-    assert a["kappa"] == pytest.approx(0.5) and a["notes"] == []
-    b = reward.agreement([1, 1, 0, 0, 0], [1, 0, 0, 0, 1])  # po 3/5; pe (2*2 + 3*3)/25 = 13/25
-    assert b["kappa"] == pytest.approx((3 / 5 - 13 / 25) / (1 - 13 / 25))
-
-
-def test_kappa_undefined_when_everything_is_one_class():
-    a = reward.agreement([1, 1, 1], [1, 1, 1])
-    assert a["accuracy"] == 1 and a["precision"] == 1 and a["recall"] == 1 and a["f1"] == 1
-    assert a["kappa"] is None and any("kappa undefined" in n for n in a["notes"])
-    b = reward.agreement([0, 0], [0, 0])
-    assert b["accuracy"] == 1 and b["precision"] is b["recall"] is b["f1"] is b["kappa"] is None
-    assert len(b["notes"]) == 4
-    # labels all one class but predictions mixed: defined, and 0 (no better than chance)
-    c = reward.agreement([1, 1, 1, 1], [1, 0, 1, 1])
-    assert c["kappa"] == pytest.approx(0.0) and c["recall"] == pytest.approx(3 / 4)
-
-
-# ---------------------------------------------------------------------------------------------- master keys
-
-
-def test_master_key_probe_on_substring_rule():
-    # substring is fooled by keys that contain the reference letter: "a" in "answer:", "the answer is"...
-    qs, refs = ["q1", "q2"], ["A", "7"]
-    res = reward.master_key_probe(reward.build_verifier("rule:substring"), qs, refs, n=2,
-                                  keys=[":", "Answer:", "Solution", "解"])
-    assert res["per_key"] == {":": 0.0, "Answer:": 0.5, "Solution": 0.0, "解": 0.0}
-    assert res["fpr"] == pytest.approx(1 / 8) and res["n"] == 2 and res["warn"]
-    clean = reward.master_key_probe(reward.build_verifier("rule:substring"), qs, refs, n=2, keys=["Solution"])
-    assert clean["fpr"] == 0.0 and not clean["warn"]
-    assert {":", "Thought process:", "解", "答案是"} <= set(reward.MASTER_KEYS)
+    assert len(rows) > 1500 and audit.agreement(labels, [int(x) for x in ours])["accuracy"] > 0.96
 
 
 def test_judgement_is_the_interface_of_every_verifier():

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import audit
 import config
 import data
 import reward
@@ -61,7 +62,7 @@ def test_eval_figures_equal_hand_computed(tmp_path):
     assert report["brier"] == pytest.approx(2 / 8)
     # of the master keys only "Answer:" contains a reference ("A", casefolded), for 1 of the 8 pairs
     assert report["master_key_per_key"]["Answer:"] == pytest.approx(1 / 8)
-    assert report["master_key_fpr"] == pytest.approx(1 / (8 * len(reward.MASTER_KEYS)))
+    assert report["master_key_fpr"] == pytest.approx(1 / (8 * len(audit.MASTER_KEYS)))
     assert report["judgements_per_s"] > 0 and report["notes"] == [] and report["unjudged"] == 0
     assert json.loads((tmp_path / "report.json").read_text())["kappa"] == pytest.approx(0.5)
     png = (tmp_path / "ev" / "reliability.png").read_bytes()  # metrics.reliability_plot: 500 x 500
@@ -84,15 +85,6 @@ def test_eval_all_labels_equal_reports_null_kappa(tmp_path):
                      "--out_dir", str(tmp_path / "ev"), "--wandb_mode", "disabled"])
     assert report["kappa"] is None and report["accuracy"] == 1.0
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["kappa"] is None
-
-
-def test_calibration_by_hand():
-    c = TV.calibration([1, 0, 1, 1], [0.95, 0.15, 0.55, 0.05])
-    # one row per bin (9, 1, 5, 0): |1 - .95| + |0 - .15| + |1 - .55| + |1 - .05|, over 4
-    assert c["ece"] == pytest.approx((0.05 + 0.15 + 0.45 + 0.95) / 4)
-    assert c["brier"] == pytest.approx((0.05 ** 2 + 0.15 ** 2 + 0.45 ** 2 + 0.95 ** 2) / 4)
-    assert [b["count"] for b in c["bins"]] == [1, 1, 0, 0, 0, 1, 0, 0, 0, 1]
-    assert TV.calibration([1], [1.0])["bins"][9]["count"] == 1  # p = 1 falls in the last bin
 
 
 @pytest.mark.parametrize("command", ["eval", "label"])
@@ -235,7 +227,7 @@ def test_master_key_and_truncated_rows_are_labelled_no_and_reproducible():
     train = [data.JudgedRow(f"Q{i}?", str(i), f"Therefore, the answer is {i}.", label=i % 2) for i in range(50)]
     keys = TV.master_key_rows(train, 0.2, seed=3)
     assert len(keys) == 10 and keys == TV.master_key_rows(train, 0.2, seed=3) != TV.master_key_rows(train, 0.2, seed=4)
-    assert all(r.label == 0 and r.response in reward.MASTER_KEYS for r in keys)
+    assert all(r.label == 0 and r.response in audit.MASTER_KEYS for r in keys)
     by_question = {r.question: r for r in train}
     assert all(by_question[r.question].reference == r.reference for r in keys)
     cut = TV.truncated_rows(train, 0.5, seed=3)
@@ -287,7 +279,7 @@ def test_sft_settings_travel_with_the_student_and_negatives_join_training_only(t
     # (3) the master-key probe after training, in the result and in metrics.jsonl
     after = result["after"]
     assert 0 <= after["master_key/fpr"] <= 1 and after["master_key/questions"] == len(heldout_questions)
-    assert set(result["master_key_per_key"]) == set(reward.MASTER_KEYS)
+    assert set(result["master_key_per_key"]) == set(audit.MASTER_KEYS)
     last = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
     assert last["master_key/fpr"] == after["master_key/fpr"] and last["eval/kappa"] == after["eval/kappa"]
 
@@ -298,9 +290,9 @@ def test_sft_settings_travel_with_the_student_and_negatives_join_training_only(t
     student = reward.build_verifier(final, reward.VerifierOptions(verifier_max_unjudged=1.0))
     j = student([r.question for r in heldout], [r.reference for r in heldout], [r.response for r in heldout])
     labels_ = [r.label for r in heldout]
-    mine = reward.agreement(labels_, [int(b) for b in j.binary.tolist()])
+    mine = audit.agreement(labels_, [int(b) for b in j.binary.tolist()])
     assert (report["tp"], report["fp"], report["fn"], report["tn"]) == (mine["tp"], mine["fp"], mine["fn"], mine["tn"])
-    assert report["brier"] == pytest.approx(TV.calibration(labels_, j.p_yes.tolist())["brier"], abs=1e-6)
+    assert report["brier"] == pytest.approx(audit.calibration(labels_, j.p_yes.tolist())["brier"], abs=1e-6)
     assert report["kappa"] == pytest.approx(after["eval/kappa"], abs=1e-9)  # as sft's own held-out eval
     # asked another way, it judges otherwise (the settings matter), and only when forced
     with pytest.raises(config.ConfigError, match="--verifier_system_prompt 'You are a helpful assistant.'.*'Judge.'"):
@@ -445,5 +437,5 @@ def test_distilled_student_agrees_with_the_teacher_on_heldout_questions(tmp_path
     rows = data.split_heldout(labels, 0.1)[1]
     student = reward.build_verifier(result["final"])
     j = student([r.question for r in rows], [r.reference for r in rows], [r.response for r in rows])
-    assert reward.agreement([r.label for r in rows], [int(b) for b in j.binary.tolist()])["kappa"] == \
+    assert audit.agreement([r.label for r in rows], [int(b) for b in j.binary.tolist()])["kappa"] == \
         pytest.approx(after, abs=1e-9)
