@@ -1,7 +1,7 @@
 """The performance table: train_rl.py's rollout modes side by side with TRL's GRPOTrainer, and the parts of a step.
 
     python3 -m venv .venv-bench && .venv-bench/bin/pip install -r requirements.txt -r requirements-bench.txt
-    .venv-bench/bin/python bench.py                       # the whole table (~25 minutes on 2 idle CPU cores)
+    .venv-bench/bin/python bench.py                       # the whole table (~15 minutes on 2 idle CPU cores)
     .venv-bench/bin/python bench.py --quick               # shorter responses, one repeat
     .venv-bench/bin/python bench.py --sections rl,curves --out bench.json
 
@@ -23,8 +23,9 @@ train_rl.train() and read metrics.jsonl (until train_rl takes rollout.RolloutSou
 RolloutSource, advantages, policy_update). Response lengths are set through the bench model's
 generation_config.json, which every arm's generate() reads (min_new_tokens for equal lengths; a bias on the
 end-of-sequence token for uneven, geometric lengths), so no arm is patched. The policy is the tiny random
-model and the reward verifier is that same model asked with the verifier template (an LLM judge in the loop,
-as the paper's). Step times are the least-disturbed timed step (the first is warm-up, the last holds the eval).
+model; the reward verifier is rule:math (--judge policy: that same model asked with the verifier template, an
+LLM judge in the loop). Step times are the least-disturbed timed step (the first is warm-up, the last holds
+the eval).
 """
 from __future__ import annotations
 
@@ -60,10 +61,10 @@ class BenchConfig:
     samples_per_prompt: int = 8
     max_new_tokens: int = field(default=128, metadata={"help": "the longest response; equal lengths: all of them"})
     micro_batch_size: int = field(default=32, metadata={"help": "sequences per forward/backward, all arms"})
-    steps: int = field(default=4, metadata={"help": "RL steps per run; the first (warm-up) and last (eval) are not timed"})
-    stream_groups: int = field(default=2, metadata={"help": "prompt groups per generate call in the streamed arms"})
-    judge: str = field(default="policy", metadata={"help": "reward verifier: 'policy' (the bench model asked with "
-                                                           "the verifier template) or any train_rl --verifier"})
+    steps: int = field(default=4, metadata={"help": "RL steps per run; the first (warm-up) and last (eval) are "
+                                                    "not timed"})
+    judge: str = field(default="rule:math", metadata={"help": "reward verifier: any train_rl --verifier, or 'policy' "
+                                                              "(the bench model asked with the verifier template)"})
     curve_steps: int = field(default=60, metadata={"help": "steps of each demo run in the curves section"})
     # scaling
     lengths: str = field(default="256,512,1024", metadata={"help": "response lengths for the scaling rows"})
@@ -108,18 +109,18 @@ def _wired() -> bool:
     return all(f.name in train_rl.Config.__dataclass_fields__ for f in fields(rollout.RolloutOptions))
 
 
-def _train(argv: list[str], async_steps: int, stream_groups: int) -> tuple[list[dict], float]:
+def _train(argv: list[str], async_steps: int, stream: bool) -> tuple[list[dict], float]:
     """train_rl.train() with these flags: (metrics.jsonl rows of steps 0..N, peak GB)."""
     import metrics
     import train_rl
 
-    cfg, vopts = train_rl.parse_config(argv + [f"--async_steps={async_steps}", f"--stream_groups={stream_groups}"])
+    cfg, vopts = train_rl.parse_config(argv + [f"--async_steps={async_steps}", f"--stream_judging={stream}"])
     hist = train_rl.train(cfg, vopts)["history"]
     rows = metrics.read_jsonl(Path(cfg.out_dir) / "metrics.jsonl")
     return rows, max(h["memory/peak_gb"] for h in hist)
 
 
-def _loop(argv: list[str], async_steps: int, stream_groups: int) -> tuple[list[dict], float]:
+def _loop(argv: list[str], async_steps: int, stream: bool) -> tuple[list[dict], float]:
     """Until train_rl.train() takes the source: its loop from its public pieces (no eval, logging or dumps),
     rows shaped like metrics.jsonl's."""
     import torch
@@ -143,7 +144,7 @@ def _loop(argv: list[str], async_steps: int, stream_groups: int) -> tuple[list[d
                                                  cfg.lr_schedule, cfg.min_lr_ratio)
     sampler = data.PromptSampler(len(train_set), cfg.prompts_per_step, cfg.seed)
     options = rollout.RolloutOptions(**{f.name: getattr(cfg, f.name) for f in fields(rollout.RolloutOptions)
-                                        if hasattr(cfg, f.name)}, async_steps=async_steps, stream_groups=stream_groups)
+                                        if hasattr(cfg, f.name)}, async_steps=async_steps, stream_judging=stream)
     source = rollout.RolloutSource(options, policy, tokenizer, train_set, sampler, judges["reward"], judges["logged"],
                                    policy_path=policy_path)
     rows = [{"step": 0, "time": time.time()}]
@@ -168,8 +169,7 @@ def worker_ours(a: dict) -> dict:
     """train_rl's loop with train_rl flags `a["argv"]`, in rollout mode `a["arm"]`: wall time per step
     between consecutive metrics rows (everything the loop does), phases, reward per step."""
     _setup(a["threads"])
-    async_steps, streamed = ARMS[a["arm"]]
-    rows, peak = (_train if _wired() else _loop)(a["argv"], async_steps, a["stream_groups"] if streamed else 0)
+    rows, peak = (_train if _wired() else _loop)(a["argv"], *ARMS[a["arm"]])
     steps = [r for r in rows if "reward/mean" in r and r["step"] > 0]
     walls = [steps[i]["time"] - steps[i - 1]["time"] for i in range(1, len(steps) - 1)]  # steps 2..N-1
     best = min(range(len(walls)), key=walls.__getitem__) + 1 if walls else 0
@@ -192,7 +192,8 @@ def worker_trl(a: dict) -> dict:
     import toy
     from metrics import peak_memory_gb
 
-    verifier = reward.build_verifier(a["verifier"], reward.VerifierOptions(soft_mode="renorm", verifier_max_unjudged=1.0))
+    options = reward.VerifierOptions(soft_mode="renorm", verifier_max_unjudged=1.0)
+    verifier = reward.build_verifier(a["verifier"], options)
     tokens: list[int] = []
 
     def judge(prompts, completions, completion_ids, question, reference, **kwargs):
@@ -306,7 +307,8 @@ def worker_packing(a: dict) -> dict:
         for pack in (True, False):
             dt, seen[pack] = epoch(pack)
             times[pack].append(dt)
-    out = {name: {"tokens_per_s": real / statistics.median(times[pack]), "seconds": times[pack], "row_tokens": seen[pack]}
+    out = {name: {"tokens_per_s": real / statistics.median(times[pack]), "seconds": times[pack],
+                  "row_tokens": seen[pack]}
            for pack, name in ((True, "packed"), (False, "padded"))}
     return out | {"real_tokens": real, "length_mean": statistics.mean(lengths)}
 
@@ -439,7 +441,7 @@ def section_rl(cfg: BenchConfig, tmp: Path) -> dict:
                     args = dict(common, policy=policy, verifier=judge, samples=cfg.samples_per_prompt,
                                 length=cfg.max_new_tokens, micro=cfg.micro_batch_size, steps=cfg.steps)
                 else:
-                    args = dict(common, arm=arm, stream_groups=cfg.stream_groups, argv=rl_flags(
+                    args = dict(common, arm=arm, argv=rl_flags(
                         policy, cfg.judge, cfg.prompts_per_step, cfg.samples_per_prompt, cfg.max_new_tokens,
                         cfg.micro_batch_size, cfg.steps, common["out_dir"]))
                 runs[arm].append(spawn("trl" if arm == "trl" else "ours", args))
@@ -454,7 +456,7 @@ def section_curves(cfg: BenchConfig, tmp: Path) -> dict:
     for arm in ("sync", "async"):
         argv = ["--config", str(ROOT / "recipes" / "cpu_demo.yaml"), f"--steps={cfg.curve_steps}",
                 f"--out_dir={tmp / ('curve-' + arm)}", "--wandb_mode=disabled"]
-        out[arm] = spawn("ours", dict(threads=cfg.threads, arm=arm, stream_groups=0, argv=argv, responses=16 * 8))
+        out[arm] = spawn("ours", dict(threads=cfg.threads, arm=arm, argv=argv, responses=16 * 8))
     import metrics
 
     steps = list(range(1, cfg.curve_steps + 1))
@@ -490,7 +492,8 @@ def run_all(cfg: BenchConfig) -> dict:
                                                              "batch": cfg.verifier_batch_size, "repeats": cfg.repeats})
         if "logprob_mem" in sections:
             print("log-prob peak memory", flush=True)
-            arms = {"ours (chunk 1024)": dict(mode="ours", chunk=1024), "ours (chunk 128)": dict(mode="ours", chunk=128),
+            arms = {"ours (chunk 1024)": dict(mode="ours", chunk=1024),
+                    "ours (chunk 128)": dict(mode="ours", chunk=128),
                     "naive fp32 log-softmax": dict(mode="naive", chunk=0)}
             res["sections"]["logprob_mem"] = {
                 name: spawn("logprob_mem", {**kw, "threads": cfg.threads, "vocab": cfg.logprob_vocab,
@@ -513,7 +516,7 @@ def run_all(cfg: BenchConfig) -> dict:
                 policy = bench_model(tmp / f"model-{name}", L, uneven=False)
                 argv = rl_flags(policy, cfg.judge, cfg.scaling_prompts, k, L, min(cfg.micro_batch_size,
                                 cfg.scaling_prompts * k), 4, str(tmp / name))
-                r = spawn("ours", dict(threads=cfg.threads, arm="sync", stream_groups=0, argv=argv,
+                r = spawn("ours", dict(threads=cfg.threads, arm="sync", argv=argv,
                                        responses=cfg.scaling_prompts * k))
                 out.append({"kind": kind, "length": L, "samples": k, **r})
             res["sections"]["scaling"] = out
@@ -547,7 +550,7 @@ def _rl_rows(s: dict) -> list[str]:
                              f"{speed[arm] / speed['trl']:.2f}x | {goal} |")
         peaks = {arm: max(r["peak_gb"] for r in rs) for arm, rs in runs.items()}
         if "trl" in runs:
-            lines.append(f"| RL step, {name} lengths: trainer peak RSS GB, sync vs TRL (async: + its worker) | "
+            lines.append(f"| RL step, {name} lengths: peak RSS GB, sync vs TRL | "
                          f"{peaks['sync']:.2f} | {peaks['trl']:.2f} | {peaks['sync'] / peaks['trl']:.2f} | |")
     sync = s["equal"]["sync"]
     phases = {k: _med([r["phases"].get(k, 0.0) for r in sync]) for k in sync[0]["phases"]}
@@ -572,6 +575,9 @@ def table(res: dict) -> str:
             r = c[arm]["rewards"]
             lines.append(f"| demo reward/mean, {arm}: first {k} steps -> last {k} steps | {_med(r[:k]):.3f} -> "
                          f"{_med(r[-k:]):.3f} | | | async within noise of sync |")
+        sync_s, async_s = _med(c["sync"]["wall_steps"]), _med(c["async"]["wall_steps"])
+        lines.append(f"| demo steps/s, async vs sync | {1 / async_s:.2f} | {1 / sync_s:.2f} | "
+                     f"{sync_s / async_s:.2f}x | |")
         lines.append(f"| demo reward curves | {c['plot']} | | | |")
     if "verifier" in s:
         v = s["verifier"]

@@ -6,10 +6,14 @@ The loop asks a RolloutSource once per step (`source.next(step)`); its options (
 train_rl.py's flags of the same names. Three features, each off by default:
   --async_steps 1      batch t+1 is generated (and judged) by a worker process while step t updates, always
                        with the weights before update t (one step off-policy, so a run is reproducible);
-  --stream_groups G    generate G prompt groups per call and judge each finished chunk in a thread while the
-                       next one generates (a remote verifier's requests overlap generation);
+  --stream_judging     hand each prompt group to the verifier, in a thread, as soon as all its responses have
+                       ended, while the batch's longer responses are still generating (HF generate);
   --filter_groups      DAPO dynamic sampling: groups whose rewards are all equal are dropped and replaced by
                        groups of newly drawn prompts, for at most --max_filter_rounds extra rounds.
+Judging runs in a thread of the trainer. It overlaps well with verifiers that leave the GIL free there (HTTP,
+rule:math's worker processes, a large model's long kernels); a tiny local judge contends with the update for
+the GIL, and per-group calls batch it less well (bench.py measures both). Groups are judged one call each, not
+in whatever batches timing makes: a local judge's rewards would otherwise vary with timing in float noise.
 """
 from __future__ import annotations
 
@@ -21,7 +25,6 @@ import signal
 import threading
 import time
 import traceback
-import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
@@ -50,7 +53,7 @@ class RolloutOptions:
     rollout_engine: Literal["hf", "vllm"] = "hf"
     async_steps: int = 0
     rollout_device: str = ""
-    stream_groups: int = 0
+    stream_judging: bool = False
     filter_groups: bool = False
     max_filter_rounds: int = 3
 
@@ -66,7 +69,6 @@ class RolloutOptions:
         req(not (self.async_steps and self.rollout_engine == "vllm"), "async_steps", self.async_steps,
             "is for --rollout_engine hf (HF generate in a worker process); the in-process vLLM engine runs "
             "synchronously: use --async_steps 0 with it")
-        req(self.stream_groups >= 0, "stream_groups", self.stream_groups, "must be >= 0 (0: one generate call)")
         req(self.max_filter_rounds >= 0, "max_filter_rounds", self.max_filter_rounds, "must be >= 0")
         req(self.samples_per_prompt >= 2 or not self.filter_groups, "filter_groups", self.filter_groups,
             "needs --samples_per_prompt >= 2 (a group of one always has equal rewards)")
@@ -143,56 +145,92 @@ def _sample_here(policy, engine, tokenizer, prompts, seeds, cfg):
 
 
 class _Scores:
-    """A logits processor that only looks: `first` keeps the scores sampling starts from (the raw logits,
-    after any processors of the model's generation config), `last` the token greedy search will take
-    from the perturbed scores, and its log-prob under the first scores / temperature."""
+    """A logits processor that only looks: the first one keeps the scores sampling starts from (the raw
+    logits, after any processors of the model's generation config); the last one takes the token greedy
+    search will pick from the perturbed scores, and records its log-prob under the first scores / T."""
 
-    def __init__(self, recorder, last: bool):
-        self.recorder, self.last = recorder, last
+    def __init__(self, watch, last: bool):
+        self.watch, self.last = watch, last
 
     def __call__(self, input_ids, scores):
         if not self.last:
-            self.recorder.start = scores
+            self.watch.start = scores
         else:
             token = scores.argmax(-1)  # what generate's greedy step picks (model.SeededSampling added the noise)
-            lp = (self.recorder.start.float() / self.recorder.temperature).log_softmax(-1)
-            self.recorder.logp.append(lp.gather(-1, token[:, None]).squeeze(-1).cpu())
+            lp = (self.watch.start.float() / self.watch.temperature).log_softmax(-1)
+            self.watch.logp.append(lp.gather(-1, token[:, None]).squeeze(-1).cpu())
         return scores
 
 
-class _Recorder:
-    """Stands in for the HF model inside model.generate: its generate() runs the model's with a _Scores
-    processor on each side of the sampler, so every generated token's behaviour log-prob is recorded as
-    it is drawn, [B] per step (output_logits would keep [steps, B, vocab])."""
+class _Ended:
+    """A stopping criterion that stops nothing: after each token it hands over every group of rows whose
+    responses have all ended (an end-of-sequence token), while the others go on generating."""
 
-    def __init__(self, lm, temperature: float):
-        self.lm, self.temperature, self.start, self.logp = lm, temperature, None, []
+    def __init__(self, watch):
+        self.watch = watch
+
+    def __call__(self, input_ids, scores, **kwargs):
+        w = self.watch
+        w.ended |= torch.isin(input_ids[:, -1].cpu(), w.eos)  # once ended, a row only gets padding
+        for g in range(len(w.ended) // w.group):
+            rows = range(g * w.group, (g + 1) * w.group)
+            if g not in w.sent and bool(w.ended[rows.start:rows.stop].all()):
+                new = input_ids[rows.start:rows.stop, w.width:].tolist()
+                w.hand_over(g, [r[:next(i + 1 for i, t in enumerate(r) if t in w.eos_set)] for r in new],
+                            [False] * w.group)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+class _Watch:
+    """Stands in for the HF model inside model.generate, which builds the sampler: its generate() runs the
+    model's with _Scores around the sampler (record: every token's behaviour log-prob, [B] per step, where
+    output_logits would keep [steps, B, vocab]) and _Ended (each group handed over once it has ended)."""
+
+    def __init__(self, lm, temperature: float, record: bool, group: int, on_group):
+        self.lm, self.temperature, self.record, self.group, self.on_group = lm, temperature, record, group, on_group
+        self.start, self.logp, self.sent = None, [], set()
 
     def __getattr__(self, name):
         return getattr(self.lm, name)
 
-    def generate(self, *, logits_processor, **kwargs):
-        from transformers import LogitsProcessorList
+    def generate(self, *, input_ids, logits_processor, eos_token_id, **kwargs):
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        around = LogitsProcessorList([_Scores(self, False), *logits_processor, _Scores(self, True)])
-        return self.lm.generate(logits_processor=around, **kwargs)
+        self.width, self.eos, self.eos_set = input_ids.shape[1], torch.tensor(eos_token_id), set(eos_token_id)
+        self.ended = torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        if self.record:
+            logits_processor = LogitsProcessorList([_Scores(self, False), *logits_processor, _Scores(self, True)])
+        return self.lm.generate(input_ids=input_ids, logits_processor=logits_processor, eos_token_id=eos_token_id,
+                                stopping_criteria=StoppingCriteriaList([_Ended(self)]), **kwargs)
+
+    def hand_over(self, g: int, responses: list[list[int]], truncated: list[bool]) -> None:
+        self.sent.add(g)
+        logp = None
+        if self.record:
+            steps = torch.stack(self.logp, 1)  # [B, tokens so far]
+            logp = [steps[g * self.group + i, :len(r)].clone() for i, r in enumerate(responses)]
+        self.on_group(g * self.group, responses, truncated, logp)
 
 
-def sample_with_logprobs(lm, tokenizer, prompts, seeds, cfg):
-    """model.generate's samples (the same tokens) and, per response, the float32 log-probs of its tokens
-    under log_softmax(logits / temperature): what the trainer's model.token_logprobs computes for the
-    same weights (with top_p < 1 the nucleus is sampled, but the log-prob is of the untruncated softmax)."""
-    rec = _Recorder(lm, cfg.temperature)
-    responses, truncated = model.generate(rec, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature,
-                                          cfg.top_p, seeds)
-    steps = torch.stack(rec.logp, 1)  # [B, tokens generated by the longest row]
-    return responses, truncated, [steps[i, :len(r)].clone() for i, r in enumerate(responses)]
+def sample_groups(lm, tokenizer, prompts, seeds, cfg, group: int, on_group, record: bool) -> None:
+    """model.generate's samples (the same tokens), handed over group by group (`group` consecutive rows)
+    as on_group(first row, responses, truncated, logp) as soon as each group's responses have all ended;
+    groups with a response cut at max_new_tokens when generate returns. logp (record=True): per response,
+    the float32 log-probs of its tokens under log_softmax(logits / temperature), what the trainer's
+    model.token_logprobs computes for the same weights (with top_p < 1 the nucleus is sampled, but the
+    log-prob is of the untruncated softmax); else None."""
+    w = _Watch(lm, cfg.temperature, record, group, on_group)
+    responses, truncated = model.generate(w, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                          seeds)
+    for g in range(len(prompts) // group):
+        if g not in w.sent:
+            w.hand_over(g, responses[g * group:(g + 1) * group], truncated[g * group:(g + 1) * group])
 
 
 # ----------------------------------------------------------------------------------------------
 # the worker process (--async_steps 1)
 
-_WORKERS: weakref.WeakSet = weakref.WeakSet()
+_WORKERS: set = set()  # strong references: a worker outlives a source nobody closed, until the exit handler
 _AT_EXIT: list = []  # registered once, by the first worker
 
 
@@ -232,12 +270,12 @@ def _worker_main(policy_path, trust_remote_code, flat, layout, device, threads, 
             request = requests.get()
             if request[0] == "stop":
                 return
-            _, rid, prompts, seeds, chunk = request
-            for a in range(0, len(prompts), chunk):
-                responses, truncated, logp = sample_with_logprobs(lm, tokenizer, prompts[a:a + chunk],
-                                                                  seeds[a:a + chunk], cfg)
+            _, rid, prompts, seeds, group = request
+
+            def send(first, responses, truncated, logp):
                 texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-                results.put(("chunk", rid, a, responses, truncated, texts, [x.tolist() for x in logp]))
+                results.put(("rows", rid, first, responses, truncated, texts, [x.tolist() for x in logp]))
+            sample_groups(lm, tokenizer, prompts, seeds, cfg, group, send, record=True)
             results.put(("done", rid))
     except BaseException:
         results.put(("error", traceback.format_exc()))
@@ -276,13 +314,14 @@ class _Worker:
         if self.flat.is_cuda:
             torch.cuda.synchronize(self.flat.device)
 
-    def submit(self, prompts, seeds, chunk: int) -> int:
+    def submit(self, prompts, seeds, group: int) -> int:
+        """Sample; hand over `group` consecutive rows at a time, as each such group has ended."""
         self.rid += 1
-        self.requests.put(("generate", self.rid, prompts, seeds, chunk))
+        self.requests.put(("generate", self.rid, prompts, seeds, group))
         return self.rid
 
-    def chunks(self, rid: int):
-        """(first row, responses, truncated, texts, log-probs) of request `rid` as each chunk is done."""
+    def rows(self, rid: int):
+        """(first row, responses, truncated, texts, log-probs) of request `rid`, group by group as they end."""
         while True:
             msg = self._get()
             if msg[0] == "error":
@@ -480,43 +519,45 @@ class RolloutSource:
                        seed=[sample_seed(self.cfg.seed, step, first + i) for i in range(rows)],
                        staleness=[staleness] * rows)
 
-    def _chunk_rows(self, rows: int) -> int:
-        return self.cfg.stream_groups * self.cfg.samples_per_prompt if self.cfg.stream_groups else rows
-
     def _start(self, step: int, number: int):
-        """Round `number` of `step` under way: in the worker (a Future of its rows, read and judged in a
-        thread), or generated here, chunk by chunk, each chunk judged in a thread while the next generates."""
-        rows = self._draw(step, number)
+        """Round `number` of `step` under way: [(first row, rows or a Future of them)], or (async) a Future
+        of that list, read from the worker in a thread. With stream_judging each group is judged in a
+        thread as soon as it has ended, while the batch's longer responses are still being generated."""
+        rows, n = self._draw(step, number), self.cfg.samples_per_prompt
+        streamed = self.cfg.stream_judging and self.threaded
         if self.worker is not None:
-            rid = self.worker.submit(rows.prompt, rows.seed, self._chunk_rows(len(rows.seed)))
+            rid = self.worker.submit(rows.prompt, rows.seed, n if self.cfg.stream_judging else len(rows.seed))
             return self.pool.submit(self._collect, rows, rid, step)
-        jobs, size = [], self._chunk_rows(len(rows.seed))
-        for a in range(0, len(rows.seed), size):
-            part = take(rows, range(a, min(a + size, len(rows.seed))))
-            part.response, part.truncated, logp = _sample_here(self.policy, self.engine, self.tokenizer,
-                                                               part.prompt, part.seed, self.cfg)
-            part.logp = [None] * len(part.seed) if logp is None else logp
-            part.text = self.tokenizer.batch_decode(part.response, skip_special_tokens=True)
-            streamed = self.threaded and self.cfg.stream_groups
-            jobs.append(self.pool.submit(self._judge, part, step) if streamed else self._judge(part, step))
-        return jobs
+        parts = []
 
-    def _collect(self, rows: Samples, rid: int, step: int) -> Samples:
-        """(In the pool's thread.) The worker's chunks of request `rid`, judged as they arrive when the
+        def done(first, responses, truncated, logp, texts=None):
+            part = take(rows, range(first, first + len(responses)))
+            part.response, part.truncated = responses, truncated
+            part.text = texts or self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+            part.logp = [None] * len(responses) if logp is None else logp
+            parts.append((first, self.pool.submit(self._judge, part, step) if streamed else part))
+        if streamed and self.engine is None:
+            self.policy.eval()
+            sample_groups(self.policy, self.tokenizer, rows.prompt, rows.seed, self.cfg, n, done, record=False)
+        else:
+            done(0, *_sample_here(self.policy, self.engine, self.tokenizer, rows.prompt, rows.seed, self.cfg))
+        return parts
+
+    def _collect(self, rows: Samples, rid: int, step: int) -> list:
+        """(In the pool's thread.) The worker's rows of request `rid`, judged as they arrive when the
         verifiers may run in a thread."""
         parts = []
-        for first, responses, truncated, texts, logp in self.worker.chunks(rid):
+        for first, responses, truncated, texts, logp in self.worker.rows(rid):
             part = take(rows, range(first, first + len(responses)))
             part.response, part.truncated, part.text, part.logp = responses, truncated, texts, logp
-            parts.append(self._judge(part, step) if self.threaded else part)
-        return cat(parts)
+            parts.append((first, self._judge(part, step) if self.threaded else part))
+        return parts
 
     def _wait(self, handle, step: int) -> Samples:
-        """The round's judged rows (judging here what could not be judged in a thread)."""
-        if isinstance(handle, Future):
-            rows = handle.result()
-            return rows if rows.reward else self._judge(rows, step)
-        return cat([h.result() if isinstance(h, Future) else h for h in handle])
+        """The round's judged rows in order (judging here what could not be judged in a thread)."""
+        parts = handle.result() if isinstance(handle, Future) else handle
+        parts = sorted(((first, p.result() if isinstance(p, Future) else p) for first, p in parts), key=lambda x: x[0])
+        return cat([p if p.reward else self._judge(p, step) for _, p in parts])
 
     def _judge(self, part: Samples, step: int) -> Samples:
         ro = Rollout([self.train_set[i] for i in part.index], part.prompt, part.response, part.text,

@@ -80,6 +80,21 @@ class Config:
     rollout_engine: Literal["hf", "vllm"] = field(default="hf", metadata={
         "help": "hf: transformers generate; vllm: an in-process vLLM engine per rank, weights copied in after every update"})
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "share of each GPU the vLLM engine keeps"})
+    async_steps: int = field(default=0, metadata={
+        "help": "1: a worker process generates (and this process judges) batch t+1 while step t updates, always "
+                "with the weights before update t (one step off-policy; reproducible, exactly resumable); 0: on-policy"})
+    rollout_device: str = field(default="", metadata={
+        "help": "device of the --async_steps 1 worker: '' = the trainer's (colocated); e.g. cuda:1 with one rank "
+                "(split layout). On CPU trainer and worker take half the torch threads each"})
+    stream_judging: bool = field(default=False, metadata={
+        "help": "hand each prompt group to the verifier, in a thread, as soon as all its responses have ended, "
+                "while longer ones still generate (HF generate): for HTTP / rule verifiers and uneven lengths"})
+    filter_groups: bool = field(default=False, metadata={
+        "help": "DAPO dynamic sampling: drop groups whose rewards (--reward_type) are all equal and refill the "
+                "batch with groups of newly drawn prompts"})
+    max_filter_rounds: int = field(default=3, metadata={
+        "help": "extra rounds of --prompts_per_step prompts --filter_groups may draw per step; a batch still short "
+                "is filled with the first dropped groups (their advantage is 0 under --reward_norm group)"})
     # advantages, KL and loss (rl_math.py)
     reward_norm: Literal["batch", "group", "none"] = field(default="group", metadata={
         "help": "the z-score of rewards: over the batch (the paper), per prompt group (GRPO), or none"})
@@ -101,7 +116,7 @@ class Config:
         "help": "if > 0: micro-batches by a token budget instead of --micro_batch_size (longest first; "
                 "many short sequences or few long ones per forward)"})
     rollout_correction: Literal["none", "tis", "mask"] = field(default="none", metadata={
-        "help": "when the sampler is not the trainer (--rollout_engine vllm): per-token weights pi_old / pi_sampler, "
+        "help": "when the sampler is not the trainer (vLLM, or --async_steps 1): per-token weights pi_old / pi_sampler, "
                 "truncated at --correction_threshold (tis) or tokens outside [1/threshold, threshold] dropped (mask)"})
     correction_threshold: float = field(default=2.0, metadata={"help": "the cap (tis) or the band (mask)"})
     pack: bool = field(default=True, metadata={"help": "padding-free packed rows for log-probs and training"})
@@ -125,6 +140,9 @@ class Config:
     eval_every: int = field(default=20, metadata={"help": "steps between evals (also before step 1 and at the end; "
                                                           "0: only at the end)"})
     eval_prompts: int = field(default=256, metadata={"help": "held-out prompts per eval (0: all)"})
+    eval_samples: int = field(default=0, metadata={
+        "help": "0: one greedy answer per prompt; k: k answers sampled at --temperature (the same seeds at every "
+                "eval), accuracy their mean: finer-grained on a small held-out set"})
     eval_only: bool = field(default=False, metadata={"help": "evaluate the policy (or, with --resume, the checkpoint) and exit"})
     save_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: at the end and on SIGTERM/SIGINT)"})
     keep_checkpoints: int = 2
@@ -166,13 +184,14 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
     req(cfg.reward_clip >= 0, "reward_clip", cfg.reward_clip, "must be >= 0 (0: off)")
     req(cfg.max_tokens_per_micro_batch >= 0, "max_tokens_per_micro_batch", cfg.max_tokens_per_micro_batch, "must be >= 0")
     req(cfg.correction_threshold > 1, "correction_threshold", cfg.correction_threshold, "must be > 1")
-    req(cfg.rollout_correction == "none" or cfg.rollout_engine == "vllm", "rollout_correction", cfg.rollout_correction,
-        "needs a sampler other than the trainer (--rollout_engine vllm); with hf the trainer samples itself")
+    req(cfg.rollout_correction == "none" or cfg.rollout_engine == "vllm" or cfg.async_steps, "rollout_correction",
+        cfg.rollout_correction, "needs a sampler other than the trainer (--rollout_engine vllm or --async_steps 1)")
+    rollout.RolloutOptions.of(cfg).check(world)
     req(0 <= cfg.warmup_ratio < 1, "warmup_ratio", cfg.warmup_ratio, "must be in [0, 1)")
     req(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", cfg.min_lr_ratio, "must be in [0, 1]")
     req(cfg.max_grad_norm > 0, "max_grad_norm", cfg.max_grad_norm, "must be > 0")
     req(0 <= cfg.heldout_fraction < 1, "heldout_fraction", cfg.heldout_fraction, "must be in [0, 1)")
-    for name in ("eval_every", "eval_prompts", "save_every", "audit_every", "log_samples"):
+    for name in ("eval_every", "eval_prompts", "eval_samples", "save_every", "audit_every", "log_samples"):
         req(getattr(cfg, name) >= 0, name, getattr(cfg, name), "must be >= 0")
     req(cfg.keep_checkpoints >= 1, "keep_checkpoints", cfg.keep_checkpoints, "must be >= 1")
     req(cfg.audit_samples >= 1 or not cfg.audit_verifier, "audit_samples", cfg.audit_samples, "must be >= 1")
@@ -193,7 +212,7 @@ class Batch:
     prompts: list[list[int]]
     responses: list[list[int]]
     advantages: torch.Tensor
-    old_logp: torch.Tensor | None      # None: on-policy with a single update (the update's forward is the behaviour)
+    old_logp: torch.Tensor | None      # None: on-policy with a single update (the update's forward is pi_old)
     ref_logp: torch.Tensor | None      # with --kl_mode loss
     behaviour_logp: torch.Tensor | None
     entropy: torch.Tensor | None
@@ -208,10 +227,17 @@ class Batch:
         return torch.cat([x[self.offsets[i]:self.offsets[i + 1]] for i in idx])
 
 
-def needs_old_logprobs(cfg: Config) -> bool:
-    """A separate no-grad pass for the behaviour log-probs: when the batch feeds several updates (later
-    ones are off-policy) or the KL goes into the reward (before the update)."""
-    return cfg.ppo_epochs * cfg.minibatches > 1 or cfg.kl_mode == "reward"
+def old_logprobs_source(cfg: Config, ro: rollout.Rollout) -> str:
+    """Where the ratio's pi_old comes from. "update": on-policy with a single update, the update's own
+    forward (ratio 1). "trainer": a no-grad pass first, when the batch feeds several updates (later ones
+    are off-policy), the KL goes into the reward (before the update), or a stale batch is corrected
+    (--rollout_correction: weights pi_old / pi_sampler). "sampler": a stale batch (--async_steps 1)
+    without correction takes the sampling weights' own log-probs: the trainer no longer has them."""
+    if ro.staleness and cfg.rollout_correction == "none":
+        return "sampler"
+    if cfg.ppo_epochs * cfg.minibatches > 1 or cfg.kl_mode == "reward" or ro.staleness:
+        return "trainer"
+    return "update"
 
 
 def forward_logprobs(net, prompts, responses, idx, cfg: Config, device, with_entropy=False):
@@ -238,8 +264,11 @@ def advantages(policy, ref, ro: rollout.Rollout, rewards: torch.Tensor, cfg: Con
     """`rewards`: the global batch's [N] (all ranks, rank order). Returns this rank's Batch and the
     global per-token KL total for logging."""
     old = ent = ref_lp = None
-    if needs_old_logprobs(cfg):
+    source = old_logprobs_source(cfg, ro)
+    if source == "trainer":
         old, ent = logprobs_no_grad(policy, ro, cfg, device, with_entropy=True)
+    elif source == "sampler":
+        old = ro.behaviour_logp.to(device)
     if ref is not None:
         ref_lp = logprobs_no_grad(ref, ro, cfg, device)[0]
     kl_local = rl_math.kl_k1(old, ref_lp) if cfg.kl_mode == "reward" else None
@@ -272,8 +301,10 @@ class NonFiniteError(RuntimeError):
 def policy_update(policy, optimizer, scheduler, batch: Batch, cfg: Config, step: int, device) -> tuple[float, dict]:
     """The clipped policy-gradient update(s) of one rollout batch. Returns (mean loss, local sums for
     the step's metrics). On-policy with a single update (batch.old_logp is None), the first forward
-    is the behaviour policy itself: its detached log-probs are the old ones (ratio 1) and it gives
-    the step's entropy. A minibatch whose gradient norm is not finite is not applied."""
+    is pi_old itself: its detached log-probs are the old ones (ratio 1). Without a no-grad pass before
+    (batch.entropy is None) the first pass gives the step's entropy. A sampler other than the trainer
+    (batch.behaviour_logp) gets per-token --rollout_correction weights. A minibatch whose gradient norm
+    is not finite is not applied."""
     world = distributed.world_size()
     n_local = len(batch.responses)
     order = torch.randperm(n_local, generator=torch.Generator().manual_seed(rollout.sample_seed(cfg.seed, step, 0, "order")))
@@ -294,7 +325,7 @@ def policy_update(policy, optimizer, scheduler, batch: Batch, cfg: Config, step:
     policy.train()
     for k, plan in enumerate(plans):
         first_pass = k < cfg.minibatches
-        with_entropy = batch.old_logp is None and first_pass
+        with_entropy = batch.entropy is None and first_pass
         n_tok, n_seq = counts[k].tolist()
         loss_sum = 0.0
         for idx in plan:
@@ -395,36 +426,42 @@ def reduce_step(parts: list[dict], rewards: torch.Tensor, logged_names: list[str
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. eval: greedy answers on held-out prompts, graded by the eval verifier
+# 7. eval: answers to held-out prompts, graded by the eval verifier
 
 
 @torch.no_grad()
 def evaluate(policy, tokenizer, heldout, grader, cfg: Config, device) -> dict:
-    """Accuracy overall and per subject; prompts are sharded over ranks (padded with repeats so every
-    rank runs as many batches: FSDP gathers inside generate's forward)."""
+    """Accuracy overall and per subject, of greedy answers or of cfg.eval_samples sampled ones per
+    prompt. Prompts are sharded over ranks (padded with repeats so every rank runs as many batches:
+    FSDP gathers inside generate's forward)."""
     records = heldout[:cfg.eval_prompts] if cfg.eval_prompts else heldout
+    k = max(1, cfg.eval_samples)
     world, rank = distributed.world_size(), distributed.rank()
-    mine = records[rank::world]
-    per_rank = math.ceil(len(records) / world)
+    slots = list(range(len(records) * k))  # answer j of prompt i is slot i * k + j, named by its seed
+    mine = slots[rank::world]
+    per_rank = math.ceil(len(slots) / world)
     n_real = len(mine)
-    mine = mine + records[:per_rank - n_real]
+    mine = mine + slots[:per_rank - n_real]
     policy.eval()
     correct = []
     for start in range(0, per_rank, cfg.micro_batch_size):
-        batch = mine[start:start + cfg.micro_batch_size]
+        batch = [records[slot // k] for slot in mine[start:start + cfg.micro_batch_size]]
         prompts = data.tokenize_prompts(tokenizer, batch, cfg.max_prompt_len)
-        responses, _ = model.generate(policy, tokenizer, prompts, cfg.max_new_tokens)
+        seeds = [rollout.sample_seed(cfg.seed, 0, slot, "eval") for slot in mine[start:start + cfg.micro_batch_size]]
+        responses, _ = model.generate(policy, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                                      seeds if cfg.eval_samples else None)
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         correct += grader([r.question for r in batch], [r.reference for r in batch], texts).binary.tolist()
     totals: dict[str, list[float]] = {}
-    for part in distributed.gather_objects([(r.meta.get("subject", ""), c) for r, c in zip(mine[:n_real], correct)]):
+    for part in distributed.gather_objects([(records[slot // k].meta.get("subject", ""), c)
+                                            for slot, c in zip(mine[:n_real], correct)]):
         for subject, c in part:
             for key in {"", subject}:
                 totals.setdefault(key, [0.0, 0])
                 totals[key][0] += c
                 totals[key][1] += 1
-    out = {"eval/accuracy": totals[""][0] / totals[""][1], "eval/prompts": totals[""][1]}
-    out.update({f"eval/accuracy/{k}": c / n for k, (c, n) in sorted(totals.items()) if k})
+    out = {"eval/accuracy": totals[""][0] / totals[""][1], "eval/prompts": len(records)}
+    out.update({f"eval/accuracy/{key}": c / n for key, (c, n) in sorted(totals.items()) if key})
     return out
 
 
@@ -488,8 +525,10 @@ def load_verifiers(cfg: Config, vopts, spec: str, device) -> dict:
                                      shard=distributed.is_initialized(), seed=cfg.seed,
                                      trust_remote_code=cfg.trust_remote_code)
     reward_verifier = build(spec, True)
-    return {"reward": reward_verifier,
-            "eval": build(cfg.eval_verifier, False) if cfg.eval_verifier else reward_verifier,
+    eval_verifier = build(cfg.eval_verifier, False) if cfg.eval_verifier else reward_verifier
+    if not cfg.eval_verifier and cfg.async_steps:  # the source judges in a thread meanwhile: not the same object
+        eval_verifier = build(spec, True)
+    return {"reward": reward_verifier, "eval": eval_verifier,
             "audit": build(cfg.audit_verifier, False) if cfg.audit_verifier else None,
             "logged": {s: build(s, False) for s in filter(None, cfg.log_verifiers.split(","))}}
 
@@ -506,7 +545,7 @@ def probe_master_keys(verifier, train_set, cfg: Config) -> dict:
     return {"verifier/master_key_fpr": probe["fpr"]}
 
 
-def resume(cfg: Config, ckpt_dir: Path, policy, optimizer, scheduler, sampler) -> dict:
+def resume(cfg: Config, ckpt_dir: Path, policy, optimizer, scheduler) -> dict:
     """The checkpoint's trainer state ({"step": 0, ...} when starting fresh). Outputs written after the
     checkpoint's step are cut back, so a killed and resumed run writes what an uninterrupted one does."""
     fresh = {"step": 0, "streaks": {"nonfinite": 0, "audit": 0}}
@@ -517,7 +556,6 @@ def resume(cfg: Config, ckpt_dir: Path, policy, optimizer, scheduler, sampler) -
         if cfg.resume == "yes":
             raise config.ConfigError(f"--resume: no checkpoint in {ckpt_dir}; --resume auto starts fresh when there is none")
         return fresh
-    sampler.load_state_dict(state["sampler"])
     if distributed.rank() == 0:
         for name in ("rollouts.jsonl", "audit.jsonl"):
             if (Path(cfg.out_dir) / name).exists():
@@ -556,6 +594,29 @@ def check_streaks(m: dict, streaks: dict, step: int, cfg: Config, out_dir: Path)
     return None
 
 
+def start_engine(cfg: Config, policy_path: str, policy, device, resumed: bool):
+    """The in-process vLLM engine (--rollout_engine vllm), created after the trainer's models: it sizes
+    its KV cache around them."""
+    if cfg.rollout_engine != "vllm":
+        return None
+    from vllm_engine import VLLMEngine
+    engine = VLLMEngine(policy_path, seed=cfg.seed, max_model_len=cfg.max_prompt_len + cfg.max_new_tokens,
+                        gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                        dtype="auto" if device.type == "cuda" else "float32")
+    if resumed:
+        engine.load_weights(policy)  # the checkpoint's weights, not policy_path's
+    return engine
+
+
+def audit_rollout(judge, ro: rollout.Rollout, judged: reward.Judgement, step: int, cfg: Config, n_global: int):
+    """The judge re-grades a seeded sample of the global batch; each rank re-grades its own members."""
+    chosen = audit.sample_indices(n_global, cfg.audit_samples, rollout.sample_seed(cfg.seed, step, 0, "audit"))
+    first = distributed.rank() * len(ro.responses)
+    mine = [i for i in range(len(ro.responses)) if first + i in chosen]
+    return audit.regrade(judge, [ro.records[i].question for i in mine], [ro.records[i].reference for i in mine],
+                         [ro.texts[i] for i in mine], judged.select(mine), step, [ro.seeds[i] for i in mine])
+
+
 # ----------------------------------------------------------------------------------------------
 # the algorithm
 
@@ -574,7 +635,7 @@ def train(cfg: Config, vopts: reward.VerifierOptions) -> dict:
                                                  cfg.steps * updates_per_step, cfg.warmup_ratio, cfg.lr_schedule,
                                                  cfg.min_lr_ratio)
     sampler = data.PromptSampler(len(train_set), cfg.prompts_per_step, cfg.seed, rank, world)
-    state = resume(cfg, ckpt_dir, policy, optimizer, scheduler, sampler)
+    state = resume(cfg, ckpt_dir, policy, optimizer, scheduler)
     start, streaks = state["step"], state["streaks"]
     log = metrics.Metrics(str(out_dir), {**asdict(cfg), **asdict(vopts), "policy_path": policy_path,
                                          "verifier_path": verifier_spec}, cfg.wandb_project,
@@ -587,75 +648,67 @@ def train(cfg: Config, vopts: reward.VerifierOptions) -> dict:
     if start == 0:  # before any update: the verifier's master-key rate and the policy's starting accuracy
         m = probe_master_keys(judges["reward"], train_set, cfg)
         log.log(0, m | (evaluate(policy, tokenizer, heldout, judges["eval"], cfg, device) if cfg.eval_every else {}))
-    engine = None
-    if cfg.rollout_engine == "vllm":  # created after the trainer's models: it sizes its KV cache around them
-        from vllm_engine import VLLMEngine
-        engine = VLLMEngine(policy_path, seed=cfg.seed, max_model_len=cfg.max_prompt_len + cfg.max_new_tokens,
-                            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
-                            dtype="auto" if device.type == "cuda" else "float32")
-        if start:
-            engine.load_weights(policy)  # resumed: the checkpoint's weights, not policy_path's
+    source = rollout.RolloutSource(rollout.RolloutOptions.of(cfg), policy, tokenizer, train_set, sampler,
+                                   judges["reward"], judges["logged"], engine=start_engine(cfg, policy_path, policy, device,
+                                                                                           resumed=start > 0),
+                                   policy_path=policy_path, trust_remote_code=cfg.trust_remote_code)
+    if start:
+        source.load_state_dict(state["rollout"])
 
     stop, timer, history, stopped = checkpoint.StopSignal(), metrics.PhaseTimer(device), [], None
     from tqdm import tqdm
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank != 0, desc="rl", dynamic_ncols=True)
-    for step in bar:
-        t0 = time.time()
-        with timer("generate"):
-            ro = rollout.generate(policy, engine, tokenizer, [train_set[i] for i in sampler.next()], step, cfg)
-        with timer("reward"):
-            judged = rollout.judge(judges["reward"], ro, step, cfg)
-            used = (judged.soft if cfg.reward_type == "soft" else judged.binary).float()
-            also = {name: rollout.judge(v, ro, step, cfg) for name, v in judges["logged"].items()}
-        with timer("logprobs"):
-            rewards = distributed.all_gather_cat(used.to(device))
-            batch, m = advantages(policy, ref, ro, rewards, cfg, device)
-        with timer("update"):
-            _, update = policy_update(policy, optimizer, scheduler, batch, cfg, step, device)
-        if engine is not None:
+    try:
+        for step in bar:
+            t0 = time.time()
+            with timer("rollout"):  # generate and judge (async: the batch generated during the last update)
+                ro, judged, also, info = source.next(step)
+                used = (judged.soft if cfg.reward_type == "soft" else judged.binary).float()
+            with timer("logprobs"):
+                rewards = distributed.all_gather_cat(used.to(device))
+                batch, m = advantages(policy, ref, ro, rewards, cfg, device)
+            with timer("update"):
+                _, update = policy_update(policy, optimizer, scheduler, batch, cfg, step, device)
             with timer("sync"):
-                engine.load_weights(policy)  # every rank: FSDP all-gathers each parameter in turn
-        audited = []
-        if judges["audit"] is not None and cfg.audit_every and (step + 1) % cfg.audit_every == 0:
-            with timer("audit"):  # a seeded sample of the global batch; each rank re-grades its own members
-                chosen = audit.sample_indices(len(rewards), cfg.audit_samples,
-                                              rollout.sample_seed(cfg.seed, step + 1, 0, "audit"))
-                mine = [i for i in range(len(ro.responses)) if rank * len(ro.responses) + i in chosen]
-                audited = audit.regrade(judges["audit"], [ro.records[i].question for i in mine],
-                                        [ro.records[i].reference for i in mine], [ro.texts[i] for i in mine],
-                                        judged.select(mine), step + 1, [ro.seeds[i] for i in mine])
-        # everything each rank reports, in one collective
-        parts = distributed.gather_objects(step_record(ro, judged, used, also, update, step + 1) | {"audit": audited})
-        m.update(reduce_step(parts, rewards, list(judges["logged"]), updates_per_step, cfg))
-        rows, audited = [r for p in parts for r in p["rows"]], [r for p in parts for r in p["audit"]]
-        if audited:
-            m.update(audit.audit_metrics(audited))
-        last = step + 1 == cfg.steps
-        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
-            with timer("eval"):
-                m.update(evaluate(policy, tokenizer, heldout, judges["eval"], cfg, device))
-        m.update(timer.pop() | {"time/step": time.time() - t0, "lr": scheduler.get_last_lr()[0],
-                                "epoch": sampler.epoch, "memory/peak_gb": metrics.peak_memory_gb(device)})
-        m["throughput/tokens_per_s"] = m["response/length_mean"] * len(rewards) / max(m["time/step"], 1e-9)
-        write_outputs(out_dir, rows, audited, cfg)
-        if cfg.log_samples:
-            log.table(step + 1, "samples", list(rows[0]), [list(r.values()) for r in rows[:cfg.log_samples]])
-        log.log(step + 1, m)
-        history.append(m)
-        if rank == 0:
-            bar.write(log.summary(step + 1, m, ["reward/mean", "eval/accuracy", "audit/false_positive_rate", "kl/k1",
-                                               "entropy", "response/length_mean", "time/step"]))
-        halt = check_streaks(m, streaks, step + 1, cfg, out_dir)
-        stopping = stop.should_stop()
-        if last or stopping or halt or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-            checkpoint.save_checkpoint(str(ckpt_dir), step + 1, policy, optimizer, scheduler,
-                                       {"sampler": sampler.state_dict(), "streaks": dict(streaks)},
-                                       keep=cfg.keep_checkpoints)
-        if halt:
-            raise reward.VerifierError(halt + f" Checkpoint: {ckpt_dir}.")
-        if stopping:
-            stopped = stop.received
-            break
+                source.after_update(policy)  # the vLLM engine takes the new weights
+            audited = []
+            if judges["audit"] is not None and cfg.audit_every and (step + 1) % cfg.audit_every == 0:
+                with timer("audit"):
+                    audited = audit_rollout(judges["audit"], ro, judged, step + 1, cfg, len(rewards))
+            # everything each rank reports, in one collective
+            parts = distributed.gather_objects(step_record(ro, judged, used, also, update, step + 1) | {"audit": audited})
+            m.update(reduce_step(parts, rewards, list(judges["logged"]), updates_per_step, cfg) | info)
+            rows, audited = [r for p in parts for r in p["rows"]], [r for p in parts for r in p["audit"]]
+            if audited:
+                m.update(audit.audit_metrics(audited))
+            last = step + 1 == cfg.steps
+            if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
+                with timer("eval"):
+                    m.update(evaluate(policy, tokenizer, heldout, judges["eval"], cfg, device))
+            m.update(timer.pop() | {"time/step": time.time() - t0, "lr": scheduler.get_last_lr()[0],
+                                    "epoch": sampler.epoch, "memory/peak_gb": metrics.peak_memory_gb(device)})
+            m["throughput/tokens_per_s"] = m["response/length_mean"] * len(rewards) / max(m["time/step"], 1e-9)
+            write_outputs(out_dir, rows, audited, cfg)
+            if cfg.log_samples:
+                log.table(step + 1, "samples", list(rows[0]), [list(r.values()) for r in rows[:cfg.log_samples]])
+            log.log(step + 1, m)
+            history.append(m)
+            if rank == 0:
+                bar.write(log.summary(step + 1, m, ["reward/mean", "eval/accuracy", "audit/false_positive_rate",
+                                                   "kl/k1", "entropy", "response/length_mean", "time/step"]))
+            halt = check_streaks(m, streaks, step + 1, cfg, out_dir)
+            stopping = stop.should_stop()
+            if last or stopping or halt or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+                checkpoint.save_checkpoint(str(ckpt_dir), step + 1, policy, optimizer, scheduler,
+                                           {"rollout": source.state_dict(), "streaks": dict(streaks)},
+                                           keep=cfg.keep_checkpoints)
+            if halt:
+                raise reward.VerifierError(halt + f" Checkpoint: {ckpt_dir}.")
+            if stopping:
+                stopped = stop.received
+                break
+    finally:
+        source.close()  # after the checkpoint: an async worker holds the batch it saves
     stop.restore()
     if stopped is None:
         checkpoint.export_hf(policy, tokenizer, str(out_dir / "final"))

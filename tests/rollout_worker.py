@@ -2,8 +2,8 @@
 
     python tests/rollout_worker.py orphan MODEL_DIR
         a trainer with an async rollout worker: prints "WORKER <pid>", then waits for SIGTERM/SIGINT
-        (checkpoint.StopSignal, as train_rl.py), then runs one more step, saves the source's state and
-        closes it, and prints "DONE <json>" (the worker's exit code and that step's seeds)
+        (checkpoint.StopSignal, as train_rl.py), then runs one more step and saves the source's state,
+        prints "DONE <json>" (the signal and that step's seeds) and exits without closing the source
     [torchrun --nproc_per_node 2] tests/rollout_worker.py batches MODEL_DIR OUT.json OPTIONS_JSON A:B CKPT
         steps A..B-1 of a RolloutSource(RolloutOptions(**OPTIONS_JSON)), the policy FSDP-sharded under
         torchrun, a stand-in update after every step; resumes from the checkpoint CKPT when A > 0, saves
@@ -84,9 +84,8 @@ def orphan(model_dir: str) -> None:
         time.sleep(0.05)
     ro, *_ = src.next(1)  # the worker ignored the signal: its batch is there
     src.state_dict()
-    src.close()
-    print("DONE " + json.dumps({"signal": stop.received, "exitcode": src.worker.process.exitcode,
-                                "seeds": ro.seeds}), flush=True)
+    # no src.close(): rollout's exit handler must stop the worker before multiprocessing's would wait for it
+    print("DONE " + json.dumps({"signal": stop.received, "seeds": ro.seeds}), flush=True)
 
 
 def batches(model_dir: str, out: str, options: str, span: str, ckpt: str) -> None:

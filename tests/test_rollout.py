@@ -1,10 +1,12 @@
-"""rollout.py: the sync source is generate + judge; streamed chunks draw what one call draws and are judged
-while the next chunk generates; the async worker samples batch t+1 with the weights before update t,
+"""rollout.py: the sync source is generate + judge; streamed groups are what one call draws and are judged
+while the others generate; the async worker samples batch t+1 with the weights before update t,
 returns the trainer's log-probs of them, resumes exactly through a checkpoint, dies with its trainer and
 ignores the trainer's signals; dynamic sampling keeps the groups a hand-run keeps, refills, resumes, and
 2 ranks keep what 1 rank keeps."""
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,6 +37,17 @@ def policy_dir(tiny_model_dir, tmp_path_factory):
         lm.get_input_embeddings().weight.mul_(3.0)
     lm.save_pretrained(out)
     model.load_tokenizer(tiny_model_dir).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def uneven_dir(policy_dir, tmp_path_factory):
+    """policy_dir whose generation config biases the end-of-sequence token: responses end at different steps."""
+    out = tmp_path_factory.mktemp("uneven")
+    shutil.copytree(policy_dir, out, dirs_exist_ok=True)
+    gen = json.loads((out / "generation_config.json").read_text())
+    gen["sequence_bias"] = [[[gen["eos_token_id"]], 4.5]]
+    (out / "generation_config.json").write_text(json.dumps(gen))
     return str(out)
 
 
@@ -77,7 +90,7 @@ def test_sync_source_is_generate_then_judge(policy_dir):
 
 
 class TimedTokenizer:
-    """The tokenizer, noting when each chunk of responses is decoded (right after it was generated)."""
+    """The tokenizer, noting when each group of responses is decoded (when it is handed over)."""
 
     def __init__(self, tok):
         self.tok, self.decoded = tok, []
@@ -90,30 +103,43 @@ class TimedTokenizer:
         return self.tok.batch_decode(*args, **kwargs)
 
 
-def test_streamed_chunks_draw_what_one_call_draws_and_are_judged_while_the_next_generates(policy_dir):
-    policy, tok = model.load_model(policy_dir), model.load_tokenizer(policy_dir)
+def test_streamed_groups_are_what_one_call_draws_and_are_judged_while_others_generate(uneven_dir):
+    policy, tok = model.load_model(uneven_dir), model.load_tokenizer(uneven_dir)
+    # per-sample seeds: groups generated apart draw what they draw together (the source's ranks and rounds)
     prompts = [p for p in data.tokenize_prompts(tok, RECORDS[:4], 1024) for _ in range(3)]
     seeds = [rollout.sample_seed(0, 0, i) for i in range(len(prompts))]
     whole, _ = model.generate(policy, tok, prompts, 8, 1.0, 1.0, seeds)
     apart = [model.generate(policy, tok, prompts[a:a + 3], 8, 1.0, 1.0, seeds[a:a + 3])[0] for a in range(0, 12, 3)]
     assert whole == [r for part in apart for r in part]
+    # handed over group by group as each ends, with the behaviour log-probs recorded so far: what the whole
+    # batch handed over at the end has
+    by_group, at_end = {}, {}
+    for group, out in ((3, by_group), (12, at_end)):
+        rollout.sample_groups(policy, tok, prompts, seeds, opts(max_new_tokens=8), group,
+                              lambda first, *rows, out=out: out.update({first: rows}), record=True)
+    assert [r for f in sorted(by_group) for r in by_group[f][0]] == at_end[0][0] == whole
+    assert torch.equal(torch.cat([x for f in sorted(by_group) for x in by_group[f][2]]), torch.cat(at_end[0][2]))
 
-    plain = W.source(opts(), policy_dir, policy, W.ParityVerifier())
+    cfg = opts(max_new_tokens=24, prompts_per_step=6, samples_per_prompt=3)
+    plain = W.source(cfg, uneven_dir, policy, W.ParityVerifier())
     verifier, timed = W.ParityVerifier(), TimedTokenizer(tok)
-    sampler = data.PromptSampler(len(RECORDS), 4, 1)
-    streamed = rollout.RolloutSource(opts(stream_groups=1), policy, timed, RECORDS, sampler, verifier,
+    streamed = rollout.RolloutSource(dataclasses.replace(cfg, stream_judging=True), policy, timed, RECORDS,
+                                     data.PromptSampler(len(RECORDS), 6, 1), verifier,
                                      {"rule:substring": plain.logged["rule:substring"]})
-    same_batch(plain.next(0), streamed.next(0))
-    assert len(verifier.calls) == len(timed.decoded) == 4  # one generate call and one judgement per group
+    want, got = plain.next(0), streamed.next(0)
+    same_batch(want, got)
+    assert len(verifier.calls) == len(timed.decoded) == 6  # one judgement per group, as it is handed over
     assert all(t != "MainThread" for t in verifier.threads)
-    assert verifier.calls[0] < timed.decoded[-1]  # group 0 was judged before the last group was generated
+    ended = [not any(got[0].truncated[g * 3:g * 3 + 3]) for g in range(6)]
+    assert any(ended) and not all(ended), "need groups that end early and groups cut at max_new_tokens"
+    assert verifier.calls[0] < timed.decoded[-1]  # a group was judged before generation was over
     plain.close()
     streamed.close()
 
 
 def test_async_samples_with_the_weights_before_the_previous_update(policy_dir):
-    # stream_groups 1: the worker returns each group as it is done; temperature 0.7 must reach its log-probs
-    cfg = opts(async_steps=1, steps=6, stream_groups=1, temperature=0.7)
+    # stream_judging: the worker returns each group as it ends; temperature 0.7 must reach its log-probs
+    cfg = opts(async_steps=1, steps=6, stream_judging=True, temperature=0.7)
     policy, verifier = model.load_model(policy_dir), W.ParityVerifier()
     src = W.source(cfg, policy_dir, policy, verifier)
     weights, got = [], []
@@ -126,7 +152,7 @@ def test_async_samples_with_the_weights_before_the_previous_update(policy_dir):
             time.sleep(0.05)
     assert len(verifier.threads) == 5 * 4 and "MainThread" not in verifier.threads  # batches 0-4, group by group
     # the reference: a sync source whose policy holds the weights each batch should have been sampled with
-    sync_cfg = opts(steps=6, stream_groups=1, temperature=0.7)
+    sync_cfg = opts(steps=6, stream_judging=True, temperature=0.7)
     stale, fresh = model.load_model(policy_dir), model.load_model(policy_dir)
     ref_stale, ref_fresh = (W.source(sync_cfg, policy_dir, p, W.ParityVerifier()) for p in (stale, fresh))
     differs = []
@@ -159,7 +185,7 @@ def run_steps(src, policy, steps):
 
 
 def test_async_resume_through_a_checkpoint_equals_the_uninterrupted_run(policy_dir, tmp_path):
-    cfg = opts(async_steps=1, filter_groups=True, max_filter_rounds=2, stream_groups=1)
+    cfg = opts(async_steps=1, filter_groups=True, max_filter_rounds=2, stream_judging=True)
     policy = model.load_model(policy_dir)
     src = W.source(cfg, policy_dir, policy, W.ParityVerifier())
     straight = run_steps(src, policy, range(4))
@@ -204,13 +230,14 @@ def start_trainer(policy_dir):
 
 def test_the_worker_ignores_the_trainers_signals_and_dies_with_it(policy_dir):
     # SIGTERM to the whole process group (what a scheduler sends): the trainer stops after its step and
-    # checkpoint; the worker keeps generating the batch that checkpoint needs, then close() stops it
+    # checkpoint; the worker keeps generating the batch that checkpoint needs; at exit it is stopped, even
+    # by a trainer that forgot close()
     proc, worker = start_trainer(policy_dir)
     os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
     done = json.loads(out.split("DONE ", 1)[1])
-    assert done["signal"] == signal.SIGTERM and done["exitcode"] == 0 and len(done["seeds"]) == 4
+    assert done["signal"] == signal.SIGTERM and len(done["seeds"]) == 4
     assert not alive(worker)
     # a trainer killed outright runs no clean-up: the worker notices and exits by itself
     proc, worker = start_trainer(policy_dir)
@@ -265,7 +292,7 @@ def test_two_ranks_keep_and_sample_what_one_rank_does_and_resume_on_one(policy_d
     # rank gets the gathered weights. The 2-rank run stops after step 2; its checkpoint (with batch 3, from
     # both ranks) resumes on 1 rank.
     options = json.dumps(dict(seed=1, steps=4, prompts_per_step=4, samples_per_prompt=2, max_new_tokens=6,
-                              async_steps=1, stream_groups=1, filter_groups=True, max_filter_rounds=2))
+                              async_steps=1, stream_judging=True, filter_groups=True, max_filter_rounds=2))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     script, ckpt = str(ROOT / "tests" / "rollout_worker.py"), str(tmp_path / "ckpt")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -282,7 +309,6 @@ def test_two_ranks_keep_and_sample_what_one_rank_does_and_resume_on_one(policy_d
 @pytest.mark.parametrize("fields, message", [
     (dict(async_steps=2), "--async_steps 2: must be 0 (on-policy) or 1"),
     (dict(async_steps=1, rollout_engine="vllm"), "--async_steps 1: is for --rollout_engine hf"),
-    (dict(stream_groups=-1), "--stream_groups -1: must be >= 0"),
     (dict(filter_groups=True, samples_per_prompt=1), "--filter_groups True: needs --samples_per_prompt >= 2"),
     (dict(rollout_device="cuda:1"), "--rollout_device 'cuda:1': is where the --async_steps 1 worker generates"),
     (dict(rollout_device="gpu"), "--rollout_device 'gpu'"),
