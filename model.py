@@ -329,7 +329,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, te
     Returns the response token ids (cut after the first end-of-sequence token, which is kept) and
     whether each response was truncated at max_new_tokens.
     """
-    from transformers import LogitsProcessorList
+    from transformers import GenerationConfig, LogitsProcessorList
 
     device = next(model.parameters()).device
     eos = model.generation_config.eos_token_id
@@ -338,12 +338,14 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, te
     processors = LogitsProcessorList()
     if row_seeds is not None:
         processors.append(SeededSampling(torch.tensor(row_seeds, dtype=torch.long), temperature, top_p))
+    # a fresh generation config, not the model's: Qwen2.5's ships repetition_penalty 1.05, top_k 20 and more,
+    # which would make the sampler a policy other than the one the trainer scores (temperature and top_p only)
     ctx = gathered_params(model) if distributed.is_initialized() else contextlib.nullcontext()
     with ctx:
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                             max_new_tokens=max_new_tokens, logits_processor=processors,
-                             eos_token_id=sorted(eos), pad_token_id=tokenizer.pad_token_id,
-                             temperature=None, top_p=None, top_k=None)
+        settings = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(eos),
+                                    pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=settings,
+                             logits_processor=processors)
     responses, truncated = [], []
     for row in out[:, ids.shape[1]:].tolist():
         cut = next((i + 1 for i, t in enumerate(row) if t in eos), None)

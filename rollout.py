@@ -193,14 +193,15 @@ class _Watch:
     def __getattr__(self, name):
         return getattr(self.lm, name)
 
-    def generate(self, *, input_ids, logits_processor, eos_token_id, **kwargs):
+    def generate(self, *, input_ids, logits_processor, generation_config, **kwargs):
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
+        eos_token_id = generation_config.eos_token_id
         self.width, self.eos, self.eos_set = input_ids.shape[1], torch.tensor(eos_token_id), set(eos_token_id)
         self.ended = torch.zeros(input_ids.shape[0], dtype=torch.bool)
         if self.record:
             logits_processor = LogitsProcessorList([_Scores(self, False), *logits_processor, _Scores(self, True)])
-        return self.lm.generate(input_ids=input_ids, logits_processor=logits_processor, eos_token_id=eos_token_id,
+        return self.lm.generate(input_ids=input_ids, logits_processor=logits_processor, generation_config=generation_config,
                                 stopping_criteria=StoppingCriteriaList([_Ended(self)]), **kwargs)
 
     def hand_over(self, g: int, responses: list[list[int]], truncated: list[bool]) -> None:

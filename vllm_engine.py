@@ -62,6 +62,9 @@ class VLLMEngine:
                 # behaviour policy; the trainer's are after temperature only: equal when top_p == 1
                 logprobs_mode="processed_logprobs",
                 enable_prefix_caching=True,  # the n samples of a prompt share its KV cache
+                # vLLM's own sampling defaults, not the model's generation_config.json (Qwen2.5's sets
+                # repetition_penalty 1.05, top_k 20...): the engine must sample the policy the trainer scores
+                generation_config="vllm",
                 **kwargs)
         self.startup_s = time.time() - t0
         # vLLM's exit-time shutdown destroys torch.distributed's default group, which is the trainer's (under

@@ -176,3 +176,13 @@ def test_build_optimizer_follows_lr_factor():
         model.build_optimizer(lm, 0.5, (0.9, 0.99), 0.0, 8, 0.2, "cosin")
     with pytest.raises(ValueError, match="total_steps=0 must be >= 1"):
         model.build_optimizer(lm, 0.5, (0.9, 0.99), 0.0, 0, 0.2, "constant")
+
+
+def test_generation_ignores_the_models_own_sampling_defaults(tiny_model_dir):
+    """Qwen2.5 ships repetition_penalty, top_k, top_p and temperature in generation_config.json: the
+    sampler must draw from the policy the trainer scores (temperature and top_p given), not from those."""
+    lm, tok = model.load_model(tiny_model_dir), model.load_tokenizer(tiny_model_dir)
+    prompts = [tok.encode("Which is larger, 3 or 7?"), tok.encode("hi")]
+    plain = model.generate(lm, tok, prompts, 10, 1.0, 1.0, [5, 6])
+    lm.generation_config.update(repetition_penalty=50.0, top_k=1, top_p=0.01, temperature=0.01, do_sample=True)
+    assert model.generate(lm, tok, prompts, 10, 1.0, 1.0, [5, 6]) == plain
