@@ -79,7 +79,8 @@ MASTER_KEY_WARN = 0.05  # a false-positive rate above this is worth a loud warni
 def master_key_probe(verifier: Verifier, questions: list[str], references: list[str], n: int = 64, seed: int = 0,
                      warn: float = MASTER_KEY_WARN, keys: list[str] = MASTER_KEYS) -> dict:
     """Score content-free answers against `n` sampled (question, reference) pairs; any YES is a false
-    positive. Returns {"fpr": overall rate, "per_key": {key: rate}, "n": pairs used, "warn": fpr > warn}.
+    positive. Returns {"fpr": overall rate, "per_key": {key: rate}, "n": pairs used, "warn": fpr > warn,
+    "unjudged": share of answers that were neither judgement token}.
     The verifier's own checks apply: one that answers neither judgement token raises VerifierError."""
     if not questions or len(questions) != len(references):
         raise ValueError(f"master_key_probe: need equally many questions and references, got "
@@ -88,9 +89,11 @@ def master_key_probe(verifier: Verifier, questions: list[str], references: list[
     qs = [questions[i] for i in idx] * len(keys)
     refs = [references[i] for i in idx] * len(keys)
     responses = [k for k in keys for _ in idx]
-    hits = verifier(qs, refs, responses).binary.view(len(keys), len(idx))
+    j = verifier(qs, refs, responses)
+    hits = j.binary.view(len(keys), len(idx))
     rate = hits.mean().item()
-    return {"fpr": rate, "per_key": dict(zip(keys, hits.mean(-1).tolist())), "n": len(idx), "warn": rate > warn}
+    return {"fpr": rate, "per_key": dict(zip(keys, hits.mean(-1).tolist())), "n": len(idx), "warn": rate > warn,
+            "unjudged": 1.0 - j.judged.float().mean().item()}
 
 
 # ----------------------------------------------------------------------------------------------

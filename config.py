@@ -24,6 +24,15 @@ def require(ok: bool, flag: str, value, why: str) -> None:
         raise ConfigError(f"--{flag} {value!r}: {why}")
 
 
+def resume_field():
+    """The --resume flag of both trainers: a bare --resume continues from the latest checkpoint (an error
+    when there is none), --resume auto continues if there is one and starts fresh if not (job scripts)."""
+    return dataclasses.field(default="no", metadata={
+        "choices": ["no", "yes", "auto"], "nargs": "?", "const": "yes",
+        "help": "--resume: continue from the latest checkpoint in out_dir (an error if there is none); "
+                "--resume auto: continue if there is one, else start fresh (for job scripts)"})
+
+
 def parse_config(classes: tuple, argv: list[str] | None = None, prog: str | None = None) -> tuple:
     """Parse argv into one instance of each dataclass in `classes`; one of them has a `config` field.
     Raises ConfigError for an unknown config-file field or a value outside its choices."""

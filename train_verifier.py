@@ -44,6 +44,7 @@ import model
 import reward
 import rollout
 import toy
+from config import resume_field
 
 def _help(text: str) -> dict:
     return {"help": text}
@@ -127,10 +128,7 @@ class SftConfig(Logged):
     eval_every: int = field(default=0, metadata=_help("steps between held-out evals (0: only before and after)"))
     save_every: int = field(default=0, metadata=_help("steps between checkpoints (0: at the end and on SIGTERM/INT)"))
     keep_checkpoints: int = 2
-    resume: str = field(default="no", metadata={
-        "choices": ["no", "yes", "auto"], "nargs": "?", "const": "yes",
-        "help": "--resume: continue from the latest checkpoint in out_dir (an error if there is none); "
-                "--resume auto: continue if there is one, else start fresh (for job scripts)"})
+    resume: str = resume_field()
     out_dir: str = field(default="runs/verifier", metadata=_help(
         "labels (toy), policy_labels.jsonl, checkpoints, metrics.jsonl, final/ (weights + verifier_settings.json)"))
 
@@ -257,17 +255,9 @@ def score(verifier, rows: list[data.JudgedRow]) -> dict:
 
 
 def probe_master_keys(verifier, rows: list[data.JudgedRow], n: int, seed: int) -> dict:
-    """audit.master_key_probe on the rows' (question, reference) pairs ({"fpr", "per_key", "n", "warn"}),
-    and the share of its answers that were neither judgement token ("unjudged")."""
-    answered = []
-
-    def recorded(questions, references, responses, seeds=None):
-        j = verifier(questions, references, responses)
-        answered.append(j.judged)
-        return j
+    """audit.master_key_probe on the rows' distinct (question, reference) pairs."""
     pairs = sorted({(r.question, r.reference) for r in rows})
-    probe = audit.master_key_probe(recorded, [q for q, _ in pairs], [a for _, a in pairs], n=n, seed=seed)
-    return probe | {"unjudged": 1.0 - torch.cat(answered).float().mean().item()}
+    return audit.master_key_probe(verifier, [q for q, _ in pairs], [a for _, a in pairs], n=n, seed=seed)
 
 
 def evaluate(cfg: EvalConfig, vopts: reward.VerifierOptions) -> dict:

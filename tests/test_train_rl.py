@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import config
+import rl_config
 import train_rl as T
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -118,7 +119,7 @@ def test_resume_continues_exactly_and_rewrites_no_output_twice(tiny_model_dir, t
 ])
 def test_bad_flags_are_refused_before_anything_loads(argv, message):
     with pytest.raises(config.ConfigError) as e:
-        T.parse_config(argv)
+        rl_config.parse_config(argv)
     assert message in str(e.value)
 
 
@@ -127,7 +128,7 @@ def test_bad_flags_are_refused_before_anything_loads(argv, message):
 def test_a_choice_typo_in_a_config_file_is_refused_too(field, value, choices, tmp_path):
     (tmp_path / "c.yaml").write_text(f"{field}: {value}\n")  # argparse never checks defaults against choices
     with pytest.raises(config.ConfigError, match=f"--{field} '{value}': invalid choice; choose from {choices}"):
-        T.parse_config(["--config", str(tmp_path / "c.yaml")])
+        rl_config.parse_config(["--config", str(tmp_path / "c.yaml")])
 
 
 def test_a_bad_flag_is_one_line_and_exit_status_2(tmp_path):
@@ -139,7 +140,7 @@ def test_a_bad_flag_is_one_line_and_exit_status_2(tmp_path):
 
 def test_resume_without_a_checkpoint(tiny_model_dir, tmp_path):
     out = run(flags(tiny_model_dir, tmp_path / "r", 1, resume="yes"), check=False)
-    assert out.returncode == 2 and "--resume: no checkpoint in" in out.stderr.splitlines()[-1]
+    assert out.returncode == 2 and "--resume 'yes': no checkpoint in" in out.stderr.splitlines()[-1]
     run(flags(tiny_model_dir, tmp_path / "r", 1, resume="auto"))  # job scripts: start fresh when there is none
     assert len(step_rows(tmp_path / "r")) == 1
 
@@ -147,25 +148,25 @@ def test_resume_without_a_checkpoint(tiny_model_dir, tmp_path):
 def test_config_file_sets_fields_and_flags_override(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("lr: 3.0e-6\nadvantage: rloo\nsteps: 7\n")
-    cfg, _ = T.parse_config(["--config", str(path), "--steps", "9"])
+    cfg, _ = rl_config.parse_config(["--config", str(path), "--steps", "9"])
     assert cfg.lr == 3e-6 and cfg.advantage == "rloo" and cfg.steps == 9
     path.write_text("learning_rate: 1\n")
     with pytest.raises(config.ConfigError, match="learning_rate"):
-        T.parse_config(["--config", str(path)])
+        rl_config.parse_config(["--config", str(path)])
     import train_verifier as TV
 
     for recipe in sorted((ROOT / "recipes").glob("*.yaml")):  # every shipped recipe parses and passes the checks
         if recipe.name.startswith("verifier_"):
             TV.parse_config("sft", ["--config", str(recipe)])
         else:
-            T.parse_config(["--config", str(recipe)])
+            rl_config.parse_config(["--config", str(recipe)])
 
 
 def test_help_lists_every_flag_with_its_default():
     out = subprocess.run([sys.executable, str(ROOT / "train_rl.py"), "--help"], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0
-    for name in list(T.Config.__dataclass_fields__) + ["verifier_system_prompt", "verifier_timeout"]:
+    for name in list(rl_config.Config.__dataclass_fields__) + ["verifier_system_prompt", "verifier_timeout"]:
         assert f"--{name}" in out.stdout
     text = " ".join(out.stdout.split())  # argparse wraps help lines
     assert "{reinforce,rloo,reinforce_pp,rloo_seq,reinforce_pp_seq}" in text and "(default: 0.28)" in text
