@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -101,80 +101,28 @@ def _setup(threads: int):
     return torch
 
 
-def _wired() -> bool:
-    """Whether train_rl.train() takes the rollout source's flags (issue 15: the lead wires it in)."""
-    import rollout
-    import train_rl
-
-    return all(f.name in train_rl.Config.__dataclass_fields__ for f in fields(rollout.RolloutOptions))
-
-
 def _train(argv: list[str], async_steps: int, stream: bool) -> tuple[list[dict], float]:
     """train_rl.train() with these flags: (metrics.jsonl rows of steps 0..N, peak GB)."""
     import metrics
+    import rl_config
     import train_rl
 
-    cfg, vopts = train_rl.parse_config(argv + [f"--async_steps={async_steps}", f"--stream_judging={stream}"])
+    cfg, vopts = rl_config.parse_config(argv + [f"--async_steps={async_steps}", f"--stream_judging={stream}"])
     hist = train_rl.train(cfg, vopts)["history"]
     rows = metrics.read_jsonl(Path(cfg.out_dir) / "metrics.jsonl")
     return rows, max(h["memory/peak_gb"] for h in hist)
-
-
-def _loop(argv: list[str], async_steps: int, stream: bool) -> tuple[list[dict], float]:
-    """Until train_rl.train() takes the source: its loop from its public pieces (no eval, logging or dumps),
-    rows shaped like metrics.jsonl's."""
-    import torch
-
-    import data
-    import distributed
-    import metrics
-    import model
-    import rollout
-    import train_rl
-
-    cfg, vopts = train_rl.parse_config(argv)
-    device = torch.device("cpu")
-    policy_path, verifier_spec = train_rl.resolve_paths(cfg)
-    tokenizer = model.load_tokenizer(policy_path)
-    train_set, _ = train_rl.load_data(cfg, tokenizer)
-    policy, ref = train_rl.load_models(cfg, policy_path, device)
-    judges = train_rl.load_verifiers(cfg, vopts, verifier_spec, device)
-    optimizer, scheduler = model.build_optimizer(policy, cfg.lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.weight_decay,
-                                                 cfg.steps * cfg.ppo_epochs * cfg.minibatches, cfg.warmup_ratio,
-                                                 cfg.lr_schedule, cfg.min_lr_ratio)
-    sampler = data.PromptSampler(len(train_set), cfg.prompts_per_step, cfg.seed)
-    options = rollout.RolloutOptions(**{f.name: getattr(cfg, f.name) for f in fields(rollout.RolloutOptions)
-                                        if hasattr(cfg, f.name)}, async_steps=async_steps, stream_judging=stream)
-    source = rollout.RolloutSource(options, policy, tokenizer, train_set, sampler, judges["reward"], judges["logged"],
-                                   policy_path=policy_path)
-    rows = [{"step": 0, "time": time.time()}]
-    for step in range(cfg.steps):
-        t0 = time.perf_counter()
-        ro, judged, _, info = source.next(step)
-        t1 = time.perf_counter()
-        rewards = distributed.all_gather_cat((judged.soft if cfg.reward_type == "soft" else judged.binary).float())
-        batch, _ = train_rl.advantages(policy, ref, ro, rewards, cfg, device)
-        t2 = time.perf_counter()
-        train_rl.policy_update(policy, optimizer, scheduler, batch, cfg, step, device)
-        source.after_update(policy)
-        t3 = time.perf_counter()
-        rows.append({"step": step + 1, "time": time.time(), "reward/mean": rewards.mean().item(),
-                     "response/length_mean": sum(ro.lengths) / len(ro.lengths), "time/rollout": t1 - t0,
-                     "time/logprobs": t2 - t1, "time/update": t3 - t2, "time/step": t3 - t0, **info})
-    source.close()
-    return rows, metrics.peak_memory_gb(device)
 
 
 def worker_ours(a: dict) -> dict:
     """train_rl's loop with train_rl flags `a["argv"]`, in rollout mode `a["arm"]`: wall time per step
     between consecutive metrics rows (everything the loop does), phases, reward per step."""
     _setup(a["threads"])
-    rows, peak = (_train if _wired() else _loop)(a["argv"], *ARMS[a["arm"]])
+    rows, peak = _train(a["argv"], *ARMS[a["arm"]])
     steps = [r for r in rows if "reward/mean" in r and r["step"] > 0]
     walls = [steps[i]["time"] - steps[i - 1]["time"] for i in range(1, len(steps) - 1)]  # steps 2..N-1
     best = min(range(len(walls)), key=walls.__getitem__) + 1 if walls else 0
     n = a["responses"]
-    return {"step_s": walls[best - 1] if walls else None, "wall_steps": walls, "peak_gb": peak, "wired": _wired(),
+    return {"step_s": walls[best - 1] if walls else None, "wall_steps": walls, "peak_gb": peak,
             "tokens_per_step": statistics.mean(r["response/length_mean"] * n for r in steps[1:-1] or steps),
             "phases": {k[5:]: v for k, v in steps[best].items() if k.startswith("time/")},
             "rewards": [r["reward/mean"] for r in steps]}

@@ -6,7 +6,6 @@ import json
 import math
 import re
 import threading
-import time
 from pathlib import Path
 
 import pytest

@@ -10,7 +10,6 @@ import torch
 
 import config
 import rl_config
-import train_rl as T
 
 ROOT = Path(__file__).resolve().parents[1]
 
