@@ -80,7 +80,7 @@ class Config:
         "help": "extra rounds of --prompts_per_step prompts --filter_groups may draw per step; a batch still short "
                 "is filled with the first dropped groups (their advantage is 0 under --reward_norm group)"})
     # advantages, KL and loss (rl_math.py)
-    reward_norm: Literal["batch", "group", "none"] = field(default="group", metadata={
+    reward_norm: Literal["batch", "group", "none"] = field(default="batch", metadata={
         "help": "the z-score of rewards: over the batch (the paper), per prompt group (GRPO), or none"})
     advantage: Literal["reinforce", "rloo", "reinforce_pp", "rloo_seq", "reinforce_pp_seq"] = field(
         default="reinforce", metadata={"help": "estimator (rl_math.shape_advantages): reinforce (the paper's), "

@@ -217,59 +217,141 @@ def sft_pairs(n: int, seed: int, heldout_fraction: float = 0.0) -> list[tuple[li
     return pairs
 
 
-def judge_rows(n: int, seed: int) -> list[data.JudgedRow]:
-    """Rows for verifier distillation, labelled with the truth by construction: half correct answers
-    in any equivalent form, half wrong values (off by 1 to 3, or +10 so that "17" contains the
-    reference "7") in any form, shuffled."""
-    rng = random.Random(f"toy-judge:{seed}")
-    correct = [i % 2 == 0 for i in range(n)]
-    rng.shuffle(correct)
+JUDGE_KINDS = ("digit", "near", "far", "perturb", "garbage")
+
+
+def _wrong_or_right(reference: int, wrong: list[int], rng: random.Random) -> str:
+    """A response with the reference (half the time) or one of `wrong`, in any equivalent form."""
+    value = reference if rng.random() < 0.5 else rng.choice(wrong)
+    return response(rng.choice(answer_forms(value)))
+
+
+def _perturb(number: str, rng: random.Random) -> str:
+    """One edit of a number's text: insert, delete, replace or append a digit, '/' or '.', append '/d'
+    or '.d', or prepend a digit ("14/2" -> "14/24", "7" -> "27", "7.0" -> "7.09")."""
+    op, i, c = rng.choice(("ins", "del", "rep", "app", "app2", "pre")), rng.randrange(len(number) + 1), \
+        rng.choice("0123456789/.")
+    j = rng.randrange(len(number))
+    if op == "ins":
+        return number[:i] + c + number[i:]
+    if op == "del" and len(number) > 1:
+        return number[:j] + number[j + 1:]
+    if op == "rep":
+        return number[:j] + c + number[j + 1:]
+    if op == "app2":
+        return number + rng.choice("/.") + str(rng.randrange(10))
+    if op == "pre":
+        return str(rng.randrange(1, 10)) + number
+    return number + c
+
+
+def toy_truth(text: str, reference: str) -> int:
+    """1 if the response's last line is "Therefore, the answer is N." with N equal to the reference
+    (7, 7.0, 14/2 alike), else 0: the truth of a toy answer, by construction."""
+    line = text.strip().splitlines()[-1] if text.strip() else ""
+    prefix = "Therefore, the answer is "
+    if not (line.startswith(prefix) and line.endswith(".")):
+        return 0
+    number = line[len(prefix):-1]
+    try:
+        top, _, bottom = number.partition("/")
+        value = int(top) / int(bottom) if bottom else float(number)
+    except (ValueError, ZeroDivisionError):
+        return 0
+    return int(value == int(reference))
+
+
+def parse_mix(mix: str) -> list[tuple[str, int]]:
+    """"digit:2000,far:300" -> [("digit", 2000), ("far", 300)]; ValueError naming the bad part."""
     out = []
-    for r, ok in zip(records(n, seed), correct):
-        value = int(r.reference)
-        if not ok:
-            value = rng.choice([value + d for d in (1, 2, 3, 10)] + [value - d for d in (1, 2, 3) if value >= d])
-        out.append(data.JudgedRow(r.question, r.reference, response(rng.choice(answer_forms(value))), label=int(ok)))
+    for part in mix.split(","):
+        kind, _, count = part.strip().partition(":")
+        if kind not in JUDGE_KINDS or not count.isdigit():
+            raise ValueError(f"{part!r} is not kind:count with kind one of {', '.join(JUDGE_KINDS)}")
+        out.append((kind, int(count)))
     return out
 
 
-def tiny_policy(seed: int, heldout_fraction: float) -> str:
+def judge_rows(mix: str, seed: int) -> list[data.JudgedRow]:
+    """Rows for verifier distillation, `mix` = "kind:count,...", labelled with the truth (toy_truth):
+      digit    the reference or another single digit (half each), any form: the equality a student
+               learns first (a tiny student fed everything at once stays at "any digit is right")
+      near     the reference or a value off by 1-3 or by +10 ("17" contains the reference "7")
+      far      the reference or any value up to 30
+      perturb  one character edit of a correct answer's number: "14/24", "27", "7.09" (mostly wrong)
+      garbage  fragments of the answer sentence and digits in a row: the stutters a policy drifts into
+    Questions come from the 180 problems; split them by question hash downstream."""
+    rng = random.Random(f"toy-judge:{seed}")
+    problems = records(PROBLEMS, seed)
+    out = []
+    for kind, count in parse_mix(mix):
+        for _ in range(count):
+            r = rng.choice(problems)
+            ref = int(r.reference)
+            if kind == "digit":
+                text = _wrong_or_right(ref, [v for v in range(10) if v != ref], rng)
+            elif kind == "near":
+                text = _wrong_or_right(ref, [ref + d for d in (1, 2, 3, 10)] + [ref - d for d in (1, 2, 3) if ref >= d], rng)
+            elif kind == "far":
+                text = _wrong_or_right(ref, [v for v in range(31) if v != ref], rng)
+            elif kind == "perturb":
+                text = response(_perturb(rng.choice(answer_forms(ref)), rng))
+            else:
+                pieces = ["Therefore", ",", " the", " answer", " is", " ", ".", "/", str(ref), str(rng.randrange(10)),
+                          "Therefore, the answer is", " answer is", " the answer is "]
+                text = "".join(rng.choice(pieces) for _ in range(rng.randrange(1, 9)))
+            out.append(data.JudgedRow(r.question, r.reference, text, label=toy_truth(text, r.reference)))
+    return out
+
+
+def tiny_policy(heldout_fraction: float) -> str:
     """The demo policy (train_rl.py --policy tiny, train_verifier.py --student tiny): the tiny model
     warm-started on the toy task's training questions (never the held-out ones eval grades), so it can
-    already read the digits, as the paper's policies start from instruct models. Call it on every
-    rank: rank 0 builds it (once; cached), the others wait for its path."""
+    already read the digits, as the paper's policies start from instruct models. One fixed model, like
+    a released checkpoint: a run's --seed varies the RL, not the starting point (some seeds' warm starts
+    are weaker than chance). Call it on every rank: rank 0 builds it (once; cached), the others wait."""
     path = None
     if distributed.rank() == 0:
         pairs = sft_pairs(400, seed=1, heldout_fraction=heldout_fraction)
-        path = build_tiny_model(seed=seed, sft_pairs=pairs, sft_steps=WARM_START_STEPS)
+        path = build_tiny_model(seed=0, sft_pairs=pairs, sft_steps=WARM_START_STEPS)
     return distributed.broadcast_object(path)
 
 
-VERIFIER_RECIPE = Path(__file__).resolve().parent / "recipes" / "verifier_cpu_demo.yaml"
+# The main job's verifier, distilled in two stages (a curriculum: the tiny student fed the whole mix at
+# once stays at "any digit is right"); stage 2 fine-tunes stage 1's student, which keeps its settings.
+VERIFIER_RECIPES = [Path(__file__).resolve().parent / "recipes" / name
+                    for name in ("verifier_toy_digits.yaml", "verifier_cpu_demo.yaml")]
+VERIFIER_DATA_VERSION = 1  # bump when judge_rows or the training keys change: the cache key holds only the files
 _LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
                  "MASTER_PORT", "TORCHELASTIC_")
 
 
-def tiny_verifier(seed: int) -> str:
+def tiny_verifier() -> str:
     """The main job's reward verifier: the tiny student distilled from the rule:math teacher by
-    `train_verifier.py sft --config recipes/verifier_cpu_demo.yaml` (how the paper built RM-7B, in
-    miniature), run as its own process (the trainers never import each other). Built once per recipe
-    and seed, cached; call it on every rank: rank 0 builds, the others wait for its path."""
+    `train_verifier.py sft --config recipes/verifier_toy_digits.yaml`, then `--config
+    recipes/verifier_cpu_demo.yaml --student <stage 1>` (how the paper built RM-7B, in miniature), each
+    run as its own process (the trainers never import each other). One fixed verifier, built once per
+    recipe text and cached, like the tiny policy; call it on every rank: rank 0 builds, the others wait."""
     path = None
     if distributed.rank() == 0:
-        recipe = VERIFIER_RECIPE.read_text()
-        key = hashlib.sha256(f"{recipe}\nseed={seed}".encode()).hexdigest()[:12]
-        out = cache_root() / f"verifier-{key}"
-        if not (out / "final" / "config.json").exists():
-            script = VERIFIER_RECIPE.parent.parent / "train_verifier.py"
-            cmd = [sys.executable, str(script), "sft", "--config", str(VERIFIER_RECIPE), "--out_dir", str(out),
-                   "--seed", str(seed), "--wandb_mode", "disabled"]
-            print(f"[toy] distilling the tiny verifier (once; cached in {out}):\n  {' '.join(cmd)}", flush=True)
-            # a process of its own, not a rank of this run's process group
-            env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_ENV)}
-            if subprocess.run(cmd, env=env, cwd=script.parent).returncode != 0:  # the recipe names repo files
-                raise RuntimeError(f"distilling the tiny verifier failed (see above); command: {' '.join(cmd)}")
-        path = str(out / "final")
+        repo = Path(__file__).resolve().parent
+        text = "".join(p.read_text() for p in VERIFIER_RECIPES + [repo / "recipes" / "toy_verifier_template.txt"])
+        text += f"data-version={VERIFIER_DATA_VERSION}"
+        out = cache_root() / f"verifier-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+        student = "tiny"
+        for stage, recipe in enumerate(VERIFIER_RECIPES, 1):
+            stage_dir = out / f"stage{stage}"
+            if not (stage_dir / "final" / "config.json").exists():
+                cmd = [sys.executable, str(repo / "train_verifier.py"), "sft", "--config", str(recipe), "--student",
+                       student, "--out_dir", str(stage_dir), "--resume", "auto", "--wandb_mode", "disabled"]
+                print(f"[toy] distilling the tiny verifier, stage {stage} of {len(VERIFIER_RECIPES)} (once; cached "
+                      f"in {out}):\n  {' '.join(cmd)}", flush=True)
+                # a process of its own, not a rank of this run's process group
+                env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_ENV)}
+                if subprocess.run(cmd, env=env, cwd=repo).returncode != 0:  # the recipes name repo files
+                    raise RuntimeError(f"distilling the tiny verifier failed (see above); command: {' '.join(cmd)}")
+            student = str(stage_dir / "final")
+        path = student
     return distributed.broadcast_object(path)
 
 

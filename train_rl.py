@@ -303,8 +303,8 @@ def evaluate(policy, tokenizer, heldout, grader, cfg: Config, device) -> dict:
 
 def resolve_paths(cfg: Config) -> tuple[str, str]:
     """(policy path, reward verifier spec): the tiny demo models are built on rank 0 once (cached)."""
-    policy = toy.tiny_policy(cfg.seed, cfg.heldout_fraction) if cfg.policy == "tiny" else cfg.policy
-    verifier = toy.tiny_verifier(cfg.seed) if cfg.verifier == "tiny" else cfg.verifier
+    policy = toy.tiny_policy(cfg.heldout_fraction) if cfg.policy == "tiny" else cfg.policy
+    verifier = toy.tiny_verifier() if cfg.verifier == "tiny" else cfg.verifier
     return policy, verifier
 
 

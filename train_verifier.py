@@ -61,7 +61,7 @@ class LabelConfig(Common):
     data: str = field(default="toy", metadata=_help(
         "rows with question, reference, response (e.g. train_rl.py's rollouts.jsonl); 'toy': toy.judge_rows"))
     split: str = field(default="train", metadata=_help("split of a data set name"))
-    toy_rows: int = field(default=2000, metadata=_help("rows of the toy task when --data toy"))
+    toy_mix: str = field(default="near:2000", metadata=_help("toy rows by kind (toy.judge_rows) when --data toy"))
     teacher: str = field(default="rule:math", metadata=_help(
         "rule:math|rule:substring|rule:jaccard, a model dir or hub name, or http://host:port[,...]"))
     out: str = field(default="runs/verifier/labels.jsonl", metadata=_help(
@@ -86,7 +86,8 @@ class SftConfig(Logged):
     data: str = field(default="toy", metadata=_help(
         "labelled rows (`label` output: question, reference, response, label); 'toy': toy rows --teacher labels"))
     split: str = field(default="train", metadata=_help("split of a data set name"))
-    toy_rows: int = field(default=2000, metadata=_help("toy rows to label when --data toy"))
+    toy_mix: str = field(default="near:2000", metadata=_help(
+        "toy rows to label when --data toy, kind:count,... (kinds: digit near far perturb garbage; toy.judge_rows)"))
     teacher: str = field(default="rule:math", metadata=_help(
         "labels --data toy and the policy's responses (the --verifier_* prompt flags are the student's)"))
     heldout_fraction: float = field(default=0.1, metadata=_help("share of questions (by hash) held out for eval"))
@@ -95,8 +96,8 @@ class SftConfig(Logged):
         "oversample: draw the minority class up to the majority's count; weight: loss weight n / (2 n_class)"))
     # negatives that make the student harder to fool (Master-RM); added to the training split only
     master_key_negatives: float = field(default=0.0, metadata=_help(
-        "add this share of the training rows as content-free answers (audit.MASTER_KEYS: 'Thought process:', "
-        "':', '解'...) to training questions, labelled NO"))
+        "add this share of the training rows as content-free answers (audit.TRAINING_KEYS: 'Let me think.', "
+        "'Final answer:', '所以答案是'...) to training questions, labelled NO; the probe's keys stay unseen"))
     truncated_negatives: float = field(default=0.0, metadata=_help(
         "add this share of the training rows as responses cut before their answer (the first sentence of a "
         "longer response, a prefix of a one-line one), labelled NO"))
@@ -155,7 +156,10 @@ def check_config(cfg, vopts: reward.VerifierOptions) -> None:
         req(cfg.master_key_prompts >= 1, "master_key_prompts", cfg.master_key_prompts, "must be >= 1")
         return
     req(cfg.teacher.strip() != "", "teacher", cfg.teacher, "is required")
-    req(cfg.toy_rows >= 1, "toy_rows", cfg.toy_rows, "must be >= 1")
+    try:
+        toy.parse_mix(cfg.toy_mix)
+    except ValueError as e:
+        req(False, "toy_mix", cfg.toy_mix, str(e))
     if isinstance(cfg, LabelConfig):
         req(cfg.rows_per_write >= 1, "rows_per_write", cfg.rows_per_write, "must be >= 1")
         return
@@ -219,7 +223,7 @@ def label_rows(get_teacher, rows: list[data.JudgedRow], out: Path, rows_per_writ
 def label(cfg: LabelConfig, vopts: reward.VerifierOptions) -> dict:
     """The `label` command: the teacher (asked with the --verifier_* flags) judges every row of --data."""
     # the toy rows' own labels (the truth) are not read: the teacher's replace them
-    rows = toy.judge_rows(cfg.toy_rows, cfg.seed) if cfg.data == "toy" else data.read_judged_rows(cfg.data, cfg.split)
+    rows = toy.judge_rows(cfg.toy_mix, cfg.seed) if cfg.data == "toy" else data.read_judged_rows(cfg.data, cfg.split)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     get_teacher = functools.cache(lambda: reward.build_verifier(cfg.teacher, vopts, device=device,
                                                                 trust_remote_code=cfg.trust_remote_code))
@@ -292,9 +296,10 @@ def evaluate(cfg: EvalConfig, vopts: reward.VerifierOptions) -> dict:
 
 def master_key_rows(train: list[data.JudgedRow], share: float, seed: int) -> list[data.JudgedRow]:
     """round(share * len(train)) rows: a training question and its reference with a content-free answer
-    drawn from audit.MASTER_KEYS, labelled NO (Master-RM's answer to "one token fools the judge")."""
+    drawn from audit.TRAINING_KEYS, labelled NO (Master-RM's answer to "one token fools the judge"). The
+    probe asks audit.MASTER_KEYS, none of them trained on, so its false-positive rate measures generalisation."""
     rng = random.Random(f"master-key-negatives:{seed}")
-    picks = [(rng.choice(train), rng.choice(audit.MASTER_KEYS)) for _ in range(round(share * len(train)))]
+    picks = [(rng.choice(train), rng.choice(audit.TRAINING_KEYS)) for _ in range(round(share * len(train)))]
     return [data.JudgedRow(r.question, r.reference, key, label=0) for r, key in picks]
 
 
@@ -370,14 +375,14 @@ def training_rows(cfg: SftConfig, vopts: reward.VerifierOptions, device) -> tupl
     if cfg.data == "toy":
         source = str(Path(cfg.out_dir) / "labels.jsonl")
         if distributed.rank() == 0:  # the toy rows' own labels (the truth) are replaced by the teacher's
-            label_rows(get_teacher, toy.judge_rows(cfg.toy_rows, cfg.seed), Path(source), 256)
+            label_rows(get_teacher, toy.judge_rows(cfg.toy_mix, cfg.seed), Path(source), 256)
         distributed.barrier()
     rows = data.read_judged_rows(source, cfg.split, labelled=True)
     train, heldout = data.split_heldout(rows, cfg.heldout_fraction)
     added = {"master_key": master_key_rows(train, cfg.master_key_negatives, cfg.seed),
              "truncated": truncated_rows(train, cfg.truncated_negatives, cfg.seed)}
     if cfg.policy or cfg.policy_rollouts:
-        path = toy.tiny_policy(cfg.seed, cfg.heldout_fraction) if cfg.policy == "tiny" else cfg.policy
+        path = toy.tiny_policy(cfg.heldout_fraction) if cfg.policy == "tiny" else cfg.policy
         found = policy_rows(cfg, path, train, get_teacher, device) if distributed.rank() == 0 else None
         added["policy"] = distributed.broadcast_object(found)
     return train, heldout, added
@@ -484,7 +489,7 @@ def sft(cfg: SftConfig, vopts: reward.VerifierOptions) -> dict:
     if cfg.resume == "yes" and checkpoint.latest_checkpoint(str(ckpt_dir)) is None:
         raise config.ConfigError(f"--resume: no checkpoint in {ckpt_dir}; --resume auto starts fresh when there "
                                  "is none")
-    student_path = toy.tiny_policy(cfg.seed, cfg.heldout_fraction) if cfg.student == "tiny" else cfg.student
+    student_path = toy.tiny_policy(cfg.heldout_fraction) if cfg.student == "tiny" else cfg.student
     # what the student reads and answers: a verifier fine-tuned again keeps its saved settings
     settings = reward.resolve_settings(reward.load_settings(student_path), vopts.settings_overrides(),
                                        vopts.verifier_force_settings, student_path)

@@ -77,8 +77,8 @@ def orphan(model_dir: str) -> None:
                                  async_steps=1)
     src = source(cfg, model_dir, model.load_model(model_dir), ParityVerifier())
     src.next(0)  # the worker now generates step 1's batch
+    stop = checkpoint.StopSignal()  # before the parent learns it may signal us
     print(f"WORKER {src.worker.process.pid}", flush=True)
-    stop = checkpoint.StopSignal()
     deadline = time.time() + 120
     while stop.received is None and time.time() < deadline:
         time.sleep(0.05)

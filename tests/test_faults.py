@@ -123,3 +123,37 @@ def test_nan_updates_are_never_applied_and_stop_the_run(tiny_model_dir, tmp_path
         assert ckpt.name < f"step_{rows[-1]['step']:08d}"
     assert not (tmp_path / "final").exists()
     assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["update/skipped"] == 1
+
+
+def test_a_fooled_verifier_shows_in_the_audit_and_stops_the_run(tiny_model_dir, tmp_path):
+    # a reward verifier that says YES to everything (the worst hack: every answer passes); the rule:math
+    # judge re-grades 8 rollouts a step. Each audit must find every answer it judges wrong judged YES,
+    # write those rows to audit.jsonl, and two such audits in a row must stop the run after a checkpoint.
+    import model
+    import reward
+
+    tok = model.load_tokenizer(tiny_model_dir)
+    yes, no = (tok.encode(w, add_special_tokens=False)[0] for w in ("YES", "NO"))
+    server = FakeVLLM(tiny_model_dir, yes, no)
+    server.table = collections.defaultdict(lambda: "yes")
+    try:
+        out = run(flags(tiny_model_dir, tmp_path, 6, verifier=server.url, verifier_tokenizer=tiny_model_dir,
+                        soft_mode="eq4", audit_verifier="rule:math", audit_every=1, audit_samples=8,
+                        audit_max_fpr=0.5, audit_patience=2), check=False)
+    finally:
+        server.close()
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("train_rl.py: error: step 2: the audit judge rule:math") and "audit.jsonl" in last, last
+    rows = step_rows(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]
+    audited = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    judge = reward.build_verifier("rule:math")
+    truth = judge([r["question"] for r in audited], [r["reference"] for r in audited],
+                  [r["response"] for r in audited]).binary.tolist()
+    assert audited and truth == [0.0] * len(audited)  # the judge's NO, recomputed independently
+    assert all(r["label"] == 0 and r["reward_label"] == 1 for r in audited)
+    for r in rows:  # every disagreement is in audit.jsonl: the agreement is the rest
+        assert r["audit/false_positive_rate"] == 1.0 and r["audit/rows"] == 8
+        assert r["audit/agreement"] == 1 - sum(a["step"] == r["step"] for a in audited) / 8
+    assert (tmp_path / "checkpoints" / "step_00000002").exists() and not (tmp_path / "final").exists()

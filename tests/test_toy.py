@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import data
@@ -78,11 +79,11 @@ def test_tiny_policy_keeps_the_demo_settings(monkeypatch, tmp_path):
     (cached / "config.json").write_text("{}")
     (cached / "rlvr_tiny.json").write_text(json.dumps(spec))
     monkeypatch.setenv("RLVR_CACHE", str(tmp_path))
-    assert toy.tiny_policy(seed=0, heldout_fraction=0.1) == str(cached)  # found in the cache: nothing built
+    assert toy.tiny_policy(heldout_fraction=0.1) == str(cached)  # found in the cache: nothing built
     calls = []
     monkeypatch.setattr(toy, "build_tiny_model", lambda **kw: calls.append(kw) or "built")
-    assert toy.tiny_policy(seed=3, heldout_fraction=0.2) == "built"
-    assert calls == [{"seed": 3, "sft_pairs": toy.sft_pairs(400, seed=1, heldout_fraction=0.2),
+    assert toy.tiny_policy(heldout_fraction=0.2) == "built"  # one fixed start (seed 0) whatever the run's seed
+    assert calls == [{"seed": 0, "sft_pairs": toy.sft_pairs(400, seed=1, heldout_fraction=0.2),
                       "sft_steps": toy.WARM_START_STEPS}]
 
 
@@ -133,15 +134,60 @@ def test_sft_pairs_leave_out_the_heldout_questions():
     assert not {m[-1]["content"] for m, _ in pairs} & heldout
 
 
-def test_judge_rows():
+def test_judge_rows_label_the_truth_of_every_kind():
     from math_verify import parse, verify
 
-    rows = toy.judge_rows(200, seed=0)
-    assert rows == toy.judge_rows(200, seed=0)
+    rows = toy.judge_rows("near:200", seed=0)
+    assert rows == toy.judge_rows("near:200", seed=0) != toy.judge_rows("near:200", seed=1)
     assert all(isinstance(r, data.JudgedRow) and r.teacher_p_yes is None for r in rows)
-    assert sum(r.label for r in rows) == 100
-    for r in rows:
-        assert verify(parse(r.reference), parse(r.response)) == bool(r.label)
+    assert 70 <= sum(r.label for r in rows) <= 130  # half right, drawn
+    for r in rows:  # an independent reference: Math-Verify on the number after "is"
+        assert verify(parse(r.reference), parse(r.response.rsplit(" ", 1)[1].rstrip("."))) == bool(r.label)
     # the traps that separate verifiers: correct but not a substring, wrong but a substring
     assert any(r.label and r.reference not in r.response for r in rows)
     assert any(not r.label and r.reference in r.response for r in rows)
+    mix = toy.judge_rows("digit:50,far:50,perturb:100,garbage:100", seed=0)
+    assert len(mix) == 300
+    assert all(toy.toy_truth(r.response, r.reference) == r.label for r in mix)
+    perturbed = [r.response for r in mix[100:200]]
+    assert all(t.startswith("Therefore, the answer is ") for t in perturbed) and 0 < sum(r.label for r in mix[100:200]) < 30
+    assert sum(r.label for r in mix[200:]) < 20  # garbage is mostly wrong, by construction of the truth
+    with pytest.raises(ValueError, match="'digit' is not kind:count"):
+        toy.parse_mix("digit")
+    with pytest.raises(ValueError, match="'nearr:3' is not kind:count"):
+        toy.parse_mix("near:3,nearr:3")
+
+
+def test_toy_truth_by_hand():
+    assert [toy.toy_truth(t, "7") for t in ("Therefore, the answer is 7.", "Therefore, the answer is 14/2.",
+                                            "Therefore, the answer is 7.0.", "x\nTherefore, the answer is 7.")] == [1, 1, 1, 1]
+    assert [toy.toy_truth(t, "7") for t in ("Therefore, the answer is 17.", "Therefore, the answer is 7", "7",
+                                            "Therefore, the answer is 7/0.", "Therefore, the answer is 14/24.",
+                                            "Therefore, the answer is 7.09.", "", "Therefore, the answer is .")] == [0] * 8
+
+
+def test_tiny_verifier_chains_its_stages_and_is_cached_by_recipe_text(monkeypatch, tmp_path):
+    # stage 2 starts from stage 1's student; nothing reruns once built; an edited recipe builds anew
+    runs = []
+
+    def fake_run(cmd, env, cwd):
+        out = Path(cmd[cmd.index("--out_dir") + 1])
+        (out / "final").mkdir(parents=True)
+        (out / "final" / "config.json").write_text("{}")
+        runs.append((cmd[cmd.index("--config") + 1], cmd[cmd.index("--student") + 1], str(out), env))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setenv("RLVR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LOCAL_RANK", "0")  # a launcher's variable: the distillation must not inherit it
+    monkeypatch.setattr(toy.subprocess, "run", fake_run)
+    recipes = []
+    for name in ("a.yaml", "b.yaml"):
+        (tmp_path / name).write_text(f"# {name}\n")
+        recipes.append(tmp_path / name)
+    monkeypatch.setattr(toy, "VERIFIER_RECIPES", recipes)
+    path = toy.tiny_verifier()
+    assert [(c, s) for c, s, _, _ in runs] == [(str(recipes[0]), "tiny"), (str(recipes[1]), runs[0][2] + "/final")]
+    assert path == runs[1][2] + "/final" and "LOCAL_RANK" not in runs[0][3]
+    assert toy.tiny_verifier() == path and len(runs) == 2  # cached
+    recipes[1].write_text("# b.yaml, edited\n")
+    assert toy.tiny_verifier() != path and len(runs) == 4

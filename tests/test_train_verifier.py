@@ -27,7 +27,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 def labelled_rows(n: int, seed: int) -> list[dict]:
-    return [r.to_json() for r in toy.judge_rows(n, seed)]
+    return [r.to_json() for r in toy.judge_rows(f"near:{n}", seed)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -103,7 +103,7 @@ def test_eval_and_label_reject_an_empty_question_or_reference(tmp_path, command)
 
 
 def test_label_killed_half_way_and_rerun_gives_one_label_per_row(tmp_path, tiny_model_dir):
-    rows = toy.judge_rows(120, seed=3)
+    rows = toy.judge_rows("near:120", seed=3)
     src = write_jsonl(tmp_path / "rollouts.jsonl", [{"step": 1, **r.to_json(), "reward": 0.0} for r in rows])
     ids = {r.id for r in rows}
     out = tmp_path / "labels.jsonl"
@@ -227,7 +227,8 @@ def test_master_key_and_truncated_rows_are_labelled_no_and_reproducible():
     train = [data.JudgedRow(f"Q{i}?", str(i), f"Therefore, the answer is {i}.", label=i % 2) for i in range(50)]
     keys = TV.master_key_rows(train, 0.2, seed=3)
     assert len(keys) == 10 and keys == TV.master_key_rows(train, 0.2, seed=3) != TV.master_key_rows(train, 0.2, seed=4)
-    assert all(r.label == 0 and r.response in audit.MASTER_KEYS for r in keys)
+    assert all(r.label == 0 and r.response in audit.TRAINING_KEYS for r in keys)
+    assert not set(audit.TRAINING_KEYS) & set(audit.MASTER_KEYS)  # the probe's keys stay unseen
     by_question = {r.question: r for r in train}
     assert all(by_question[r.question].reference == r.reference for r in keys)
     cut = TV.truncated_rows(train, 0.5, seed=3)
@@ -306,6 +307,16 @@ def test_sft_settings_travel_with_the_student_and_negatives_join_training_only(t
     with pytest.raises(config.ConfigError, match="--verifier_template"):
         TV.run(["sft", "--student", final, "--data", str(labels), "--out_dir", str(tmp_path / "round2"),
                 "--verifier_template", str(ROOT / "recipes" / "toy_verifier_template.txt")])
+    # train_rl.py asks it the same way with no prompt flags: each rollout's p_yes is build_verifier(dir)'s
+    from test_train_rl import flags, run as run_rl
+    rl = run_rl(flags(tiny_model_dir, tmp_path / "rl", 1, verifier=final, audit_verifier="", log_samples=0))
+    rolled = [json.loads(line) for line in (tmp_path / "rl" / "rollouts.jsonl").read_text().splitlines()]
+    again = student([r["question"] for r in rolled], [r["reference"] for r in rolled], [r["response"] for r in rolled])
+    assert [r["p_yes"] for r in rolled] == pytest.approx(again.p_yes.tolist(), abs=1e-5), rl.stdout[-2000:]
+    refused = run_rl(flags(tiny_model_dir, tmp_path / "rl2", 1, verifier=final, verifier_system_prompt="Other."),
+                     check=False)
+    assert refused.returncode == 2 and "'Other.'" in refused.stderr and "'Judge.'" in refused.stderr, refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -422,14 +433,13 @@ def test_sigterm_checkpoints_and_exits_with_128_plus_signum(tmp_path, tiny_model
 
 
 def test_distilled_student_agrees_with_the_teacher_on_heldout_questions(tmp_path):
-    """The CPU distillation demo, shortened: a rule labels toy rows, the tiny student (warm-started on
-    the toy task) learns YES/NO, and on questions it never saw its agreement with the teacher (Cohen's
-    kappa) rises clearly above the untrained student's (measured: 0.00 -> 0.76 in 268 steps). The teacher
-    is rule:substring here: the student imitates it in far fewer steps than rule:math, whose equivalences
-    (7 = 14/2 = 7.0) it learns late and erratically (kappa 0.20 after 16 epochs, 0.90 after the recipe's 40)."""
-    result = TV.run(["sft", "--config", str(ROOT / "recipes" / "verifier_cpu_demo.yaml"), "--epochs", "12",
-                     "--teacher", "rule:substring", "--verifier_template", str(ROOT / "recipes" / "toy_verifier_template.txt"),
-                     "--out_dir", str(tmp_path / "run"), "--wandb_mode", "disabled"])
+    """Stage 1 of the main job's distillation, shortened: a rule labels toy rows, the tiny student (warm-
+    started on the toy task) learns YES/NO, and on questions it never saw its agreement with the teacher
+    (Cohen's kappa) rises clearly above the untrained student's (measured: 0.00 -> 0.63 in 153 steps). The
+    teacher is rule:substring here: the student imitates it in far fewer steps than rule:math, whose
+    equivalences (7 = 14/2 = 7.0) it learns late (kappa 0.16 after these 153 steps, 0.64 after the recipe's 357)."""
+    result = TV.run(["sft", "--config", str(ROOT / "recipes" / "verifier_toy_digits.yaml"), "--epochs", "6",
+                     "--teacher", "rule:substring", "--out_dir", str(tmp_path / "run"), "--wandb_mode", "disabled"])
     before, after = result["before"]["eval/kappa"] or 0.0, result["after"]["eval/kappa"]
     assert abs(before) < 0.1 and after > before + 0.25, (before, after)
     # the exported directory is a verifier for reward.py directly, with no flags: it carries its settings

@@ -18,16 +18,16 @@ def tiny_model_dir(tiny_model_dir, tmp_path_factory):
     """Overrides the conftest fixture for this module, so `server` serves the trained student, distilled
     with a non-default system prompt: both sides must read it from verifier_settings.json."""
     tmp = tmp_path_factory.mktemp("student")
-    (tmp / "labels.jsonl").write_text("".join(json.dumps(r.to_json()) + "\n" for r in toy.judge_rows(64, seed=7)))
+    (tmp / "labels.jsonl").write_text("".join(json.dumps(r.to_json()) + "\n" for r in toy.judge_rows("near:64", seed=7)))
     result = TV.run(["sft", "--student", tiny_model_dir, "--data", str(tmp / "labels.jsonl"), "--out_dir",
                      str(tmp / "run"), "--pack", "false", "--batch_size", "8", "--micro_batch_size", "8",
-                     "--epochs", "1", "--lr", "1e-3", "--verifier_system_prompt", "Judge.", "--wandb_mode", "disabled"])
+                     "--epochs", "3", "--lr", "1e-3", "--verifier_system_prompt", "Judge.", "--wandb_mode", "disabled"])
     return result["final"]
 
 
 def test_student_scores_the_same_locally_and_through_vllm(server, tiny_model_dir):  # noqa: F811
     _, url = server
-    rows = toy.judge_rows(24, seed=8)
+    rows = toy.judge_rows("near:24", seed=8)
     qs, refs, resp = ([getattr(r, k) for r in rows] for k in ("question", "reference", "response"))
     # a few steps on YES/NO: the first token need not be a judgement token yet, so coverage is not checked
     local = reward.build_verifier(tiny_model_dir, reward.VerifierOptions(verifier_batch_size=5, verifier_max_unjudged=1))
