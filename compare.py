@@ -21,13 +21,13 @@ import config
 import metrics
 
 ROOT = Path(__file__).resolve().parent
-# name -> train_rl.py flags on top of the recipe (the paper's Table 3 rows, in miniature)
+# name -> (table label, train_rl.py flags on top of the recipe): the paper's Table 3 rows, in miniature
 SOURCES = {
-    "teacher, binary": ["--verifier", "rule:math", "--reward_type", "binary"],
-    "student, binary (Eq. 3)": ["--verifier", "tiny", "--reward_type", "binary"],
-    "student, soft (Eq. 4)": ["--verifier", "tiny", "--reward_type", "soft"],
-    "rule substring, binary": ["--verifier", "rule:substring", "--reward_type", "binary"],
-    "rule Jaccard, soft": ["--verifier", "rule:jaccard", "--reward_type", "soft"],
+    "teacher_binary": ("teacher (rule:math), binary", ["--verifier", "rule:math", "--reward_type", "binary"]),
+    "student_binary": ("distilled student, binary (Eq. 3)", ["--verifier", "tiny", "--reward_type", "binary"]),
+    "student_soft": ("distilled student, soft (Eq. 4)", ["--verifier", "tiny", "--reward_type", "soft"]),
+    "substring": ("rule substring, binary", ["--verifier", "rule:substring", "--reward_type", "binary"]),
+    "jaccard": ("rule Jaccard, soft", ["--verifier", "rule:jaccard", "--reward_type", "soft"]),
 }
 
 
@@ -38,13 +38,16 @@ class CompareConfig:
     seeds: str = field(default="0", metadata={"help": "comma-separated seeds; every source runs with each"})
     steps: int = field(default=60, metadata={"help": "RL steps of every run"})
     eval_every: int = field(default=10, metadata={"help": "steps between teacher-graded evals"})
-    sources: str = field(default=",".join(SOURCES), metadata={"help": "comma-separated subset of: " + "; ".join(SOURCES)})
+    eval_samples: int = field(default=8, metadata={
+        "help": "answers sampled per held-out question at each eval (0: one greedy answer): finer than 17 greedy ones"})
+    sources: str = field(default=",".join(SOURCES), metadata={"help": "comma-separated subset of: " + ", ".join(SOURCES)})
     out_dir: str = field(default="runs/compare", metadata={"help": "one run directory per source and seed, the table"})
 
 
 def check_config(cfg: CompareConfig) -> None:
     config.require(cfg.steps >= 1, "steps", cfg.steps, "must be >= 1")
     config.require(cfg.eval_every >= 1, "eval_every", cfg.eval_every, "must be >= 1")
+    config.require(cfg.eval_samples >= 0, "eval_samples", cfg.eval_samples, "must be >= 0")
     unknown = [s for s in cfg.sources.split(",") if s not in SOURCES]
     config.require(not unknown, "sources", cfg.sources, f"unknown {unknown}; choose from {list(SOURCES)}")
     try:
@@ -55,9 +58,10 @@ def check_config(cfg: CompareConfig) -> None:
 
 def run_one(cfg: CompareConfig, source: str, seed: int) -> list[tuple[int, float]]:
     """One train_rl.py run (its own process); returns its (step, teacher-graded accuracy) evals."""
-    out = Path(cfg.out_dir) / source.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "") / f"seed{seed}"
-    cmd = [sys.executable, str(ROOT / "train_rl.py"), "--config", cfg.recipe, *SOURCES[source], "--seed", str(seed),
-           "--steps", str(cfg.steps), "--eval_every", str(cfg.eval_every), "--eval_verifier", "rule:math",
+    out = Path(cfg.out_dir).resolve() / source / f"seed{seed}"  # train_rl.py runs in the repo (the recipe is relative to it)
+    cmd = [sys.executable, str(ROOT / "train_rl.py"), "--config", cfg.recipe, *SOURCES[source][1], "--seed", str(seed),
+           "--steps", str(cfg.steps), "--eval_every", str(cfg.eval_every), "--eval_samples", str(cfg.eval_samples),
+           "--eval_verifier", "rule:math",
            "--out_dir", str(out), "--wandb_mode", "disabled", "--resume", "auto"]
     print(f"[compare] {source}, seed {seed}: {' '.join(cmd)}", flush=True)
     if subprocess.run(cmd, cwd=ROOT).returncode != 0:
@@ -72,7 +76,7 @@ def table(results: dict[str, list[list[tuple[int, float]]]]) -> str:
         first = sum(r[0][1] for r in runs) / len(runs)
         last = sum(r[-1][1] for r in runs) / len(runs)
         seeds = ", ".join(f"{r[0][1]:.3f} -> {r[-1][1]:.3f}" for r in runs)
-        lines.append(f"| {source} | {first:.3f} | {last:.3f} | {last - first:+.3f} | {seeds} |")
+        lines.append(f"| {SOURCES[source][0]} | {first:.3f} | {last:.3f} | {last - first:+.3f} | {seeds} |")
     return "\n".join(lines)
 
 
@@ -88,7 +92,7 @@ def main() -> None:
     curves = {}
     for source, runs in results.items():
         steps = [step for step, _ in runs[0]]
-        curves[source] = (steps, [sum(r[i][1] for r in runs) / len(runs) for i in range(len(steps))])
+        curves[SOURCES[source][0]] = (steps, [sum(r[i][1] for r in runs) / len(runs) for i in range(len(steps))])
     plot = metrics.plot_curves(Path(cfg.out_dir) / "compare.png", curves, "RL step",
                                "held-out accuracy (graded by rule:math)",
                                f"the same toy run, each reward source (mean of seeds {cfg.seeds})")

@@ -25,7 +25,7 @@ class Config:
     verifier: str = field(default="tiny", metadata={
         "help": "reward verifier: a model dir or hub name, http://host:port[,...] (vLLM servers), or "
                 "rule:substring|rule:jaccard|rule:math; 'tiny': a tiny verifier distilled from rule:math "
-                "(train_verifier.py sft --config recipes/verifier_cpu_demo.yaml, built once and cached)"})
+                "(toy.tiny_verifier: recipes/verifier_toy_digits.yaml then verifier_cpu_demo.yaml; built once, cached)"})
     reward_type: Literal["binary", "soft"] = field(default="soft", metadata={"help": "binary (Eq. 3) or soft (Eq. 4)"})
     eval_verifier: str = field(default="rule:math", metadata={
         "help": "the grader of held-out answers (the paper: a 72B judge); '': the reward verifier"})

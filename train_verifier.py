@@ -2,7 +2,8 @@
 `eval` (agreement, calibration, master keys, speed). How the paper built RM-7B: a large judge labels
 responses sampled during RL, and a compact model is fine-tuned to say YES or NO.
 
-    python train_verifier.py sft --config recipes/verifier_cpu_demo.yaml   # CPU demo, 2-4 minutes
+    python train_verifier.py sft --config recipes/verifier_toy_digits.yaml  # CPU demo, stage 1: ~1 minute
+    python train_verifier.py sft --config recipes/verifier_cpu_demo.yaml    # stage 2, from stage 1: ~2 minutes
     python train_verifier.py label --data runs/demo/rollouts.jsonl --teacher http://judge:8000 --out labels.jsonl
     torchrun --nproc_per_node 8 train_verifier.py sft --config recipes/verifier_paper.yaml
     python train_verifier.py eval --verifier runs/verifier/final --data labelled.jsonl
