@@ -1,4 +1,5 @@
 """train_rl.py end to end: 2 ranks == 1 rank, exact resume, config checks, the rollout dump."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -183,3 +184,10 @@ def test_the_policy_learns_what_a_stronger_judge_grades(tmp_path):
     assert [s for s, _ in evals] == [0, 30]
     assert evals[1][1] - evals[0][1] >= 0.05, evals
     assert f"held-out accuracy graded by rule:math: {evals[0][1]:.3f} (step 0) -> {evals[1][1]:.3f} (step 30)" in out.stdout
+
+
+def test_the_cpu_demo_recipe_is_the_main_job_written_out():
+    # `python train_rl.py` with no flags and `--config recipes/cpu_demo.yaml` must be the same run
+    cfg, _ = rl_config.parse_config(["--config", str(ROOT / "recipes" / "cpu_demo.yaml")])
+    default, _ = rl_config.parse_config([])
+    assert dataclasses.replace(cfg, config="") == default
