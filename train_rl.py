@@ -561,14 +561,13 @@ def closing_lines(cfg: Config, result: dict) -> list[str]:
         k = max(1, len(h) // 5)
         lines.append(f"{key}: first {k} steps {sum(x[key] for x in h[:k]) / k:.3f} -> "
                      f"last {k} steps {sum(x[key] for x in h[-k:]) / k:.3f}")
-    fpr = [m["audit/false_positive_rate"] for m in h if "audit/false_positive_rate" in m]
-    if fpr:
+    if fpr := [m["audit/false_positive_rate"] for m in h if "audit/false_positive_rate" in m]:
         lines.append(f"audit by {cfg.audit_verifier}: false-positive rate {sum(fpr) / len(fpr):.3f} mean, "
                      f"{max(fpr):.3f} max over {len(fpr)} audits; disagreements in {Path(cfg.out_dir) / 'audit.jsonl'}")
     if cfg.verifier == "tiny" and cfg.dump_rollouts:  # the paper's loop, closed: the README's round 2
         lines.append(f"next round: python train_verifier.py sft --config recipes/verifier_cpu_demo.yaml --student "
-                     f"{result['verifier']} --policy_rollouts {Path(cfg.out_dir) / 'rollouts.jsonl'} --lr 3e-4 "
-                     f"--out_dir runs/verifier_round2; then train_rl.py --verifier runs/verifier_round2/final")
+                     f"{result['verifier']} --policy_rollouts {Path(cfg.out_dir) / 'rollouts.jsonl'} --lr 3e-4 --out_dir "
+                     "runs/verifier_round2; then train_rl.py --verifier runs/verifier_round2/final")
     return lines
 
 
