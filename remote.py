@@ -222,8 +222,8 @@ class MathPool:
                     if w not in busy and todo:
                         i = todo.pop()
                         tries[i] += 1
-                        busy[w] = (i, time.monotonic() + self.timeout)
-                        self._send(w, pairs[i])
+                        self._send(w, pairs[i])  # may start the worker (imports sympy: seconds on a busy machine)
+                        busy[w] = (i, time.monotonic() + self.timeout)  # so the answer's own time starts after it
                 alive = [self.procs[w].stdout for w in busy if self.procs[w]]
                 wait = max(0.0, min(d for _, d in busy.values()) - time.monotonic()) if len(alive) == len(busy) else 0
                 ready, _, _ = select.select(alive, [], [], wait)

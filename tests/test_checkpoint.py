@@ -294,7 +294,7 @@ def test_two_rank_fsdp_checkpoint_and_export(tmp_path):
            os.path.join(HERE, "dist_checkpoint_worker.py"), str(tmp_path)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        out, err = proc.communicate(timeout=120)
+        out, err = proc.communicate(timeout=900)
     except subprocess.TimeoutExpired:  # a rank waits in a collective the other never entered
         proc.terminate()  # torchrun passes SIGTERM on to the workers (each in a session of its own)
         pytest.fail(f"2-rank worker hung:\n{proc.communicate(timeout=60)[1][-6000:]}")

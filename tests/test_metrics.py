@@ -110,7 +110,9 @@ def test_phase_timer_accumulates_and_pops():
             raise KeyError("a failing phase is still timed")
     times = timer.pop()
     assert set(times) == {"time/generate", "time/update"}
-    assert 0.06 <= times["time/generate"] < 0.5 and 0.01 <= times["time/update"] < 0.3
+    # sleeps last at least as long as asked; a busy machine only makes them longer, so only lower bounds
+    # are facts. Accumulated, not overwritten: generate holds both of its sleeps.
+    assert times["time/generate"] >= 0.06 and times["time/update"] >= 0.01
     assert timer.pop() == {}
 
 

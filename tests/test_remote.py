@@ -221,7 +221,9 @@ def test_hung_server_is_reported_within_timeout_times_tries(fakes):
     t = time.monotonic()
     with pytest.raises(VerifierError, match=re.escape(a.url) + r".*3 tries.*timed out"):
         v(*ROWS)
-    assert time.monotonic() - t < 0.5 * 3 + 0.05 * 3 + 1.0
+    # 3 tries of a 0.5 s timeout: reported in ~1.7 s when idle. The bound is a hang detector, not a timing
+    # (a loaded machine may be many times slower): without the per-request timeout this would never return.
+    assert time.monotonic() - t < 120
 
 
 def test_cut_replies_are_retried_then_an_error(fakes):
@@ -312,7 +314,7 @@ def test_sigterm_to_the_trainers_process_group_does_not_reach_the_workers():
         if child.poll() is None:
             child.kill()
     for pid in pids[1:]:  # and the workers went with the pool when the process exited
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 120  # a generous bound: they are killed at once, the wait is for the OS
         while _alive(int(pid)) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not _alive(int(pid))
@@ -339,7 +341,8 @@ def test_a_worker_orphaned_mid_answer_ends_by_its_own_cpu_limit():
     child.kill()
     child.wait()
     try:
-        deadline = time.monotonic() + 15
+        # its CPU limit is 3 s of CPU time, which a loaded machine may stretch over many seconds of wall time
+        deadline = time.monotonic() + 300
         while _alive(worker) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not _alive(worker)

@@ -386,15 +386,17 @@ def test_math_rule_reads_prose_latex_and_boxed_answers():
 
 
 def test_math_rule_time_bound_scores_zero_and_counts():
-    v = reward.build_verifier("rule:math", VerifierOptions(math_timeout=1.0))
+    # The bound is generous (5 s: "7" takes milliseconds even on a machine 50x busier than idle, and the
+    # clock starts only once a worker holds the answer, not while it imports sympy); 9^(9^9) has 370 million
+    # digits: sympy hangs in C far longer. The worker is killed at the bound, the answer scores 0 and is
+    # counted, and the next one is judged by a fresh worker.
+    v = reward.build_verifier("rule:math", VerifierOptions(math_timeout=5.0))
     try:
-        # 9^(9^9) has 370 million digits: sympy hangs in C. The worker is killed at the bound, the
-        # answer scores 0 and is counted, and the next one is judged by a fresh worker.
         out = {}
         th = threading.Thread(target=lambda: out.setdefault("j", v(["q"] * 2, ["1", "7"], ["$9^{9^{9}}$", "7"])),
                               daemon=True)
         th.start()
-        th.join(15)
+        th.join(300)  # a hang detector only: the bound itself is the 5 s above
         assert not th.is_alive(), "rule:math did not bound the time of one answer"
         assert out["j"].binary.tolist() == [0.0, 1.0] and v.timeouts == 1
     finally:

@@ -137,5 +137,5 @@ def test_server_stopped_mid_batch_is_a_clear_error(server):
             v(QS * (n // len(QS)), REFS * (n // len(REFS)), RESP * (n // len(RESP)))
     finally:
         killer.cancel()
-    assert time.monotonic() - t < 60
-    assert proc.wait(10) is not None
+    assert time.monotonic() - t < 600  # a hang detector: retries end; not a timing
+    assert proc.wait(60) is not None

@@ -234,7 +234,7 @@ def test_the_worker_ignores_the_trainers_signals_and_dies_with_it(policy_dir):
     # by a trainer that forgot close()
     proc, worker = start_trainer(policy_dir)
     os.killpg(proc.pid, signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out
     done = json.loads(out.split("DONE ", 1)[1])
     assert done["signal"] == signal.SIGTERM and len(done["seeds"]) == 4
@@ -243,7 +243,7 @@ def test_the_worker_ignores_the_trainers_signals_and_dies_with_it(policy_dir):
     proc, worker = start_trainer(policy_dir)
     proc.kill()
     proc.wait()
-    deadline = time.time() + 10
+    deadline = time.time() + 300  # a hang detector: the worker polls its parent, which a busy machine delays
     while alive(worker) and time.time() < deadline:
         time.sleep(0.1)
     assert not alive(worker)
@@ -299,10 +299,20 @@ def test_two_ranks_keep_and_sample_what_one_rank_does_and_resume_on_one(policy_d
     for name, launcher, steps in (("one", [sys.executable], "0:4"), ("two", torchrun, "0:2"),
                                   ("resumed", [sys.executable], "2:4")):
         out = subprocess.run([*launcher, script, "batches", policy_dir, str(tmp_path / name), options, steps, ckpt],
-                             capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+                             capture_output=True, text=True, timeout=1200, env=env, cwd=ROOT)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-5000:]
     one, two, resumed = (json.loads((tmp_path / name).read_text()) for name in ("one", "two", "resumed"))
-    assert two + resumed == one
+    # Seeds, sampled tokens, rewards and counts are discrete: equal exactly. Behaviour log-probs are float32
+    # forwards over other batch shapes (each rank runs half the rows), so BLAS sums in another order: they
+    # agree to a few hundred ulps of the log-softmax (measured 1.4e-6), never exactly. 1e-4 is ~800 float32
+    # eps, far below what one stand-in update moves a log-prob (> 1e-2).
+    def discrete(b):
+        return {k: v for k, v in b.items() if k != "logp"}
+    assert [discrete(b) for b in two + resumed] == [discrete(b) for b in one]
+    for got, want in zip(two + resumed, one):
+        assert (got["logp"] is None) == (want["logp"] is None)
+        if want["logp"] is not None:
+            torch.testing.assert_close(torch.tensor(got["logp"]), torch.tensor(want["logp"]), atol=1e-4, rtol=0)
     assert [b["staleness"] for b in one] == [0, 1, 1, 1] and any(b["info"]["rollout/filter_rounds"] for b in one)
 
 

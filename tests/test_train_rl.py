@@ -27,7 +27,7 @@ def flags(policy, out_dir, steps, **extra):
     return [f"--{k}={v}" for k, v in f.items()]
 
 
-def run(args, nproc=None, timeout=300, check=True):
+def run(args, nproc=None, timeout=1200, check=True):  # hang detector: a loaded machine is slow
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
         if nproc else [sys.executable]
@@ -132,7 +132,7 @@ def test_a_choice_typo_in_a_config_file_is_refused_too(field, value, choices, tm
 
 
 def test_a_bad_flag_is_one_line_and_exit_status_2(tmp_path):
-    out = run(["--steps", "0", f"--out_dir={tmp_path}"], check=False, timeout=120)
+    out = run(["--steps", "0", f"--out_dir={tmp_path}"], check=False, timeout=600)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == "train_rl.py: error: --steps 0: must be >= 1"
     assert "Traceback" not in out.stderr and not (tmp_path / "metrics.jsonl").exists()
@@ -164,7 +164,7 @@ def test_config_file_sets_fields_and_flags_override(tmp_path):
 
 def test_help_lists_every_flag_with_its_default():
     out = subprocess.run([sys.executable, str(ROOT / "train_rl.py"), "--help"], capture_output=True, text=True,
-                         timeout=60)
+                         timeout=600)
     assert out.returncode == 0
     for name in list(rl_config.Config.__dataclass_fields__) + ["verifier_system_prompt", "verifier_timeout"]:
         assert f"--{name}" in out.stdout
@@ -191,3 +191,42 @@ def test_the_cpu_demo_recipe_is_the_main_job_written_out():
     cfg, _ = rl_config.parse_config(["--config", str(ROOT / "recipes" / "cpu_demo.yaml")])
     default, _ = rl_config.parse_config([])
     assert dataclasses.replace(cfg, config="") == default
+
+
+@pytest.mark.parametrize("correction, staleness, epochs, kl, want", [
+    ("none", 0, 1, "none", "update"), ("none", 0, 2, "none", "trainer"), ("none", 0, 1, "reward", "trainer"),
+    ("none", 1, 1, "none", "sampler"), ("none", 1, 2, "reward", "sampler"),
+    ("tis", 1, 1, "none", "trainer"), ("mask", 1, 1, "none", "trainer"), ("tis", 0, 1, "none", "update")])
+def test_old_logprobs_source_is_what_each_mode_promises(correction, staleness, epochs, kl, want):
+    import rollout
+    import train_rl
+
+    cfg = train_rl.Config(rollout_correction=correction, ppo_epochs=epochs, kl_mode=kl, async_steps=1)
+    ro = rollout.Rollout([], [], [], [], [], [], None, staleness)
+    assert train_rl.old_logprobs_source(cfg, ro) == want
+
+
+@pytest.mark.parametrize("correction", ["none", "tis", "mask"])
+def test_async_one_step_off_policy_uses_the_promised_pi_old(correction, tiny_model_dir, tmp_path):
+    """--async_steps 1 end to end: batch t >= 1 was sampled with the weights before update t-1.
+    none: pi_old is the sampler's own log-probs (the trainer no longer has those weights), so the
+    logged gap between pi_old and the sampler is 0 at every step. tis / mask: pi_old is a fresh pass of
+    the trainer's current weights, which moved since sampling: the gap is > 0 from the first stale batch
+    on, while the first update's ratio pi_theta / pi_old is 1 (same weights, same tokens). A pi_old taken
+    from the wrong weights in either mode fails here."""
+    run(flags(tiny_model_dir, tmp_path, 4, async_steps=1, rollout_correction=correction, audit_verifier="",
+              lr=3e-3))
+    rows = step_rows(tmp_path)
+    assert len(rows) == 4
+    # both sides of the gap are float32 log-softmax values of the same tokens: equal weights give a gap of
+    # reduction-order noise (< 1e-4: a few hundred ulps); one update at lr 3e-3 moves them by > 1e-3
+    for r in rows[1:]:
+        gap = r.get("rollout/engine_logprob_gap_mean", 0.0)  # logged only where some gap is not 0
+        if correction == "none":
+            assert gap < 1e-4, (r["step"], gap)
+        else:
+            assert gap > 1e-3, (r["step"], gap)
+            assert r["ratio/mean"] == pytest.approx(1.0, abs=1e-4), (r["step"], r["ratio/mean"])
+            assert r["rollout/is_ratio_mean"] != pytest.approx(1.0, abs=1e-6)
+    if correction == "none":  # pi_theta moved away from the sampler's weights: the ratio is not 1 everywhere
+        assert max(abs(r["ratio/mean"] - 1) for r in rows[1:]) > 1e-4

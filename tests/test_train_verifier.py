@@ -73,7 +73,7 @@ def test_eval_cli_prints_json(tmp_path):
     path = write_jsonl(tmp_path / "labelled.jsonl", EVAL_ROWS)
     out = subprocess.run([sys.executable, "train_verifier.py", "eval", "--verifier", "rule:substring", "--data",
                           str(path), "--out_dir", str(tmp_path / "ev"), "--wandb_mode", "disabled"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout[out.stdout.index("{"):out.stdout.rindex("}") + 1])
     assert report["kappa"] == pytest.approx(0.5) and report["n"] == 8
@@ -189,7 +189,7 @@ def test_choices_from_a_config_file_and_unknown_commands_are_refused(tmp_path):
 
 def test_a_bad_flag_is_one_line_and_exit_status_2(tmp_path):
     out = subprocess.run([sys.executable, "train_verifier.py", "sft", "--batch_size", "6", "--micro_batch_size", "4"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [
         "train_verifier.py sft: error: --batch_size 6: must split into 1 ranks x whole micro-batches of "
@@ -426,7 +426,7 @@ def test_sigterm_checkpoints_and_exits_with_128_plus_signum(tmp_path, tiny_model
         assert proc.poll() is None and time.monotonic() < deadline, "sft ended before the signal"
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=900)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "stopped by SIGTERM after step" in err and "--resume" in err
     assert list((run / "checkpoints").glob("step_*")) and not (run / "final").exists()
