@@ -522,6 +522,26 @@ def build_verifier(spec: str, options: VerifierOptions | None = None, *, setting
 # rule verifiers: the paper's baselines and a math-equivalence check
 
 RULES = ("substring", "jaccard", "math")
+# What a math rule can grade: a number, a fraction or expression, LaTeX, or an option letter. Prose
+# ("Western blot", "Concept Assimilation") is not: rule:math scores every answer to it 0.
+_OPTION = re.compile(r"^\(?[A-J]\)?$")
+_WORD = re.compile(r"[^\W\d_]{2,}")
+
+
+def looks_mathematical(reference: str) -> bool:
+    """True for references a math rule can compare: "7", "14/2", "\\frac{1}{2}", "x^2+1", "3.5 cm", "(C)";
+    False for words: "Western blot", "Muscles". Digits or LaTeX, and at most two words besides
+    LaTeX commands (a unit, "x", "pi")."""
+    text = reference.strip().strip("$").strip()
+    if _OPTION.match(text):
+        return True
+    words = _WORD.findall(re.sub(r"\\[A-Za-z]+", " ", text))
+    return bool(re.search(r"\d|\\", text)) and len(words) <= 2
+
+
+def math_reference_share(references: list[str]) -> float:
+    """The share of references a math rule can grade (looks_mathematical); 0.0 for none."""
+    return sum(looks_mathematical(r) for r in references) / max(1, len(references))
 _ANSWER_PREFIX = re.compile(r"^\s*(?:therefore\s*,?\s*)?the answer is\s*:?\s*", re.IGNORECASE)
 # CJK ideographs, kana and their compatibility blocks: one token per character (no spaces between
 # words in Chinese/Japanese). Hangul is space-separated and stays word-level.

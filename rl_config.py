@@ -27,10 +27,13 @@ class Config:
                 "rule:substring|rule:jaccard|rule:math; 'tiny': a tiny verifier distilled from rule:math "
                 "(toy.tiny_verifier: recipes/verifier_toy_digits.yaml then verifier_cpu_demo.yaml; built once, cached)"})
     reward_type: Literal["binary", "soft"] = field(default="soft", metadata={"help": "binary (Eq. 3) or soft (Eq. 4)"})
-    eval_verifier: str = field(default="rule:math", metadata={
-        "help": "the grader of held-out answers (the paper: a 72B judge); '': the reward verifier"})
-    audit_verifier: str = field(default="rule:math", metadata={
-        "help": "a stronger judge that re-grades a sample of rollouts every --audit_every steps ('': no audit)"})
+    eval_verifier: str = field(default="auto", metadata={
+        "help": "the grader of held-out answers (the paper: a 72B judge): a verifier spec; 'auto': rule:math where "
+                "the references are numbers, else refused (free-form answers need a judge); 'self': the reward "
+                "verifier, greedy (it grades its own hacks)"})
+    audit_verifier: str = field(default="auto", metadata={
+        "help": "a stronger judge that re-grades a sample of rollouts every --audit_every steps; 'auto': rule:math "
+                "where the references are numbers, else no audit (said at start); '': no audit"})
     audit_every: int = field(default=5, metadata={"help": "steps between audits"})
     audit_samples: int = field(default=64, metadata={"help": "rollouts re-graded per audit (over all ranks)"})
     audit_max_fpr: float = field(default=0.0, metadata={
@@ -179,6 +182,10 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
     req(0 <= cfg.audit_max_fpr <= 1, "audit_max_fpr", cfg.audit_max_fpr, "must be in [0, 1]")
     req(0 <= cfg.master_key_warn <= 1, "master_key_warn", cfg.master_key_warn, "must be in [0, 1]")
     req(cfg.verifier.strip() != "", "verifier", cfg.verifier, "is required")
+    req(cfg.eval_verifier.strip() != "", "eval_verifier", cfg.eval_verifier,
+        "is required: a judge's spec, 'auto' (chosen from the data) or 'self' (the reward verifier grades itself)")
+    req(cfg.audit_verifier != "self", "audit_verifier", cfg.audit_verifier,
+        "cannot be the reward verifier: an audit needs another judge ('' for none)")
     ckpts = os.path.join(cfg.out_dir, "checkpoints")
     req(cfg.resume != "yes" or checkpoint.latest_checkpoint(ckpts) is not None, "resume", cfg.resume,
         f"no checkpoint in {ckpts}; --resume auto starts fresh when there is none")

@@ -9,6 +9,7 @@ The functions below are defined in that order; the formulas live in rl_math.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -308,8 +309,9 @@ def resolve_paths(cfg: Config) -> tuple[str, str]:
     return policy, verifier
 
 
-def load_data(cfg: Config, tokenizer) -> tuple[list, list]:
-    """(training records, held-out records). Held-out questions never reach training."""
+def load_data(cfg: Config) -> tuple[list, list]:
+    """(training records, held-out records), before any model loads. Held-out questions never reach
+    training."""
     say = print if distributed.rank() == 0 else (lambda *a, **k: None)
     if cfg.data == "toy":
         records = toy.records(toy.PROBLEMS, seed=cfg.seed)  # every problem once
@@ -326,6 +328,12 @@ def load_data(cfg: Config, tokenizer) -> tuple[list, list]:
     if cfg.exclude_hashes:
         train_set, n = data.drop_hashes(train_set, data.read_hashes(cfg.exclude_hashes))
         say(f"excluded {n} training prompts listed in {cfg.exclude_hashes}")
+    return train_set, heldout
+
+
+def drop_long_prompts(cfg: Config, tokenizer, train_set: list, heldout: list) -> tuple[list, list]:
+    """Prompts longer than --max_prompt_len in the policy's tokens are dropped (and counted)."""
+    say = print if distributed.rank() == 0 else (lambda *a, **k: None)
     train_set, n_long = data.drop_long(train_set, tokenizer, cfg.max_prompt_len)
     heldout, _ = data.drop_long(heldout, tokenizer, cfg.max_prompt_len)
     if not train_set:
@@ -333,6 +341,37 @@ def load_data(cfg: Config, tokenizer) -> tuple[list, list]:
     say(f"data: {len(train_set)} train / {len(heldout)} held-out prompts"
         + (f", {n_long} longer than --max_prompt_len dropped" if n_long else ""))
     return train_set, heldout
+
+
+def choose_graders(cfg: Config, references: list[str]) -> Config:
+    """The eval and audit judges, fixed before any model loads. 'auto' picks rule:math where the
+    references are numbers, and otherwise refuses to grade free-form answers with a rule (eval) or
+    turns the audit off, saying so. Any role given rule:math on data whose references are mostly not
+    numbers is refused: it would score every correct answer 0 (and count every YES as a false positive)."""
+    share = reward.math_reference_share(references)
+    numeric = share >= 0.5
+    say = print if distributed.rank() == 0 else (lambda *a, **k: None)
+    why = f"{share:.0%} of --data {cfg.data}'s references are numbers or math"
+    eval_spec, audit_spec = cfg.eval_verifier, cfg.audit_verifier
+    if eval_spec == "auto":
+        config.require(numeric, "eval_verifier", "auto", f"{why}: free-form answers need a judge; pass "
+                       "--eval_verifier <judge: a model dir or http://host:port>, or 'self' to let the reward "
+                       "verifier grade its own policy")
+        eval_spec = "rule:math"
+        say(f"eval: graded by rule:math (--eval_verifier auto: {why})")
+    if audit_spec == "auto":
+        audit_spec = "rule:math" if numeric else ""
+        say(f"audit: {'by rule:math' if numeric else 'off'} (--audit_verifier auto: {why}"
+            + ("" if numeric else "; pass --audit_verifier <judge> to audit the reward verifier") + ")")
+    if not numeric:
+        roles = {"verifier": cfg.verifier, "eval_verifier": eval_spec, "audit_verifier": audit_spec,
+                 "log_verifiers": cfg.log_verifiers}
+        for flag, spec in roles.items():
+            config.require("rule:math" not in spec.split(","), flag, spec,
+                           f"{why}: rule:math scores every answer to a word 0; use a model judge or rule:substring")
+    if eval_spec == "self":
+        say(f"eval: graded by the reward verifier itself ({cfg.verifier}, greedy): a policy that fools it scores well")
+    return dataclasses.replace(cfg, eval_verifier=eval_spec, audit_verifier=audit_spec)
 
 
 def load_models(cfg: Config, policy_path: str, device):
@@ -357,9 +396,14 @@ def load_verifiers(cfg: Config, vopts, spec: str, device) -> dict:
                                      shard=distributed.is_initialized(), seed=cfg.seed,
                                      trust_remote_code=cfg.trust_remote_code)
     reward_verifier = build(spec, True)
-    eval_verifier = build(cfg.eval_verifier, False) if cfg.eval_verifier else reward_verifier
-    if not cfg.eval_verifier and cfg.async_steps:  # the source judges in a thread meanwhile: not the same object
-        eval_verifier = build(spec, True)
+    eval_verifier = build(cfg.eval_verifier, False) if cfg.eval_verifier != "self" else reward_verifier
+    # self-grading asks the reward verifier as it was trained (its prompt flags) but greedily; a second
+    # object too when the rollout source judges in a thread meanwhile
+    if cfg.eval_verifier == "self" and (cfg.async_steps or vopts.verifier_sample):
+        eval_verifier = reward.build_verifier(spec, dataclasses.replace(vopts, verifier_sample=False),
+                                              device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                                              shard=distributed.is_initialized(), seed=cfg.seed,
+                                              trust_remote_code=cfg.trust_remote_code)
     return {"reward": reward_verifier, "eval": eval_verifier,
             "audit": build(cfg.audit_verifier, False) if cfg.audit_verifier else None,
             "logged": {s: build(s, False) for s in filter(None, cfg.log_verifiers.split(","))}}
@@ -451,9 +495,11 @@ def train(cfg: Config, vopts: reward.VerifierOptions) -> dict:
     rank, world, device = distributed.init()
     torch.manual_seed(cfg.seed)
     out_dir, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
+    train_set, heldout = load_data(cfg)
+    cfg = choose_graders(cfg, [r.reference for r in train_set + heldout])
     policy_path, verifier_spec = resolve_paths(cfg)
     tokenizer = model.load_tokenizer(policy_path, cfg.trust_remote_code)
-    train_set, heldout = load_data(cfg, tokenizer)
+    train_set, heldout = drop_long_prompts(cfg, tokenizer, train_set, heldout)
     policy, ref = load_models(cfg, policy_path, device)
     judges = load_verifiers(cfg, vopts, verifier_spec, device)
     updates_per_step = cfg.ppo_epochs * cfg.minibatches
@@ -539,7 +585,8 @@ def train(cfg: Config, vopts: reward.VerifierOptions) -> dict:
     if stopped is None:
         checkpoint.export_hf(policy, tokenizer, str(out_dir / "final"))
     log.close()
-    return {"history": history, "stopped": stopped, "start": start, "policy": policy_path, "verifier": verifier_spec}
+    return {"history": history, "stopped": stopped, "start": start, "policy": policy_path, "verifier": verifier_spec,
+            "eval_verifier": cfg.eval_verifier, "audit_verifier": cfg.audit_verifier}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -554,7 +601,7 @@ def closing_lines(cfg: Config, result: dict) -> list[str]:
     evals = [(m["step"], m["eval/accuracy"]) for m in metrics.read_jsonl(Path(cfg.out_dir) / "metrics.jsonl")
              if "eval/accuracy" in m]
     if len(evals) >= 2:
-        grader = cfg.eval_verifier or result["verifier"]
+        grader = result["verifier"] + " (self)" if result["eval_verifier"] == "self" else result["eval_verifier"]
         lines.append(f"held-out accuracy graded by {grader}: {evals[0][1]:.3f} (step {evals[0][0]}) -> "
                      f"{evals[-1][1]:.3f} (step {evals[-1][0]})")
     for key in [k for k in h[-1] if k.startswith("reward/rule:") and k.endswith("binary_mean")] + ["reward/mean"]:
@@ -562,7 +609,7 @@ def closing_lines(cfg: Config, result: dict) -> list[str]:
         lines.append(f"{key}: first {k} steps {sum(x[key] for x in h[:k]) / k:.3f} -> "
                      f"last {k} steps {sum(x[key] for x in h[-k:]) / k:.3f}")
     if fpr := [m["audit/false_positive_rate"] for m in h if "audit/false_positive_rate" in m]:
-        lines.append(f"audit by {cfg.audit_verifier}: false-positive rate {sum(fpr) / len(fpr):.3f} mean, "
+        lines.append(f"audit by {result['audit_verifier']}: false-positive rate {sum(fpr) / len(fpr):.3f} mean, "
                      f"{max(fpr):.3f} max over {len(fpr)} audits; disagreements in {Path(cfg.out_dir) / 'audit.jsonl'}")
     if cfg.verifier == "tiny" and cfg.dump_rollouts:  # the paper's loop, closed: the README's round 2
         lines.append(f"next round: python train_verifier.py sft --config recipes/verifier_cpu_demo.yaml --student "

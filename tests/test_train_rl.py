@@ -230,3 +230,60 @@ def test_async_one_step_off_policy_uses_the_promised_pi_old(correction, tiny_mod
             assert r["rollout/is_ratio_mean"] != pytest.approx(1.0, abs=1e-6)
     if correction == "none":  # pi_theta moved away from the sampler's weights: the ratio is not 1 everywhere
         assert max(abs(r["ratio/mean"] - 1) for r in rows[1:]) > 1e-4
+
+
+SHARED_SAMPLE = ROOT.parent / "shared" / "data" / "multi_subject_rlvr_sample.jsonl"
+
+
+def _free_form_file(tmp_path):
+    rows = [{"query": [{"role": "user", "content": f"Which test confirms case {i}?"}], "label": label}
+            for i, label in enumerate(["Western blot", "Muscles", "Concept Assimilation", "the liver", "12"] * 8)]
+    path = tmp_path / "free.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_graders_are_chosen_from_the_data_and_never_a_math_rule_on_prose(tmp_path):
+    import train_rl
+
+    free = str(_free_form_file(tmp_path))
+    cfg = rl_config.Config(data=free, verifier="rule:substring")
+    refs = [r.reference for part in train_rl.load_data(cfg) for r in part]
+    with pytest.raises(config.ConfigError, match=r"--eval_verifier 'auto': 20% of --data .* are numbers or math: "
+                                                 r"free-form answers need a judge"):
+        train_rl.choose_graders(cfg, refs)
+    for flag in ("eval_verifier", "audit_verifier", "verifier"):
+        bad = dataclasses.replace(cfg, **{"eval_verifier": "self", flag: "rule:math"})
+        with pytest.raises(config.ConfigError, match=f"--{flag} 'rule:math': 20% of"):
+            train_rl.choose_graders(bad, refs)
+    with pytest.raises(config.ConfigError, match="--log_verifiers 'rule:substring,rule:math'"):
+        train_rl.choose_graders(dataclasses.replace(cfg, eval_verifier="self",
+                                                    log_verifiers="rule:substring,rule:math"), refs)
+    chosen = train_rl.choose_graders(dataclasses.replace(cfg, eval_verifier="rule:substring"), refs)
+    assert (chosen.eval_verifier, chosen.audit_verifier) == ("rule:substring", "")  # audit auto: off, said
+    toy_cfg = rl_config.Config(data="toy")
+    toy_refs = [r.reference for part in train_rl.load_data(toy_cfg) for r in part]
+    chosen = train_rl.choose_graders(toy_cfg, toy_refs)
+    assert (chosen.eval_verifier, chosen.audit_verifier) == ("rule:math", "rule:math")
+
+
+def test_references_a_math_rule_can_grade():
+    import reward
+
+    for ref in ("7", "14/2", "\\frac{14}{3}", "x^2+1", "3.5 cm", "(C)", "B", "$36", "263,800 yuan"):
+        assert reward.looks_mathematical(ref), ref
+    for ref in ("Western blot", "Muscles", "Concept Assimilation", "The 3rd Amendment of the Constitution", "x"):
+        assert not reward.looks_mathematical(ref), ref
+    if SHARED_SAMPLE.exists():  # the paper's multi-subject data: mostly words
+        refs = [json.loads(line)["label"] for line in SHARED_SAMPLE.read_text(encoding="utf-8").splitlines()]
+        assert reward.math_reference_share(refs) < 0.3
+
+
+@pytest.mark.skipif(not SHARED_SAMPLE.exists(), reason=f"{SHARED_SAMPLE} is not here")
+def test_the_papers_data_without_a_judge_is_refused_in_one_line_before_any_model_loads(tmp_path):
+    out = run(["--data", str(SHARED_SAMPLE), "--verifier", "rule:substring", "--out_dir", str(tmp_path / "r"),
+               "--policy", str(tmp_path / "no-model-here")], check=False, timeout=600)
+    assert out.returncode == 2, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("train_rl.py: error: --eval_verifier 'auto': ") and "need a judge" in last
+    assert "Traceback" not in out.stderr
