@@ -12,6 +12,7 @@ from typing import Literal
 import checkpoint
 import config
 import reward
+import rl_math
 import rollout
 from config import resume_field
 
@@ -83,10 +84,11 @@ class Config:
         "help": "extra rounds of --prompts_per_step prompts --filter_groups may draw per step; a batch still short "
                 "is filled with the first dropped groups (their advantage is 0 under --reward_norm group)"})
     # advantages, KL and loss (rl_math.py)
-    reward_norm: Literal["batch", "group", "none"] = field(default="batch", metadata={
-        "help": "the z-score of rewards: over the batch (the paper), per prompt group (GRPO), or none"})
-    advantage: Literal["reinforce", "rloo", "reinforce_pp", "rloo_seq", "reinforce_pp_seq"] = field(
-        default="reinforce", metadata={"help": "estimator (rl_math.shape_advantages): reinforce (the paper's), "
+    reward_norm: Literal["auto", "batch", "group", "none"] = field(default="auto", metadata={
+        "help": "the z-score of rewards: over the batch (the paper), per prompt group (GRPO), or none; auto: the "
+                "estimator's own (group for grpo, none for dr_grpo, batch otherwise)"})
+    advantage: Literal["reinforce", "grpo", "dr_grpo", "rloo", "reinforce_pp", "rloo_seq", "reinforce_pp_seq"] = field(
+        default="reinforce", metadata={"help": "estimator (rl_math.ESTIMATORS): reinforce (the paper's), grpo, dr_grpo, "
                                                 "rloo / reinforce_pp (per token, as OpenRLHF), *_seq (per sequence)"})
     reward_clip: float = field(default=10.0, metadata={"help": "clip shaped rewards to +-this (OpenRLHF's default; 0: off)"})
     kl_mode: Literal["none", "reward", "loss"] = field(default="none", metadata={
@@ -159,8 +161,12 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
         f"must divide each rank's {per_rank} responses, or some would never be trained on")
     req(cfg.samples_per_prompt >= 2 or cfg.advantage not in ("rloo", "rloo_seq"), "advantage", cfg.advantage,
         "needs --samples_per_prompt >= 2 (the baseline is the other samples' mean)")
-    req(cfg.samples_per_prompt >= 2 or cfg.reward_norm != "group", "reward_norm", cfg.reward_norm,
-        "needs --samples_per_prompt >= 2 (a group of one has no spread)")
+    try:
+        norm = rl_math.estimator_norm(cfg.advantage, cfg.reward_norm)
+    except ValueError as e:
+        raise config.ConfigError(str(e)) from None
+    req(cfg.samples_per_prompt >= 2 or (norm != "group" and cfg.advantage != "dr_grpo"), "advantage", cfg.advantage,
+        f"with --reward_norm {norm} needs --samples_per_prompt >= 2 (a group of one has no spread)")
     req(cfg.kl_coef > 0 or cfg.kl_mode == "none", "kl_coef", cfg.kl_coef, f"must be > 0 with --kl_mode {cfg.kl_mode}")
     req(cfg.kl_coef >= 0, "kl_coef", cfg.kl_coef, "must be >= 0")
     req(0 < cfg.clip_low < 1, "clip_low", cfg.clip_low, "must be in (0, 1)")

@@ -4,7 +4,8 @@ Layout: a batch of N responses is a flat, sequence-major vector of its response 
 tokens, then sequence 1's, ...) plus `lengths` (tokens per response). Per-sequence values (rewards)
 are [N]; per-token values (log-probs, KL, advantages, losses) are [sum(lengths)].
 
-    rewards [N] --shape_advantages--> advantages per token --clipped_pg_loss, aggregate--> loss
+    rewards [N] --shape_advantages (normalise, then reinforce | grpo | dr_grpo | rloo | reinforce_pp | ...)-->
+    advantages per token --policy_loss (clipped ratio x correction weight + kl_coef x k3, aggregated)--> loss
 
 Sources: Su et al. 2025 (METHOD.md) for the z-score and the KL in the reward; OpenRLHF 0.6.0
 (the framework the paper ran; commit e13ba176, March 2025, openrlhf/models/utils.py compute_reward,
@@ -16,8 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-NORMS = ("batch", "group", "none")
-ESTIMATORS = ("reinforce", "rloo", "reinforce_pp", "rloo_seq", "reinforce_pp_seq")
+NORMS = ("auto", "batch", "group", "none")
 AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum_norm")
 
 
@@ -134,29 +134,102 @@ def outcome_token_rewards(seq_rewards: Tensor, kl: Tensor | None, kl_coef: float
 
 
 # ----------------------------------------------------------------------------------------------
-# reward shaping: rewards (+ KL) -> advantages, in one function
+# advantage estimators: one function each, named as the field names them, chosen from ESTIMATORS.
+# Each takes the batch's rewards after --reward_norm (prompt-major [N]) and returns per-token
+# advantages [sum(lengths)]; `kl` is per-token k1 for the KL in the reward (None: none).
+
+
+def _clip(r: Tensor, reward_clip: float) -> Tensor:
+    """Rewards clipped to +-reward_clip (0: off) after any baseline and before the KL, as OpenRLHF's
+    compute_reward does (its default range is +-10)."""
+    return r.clamp(-reward_clip, reward_clip) if reward_clip > 0 else r
+
+
+def _minus_summed_kl(seq: Tensor, kl: Tensor | None, kl_coef: float, lengths: list[int]) -> Tensor:
+    return seq if kl is None else seq - kl_coef * per_sequence_sum(kl.float(), lengths)
+
+
+def reinforce(r: Tensor, lengths: list[int], group_size: int, kl: Tensor | None = None, kl_coef: float = 0.0,
+              reward_clip: float = 0.0) -> Tensor:
+    """The paper's REINFORCE (Su et al. 2025, section 3: "the whole response is one action"; their code
+    is unpublished, so this is our reading): A = clip(r) - kl_coef * sum_t k1, the same on every token.
+    With --reward_norm batch (the paper) r is the batch z-score."""
+    return _minus_summed_kl(_clip(r, reward_clip), kl, kl_coef, lengths)[seq_index(lengths, r.device)]
+
+
+def grpo(r: Tensor, lengths: list[int], group_size: int, kl: Tensor | None = None, kl_coef: float = 0.0,
+         reward_clip: float = 0.0) -> Tensor:
+    """GRPO's outcome advantage (Shao et al. 2024, DeepSeekMath, section 4.1.2; verl
+    compute_grpo_outcome_advantage): A_i = (r_i - mean of its prompt's group) / std of the group, on
+    every token. The group z-score is --reward_norm group (required); the KL goes in the loss as k3
+    (--kl_mode loss) or is off. Numerically the paper's reinforce over group-normalised rewards."""
+    return reinforce(r, lengths, group_size, kl, kl_coef, reward_clip)
+
+
+def dr_grpo(r: Tensor, lengths: list[int], group_size: int, kl: Tensor | None = None, kl_coef: float = 0.0,
+            reward_clip: float = 0.0) -> Tensor:
+    """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training", Eq. 3): GRPO without the
+    division by the group's std (which weights easy and hard prompts up): A_i = r_i - mean of its group,
+    on every token, over raw rewards (--reward_norm none, required). Its loss is --loss_agg seq_sum_norm."""
+    g = r.float().view(-1, group_size)
+    centred = (g - g.mean(1, keepdim=True)).flatten()
+    return reinforce(centred, lengths, group_size, kl, kl_coef, reward_clip)
+
+
+def rloo_seq(r: Tensor, lengths: list[int], group_size: int, kl: Tensor | None = None, kl_coef: float = 0.0,
+             reward_clip: float = 0.0) -> Tensor:
+    """RLOO per sequence (Ahmadian et al. 2024): the leave-one-out baseline on r - kl_coef * sum_t k1."""
+    seq = _minus_summed_kl(_clip(r, reward_clip), kl, kl_coef, lengths)
+    return leave_one_out(seq, group_size)[seq_index(lengths, r.device)]
+
+
+def reinforce_pp_seq(r: Tensor, lengths: list[int], group_size: int, kl: Tensor | None = None,
+                     kl_coef: float = 0.0, reward_clip: float = 0.0) -> Tensor:
+    """REINFORCE++ per sequence: r - kl_coef * sum_t k1 whitened over the batch's sequences."""
+    seq = _minus_summed_kl(_clip(r, reward_clip), kl, kl_coef, lengths)
+    return whiten(seq)[seq_index(lengths, r.device)]
+
+
+def rloo(r: Tensor, lengths: list[int], group_size: int, kl: Tensor | None = None, kl_coef: float = 0.0,
+         reward_clip: float = 0.0) -> Tensor:
+    """OpenRLHF 0.6.0 `rloo` (experience_maker.py, compute_reward, get_cumulative_returns): r minus
+    the leave-one-out mean, clipped; per-token rewards (-kl_coef * k1 at each token, r at the last);
+    the return per token; whitened over all response tokens of the batch."""
+    r = _clip(leave_one_out(r, group_size), reward_clip)
+    return whiten(token_returns(outcome_token_rewards(r, kl, kl_coef, lengths), lengths))
+
+
+def reinforce_pp(r: Tensor, lengths: list[int], group_size: int, kl: Tensor | None = None, kl_coef: float = 0.0,
+                 reward_clip: float = 0.0) -> Tensor:
+    """REINFORCE++ (Hu 2025; OpenRLHF 0.6.0 `reinforce`): as rloo without the baseline."""
+    return whiten(token_returns(outcome_token_rewards(_clip(r, reward_clip), kl, kl_coef, lengths), lengths))
+
+
+# --advantage NAME -> (the estimator, the --reward_norm it requires; None: any, the paper uses batch)
+ESTIMATORS = {"reinforce": (reinforce, None), "grpo": (grpo, "group"), "dr_grpo": (dr_grpo, "none"),
+              "rloo": (rloo, None), "reinforce_pp": (reinforce_pp, None), "rloo_seq": (rloo_seq, None),
+              "reinforce_pp_seq": (reinforce_pp_seq, None)}
+
+
+def estimator_norm(estimator: str, norm: str) -> str:
+    """The --reward_norm in force: 'auto' is the estimator's own (group for grpo, none for dr_grpo,
+    the paper's batch z-score otherwise); a norm that contradicts the estimator is a ValueError."""
+    required = ESTIMATORS[estimator][1]
+    if norm == "auto":
+        return required or "batch"
+    if required and norm != required:
+        raise ValueError(f"--reward_norm {norm} contradicts --advantage {estimator}, which normalises with "
+                         f"'{required}' (leave --reward_norm auto)")
+    return norm
 
 
 def shape_advantages(rewards: Tensor, lengths: list[int], group_size: int, *, norm: str, estimator: str,
                      kl: Tensor | None = None, kl_coef: float = 0.0, reward_clip: float = 0.0) -> Tensor:
     """Per-token advantages [sum(lengths)] from one global batch's rewards [N] (prompt-major: the
     group_size samples of a prompt are consecutive) and, for the KL in the reward, per-token
-    k1 = log pi - log pi_ref [sum(lengths)] (None: no KL).
-
-    1. normalise (the only normalisation of rewards): `batch` z-score (the paper, for every
-       estimator), `group` z-score per prompt (GRPO), or `none`;
-    2. the estimator:
-       reinforce         A = r - kl_coef * sum_t k1, the same for every token (the paper's REINFORCE:
-                         the whole response is one action);
-       rloo_seq          leave-one-out baseline on r - kl_coef * sum_t k1, per sequence;
-       reinforce_pp_seq  r - kl_coef * sum_t k1 whitened over the batch's sequences;
-       rloo              OpenRLHF rloo: r minus the leave-one-out mean, clipped; per-token rewards
-                         (-kl_coef * k1 at each token, r at the last); return per token; whitened
-                         over all response tokens of the batch;
-       reinforce_pp      OpenRLHF reinforce (REINFORCE++): as rloo without the baseline.
-    Rewards are clipped to +-reward_clip (0: off; OpenRLHF's default range is +-10) after the
-    baseline and before the KL, as OpenRLHF's compute_reward does.
-    """
+    k1 = log pi - log pi_ref [sum(lengths)] (None: no KL): the one normalisation of rewards
+    (--reward_norm: `batch` z-score, the paper, for every estimator; `group` z-score per prompt, GRPO;
+    `none`), then the estimator named by --advantage (ESTIMATORS)."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown --advantage {estimator!r}: {', '.join(ESTIMATORS)}")
     if rewards.numel() != len(lengths):
@@ -168,19 +241,8 @@ def shape_advantages(rewards: Tensor, lengths: list[int], group_size: int, *, no
             i = (~torch.isfinite(x)).nonzero().flatten()[0].item()
             raise ValueError(f"shape_advantages: non-finite {name} at index {i} ({x.flatten()[i].item()}); "
                              "the verifier or the log-probs failed upstream")
-    r = normalize_rewards(rewards, norm, group_size)
-    if estimator == "rloo":
-        r = leave_one_out(r, group_size)
-    if reward_clip > 0:
-        r = r.clamp(-reward_clip, reward_clip)
-    if estimator in ("rloo", "reinforce_pp"):  # per token, as the paper's framework ran them
-        return whiten(token_returns(outcome_token_rewards(r, kl, kl_coef, lengths), lengths))
-    seq = r if kl is None else r - kl_coef * per_sequence_sum(kl.float(), lengths)
-    if estimator == "rloo_seq":
-        seq = leave_one_out(seq, group_size)
-    elif estimator == "reinforce_pp_seq":
-        seq = whiten(seq)
-    return seq[seq_index(lengths, seq.device)]
+    r = normalize_rewards(rewards, estimator_norm(estimator, norm), group_size)
+    return ESTIMATORS[estimator][0](r, lengths, group_size, kl=kl, kl_coef=kl_coef, reward_clip=reward_clip)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,6 +275,32 @@ def aggregate(per_token: Tensor, seq_len: Tensor, mode: str, n_tokens: float, n_
     if mode == "seq_sum_norm":
         return per_token.sum() / (n_seqs * max_new_tokens)
     raise ValueError(f"unknown --loss_agg {mode!r}: {', '.join(AGGREGATIONS)}")
+
+
+def policy_loss(logp: Tensor, old_logp: Tensor, adv: Tensor, seq_len: Tensor, *, clip_low: float, clip_high: float,
+                loss_agg: str, n_tokens: float, n_seqs: float, max_new_tokens: int,
+                behaviour_logp: Tensor | None = None, correction: str = "none", correction_threshold: float = 2.0,
+                ref_logp: Tensor | None = None, kl_coef: float = 0.0) -> tuple[Tensor, dict]:
+    """The whole objective of one micro-batch, and its metric sums: the clipped ratio loss
+    (clipped_pg_loss), times the per-token rollout-correction weight when a sampler other than the
+    trainer drew the tokens (behaviour_logp: importance_weights), plus kl_coef x k3 to the reference
+    (ref_logp, --kl_mode loss), aggregated with the step's global denominators (aggregate). Per-token
+    inputs are flat over the micro-batch's response tokens; seq_len gives each token its sequence's length."""
+    per_token, ratio, clipped_low, clipped_high = clipped_pg_loss(logp, old_logp, adv, clip_low, clip_high)
+    sums = {"tokens": float(len(logp)), "clip_low": clipped_low.sum().item(), "clip_high": clipped_high.sum().item(),
+            "ratio": ratio.detach().sum().item()}
+    if behaviour_logp is not None:  # the sampler's log-probs vs the trainer's pi_old
+        weight, is_ratio, corrected = importance_weights(old_logp, behaviour_logp, correction, correction_threshold)
+        per_token = per_token * weight
+        gap = (old_logp - behaviour_logp).abs()
+        sums.update({"engine_gap": gap.sum().item(), "engine_gap_max": gap.max().item(),
+                     "is_ratio": is_ratio.sum().item(), "is_ratio_max": is_ratio.max().item(),
+                     "is_corrected": corrected.sum().item()})
+    if ref_logp is not None:
+        k3 = kl_k3(logp, ref_logp)
+        per_token = per_token + kl_coef * k3
+        sums["kl_k3"] = k3.detach().sum().item()
+    return aggregate(per_token, seq_len, loss_agg, n_tokens, n_seqs, max_new_tokens), sums
 
 
 # ----------------------------------------------------------------------------------------------

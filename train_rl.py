@@ -131,85 +131,89 @@ class NonFiniteError(RuntimeError):
     """Loss or gradients stayed NaN/inf: the run stops rather than train on (or save) garbage."""
 
 
-def policy_update(policy, optimizer, scheduler, batch: Batch, cfg: Config, step: int, device) -> tuple[float, dict]:
-    """The clipped policy-gradient update(s) of one rollout batch. Returns (mean loss, local sums for
-    the step's metrics). On-policy with a single update (batch.old_logp is None), the first forward
-    is pi_old itself: its detached log-probs are the old ones (ratio 1). Without a no-grad pass before
-    (batch.entropy is None) the first pass gives the step's entropy. A sampler other than the trainer
-    (batch.behaviour_logp) gets per-token --rollout_correction weights. A minibatch whose gradient norm
-    is not finite is not applied."""
-    world = distributed.world_size()
+def plan_update(batch: Batch, cfg: Config, step: int) -> tuple[list[list[list[int]]], torch.Tensor]:
+    """The step's minibatches (--ppo_epochs x --minibatches, in a seeded order), each cut into
+    micro-batches, and every minibatch's global token and sequence counts (the loss denominators, in
+    one collective). A rank with fewer micro-batches gets empty ones: FSDP gathers and reduces inside
+    every forward/backward, so all ranks must run as many."""
     n_local = len(batch.responses)
     order = torch.randperm(n_local, generator=torch.Generator().manual_seed(rollout.sample_seed(cfg.seed, step, 0, "order")))
     size = n_local // cfg.minibatches
     minibatches = [order[m * size:(m + 1) * size].tolist() for m in range(cfg.minibatches)] * cfg.ppo_epochs
-    # global token and sequence counts of every minibatch, in one collective: the loss denominators
     counts = distributed.all_sum(torch.tensor([[sum(len(batch.responses[i]) for i in mb), len(mb)]
                                                for mb in minibatches], dtype=torch.float64))
     tokens = [len(p) + len(r) for p, r in zip(batch.prompts, batch.responses)]
     plans = [rl_math.micro_batches(mb, tokens, cfg.micro_batch_size, cfg.max_tokens_per_micro_batch) for mb in minibatches]
-    # FSDP gathers and reduces inside every forward/backward: all ranks run as many, padding with empty ones
     calls = distributed.all_max(torch.tensor([len(p) for p in plans])).tolist()
-    plans = [p + [[]] * (c - len(p)) for p, c in zip(plans, calls)]
+    return [p + [[]] * (c - len(p)) for p, c in zip(plans, calls)], counts
+
+
+def micro_batch_loss(policy, batch: Batch, idx: list[int], counts: list[float], cfg: Config, device,
+                     with_entropy: bool) -> tuple[torch.Tensor, dict]:
+    """rl_math.policy_loss of micro-batch `idx` under the policy's current weights, and its metric
+    sums. pi_old is the batch's old log-probs, or (None: on-policy, one update) this forward's own,
+    detached (ratio 1). An empty micro-batch is a forward/backward that adds nothing (the FSDP rule)."""
+    if not idx:
+        lp, _ = forward_logprobs(policy, [[0]], [[0]], [0], cfg, device)
+        return lp.sum() * 0, {}
+    lp, ent = forward_logprobs(policy, batch.prompts, batch.responses, idx, cfg, device, with_entropy)
+    seq_len = torch.cat([torch.full((len(batch.responses[i]),), float(len(batch.responses[i]))) for i in idx])
+    loss, sums = rl_math.policy_loss(
+        lp, lp.detach() if batch.old_logp is None else batch.take(batch.old_logp, idx), batch.take(batch.advantages, idx),
+        seq_len.to(device), clip_low=cfg.clip_low, clip_high=cfg.clip_high, loss_agg=cfg.loss_agg,
+        n_tokens=counts[0], n_seqs=counts[1], max_new_tokens=cfg.max_new_tokens,
+        behaviour_logp=None if batch.behaviour_logp is None else batch.take(batch.behaviour_logp, idx).to(device),
+        correction=cfg.rollout_correction, correction_threshold=cfg.correction_threshold,
+        ref_logp=None if batch.ref_logp is None else batch.take(batch.ref_logp, idx), kl_coef=cfg.kl_coef)
+    if with_entropy:
+        sums.update(entropy=ent.sum().item(), entropy_tokens=float(len(ent)))
+    return loss, sums | {"loss": loss.item()}
+
+
+def accumulate(total: dict, sums: dict, first_pass: bool) -> None:
+    """Add one micro-batch's metric sums (maxima for *_max); the sampler-vs-trainer gap once per token,
+    on the first pass over the batch."""
+    for k, v in sums.items():
+        if k.startswith(("engine_gap", "is_")) and not first_pass:
+            continue
+        total[k] = max(total.get(k, 0.0), v) if k.endswith("_max") else total.get(k, 0.0) + v
+
+
+def optimizer_step(policy, optimizer, scheduler, cfg: Config) -> float | None:
+    """Clip the gradient norm and step; a non-finite norm (global, so every rank agrees) is not applied.
+    Returns the norm, or None when skipped."""
+    norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
+    finite = bool(torch.isfinite(norm))
+    if finite:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm.item() if finite else None
+
+
+def policy_update(policy, optimizer, scheduler, batch: Batch, cfg: Config, step: int, device) -> tuple[float, dict]:
+    """The clipped policy-gradient update(s) of one rollout batch: for each minibatch, gradient
+    accumulation over its micro-batches, then one optimizer step. Returns (mean loss, the step's metric
+    sums). Without a no-grad pass before (batch.entropy is None) the first pass gives the entropy."""
+    plans, counts = plan_update(batch, cfg, step)
     sums = dict.fromkeys(("loss", "tokens", "clip_low", "clip_high", "ratio", "kl_k3", "entropy", "entropy_tokens",
-                          "skipped", "engine_gap", "is_ratio", "is_corrected"), 0.0)
-    sums["engine_gap_max"] = sums["is_ratio_max"] = 0.0
+                          "skipped", "engine_gap", "engine_gap_max", "is_ratio", "is_ratio_max", "is_corrected"), 0.0)
     grad_norm = 0.0
     policy.train()
     for k, plan in enumerate(plans):
         first_pass = k < cfg.minibatches
-        with_entropy = batch.entropy is None and first_pass
-        n_tok, n_seq = counts[k].tolist()
-        loss_sum = 0.0
         for idx in plan:
-            if not idx:  # this rank has fewer micro-batches: a forward/backward that adds nothing
-                lp, _ = forward_logprobs(policy, [[0]], [[0]], [0], cfg, device)
-                (lp.sum() * 0).backward()
-                continue
-            lp, ent = forward_logprobs(policy, batch.prompts, batch.responses, idx, cfg, device, with_entropy)
-            old = lp.detach() if batch.old_logp is None else batch.take(batch.old_logp, idx)
-            adv = batch.take(batch.advantages, idx)
-            per_token, ratio, cl, ch = rl_math.clipped_pg_loss(lp, old, adv, cfg.clip_low, cfg.clip_high)
-            if batch.behaviour_logp is not None:  # the sampler's log-probs vs the trainer's
-                behaviour = batch.take(batch.behaviour_logp, idx).to(device)
-                weight, is_ratio, corrected = rl_math.importance_weights(old, behaviour, cfg.rollout_correction,
-                                                                         cfg.correction_threshold)
-                per_token = per_token * weight
-                if first_pass:
-                    gap = (old - behaviour).abs()
-                    sums["engine_gap"] += gap.sum().item()
-                    sums["engine_gap_max"] = max(sums["engine_gap_max"], gap.max().item())
-                    sums["is_ratio"] += is_ratio.sum().item()
-                    sums["is_ratio_max"] = max(sums["is_ratio_max"], is_ratio.max().item())
-                    sums["is_corrected"] += corrected.sum().item()
-            if batch.ref_logp is not None:
-                k3 = rl_math.kl_k3(lp, batch.take(batch.ref_logp, idx))
-                per_token = per_token + cfg.kl_coef * k3
-                sums["kl_k3"] += k3.detach().sum().item()
-            seq_len = torch.cat([torch.full((len(batch.responses[i]),), float(len(batch.responses[i]))) for i in idx])
-            loss = rl_math.aggregate(per_token, seq_len.to(device), cfg.loss_agg, n_tok, n_seq, cfg.max_new_tokens)
-            (loss * world).backward()  # FSDP averages gradients over ranks; the denominators are already global
-            loss_sum += loss.item()
-            sums["tokens"] += len(lp)
-            sums["clip_low"] += cl.sum().item()
-            sums["clip_high"] += ch.sum().item()
-            sums["ratio"] += ratio.detach().sum().item()
-            if with_entropy:
-                sums["entropy"] += ent.sum().item()
-                sums["entropy_tokens"] += len(ent)
-        norm = distributed.full_tensor(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.max_grad_norm))
-        if torch.isfinite(norm):  # the norm is global, so every rank takes the same branch
-            optimizer.step()
-            grad_norm = norm.item()
-        else:
-            sums["skipped"] += 1
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        sums["loss"] += loss_sum
+            loss, part = micro_batch_loss(policy, batch, idx, counts[k].tolist(), cfg, device,
+                                          with_entropy=batch.entropy is None and first_pass)
+            (loss * distributed.world_size()).backward()  # FSDP averages gradients over ranks; denominators are global
+            accumulate(sums, part, first_pass)
+        norm = optimizer_step(policy, optimizer, scheduler, cfg)
+        sums["skipped"] += norm is None
+        grad_norm = grad_norm if norm is None else norm
     if batch.entropy is not None:
         sums["entropy"], sums["entropy_tokens"] = batch.entropy.sum().item(), len(batch.entropy)
     sums["grad_norm"] = grad_norm
-    return sums["loss"] / len(minibatches), sums
+    return sums["loss"] / len(plans), sums
 
 
 # ----------------------------------------------------------------------------------------------

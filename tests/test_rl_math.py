@@ -218,3 +218,43 @@ def test_aggregation_over_micro_batches_equals_the_whole_batch():
         parts = R.aggregate(per_token[:4], seq_len[:4], mode, 10, 4, 5) + \
             R.aggregate(per_token[4:], seq_len[4:], mode, 10, 4, 5)
         torch.testing.assert_close(whole, parts)
+
+
+def test_grpo_and_dr_grpo_by_hand_and_their_norms():
+    # GRPO: the group z-score on every token. Groups [1, 0] and [0, 0]: z = [1, -1] and [0, 0]
+    close(R.shape_advantages(REWARDS, LENGTHS, 2, norm="auto", estimator="grpo"), [1, 1, -1, 0, 0, 0])
+    # Dr. GRPO: raw rewards minus the group mean, no std: [0.5, -0.5] and [0, 0]; the KL as in reinforce
+    close(R.shape_advantages(torch.tensor([3.0, 2.0, 5.0, 5.0]), LENGTHS, 2, norm="auto", estimator="dr_grpo"),
+          [0.5, 0.5, -0.5, 0, 0, 0])
+    assert R.estimator_norm("grpo", "auto") == "group" and R.estimator_norm("reinforce", "auto") == "batch"
+    assert R.estimator_norm("dr_grpo", "auto") == "none" and R.estimator_norm("rloo", "group") == "group"
+    with pytest.raises(ValueError, match="--reward_norm batch contradicts --advantage grpo"):
+        R.estimator_norm("grpo", "batch")
+    # every estimator in the table is a function of that name (a grep for the algorithm lands on it)
+    assert all(fn.__name__ == name for name, (fn, _) in R.ESTIMATORS.items())
+
+
+def test_policy_loss_by_hand():
+    # two tokens of one sequence (length 2) and one of another (length 1); token_mean over 3 tokens
+    logp = torch.tensor([-1.0, -2.0, -0.5], requires_grad=True)
+    old = torch.tensor([-1.0, -2.5, -0.5])
+    adv = torch.tensor([1.0, 1.0, -2.0])
+    seq_len = torch.tensor([2.0, 2.0, 1.0])
+    kw = dict(clip_low=0.2, clip_high=0.28, loss_agg="token_mean", n_tokens=3.0, n_seqs=2.0, max_new_tokens=4)
+    loss, sums = R.policy_loss(logp, old, adv, seq_len, **kw)
+    # ratios 1, e^0.5 = 1.6487 (clipped at 1.28 for A > 0), 1: per-token -[1, 1.28, -2] -> sum 0.28 -> mean -0.76
+    assert loss.item() == pytest.approx(-(1 + 1.28 - 2) / 3, abs=1e-6)
+    assert sums["clip_high"] == 1 and sums["clip_low"] == 0 and sums["tokens"] == 3
+    # tis with behaviour log-probs: weights min(exp(old - behaviour), 2) = [e^1 -> 2, 1, e^-0.5]
+    behaviour = torch.tensor([-2.0, -2.5, 0.0])
+    loss, sums = R.policy_loss(logp, old, adv, seq_len, **kw, behaviour_logp=behaviour, correction="tis",
+                               correction_threshold=2.0)
+    want = -(2 * 1 + 1 * 1.28 + math.exp(-0.5) * -2) / 3
+    assert loss.item() == pytest.approx(want, abs=1e-6) and sums["is_corrected"] == 1
+    assert sums["engine_gap"] == pytest.approx(1.0 + 0.0 + 0.5, abs=1e-6)
+    # k3 to the reference, times kl_coef, added per token: ref = logp gives k3 = 0, the loss unchanged
+    loss_ref, sums = R.policy_loss(logp, old, adv, seq_len, **kw, ref_logp=logp.detach(), kl_coef=0.5)
+    assert loss_ref.item() == pytest.approx(-(1 + 1.28 - 2) / 3, abs=1e-6) and sums["kl_k3"] == pytest.approx(0.0)
+    ref = logp.detach() - 1.0  # d = ref - logp = -1: k3 = e^-1 + 1 - 1 = 0.3679 per token
+    loss_ref, _ = R.policy_loss(logp, old, adv, seq_len, **kw, ref_logp=ref, kl_coef=0.5)
+    assert loss_ref.item() == pytest.approx(-(1 + 1.28 - 2) / 3 + 0.5 * math.exp(-1), abs=1e-6)
