@@ -103,7 +103,7 @@ def test_resume_continues_exactly_and_rewrites_no_output_twice(tiny_model_dir, t
 @pytest.mark.parametrize("argv, message", [
     (["--reward_type", "sofr"], "invalid choice: 'sofr' (choose from 'binary', 'soft')"),
     (["--kl_mode", "klreward"], "(choose from 'none', 'reward', 'loss')"),
-    (["--reward_norm", "grp"], "(choose from 'batch', 'group', 'none')"),
+    (["--reward_norm", "grp"], "(choose from 'auto', 'batch', 'group', 'none')"),
     (["--lr_schedule", "cosin"], "(choose from 'constant', 'cosine')"),
     (["--advantage", "foo"], "argument --advantage: invalid choice: 'foo'"),
     (["--soft_mode", "renrom"], "argument --soft_mode/--soft-mode: invalid choice: 'renrom'"),
@@ -124,7 +124,7 @@ def test_bad_flags_are_refused_before_anything_loads(argv, message):
 
 
 @pytest.mark.parametrize("field, value, choices", [("reward_type", "sofr", "binary, soft"),
-                                                   ("advantage", "grpo", "reinforce, rloo, reinforce_pp")])
+                                                   ("advantage", "ppo", "reinforce, grpo, dr_grpo, rloo")])
 def test_a_choice_typo_in_a_config_file_is_refused_too(field, value, choices, tmp_path):
     (tmp_path / "c.yaml").write_text(f"{field}: {value}\n")  # argparse never checks defaults against choices
     with pytest.raises(config.ConfigError, match=f"--{field} '{value}': invalid choice; choose from {choices}"):
@@ -169,7 +169,7 @@ def test_help_lists_every_flag_with_its_default():
     for name in list(rl_config.Config.__dataclass_fields__) + ["verifier_system_prompt", "verifier_timeout"]:
         assert f"--{name}" in out.stdout
     text = " ".join(out.stdout.split())  # argparse wraps help lines
-    assert "{reinforce,rloo,reinforce_pp,rloo_seq,reinforce_pp_seq}" in text and "(default: 0.28)" in text
+    assert "{reinforce,grpo,dr_grpo,rloo,reinforce_pp,rloo_seq,reinforce_pp_seq}" in text and "(default: 0.28)" in text
 
 
 def test_the_policy_learns_what_a_stronger_judge_grades(tmp_path):
