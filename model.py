@@ -19,11 +19,43 @@ import distributed
 # loading
 
 
-def attn_implementation(device: torch.device | str) -> str:
-    """flash-attention 2 on GPU when installed (varlen kernels for packed rows), sdpa otherwise."""
-    if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+def compute_dtype() -> torch.dtype:
+    """The dtype models compute in: bf16 on the GPU path (distributed.gpu_path(): FSDP2 mixed precision,
+    frozen models loaded in it, as flash-attention requires), float32 on the plain CPU path."""
+    return torch.bfloat16 if distributed.gpu_path() else torch.float32
+
+
+def _flash_attn_unusable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why flash-attention 2 cannot run here (None: it can)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"it needs fp16 or bf16, the model computes in {str(dtype).removeprefix('torch.')}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"it needs compute capability >= 8.0 (Ampere), this GPU has {major}.{minor}"
+    try:  # import, not find_spec: a build compiled against another torch is installed but fails here
+        import flash_attn  # noqa: F401
+    except Exception as e:  # ImportError, or an undefined symbol from a mismatched build
+        return f"flash_attn does not import: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+@functools.cache
+def _say_once(line: str) -> None:
+    if distributed.rank() == 0:
+        print(line, flush=True)
+
+
+def attn_implementation(device: torch.device | str, dtype: torch.dtype) -> str:
+    """flash-attention 2 on a GPU where it can run (varlen kernels for packed rows; an importable
+    flash_attn, fp16/bf16 compute, compute capability >= 8.0), else sdpa, said in one line."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "sdpa"
+    reason = _flash_attn_unusable(device, dtype)
+    if reason:
+        _say_once(f"attention: sdpa, not flash-attention 2: {reason}")
+        return "sdpa"
+    return "flash_attention_2"
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
@@ -37,15 +69,17 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 
 def load_model(name_or_path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-               trust_remote_code: bool = False):
-    """A Hugging Face causal LM from a hub name or a local directory, safetensors weights only."""
+               trust_remote_code: bool = False, compute_dtype: torch.dtype | None = None):
+    """A Hugging Face causal LM from a hub name or a local directory, safetensors weights only, in
+    `dtype`. The attention kernel is chosen for `compute_dtype` (default: dtype), the dtype the forward
+    runs in: bf16 for float32 weights that FSDP2 mixed precision casts (shard_model)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per weight file drowns the training log
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=dtype, attn_implementation=attn_implementation(device),
+            name_or_path, dtype=dtype, attn_implementation=attn_implementation(device, compute_dtype or dtype),
             trust_remote_code=trust_remote_code, use_safetensors=True)
     except OSError as e:
         raise OSError(f"cannot load model '{name_or_path}': {e}\n(no hub access here? build a tiny "
@@ -99,7 +133,10 @@ def gathered_params(model):
     finally:
         for m in units:
             m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)
+            # back to FSDP2's training defaults: the root keeps its parameters (embeddings, final norm,
+            # lm_head) from forward to backward, where they are needed at once; setting it to reshard
+            # would gather them twice per micro-batch (~2.2 GB bf16 at 7B)
+            m.set_reshard_after_forward(m is not model, recurse=False)
 
 
 # ----------------------------------------------------------------------------------------------

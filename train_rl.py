@@ -336,14 +336,15 @@ def load_data(cfg: Config, tokenizer) -> tuple[list, list]:
 
 
 def load_models(cfg: Config, policy_path: str, device):
-    """The policy (float32 master weights; FSDP2 computes in bf16 on GPU) and, only when a KL term is
-    on, a frozen reference."""
-    gpu = device.type == "cuda"
-    policy = model.shard_model(model.load_model(policy_path, device, torch.float32, cfg.trust_remote_code),
+    """The policy (float32 master weights; FSDP2 computes in bf16 on the GPU path) and, only when a KL
+    term is on, a frozen reference (in the compute dtype)."""
+    gpu = distributed.gpu_path()
+    policy = model.shard_model(model.load_model(policy_path, device, torch.float32, cfg.trust_remote_code,
+                                                model.compute_dtype()),
                                mixed_precision=gpu, activation_checkpointing=cfg.activation_checkpointing)
     ref = None
     if cfg.kl_mode != "none":
-        ref = model.load_model(policy_path, device, torch.bfloat16 if gpu else torch.float32, cfg.trust_remote_code)
+        ref = model.load_model(policy_path, device, model.compute_dtype(), cfg.trust_remote_code)
         ref = model.shard_model(ref.eval().requires_grad_(False), mixed_precision=False)
     return policy, ref
 
@@ -353,7 +354,6 @@ def load_verifiers(cfg: Config, vopts, spec: str, device) -> dict:
     only grade: eval, audit, log-only (their own settings; transport flags only)."""
     def build(s, from_flags):
         return reward.build_verifier(s, vopts, settings_from_flags=from_flags, device=device,
-                                     dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                                      shard=distributed.is_initialized(), seed=cfg.seed,
                                      trust_remote_code=cfg.trust_remote_code)
     reward_verifier = build(spec, True)
