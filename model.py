@@ -260,7 +260,7 @@ def _packed_attention(model, packed: bool):
 
 
 def _forward_logprobs(model, input_ids, position_ids, attention_mask, target_mask, temperature, chunk_size,
-                      with_entropy):
+                      with_entropy, fp32_head=True):
     with _packed_attention(model, packed=attention_mask is None and input_ids.shape[0] == 1):
         out = model.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                           use_cache=False)
@@ -271,10 +271,14 @@ def _forward_logprobs(model, input_ids, position_ids, attention_mask, target_mas
     hs = h[:, :-1][sel]
     targets = input_ids[:, 1:][sel]
     weight = model.get_output_embeddings().weight
+    if fp32_head and weight.dtype != torch.float32:
+        # The output layer in float32 (an "fp32 LM head"): bf16 logits carry a relative error of 2^-9,
+        # ~0.06 at a logit of 30, which moves a token's log-prob by as much and a ratio pi/pi_old by
+        # ~6%. Products of bf16 numbers are exact in float32, so only float32's rounding of the sums
+        # is left. Costs one float32 copy of the weight (and of its gradient) for the call.
+        hs, weight = hs.float(), weight.float()
     # The [chunk, vocab] float32 logits and their softmax temporaries (about 4 such blocks in backward)
-    # set the peak: cap a block at 2^24 elements (64 MiB), ~110 rows at Qwen2.5's 151,936 vocabulary
-    # (bench.py: 0.16 of the full-vocabulary path, against 0.93 with 1,024 rows)
-    chunk_size = max(1, min(chunk_size, (1 << 24) // weight.shape[0]))
+    # set the peak: `chunk_size` rows per block (--logprob_chunk); bench.py measures the trade.
     logps, ents = [], []
     for i in range(0, hs.shape[0], chunk_size):
         hc, tc = hs[i:i + chunk_size], targets[i:i + chunk_size]
@@ -302,16 +306,18 @@ def _scatter(target_mask: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
 
 def token_logprobs(model, input_ids: torch.Tensor, position_ids: torch.Tensor, target_mask: torch.Tensor,
                    attention_mask: torch.Tensor | None = None, temperature: float = 1.0, chunk_size: int = 512,
-                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   with_entropy: bool = False, fp32_head: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(token_t | tokens_<t) at every position where target_mask is True (0 elsewhere), and
     optionally the entropy of the predictive distribution there, as [B, T] float32 tensors.
     A target is never the first token of a sequence (in a packed row, where position_ids is 0).
 
     The lm_head runs only on target positions, in chunks of `chunk_size` rows, each recomputed in
-    backward: peak memory is [chunk, vocab] float32 instead of [B*T, vocab] (see bench.py).
+    backward: peak memory is [chunk, vocab] float32 instead of [B*T, vocab] (see bench.py). With
+    fp32_head, a bf16 model's output layer runs in float32 (see _forward_logprobs).
     """
     fn = getattr(model, "forward_logprobs", None) or functools.partial(_forward_logprobs, model)
-    return fn(input_ids, position_ids, attention_mask, target_mask.bool(), temperature, chunk_size, with_entropy)
+    return fn(input_ids, position_ids, attention_mask, target_mask.bool(), temperature, chunk_size, with_entropy,
+              fp32_head)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -77,7 +77,8 @@ def forward_logprobs(net, prompts, responses, idx, cfg: Config, device, with_ent
     seqs = [prompts[i] + responses[i] for i in idx]
     targets = [[False] * len(prompts[i]) + [True] * len(responses[i]) for i in idx]
     ids, pos, att, tmask = model.rows(seqs, targets, cfg.pack, 0, device)
-    lp, ent = model.token_logprobs(net, ids, pos, tmask, att, cfg.temperature, cfg.logprob_chunk, with_entropy)
+    lp, ent = model.token_logprobs(net, ids, pos, tmask, att, cfg.temperature, cfg.logprob_chunk, with_entropy,
+                                   cfg.fp32_lm_head)
     return lp[tmask], (ent[tmask] if with_entropy else None)
 
 

@@ -192,3 +192,56 @@ def test_process_group_waits_out_rank_zero_phases(monkeypatch):
     (args, kwargs), = calls
     assert args == ("gloo",) and kwargs["world_size"] == 1
     assert kwargs["timeout"] == distributed.COLLECTIVE_TIMEOUT and distributed.COLLECTIVE_TIMEOUT.total_seconds() > 3600
+
+
+# ----------------------------------------------------------------------------------------------
+# log-probs: the fp32 LM head, chunking
+
+
+def test_fp32_head_gives_a_bf16_model_its_exact_logprobs(tiny_model_dir):
+    """The reference: log_softmax in float64 of the bf16 model's own hidden states and output weights
+    (what the bf16 model computes, without rounding). With the fp32 head only float32 rounding is left:
+    a dot product of H terms errs by at most gamma_H * sum|h_i w_i| (gamma_H = H u / (1 - H u), u = 2^-24;
+    products of bf16 numbers are exact in float32), log_softmax passes twice a logit's error on (the
+    target's and logsumexp's, which is 1-Lipschitz), plus float32 rounding of its own few operations on
+    values up to max|z| + log V. Rounding logits to bf16 (u = 2^-9) errs far more."""
+    torch.manual_seed(0)
+    lm = model.load_model(tiny_model_dir, dtype=torch.bfloat16)
+    seqs = [torch.randint(3, lm.config.vocab_size, (40,)).tolist() for _ in range(4)]
+    ids, pos, att, tmask = model.rows(seqs, [[False] * 5 + [True] * 35] * 4, False, 0)
+    with torch.no_grad():
+        fp32, _ = model.token_logprobs(lm, ids, pos, tmask, att, fp32_head=True)
+        bf16, _ = model.token_logprobs(lm, ids, pos, tmask, att, fp32_head=False)
+        h = lm.model(input_ids=ids, position_ids=pos, attention_mask=att).last_hidden_state[:, :-1].double()
+    w = lm.get_output_embeddings().weight.detach().double()
+    z = h @ w.t()
+    sel = tmask[:, 1:]
+    ref = z.log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)[sel]
+    u, n = 2.0 ** -24, h.shape[-1]
+    s = (h.abs() @ w.abs().t()).max().item()
+    tol = 2 * (n * u / (1 - n * u)) * s + 16 * u * (z.abs().max().item() + math.log(z.shape[-1]))
+    err_fp32 = (fp32[:, 1:][sel].double() - ref).abs().max().item()
+    err_bf16 = (bf16[:, 1:][sel].double() - ref).abs().max().item()
+    assert err_fp32 <= tol
+    assert err_bf16 > 10 * tol  # measured: ~1.6e-3 against tol ~3e-5 (this random model's logits are < 1.3)
+
+
+def test_logprob_chunk_is_honoured_at_a_large_vocabulary(monkeypatch):
+    """--logprob_chunk rows per vocabulary block, whatever the vocabulary (a 2^24-element cap once
+    made it ~110 rows at Qwen's 151,936). The values do not depend on the chunking."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=1 << 16, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    lm = transformers.Qwen2ForCausalLM(cfg).eval()
+    ids, pos, att, tmask = model.rows([list(range(3, 303))] * 2, [[False] + [True] * 299] * 2, False, 0)
+    calls, chunk = [], model._chunk_logprobs
+    monkeypatch.setattr(model, "_chunk_logprobs", lambda h, *a: calls.append(len(h)) or chunk(h, *a))
+    with torch.no_grad():
+        whole, _ = model.token_logprobs(lm, ids, pos, tmask, att, chunk_size=1000)
+        assert calls == [598]  # 2 x 299 targets, under 1000: one block (a cap at 2^24 / 2^16 = 256 rows: three)
+        calls.clear()
+        split, _ = model.token_logprobs(lm, ids, pos, tmask, att, chunk_size=250)
+    assert calls == [250, 250, 98]
+    assert torch.allclose(whole, split, atol=1e-5)  # float32 log-probs of O(1): only the matmul's blocking may differ
