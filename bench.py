@@ -15,7 +15,8 @@ Sections (--sections, comma-separated):
   packing      training tokens/s, packed rows vs padded batches, on lognormal response lengths
   scaling      step time vs response length and vs responses per prompt (should be linear in tokens)
 
-Every run is a subprocess of this script (`--worker NAME`), so peak memory (peak RSS on CPU) is per run, and
+Every run is a subprocess of this script (`--worker NAME`), on the CPU even on a GPU machine (TRL's arm is set up for
+the CPU: like is compared with like), so peak memory (peak RSS) is per run, and
 uses `--threads` torch threads (an async run: that many in the trainer and that many in its rollout worker).
 Compared arms run interleaved (A B C A B C ...); the table shows medians and ratios: on a shared machine
 absolute times are noise, ratios taken side by side are not. Only public functions are used: our arms run
@@ -314,11 +315,18 @@ WORKERS = {"ours": worker_ours, "trl": worker_trl, "logprob_mem": worker_logprob
 # the parent: build the inputs, run the workers interleaved, print the table
 
 
+def worker_env(threads: int) -> dict:
+    """Every arm on the CPU path, on any machine: TRL's arm runs with use_cpu, so ours must not take a
+    GPU (nor the GPU path's bf16 and process group), and peak memory is then peak RSS for every arm."""
+    env = {k: v for k, v in os.environ.items() if k != "RLVR_GPU_PATH"}
+    return env | {"OMP_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": ""}
+
+
 def spawn(name: str, args: dict, timeout: float = 1800) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--worker_args", json.dumps(args)]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT),
-                          env=dict(os.environ, OMP_NUM_THREADS=str(args["threads"])))
+                          env=worker_env(args["threads"]))
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])

@@ -513,7 +513,7 @@ def train(cfg: Config, vopts: reward.VerifierOptions) -> dict:
                 with timer("eval"):
                     m.update(evaluate(policy, tokenizer, heldout, judges["eval"], cfg, device))
             m.update(timer.pop() | {"time/step": time.time() - t0, "lr": scheduler.get_last_lr()[0],
-                                    "epoch": sampler.epoch, "memory/peak_gb": metrics.peak_memory_gb(device)})
+                                    "epoch": sampler.epoch, **metrics.peak_memory(device)})
             m["throughput/tokens_per_s"] = m["response/length_mean"] * len(rewards) / max(m["time/step"], 1e-9)
             write_outputs(out_dir, rows, audited, cfg)
             if cfg.log_samples:

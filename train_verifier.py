@@ -545,7 +545,7 @@ def sft(cfg: SftConfig, vopts: reward.VerifierOptions) -> dict:
                 after, per_key = heldout_eval(student, judge, heldout_rows,
                                               cfg.master_key_prompts if step == steps else 0, cfg.seed)
                 m.update(after)
-        log.log(step, m | timer.pop() | {"epoch": sampler.epoch, "memory/peak_gb": metrics.peak_memory_gb(device)})
+        log.log(step, m | timer.pop() | {"epoch": sampler.epoch} | metrics.peak_memory(device))
         bar.set_postfix_str(metrics.Metrics.summary(step, m, ["loss", "train/accuracy", "eval/kappa"]))
         stopping = stop.should_stop() and step < steps  # a signal in the last step: finish instead
         if step == steps or stopping or (cfg.save_every and step % cfg.save_every == 0):

@@ -245,3 +245,25 @@ def test_logprob_chunk_is_honoured_at_a_large_vocabulary(monkeypatch):
         split, _ = model.token_logprobs(lm, ids, pos, tmask, att, chunk_size=250)
     assert calls == [250, 250, 98]
     assert torch.allclose(whole, split, atol=1e-5)  # float32 log-probs of O(1): only the matmul's blocking may differ
+
+
+def test_peak_memory_reports_allocated_reserved_and_the_whole_device(monkeypatch):
+    import metrics
+
+    gib = 2 ** 30
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 30 * gib)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 36 * gib)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 * gib, 80 * gib))  # (free, total)
+    assert metrics.peak_memory("cuda") == {"memory/peak_gb": 30.0, "memory/peak_reserved_gb": 36.0,
+                                           "memory/device_used_gb": 60.0}
+    assert list(metrics.peak_memory("cpu")) == ["memory/peak_gb"]  # the peak resident set: all of it
+
+
+def test_bench_runs_every_arm_on_the_cpu_path(monkeypatch):
+    """TRL's arm is configured for the CPU: ours must not take a GPU (or the GPU path) where one exists."""
+    import bench
+
+    monkeypatch.setenv(distributed.GPU_PATH_ENV, "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    env = bench.worker_env(1)
+    assert env["CUDA_VISIBLE_DEVICES"] == "" and distributed.GPU_PATH_ENV not in env and env["OMP_NUM_THREADS"] == "1"
