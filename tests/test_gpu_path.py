@@ -25,6 +25,9 @@ import toy
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "gpu_path_worker.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+# On a GPU machine the workers run the real thing (nccl, CUDA): two ranks need two GPUs
+two_ranks = pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
+                               reason="two ranks on a GPU machine need two GPUs")
 
 
 def run(cmd, timeout=600):
@@ -64,6 +67,7 @@ def test_local_verifier_rl_step_in_a_one_rank_group(tiny_model_dir, tmp_path):
     assert probe["step"] == 0 and 0 <= probe["verifier/master_key_fpr"] <= 1
 
 
+@two_ranks
 def test_local_verifier_rl_step_on_two_ranks(tiny_model_dir, tmp_path):
     run(TORCHRUN + [str(WORKER), "rl", str(tmp_path), *rl_flags(tiny_model_dir, tmp_path)])
     facts = [json.loads((tmp_path / f"facts_rank{r}.json").read_text()) for r in (0, 1)]
@@ -73,7 +77,7 @@ def test_local_verifier_rl_step_on_two_ranks(tiny_model_dir, tmp_path):
     assert facts[0]["history"][0]["reward/mean"] == pytest.approx(facts[1]["history"][0]["reward/mean"], abs=1e-6)
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=two_ranks)])
 def test_sft_heldout_eval_then_training_steps(tiny_model_dir, tmp_path, nproc):
     """sft's first FSDP2 forward is the held-out eval (the untrained baseline); training steps follow,
     each followed by an eval. With inference_mode the eval failed at one rank, the first step at two."""
@@ -111,6 +115,7 @@ def test_root_keeps_its_parameters_from_forward_to_backward_after_generate(tiny_
 def test_local_verifiers_load_in_the_compute_dtype(tiny_model_dir, monkeypatch):
     """label, eval and the sft teacher build verifiers with no dtype: the GPU path's is bf16 (what
     flash-attention needs), the CPU path's float32."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU path, also on a GPU machine
     lm = reward.build_verifier(tiny_model_dir, reward.VerifierOptions()).model
     assert next(lm.parameters()).dtype == torch.float32
     monkeypatch.setenv(distributed.GPU_PATH_ENV, "1")
@@ -182,6 +187,7 @@ def test_process_group_waits_out_rank_zero_phases(monkeypatch):
     import torch.distributed as dist
 
     calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # gloo, also on a GPU machine
     monkeypatch.setenv(distributed.GPU_PATH_ENV, "1")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(dist, "is_initialized", lambda: bool(calls))
