@@ -14,8 +14,11 @@ Sections (--sections, comma-separated):
   logprob_mem  peak memory of log-probs + backward at Qwen2.5's vocabulary (151,936), ours vs full fp32 log-softmax
   packing      training tokens/s, packed rows vs padded batches, on lognormal response lengths
   scaling      step time vs response length and vs responses per prompt (should be linear in tokens)
+  lm_head      the fp32 LM head's price: log-probs fwd+bwd of a bf16 model, output layer in float32 vs bf16
+               (on the GPU where there is one: both arms on the same device)
 
-Every run is a subprocess of this script (`--worker NAME`), so peak memory (peak RSS on CPU) is per run, and
+Every run is a subprocess of this script (`--worker NAME`), on the CPU even on a GPU machine (TRL's arm is set up for
+the CPU: like is compared with like; lm_head alone runs on the GPU), so peak memory (peak RSS) is per run, and
 uses `--threads` torch threads (an async run: that many in the trainer and that many in its rollout worker).
 Compared arms run interleaved (A B C A B C ...); the table shows medians and ratios: on a shared machine
 absolute times are noise, ratios taken side by side are not. Only public functions are used: our arms run
@@ -43,7 +46,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-SECTIONS = ("rl", "curves", "verifier", "logprob_mem", "packing", "scaling")
+SECTIONS = ("rl", "curves", "verifier", "logprob_mem", "packing", "scaling", "lm_head")
 ARMS = {"sync": (0, False), "sync+stream": (0, True), "async": (1, False), "async+stream": (1, True)}
 
 
@@ -79,6 +82,11 @@ class BenchConfig:
     # log-prob memory
     logprob_vocab: int = 151936
     logprob_tokens: int = 1024
+    # the fp32 LM head
+    head_shape: str = field(default="small", metadata={"help": "lm_head model: small (vocab 32,768, hidden 256, 2 "
+                                                               "layers: the output layer is 45%% of the weights) or "
+                                                               "qwen2.5-7b (its shape, random bf16 weights: a GPU)"})
+    head_tokens: int = field(default=512, metadata={"help": "response tokens per lm_head pass (8 rows)"})
     # verifier
     verifier_rows: int = 256
     verifier_batch_size: int = 16
@@ -306,7 +314,57 @@ def worker_verifier(a: dict) -> dict:
     return out
 
 
-WORKERS = {"ours": worker_ours, "trl": worker_trl, "logprob_mem": worker_logprob_mem, "packing": worker_packing,
+HEAD_SHAPES = {"small": dict(vocab_size=32768, hidden_size=256, intermediate_size=1024, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=1),
+               "qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                  num_attention_heads=28, num_key_value_heads=4)}
+
+
+def worker_lm_head(a: dict) -> dict:
+    """Time of model.token_logprobs forward + backward on a bf16 model, fp32_head True over False,
+    the two arms alternating (ABBA) `repeats` times; on CUDA when there is one."""
+    torch = _setup(a["threads"])
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    import model as M
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    cfg = Qwen2Config(**HEAD_SHAPES[a["shape"]], tie_word_embeddings=False, attn_implementation="sdpa")
+    torch.set_default_dtype(torch.bfloat16)
+    with device:  # built in place: 7B random float32 weights on the CPU first would take minutes and 30 GB
+        lm = Qwen2ForCausalLM(cfg).train()
+    torch.set_default_dtype(torch.float32)
+    rows, prompt = 8, 64
+    length = prompt + a["tokens"] // rows
+    ids = torch.randint(3, cfg.vocab_size, (rows, length), device=device)
+    pos = torch.arange(length, device=device).expand(rows, length)
+    tmask = torch.zeros_like(ids, dtype=torch.bool)
+    tmask[:, prompt:] = True
+
+    def once(fp32_head):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        lp, _ = M.token_logprobs(lm, ids, pos, tmask, fp32_head=fp32_head, chunk_size=1024)
+        lp.sum().backward()
+        lm.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    once(True), once(False)  # warm-up
+    ratios = []
+    for r in range(a["repeats"]):
+        order = (True, False) if r % 2 == 0 else (False, True)  # ABBA: a drift in load hits both arms alike
+        t = {flag: once(flag) for flag in order}
+        ratios.append(t[True] / t[False])
+    head = cfg.vocab_size * cfg.hidden_size
+    return {"device": str(device), "ratio_median": statistics.median(ratios), "ratios": ratios,
+            "head_share_of_weights": head / sum(p.numel() for p in lm.parameters())}
+
+
+WORKERS = {"ours": worker_ours, "lm_head": worker_lm_head, "trl": worker_trl, "logprob_mem": worker_logprob_mem, "packing": worker_packing,
            "verifier": worker_verifier}
 
 
@@ -314,11 +372,19 @@ WORKERS = {"ours": worker_ours, "trl": worker_trl, "logprob_mem": worker_logprob
 # the parent: build the inputs, run the workers interleaved, print the table
 
 
+def worker_env(threads: int, gpu: bool = False) -> dict:
+    """Every arm on the CPU path, on any machine: TRL's arm runs with use_cpu, so ours must not take a
+    GPU (nor the GPU path's bf16 and process group), and peak memory is then peak RSS for every arm.
+    gpu: a worker whose arms all share whatever device there is (lm_head)."""
+    env = {k: v for k, v in os.environ.items() if k != "RLVR_GPU_PATH"}
+    return env | {"OMP_NUM_THREADS": str(threads)} | ({} if gpu else {"CUDA_VISIBLE_DEVICES": ""})
+
+
 def spawn(name: str, args: dict, timeout: float = 1800) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--worker_args", json.dumps(args)]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT),
-                          env=dict(os.environ, OMP_NUM_THREADS=str(args["threads"])))
+                          env=worker_env(args["threads"], gpu=name == "lm_head"))
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
@@ -454,6 +520,10 @@ def run_all(cfg: BenchConfig) -> dict:
                 "threads": cfg.threads, "policy": toy.build_tiny_model(), "n": cfg.pack_sequences,
                 "micro": cfg.micro_batch_size, "lo": cfg.pack_min_len, "hi": cfg.pack_max_len,
                 "repeats": max(2, cfg.repeats + 1)})
+        if "lm_head" in sections:
+            print("the fp32 LM head's price", flush=True)
+            res["sections"]["lm_head"] = spawn("lm_head", {"threads": cfg.threads, "shape": cfg.head_shape,
+                                                           "tokens": cfg.head_tokens, "repeats": 4 * cfg.repeats + 2})
         if "scaling" in sections:
             print("scaling with response length and responses per prompt", flush=True)
             rows = [("length", int(L), cfg.scaling_samples) for L in cfg.lengths.split(",")]
@@ -543,6 +613,10 @@ def table(res: dict) -> str:
         a, b = p["packed"]["tokens_per_s"], p["padded"]["tokens_per_s"]
         lines.append(f"| training tokens/s, packed vs padded (lognormal lengths, mean {p['length_mean']:.0f}) | "
                      f"{a:.0f} | {b:.0f} | {a / b:.2f}x | >= 1.3x |")
+    if "lm_head" in s:
+        h = s["lm_head"]
+        lines.append(f"| log-probs fwd+bwd time, fp32 LM head / bf16 ({h['device']}, output layer "
+                     f"{h['head_share_of_weights']:.0%} of the weights) | | | {h['ratio_median']:.2f} | small |")
     for kind in ("length", "samples"):
         rs = [r for r in s.get("scaling", []) if r["kind"] == kind]
         for r in rs:

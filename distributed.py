@@ -1,10 +1,12 @@
 """The process group and the few collectives the trainers use: one place for them, so model.py,
 checkpoint.py and the trainers never write them again. Imports none of the project's files.
 
-Without torchrun on a CPU there is no process group and every helper is the one-process identity.
+Without torchrun on a CPU there is no process group and every helper is the one-process identity,
+unless RLVR_GPU_PATH=1 asks for the GPU path on the CPU (gpu_path()).
 """
 from __future__ import annotations
 
+import datetime
 import gc
 import os
 import socket
@@ -13,27 +15,43 @@ import torch
 import torch.distributed as dist
 
 
+GPU_PATH_ENV = "RLVR_GPU_PATH"
+# How long a collective may wait for the slowest rank. Rank-0-only phases (sft --policy sampling and
+# labelling, the teacher labelling toy rows, the fp32 Hugging Face export) keep the other ranks in a
+# barrier or broadcast meanwhile; NCCL's default watchdog (10 minutes) would kill the job there.
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
+
+
+def gpu_path() -> bool:
+    """Does this process run the GPU path: a process group even at one rank (so FSDP2 shards every
+    model) and bf16 compute? Always on a GPU; on a CPU only with RLVR_GPU_PATH=1 (gloo), which is how
+    the tests execute, on a CPU, the code a GPU run executes (tests/test_gpu_path.py)."""
+    return torch.cuda.is_available() or os.environ.get(GPU_PATH_ENV) == "1"
+
+
 def init() -> tuple[int, int, torch.device]:
     """Returns (rank, world_size, device).
 
     Under torchrun a process group is created (nccl on GPU, gloo on CPU). A plain `python` run on
-    a GPU also gets a one-process group, so the GPU path is always FSDP2 with bf16 parameters and
-    float32 reduction. A plain CPU run stays a single process with no group: the simplest path.
+    the GPU path (gpu_path()) also gets a one-process group, so the GPU path is always FSDP2 with
+    bf16 parameters and float32 reduction. A plain CPU run stays a single process with no group:
+    the simplest path.
     """
     cuda = torch.cuda.is_available()
-    if "WORLD_SIZE" not in os.environ and not cuda:
+    if "WORLD_SIZE" not in os.environ and not gpu_path():
         return 0, 1, torch.device("cpu")
     if not dist.is_initialized():
         backend = "nccl" if cuda else "gloo"
         if "WORLD_SIZE" in os.environ:
             if cuda:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            dist.init_process_group(backend)
+            dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
         else:
             with socket.socket() as s:  # a free port for the one-process group
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                                    timeout=COLLECTIVE_TIMEOUT)
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     return dist.get_rank(), dist.get_world_size(), device
 

@@ -13,7 +13,7 @@ never stopped (apart from the time fields).
                       resume_step=None)   # or the step of the checkpoint the run resumed from
     timer = PhaseTimer(device)
     with timer("generate"): ...
-    scalars = {"reward": r, **timer.pop(), "memory/peak_gb": peak_memory_gb(device)}
+    scalars = {"reward": r, **timer.pop(), **peak_memory(device)}
     metrics.log(step, scalars)
     bar.set_postfix_str(Metrics.summary(step, scalars, ["reward", "kl"]))
     metrics.close()
@@ -309,6 +309,20 @@ def peak_memory_gb(device: torch.device | str = "cpu") -> float:
         kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         kb = kb / 1024 if sys.platform == "darwin" else kb  # macOS reports bytes
     return kb / 2**20
+
+
+def peak_memory(device: torch.device | str = "cpu") -> dict:
+    """The step's memory figures. On CUDA, memory/peak_gb (torch's allocated tensors) leaves out what
+    the caching allocator holds (memory/peak_reserved_gb: what an out-of-memory error is about) and
+    what is outside torch (NCCL buffers, the CUDA context, other processes: memory/device_used_gb, the
+    whole device's use now). On CPU: the peak resident set (peak_memory_gb)."""
+    device = torch.device(device)
+    out = {"memory/peak_gb": peak_memory_gb(device)}
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        out.update({"memory/peak_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30,
+                    "memory/device_used_gb": (total - free) / 2**30})
+    return out
 
 
 def reset_peak_memory(device: torch.device | str = "cpu") -> bool:

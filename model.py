@@ -19,11 +19,43 @@ import distributed
 # loading
 
 
-def attn_implementation(device: torch.device | str) -> str:
-    """flash-attention 2 on GPU when installed (varlen kernels for packed rows), sdpa otherwise."""
-    if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
+def compute_dtype() -> torch.dtype:
+    """The dtype models compute in: bf16 on the GPU path (distributed.gpu_path(): FSDP2 mixed precision,
+    frozen models loaded in it, as flash-attention requires), float32 on the plain CPU path."""
+    return torch.bfloat16 if distributed.gpu_path() else torch.float32
+
+
+def _flash_attn_unusable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why flash-attention 2 cannot run here (None: it can)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"it needs fp16 or bf16, the model computes in {str(dtype).removeprefix('torch.')}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"it needs compute capability >= 8.0 (Ampere), this GPU has {major}.{minor}"
+    try:  # import, not find_spec: a build compiled against another torch is installed but fails here
+        import flash_attn  # noqa: F401
+    except Exception as e:  # ImportError, or an undefined symbol from a mismatched build
+        return f"flash_attn does not import: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+@functools.cache
+def _say_once(line: str) -> None:
+    if distributed.rank() == 0:
+        print(line, flush=True)
+
+
+def attn_implementation(device: torch.device | str, dtype: torch.dtype) -> str:
+    """flash-attention 2 on a GPU where it can run (varlen kernels for packed rows; an importable
+    flash_attn, fp16/bf16 compute, compute capability >= 8.0), else sdpa, said in one line."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "sdpa"
+    reason = _flash_attn_unusable(device, dtype)
+    if reason:
+        _say_once(f"attention: sdpa, not flash-attention 2: {reason}")
+        return "sdpa"
+    return "flash_attention_2"
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
@@ -37,15 +69,17 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 
 def load_model(name_or_path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-               trust_remote_code: bool = False):
-    """A Hugging Face causal LM from a hub name or a local directory, safetensors weights only."""
+               trust_remote_code: bool = False, compute_dtype: torch.dtype | None = None):
+    """A Hugging Face causal LM from a hub name or a local directory, safetensors weights only, in
+    `dtype`. The attention kernel is chosen for `compute_dtype` (default: dtype), the dtype the forward
+    runs in: bf16 for float32 weights that FSDP2 mixed precision casts (shard_model)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per weight file drowns the training log
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=dtype, attn_implementation=attn_implementation(device),
+            name_or_path, dtype=dtype, attn_implementation=attn_implementation(device, compute_dtype or dtype),
             trust_remote_code=trust_remote_code, use_safetensors=True)
     except OSError as e:
         raise OSError(f"cannot load model '{name_or_path}': {e}\n(no hub access here? build a tiny "
@@ -99,7 +133,10 @@ def gathered_params(model):
     finally:
         for m in units:
             m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)
+            # back to FSDP2's training defaults: the root keeps its parameters (embeddings, final norm,
+            # lm_head) from forward to backward, where they are needed at once; setting it to reshard
+            # would gather them twice per micro-batch (~2.2 GB bf16 at 7B)
+            m.set_reshard_after_forward(m is not model, recurse=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,7 +260,7 @@ def _packed_attention(model, packed: bool):
 
 
 def _forward_logprobs(model, input_ids, position_ids, attention_mask, target_mask, temperature, chunk_size,
-                      with_entropy):
+                      with_entropy, fp32_head=True):
     with _packed_attention(model, packed=attention_mask is None and input_ids.shape[0] == 1):
         out = model.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                           use_cache=False)
@@ -234,10 +271,14 @@ def _forward_logprobs(model, input_ids, position_ids, attention_mask, target_mas
     hs = h[:, :-1][sel]
     targets = input_ids[:, 1:][sel]
     weight = model.get_output_embeddings().weight
+    if fp32_head and weight.dtype != torch.float32:
+        # The output layer in float32 (an "fp32 LM head"): bf16 logits carry a relative error of 2^-9,
+        # ~0.06 at a logit of 30, which moves a token's log-prob by as much and a ratio pi/pi_old by
+        # ~6%. Products of bf16 numbers are exact in float32, so only float32's rounding of the sums
+        # is left. Costs one float32 copy of the weight (and of its gradient) for the call.
+        hs, weight = hs.float(), weight.float()
     # The [chunk, vocab] float32 logits and their softmax temporaries (about 4 such blocks in backward)
-    # set the peak: cap a block at 2^24 elements (64 MiB), ~110 rows at Qwen2.5's 151,936 vocabulary
-    # (bench.py: 0.16 of the full-vocabulary path, against 0.93 with 1,024 rows)
-    chunk_size = max(1, min(chunk_size, (1 << 24) // weight.shape[0]))
+    # set the peak: `chunk_size` rows per block (--logprob_chunk); bench.py measures the trade.
     logps, ents = [], []
     for i in range(0, hs.shape[0], chunk_size):
         hc, tc = hs[i:i + chunk_size], targets[i:i + chunk_size]
@@ -265,16 +306,18 @@ def _scatter(target_mask: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
 
 def token_logprobs(model, input_ids: torch.Tensor, position_ids: torch.Tensor, target_mask: torch.Tensor,
                    attention_mask: torch.Tensor | None = None, temperature: float = 1.0, chunk_size: int = 512,
-                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                   with_entropy: bool = False, fp32_head: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(token_t | tokens_<t) at every position where target_mask is True (0 elsewhere), and
     optionally the entropy of the predictive distribution there, as [B, T] float32 tensors.
     A target is never the first token of a sequence (in a packed row, where position_ids is 0).
 
     The lm_head runs only on target positions, in chunks of `chunk_size` rows, each recomputed in
-    backward: peak memory is [chunk, vocab] float32 instead of [B*T, vocab] (see bench.py).
+    backward: peak memory is [chunk, vocab] float32 instead of [B*T, vocab] (see bench.py). With
+    fp32_head, a bf16 model's output layer runs in float32 (see _forward_logprobs).
     """
     fn = getattr(model, "forward_logprobs", None) or functools.partial(_forward_logprobs, model)
-    return fn(input_ids, position_ids, attention_mask, target_mask.bool(), temperature, chunk_size, with_entropy)
+    return fn(input_ids, position_ids, attention_mask, target_mask.bool(), temperature, chunk_size, with_entropy,
+              fp32_head)
 
 
 # ----------------------------------------------------------------------------------------------

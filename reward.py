@@ -364,7 +364,12 @@ class LocalVerifier:
     def _distributed(self) -> bool:
         return self.sharded and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: an FSDP2-sharded verifier (every GPU run, even at one rank) allocates its
+    # all-gather buffers inside the forward, and FSDP2 cannot run there under inference mode ("Inference
+    # tensors do not track version counter"); when the verifier is the student being trained (sft's
+    # held-out eval), buffers made there would also make its next training step fail ("Inplace update
+    # to inference tensor outside InferenceMode").
+    @torch.no_grad()
     def last_logits(self, sequences: list[list[int]]) -> Tensor:
         """[N, vocab] logits of the next token after each sequence, in the given order."""
         order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))  # longest first: OOM shows at once
@@ -488,13 +493,14 @@ class VerifierOptions:
 
 
 def build_verifier(spec: str, options: VerifierOptions | None = None, *, settings_from_flags: bool = True,
-                   device="cpu", dtype=torch.float32, shard: bool = False, seed: int = 0,
+                   device="cpu", dtype: torch.dtype | None = None, shard: bool = False, seed: int = 0,
                    trust_remote_code: bool = False) -> Verifier:
     """"rule:substring" | "rule:jaccard" | "rule:math" | "http(s)://host:port[,http://host2:port]"
     (round robin) | a local model directory or hub name. A model verifier is asked with its saved
     settings (load_settings), the prompt flags of `options` on top (resolve_settings). With
     settings_from_flags=False (eval, audit and log-only judges) only the transport options apply:
-    saved settings or the paper's defaults, greedy c, Eq. 4."""
+    saved settings or the paper's defaults, greedy c, Eq. 4. A local model loads in `dtype` (default:
+    model.compute_dtype(), bf16 on the GPU path, as flash-attention needs)."""
     o = options or VerifierOptions()
     o.check()
     overrides = o.settings_overrides() if settings_from_flags else {}
@@ -512,7 +518,7 @@ def build_verifier(spec: str, options: VerifierOptions | None = None, *, setting
         raise ValueError(f"empty verifier spec; give rule:{'|rule:'.join(RULES)}, an http(s):// endpoint, "
                          "a model directory or a hub name")
     settings = resolve_settings(load_settings(spec), overrides, o.verifier_force_settings, spec)
-    m = model.load_model(spec, device, dtype, trust_remote_code).eval().requires_grad_(False)
+    m = model.load_model(spec, device, dtype or model.compute_dtype(), trust_remote_code).eval().requires_grad_(False)
     return LocalVerifier(model.shard_model(m, mixed_precision=False) if shard else m,
                          model.load_tokenizer(spec, trust_remote_code=trust_remote_code), settings, name=spec,
                          batch_size=o.verifier_batch_size, max_unjudged=o.verifier_max_unjudged, seed=seed, **reading)

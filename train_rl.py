@@ -78,7 +78,8 @@ def forward_logprobs(net, prompts, responses, idx, cfg: Config, device, with_ent
     seqs = [prompts[i] + responses[i] for i in idx]
     targets = [[False] * len(prompts[i]) + [True] * len(responses[i]) for i in idx]
     ids, pos, att, tmask = model.rows(seqs, targets, cfg.pack, 0, device)
-    lp, ent = model.token_logprobs(net, ids, pos, tmask, att, cfg.temperature, cfg.logprob_chunk, with_entropy)
+    lp, ent = model.token_logprobs(net, ids, pos, tmask, att, cfg.temperature, cfg.logprob_chunk, with_entropy,
+                                   cfg.fp32_lm_head)
     return lp[tmask], (ent[tmask] if with_entropy else None)
 
 
@@ -379,14 +380,15 @@ def choose_graders(cfg: Config, references: list[str]) -> Config:
 
 
 def load_models(cfg: Config, policy_path: str, device):
-    """The policy (float32 master weights; FSDP2 computes in bf16 on GPU) and, only when a KL term is
-    on, a frozen reference."""
-    gpu = device.type == "cuda"
-    policy = model.shard_model(model.load_model(policy_path, device, torch.float32, cfg.trust_remote_code),
+    """The policy (float32 master weights; FSDP2 computes in bf16 on the GPU path) and, only when a KL
+    term is on, a frozen reference (in the compute dtype)."""
+    gpu = distributed.gpu_path()
+    policy = model.shard_model(model.load_model(policy_path, device, torch.float32, cfg.trust_remote_code,
+                                                model.compute_dtype()),
                                mixed_precision=gpu, activation_checkpointing=cfg.activation_checkpointing)
     ref = None
     if cfg.kl_mode != "none":
-        ref = model.load_model(policy_path, device, torch.bfloat16 if gpu else torch.float32, cfg.trust_remote_code)
+        ref = model.load_model(policy_path, device, model.compute_dtype(), cfg.trust_remote_code)
         ref = model.shard_model(ref.eval().requires_grad_(False), mixed_precision=False)
     return policy, ref
 
@@ -396,7 +398,6 @@ def load_verifiers(cfg: Config, vopts, spec: str, device) -> dict:
     only grade: eval, audit, log-only (their own settings; transport flags only)."""
     def build(s, from_flags):
         return reward.build_verifier(s, vopts, settings_from_flags=from_flags, device=device,
-                                     dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                                      shard=distributed.is_initialized(), seed=cfg.seed,
                                      trust_remote_code=cfg.trust_remote_code)
     reward_verifier = build(spec, True)
@@ -562,7 +563,7 @@ def train(cfg: Config, vopts: reward.VerifierOptions) -> dict:
                 with timer("eval"):
                     m.update(evaluate(policy, tokenizer, heldout, judges["eval"], cfg, device))
             m.update(timer.pop() | {"time/step": time.time() - t0, "lr": scheduler.get_last_lr()[0],
-                                    "epoch": sampler.epoch, "memory/peak_gb": metrics.peak_memory_gb(device)})
+                                    "epoch": sampler.epoch, **metrics.peak_memory(device)})
             m["throughput/tokens_per_s"] = m["response/length_mean"] * len(rewards) / max(m["time/step"], 1e-9)
             write_outputs(out_dir, rows, audited, cfg)
             if cfg.log_samples:

@@ -348,8 +348,7 @@ def policy_rows(cfg: SftConfig, path: str, train: list[data.JudgedRow], get_teac
                    for q, ref in dict.fromkeys((r.question, r.reference) for r in train)]
         tokenizer = model.load_tokenizer(path, cfg.trust_remote_code)
         records, _ = data.drop_long(records, tokenizer, cfg.max_len)
-        policy = model.load_model(path, device, torch.bfloat16 if device.type == "cuda" else torch.float32,
-                                  cfg.trust_remote_code)
+        policy = model.load_model(path, device, model.compute_dtype(), cfg.trust_remote_code)
         sampling = SimpleNamespace(samples_per_prompt=cfg.policy_samples, max_prompt_len=cfg.max_len, seed=cfg.seed,
                                    max_new_tokens=cfg.policy_max_new_tokens, temperature=cfg.policy_temperature,
                                    top_p=1.0)
@@ -511,8 +510,9 @@ def sft(cfg: SftConfig, vopts: reward.VerifierOptions) -> dict:
     pool, weights = balanced_pool([r.label for r in train_rows], cfg.balance, cfg.seed)
     steps = max(1, math.ceil(cfg.epochs * len(pool) / cfg.batch_size))
 
-    student = model.shard_model(model.load_model(student_path, device, torch.float32, cfg.trust_remote_code),
-                                device.type == "cuda", cfg.activation_checkpointing)
+    student = model.shard_model(model.load_model(student_path, device, torch.float32, cfg.trust_remote_code,
+                                                 model.compute_dtype()),
+                                distributed.gpu_path(), cfg.activation_checkpointing)
     optimizer, scheduler = model.build_optimizer(student, cfg.lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.weight_decay,
                                                  steps, cfg.warmup_ratio, cfg.lr_schedule, cfg.min_lr_ratio)
     sampler = data.PromptSampler(len(pool), cfg.batch_size, cfg.seed, rank, world)
@@ -545,7 +545,7 @@ def sft(cfg: SftConfig, vopts: reward.VerifierOptions) -> dict:
                 after, per_key = heldout_eval(student, judge, heldout_rows,
                                               cfg.master_key_prompts if step == steps else 0, cfg.seed)
                 m.update(after)
-        log.log(step, m | timer.pop() | {"epoch": sampler.epoch, "memory/peak_gb": metrics.peak_memory_gb(device)})
+        log.log(step, m | timer.pop() | {"epoch": sampler.epoch} | metrics.peak_memory(device))
         bar.set_postfix_str(metrics.Metrics.summary(step, m, ["loss", "train/accuracy", "eval/kappa"]))
         stopping = stop.should_stop() and step < steps  # a signal in the last step: finish instead
         if step == steps or stopping or (cfg.save_every and step % cfg.save_every == 0):

@@ -87,7 +87,7 @@ def test_generate_cuts_at_eos_and_flags_truncation(tiny_model_dir):
 
 
 def test_attention_kernel_choice():
-    assert model.attn_implementation("cpu") == "sdpa"
+    assert model.attn_implementation("cpu", torch.bfloat16) == "sdpa"
 
 
 
