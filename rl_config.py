@@ -13,6 +13,7 @@ import checkpoint
 import config
 import reward
 import rollout
+import rundir
 from config import resume_field
 
 
@@ -127,10 +128,13 @@ class Config:
     eval_samples: int = field(default=8, metadata={
         "help": "0: one greedy answer per prompt (the paper recipes); k: k answers sampled at --temperature (the "
                 "same seeds at every eval), accuracy their mean: finer-grained on a small held-out set (the toy's 17)"})
-    eval_only: bool = field(default=False, metadata={"help": "evaluate the policy (or, with --resume, the checkpoint) and exit"})
+    eval_only: bool = field(default=False, metadata={
+        "help": "evaluate the policy (or, with --resume, the checkpoint) and exit; the results go to out_dir/eval_only/ "
+                "(metrics.jsonl, one row per evaluation): nothing of the run is rewritten"})
     save_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: at the end and on SIGTERM/SIGINT)"})
     keep_checkpoints: int = 2
     resume: str = resume_field()
+    overwrite: bool = rundir.overwrite_field()
     out_dir: str = field(default="runs/demo", metadata={"help": "checkpoints, metrics.jsonl, rollouts.jsonl, audit.jsonl, final/"})
     dump_rollouts: bool = field(default=True, metadata={"help": "append every judged response to out_dir/rollouts.jsonl"})
     wandb_project: str = "rlvr"
@@ -182,6 +186,8 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
     ckpts = os.path.join(cfg.out_dir, "checkpoints")
     req(cfg.resume != "yes" or checkpoint.latest_checkpoint(ckpts) is not None, "resume", cfg.resume,
         f"no checkpoint in {ckpts}; --resume auto starts fresh when there is none")
+    req(not cfg.overwrite or (cfg.resume == "no" and not cfg.eval_only), "overwrite", cfg.overwrite,
+        "contradicts --resume and --eval_only (they keep the run's files)")
     vopts.check()
 
 

@@ -29,6 +29,7 @@ import reward
 import rl_config
 import rl_math
 import rollout
+import rundir
 import toy
 from rl_config import Config
 
@@ -265,8 +266,10 @@ def reduce_step(parts: list[dict], rewards: torch.Tensor, logged_names: list[str
 def evaluate(policy, tokenizer, heldout, grader, cfg: Config, device) -> dict:
     """Accuracy overall and per subject, of greedy answers or of cfg.eval_samples sampled ones per
     prompt. Prompts are sharded over ranks (padded with repeats so every rank runs as many batches:
-    FSDP gathers inside generate's forward)."""
+    FSDP gathers inside generate's forward). No held-out prompts: no eval ({}; load_data said so)."""
     records = heldout[:cfg.eval_prompts] if cfg.eval_prompts else heldout
+    if not records:
+        return {}
     k = max(1, cfg.eval_samples)
     world, rank = distributed.world_size(), distributed.rank()
     slots = list(range(len(records) * k))  # answer j of prompt i is slot i * k + j, named by its seed
@@ -331,7 +334,8 @@ def load_data(cfg: Config, tokenizer) -> tuple[list, list]:
     if not train_set:
         raise data.DataError(f"--data {cfg.data}: no training prompts left (held out, excluded or too long)")
     say(f"data: {len(train_set)} train / {len(heldout)} held-out prompts"
-        + (f", {n_long} longer than --max_prompt_len dropped" if n_long else ""))
+        + (f", {n_long} longer than --max_prompt_len dropped" if n_long else "")
+        + ("; no eval (no held-out prompts: --heldout_fraction > 0 or --eval_data gives some)" if not heldout else ""))
     return train_set, heldout
 
 
@@ -384,7 +388,7 @@ def resume(cfg: Config, ckpt_dir: Path, policy, optimizer, scheduler) -> dict:
     if state is None:  # --resume yes without a checkpoint was refused before anything loaded
         return {"step": 0, "streaks": {"nonfinite": 0, "audit": 0}}
     if distributed.rank() == 0:
-        for name in ("rollouts.jsonl", "audit.jsonl"):
+        for name in ("rollouts.jsonl", "audit.jsonl") if not cfg.eval_only else ():  # it writes to eval_only/ only
             metrics.rewind_jsonl(Path(cfg.out_dir) / name, state["step"])
         print(f"resumed from step {state['step']} ({ckpt_dir})")
     return state
@@ -463,9 +467,10 @@ def train(cfg: Config, vopts: reward.VerifierOptions) -> dict:
     sampler = data.PromptSampler(len(train_set), cfg.prompts_per_step, cfg.seed, rank, world)
     state = resume(cfg, ckpt_dir, policy, optimizer, scheduler)
     start, streaks = state["step"], state["streaks"]
-    log = metrics.Metrics(str(out_dir), {**asdict(cfg), **asdict(vopts), "policy_path": policy_path,
-                                         "verifier_path": verifier_spec}, cfg.wandb_project,
-                          cfg.wandb_run_name or None, cfg.wandb_mode, rank, resume_step=start)
+    log = metrics.Metrics(str(out_dir / "eval_only" if cfg.eval_only else out_dir),
+                          {**asdict(cfg), **asdict(vopts), "policy_path": policy_path, "verifier_path": verifier_spec},
+                          cfg.wandb_project, cfg.wandb_run_name or None, cfg.wandb_mode, rank,
+                          resume_step=None if cfg.eval_only else start)
     if cfg.eval_only:
         result = evaluate(policy, tokenizer, heldout, judges["eval"], cfg, device)
         log.log(start, result)
@@ -571,9 +576,23 @@ def closing_lines(cfg: Config, result: dict) -> list[str]:
     return lines
 
 
+def claim_out_dir(cfg: Config) -> None:
+    """Rank 0 locks out_dir for the run's life (--eval_only: out_dir/eval_only, where it writes) and
+    refuses a directory holding an earlier run's files unless --resume continues it or --overwrite
+    empties it; before any model loads."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    if cfg.eval_only:
+        rundir.lock(Path(cfg.out_dir) / "eval_only")
+        return
+    ckpts = str(Path(cfg.out_dir) / "checkpoints")
+    rundir.claim(cfg.out_dir, cfg.resume, cfg.overwrite, lambda: checkpoint.latest_checkpoint(ckpts) is not None)
+
+
 def main() -> None:
     try:
         cfg, vopts = rl_config.parse_config()
+        claim_out_dir(cfg)
     except config.ConfigError as e:
         config.exit_on_error("train_rl.py", e)
     try:

@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
 
 
-def faulted(fault, at, args, timeout=300):
+def faulted(fault, at, args, timeout=300, **env):
     """train_rl.py in a session of its own (its own process group) with FAULT injected at step `at`."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", FAULT=fault, FAULT_STEP=str(at))
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", FAULT=fault, FAULT_STEP=str(at), **env)
     return subprocess.run([sys.executable, str(ROOT / "tests" / "fault_runner.py")] + args, capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=ROOT, start_new_session=True)
 
@@ -157,3 +157,67 @@ def test_a_fooled_verifier_shows_in_the_audit_and_stops_the_run(tiny_model_dir, 
         assert r["audit/false_positive_rate"] == 1.0 and r["audit/rows"] == 8
         assert r["audit/agreement"] == 1 - sum(a["step"] == r["step"] for a in audited) / 8
     assert (tmp_path / "checkpoints" / "step_00000002").exists() and not (tmp_path / "final").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# one run, one directory (issue 21)
+
+
+def snapshot(out_dir):
+    """Every file under out_dir and its bytes (the lock file aside: it only names the last claimant)."""
+    return {str(p.relative_to(out_dir)): p.read_bytes() for p in sorted(Path(out_dir).rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def test_a_second_run_into_a_running_runs_directory_is_refused_naming_its_pid(tiny_model_dir, straight, tmp_path):
+    args = flags(tiny_model_dir, tmp_path / "run", STEPS, save_every=1, log_verifiers="rule:math")
+    first = faulted("second_run_in_update", 2, args, FAULT_OUT=str(tmp_path / "second.txt"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    pid, code, stderr = (tmp_path / "second.txt").read_text().split("\n", 2)
+    last = stderr.strip().splitlines()[-1]
+    assert code == "2" and last.startswith("train_rl.py: error: --out_dir ") and f"in use by another run (pid {pid})" in last
+    assert_same_run(straight, tmp_path / "run")  # the first run, undisturbed: every step once
+
+
+def test_a_second_run_into_a_finished_directory_is_refused_or_overwritten(tiny_model_dir, straight, tmp_path):
+    args = flags(tiny_model_dir, tmp_path, STEPS, save_every=1, log_verifiers="rule:math")
+    run(args)
+    before = snapshot(tmp_path)
+    out = run(args + ["--seed=4"], check=False)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2 and "holds an earlier run's files" in last and "--overwrite" in last, last
+    assert snapshot(tmp_path) == before
+    # files but no checkpoint (a run killed before its first one): --resume auto refuses too
+    (tmp_path / "checkpoints").rename(tmp_path.parent / f"{tmp_path.name}-ckpts")
+    out = run(args + ["--resume=auto"], check=False)
+    assert out.returncode == 2 and "holds files but no checkpoint to resume from" in out.stderr.splitlines()[-1]
+    out = run(args + ["--overwrite"])
+    assert "--overwrite: removing" in out.stdout and "metrics.jsonl" in out.stdout and "rollouts.jsonl" in out.stdout
+    assert_same_run(straight, tmp_path)  # one run's files only: nothing appended to the old ones
+
+
+def test_overwrite_refuses_a_directory_no_run_wrote(tmp_path):
+    (tmp_path / "notes.md").write_text("mine")
+    out = run(["--out_dir", str(tmp_path), "--overwrite", "--wandb_mode", "disabled"], check=False, timeout=120)
+    assert out.returncode == 2 and "notes.md, which no run writes" in out.stderr.splitlines()[-1]
+    assert (tmp_path / "notes.md").read_text() == "mine"
+
+
+def test_eval_only_writes_its_own_file_and_truncates_nothing(tiny_model_dir, tmp_path):
+    args = flags(tiny_model_dir, tmp_path, STEPS, save_every=1)
+    assert faulted("kill_in_update", 4, args).returncode == -signal.SIGKILL  # checkpoints 1..3
+    shard = next((tmp_path / "checkpoints" / "step_00000003").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])  # damaged: eval_only falls back to step 2
+    before = snapshot(tmp_path)
+    out = run(args + ["--eval_only", "--resume"])
+    assert "resumed from step 2" in out.stdout
+    assert {k: v for k, v in snapshot(tmp_path).items() if not k.startswith("eval_only/")} == before
+    rows = [json.loads(line) for line in (tmp_path / "eval_only" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2] and 0 <= rows[0]["eval/accuracy"] <= 1
+
+
+def test_no_heldout_prompts_skips_the_eval_and_finishes(tiny_model_dir, tmp_path):
+    out = run(flags(tiny_model_dir, tmp_path, 2, heldout_fraction=0, eval_every=1))
+    assert "no eval (no held-out prompts" in out.stdout
+    assert (tmp_path / "final" / "model.safetensors").exists() and (tmp_path / "checkpoints" / "step_00000002").exists()
+    assert not any(k.startswith("eval/") for r in step_rows(tmp_path) for k in r)
