@@ -199,7 +199,7 @@ def save_settings(directory: str | os.PathLike, settings: VerifierSettings) -> s
 
 def load_settings(name_or_path: str) -> VerifierSettings | None:
     """The settings saved with a verifier (a directory, or a hub repository holding the file); None for
-    a verifier without them (the released RM-7B), which keeps the paper's defaults."""
+    a verifier without them (the released RM-7B): build_verifier then needs --verifier_paper_defaults."""
     if Path(name_or_path).is_dir():
         path = Path(name_or_path) / SETTINGS_FILE
         path = path if path.exists() else None
@@ -220,6 +220,17 @@ def load_settings(name_or_path: str) -> VerifierSettings | None:
             raise ValueError(f"{path}: field {key!r} = {value!r} is not a verifier setting of that type; "
                              f"expected fields {[f.name for f in dataclasses.fields(defaults)]}")
     return dataclasses.replace(defaults, **values)
+
+
+def require_settings(saved: VerifierSettings | None, name: str, paper_defaults: bool, template_given: bool) -> None:
+    """A model verifier without saved settings is asked with the paper's template only when the user says
+    so: asked with a prompt it did not learn, a distilled verifier judges something else (a reward mean of
+    0.54 fell to 0.007, without a word, when its settings file was missing)."""
+    if saved is None and not (paper_defaults or template_given):
+        raise config.ConfigError(
+            f"verifier {name}: no {SETTINGS_FILE} (the prompt it was trained with); name its template with "
+            "--verifier_template FILE, or pass --verifier_paper_defaults to ask it with the paper's template and "
+            "YES/NO (right for the released RM-7B, virtuoussy/Qwen2.5-7B-Instruct-RLVR, and for a general judge)")
 
 
 def resolve_settings(saved: VerifierSettings | None, overrides: dict, force: bool = False,
@@ -446,6 +457,9 @@ class VerifierOptions:
     verifier_sum_variants: Optional[bool] = _flag(None, "sum p over one-token spellings (YES, Yes, ' yes'...) "
                                                         "(default: saved, else false)")
     verifier_force_settings: bool = _flag(False, "let the flags above override the verifier's saved settings")
+    verifier_paper_defaults: bool = _flag(False, "ask model verifiers without verifier_settings.json (the released "
+                                                 "RM-7B, a general judge) with the paper's template and YES/NO; "
+                                                 "without it they are refused")
     soft_mode: SoftMode = _flag("eq4", "Eq. 4 as the paper writes it, or renorm: p(YES) / (p(YES) + p(NO))")
     verifier_sample: bool = _flag(False, "sample the first token c, seeded per response (Eq. 3 as the paper writes "
                                          "it); Eq. 4 reads the same c")
@@ -505,13 +519,17 @@ def build_verifier(spec: str, options: VerifierOptions | None = None, *, setting
         client = CompletionsClient([e.strip() for e in spec.split(",") if e.strip()], o.verifier_timeout,
                                    o.verifier_retries, o.verifier_concurrency)
         source = o.verifier_tokenizer or client.model_id
-        settings = resolve_settings(load_settings(source), overrides, o.verifier_force_settings, spec)
+        saved = load_settings(source)
+        require_settings(saved, f"{spec} ({source})", o.verifier_paper_defaults, "template" in overrides)
+        settings = resolve_settings(saved, overrides, o.verifier_force_settings, spec)
         tokenizer = model.load_tokenizer(source, trust_remote_code=trust_remote_code)
         return RemoteVerifier(client, tokenizer, settings, max_unjudged=o.verifier_max_unjudged, seed=seed, **reading)
     if not spec.strip():
         raise ValueError(f"empty verifier spec; give rule:{'|rule:'.join(RULES)}, an http(s):// endpoint, "
                          "a model directory or a hub name")
-    settings = resolve_settings(load_settings(spec), overrides, o.verifier_force_settings, spec)
+    saved = load_settings(spec)
+    require_settings(saved, spec, o.verifier_paper_defaults, "template" in overrides)
+    settings = resolve_settings(saved, overrides, o.verifier_force_settings, spec)
     m = model.load_model(spec, device, dtype, trust_remote_code).eval().requires_grad_(False)
     return LocalVerifier(model.shard_model(m, mixed_precision=False) if shard else m,
                          model.load_tokenizer(spec, trust_remote_code=trust_remote_code), settings, name=spec,

@@ -11,6 +11,7 @@ from typing import Literal
 
 import checkpoint
 import config
+import remote
 import reward
 import rollout
 import rundir
@@ -80,6 +81,9 @@ class Config:
     max_filter_rounds: int = field(default=3, metadata={
         "help": "extra rounds of --prompts_per_step prompts --filter_groups may draw per step; a batch still short "
                 "is filled with the first dropped groups (their advantage is 0 under --reward_norm group)"})
+    filter_patience: int = field(default=3, metadata={
+        "help": "--filter_groups: stop (after a checkpoint) when this many steps in a row keep no group (every "
+                "prompt's responses rewarded alike: nothing to learn, generation wasted)"})
     # advantages, KL and loss (rl_math.py)
     reward_norm: Literal["batch", "group", "none"] = field(default="batch", metadata={
         "help": "the z-score of rewards: over the batch (the paper), per prompt group (GRPO), or none"})
@@ -148,7 +152,7 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
     req = config.require
     world = int(os.environ.get("WORLD_SIZE", 1))
     for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "ppo_epochs", "minibatches",
-                 "micro_batch_size", "logprob_chunk", "max_prompt_len", "max_nonfinite_steps", "audit_patience"):
+                 "micro_batch_size", "logprob_chunk", "max_prompt_len", "max_nonfinite_steps", "audit_patience", "filter_patience"):
         req(getattr(cfg, name) >= 1, name, getattr(cfg, name), "must be >= 1")
     req(cfg.temperature > 0, "temperature", cfg.temperature, "must be > 0 (sampling divides the logits by it)")
     req(0 < cfg.top_p <= 1, "top_p", cfg.top_p, "must be in (0, 1]")
@@ -183,6 +187,9 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
     req(0 <= cfg.audit_max_fpr <= 1, "audit_max_fpr", cfg.audit_max_fpr, "must be in [0, 1]")
     req(0 <= cfg.master_key_warn <= 1, "master_key_warn", cfg.master_key_warn, "must be in [0, 1]")
     req(cfg.verifier.strip() != "", "verifier", cfg.verifier, "is required")
+    for name in ("verifier", "eval_verifier", "audit_verifier", "log_verifiers"):
+        refused = remote.url_credentials(getattr(cfg, name))
+        req(refused is None, name, remote.redact(getattr(cfg, name)), refused)
     ckpts = os.path.join(cfg.out_dir, "checkpoints")
     req(cfg.resume != "yes" or checkpoint.latest_checkpoint(ckpts) is not None, "resume", cfg.resume,
         f"no checkpoint in {ckpts}; --resume auto starts fresh when there is none")

@@ -421,6 +421,13 @@ def check_streaks(m: dict, streaks: dict, step: int, cfg: Config, out_dir: Path)
                     f"{fpr:.1%} of the answers it judged wrong, above --audit_max_fpr {cfg.audit_max_fpr} for "
                     f"{streaks['audit']} audits in a row: the policy is hacking the verifier. The disagreements are in "
                     f"{out_dir / 'audit.jsonl'}: harden the verifier with train_verifier.py sft --data on them.")
+    if "rollout/groups_kept_frac" in m:  # --filter_groups
+        streaks["filter"] = streaks.get("filter", 0) + 1 if m["rollout/groups_kept_frac"] == 0 else 0
+        if streaks["filter"] >= cfg.filter_patience:
+            return (f"step {step}: --filter_groups kept no group in {streaks['filter']} steps in a row (--filter_patience "
+                    f"{cfg.filter_patience}): every prompt's {cfg.samples_per_prompt} responses got the same "
+                    f"{cfg.reward_type} reward ({m['reward/mean']:.3g} on average) in all {1 + cfg.max_filter_rounds} "
+                    "rounds, so the updates were 0. Is the verifier's reward constant (see reward/std)?")
     return None
 
 

@@ -42,6 +42,7 @@ import data
 import distributed
 import metrics
 import model
+import remote
 import reward
 import rollout
 import rundir
@@ -154,6 +155,9 @@ def check_config(cfg, vopts: reward.VerifierOptions) -> None:
     """Every range and relation, before any model loads: a bad value is one line naming its flag."""
     req = config.require
     vopts.check()
+    for name in ("verifier", "teacher"):
+        refused = remote.url_credentials(getattr(cfg, name, ""))
+        req(refused is None, name, remote.redact(getattr(cfg, name, "")), refused)
     if isinstance(cfg, EvalConfig):
         req(cfg.data.strip() != "", "data", cfg.data, "is required (rows with question, reference, response, label)")
         req(cfg.verifier.strip() != "", "verifier", cfg.verifier, "is required")

@@ -221,3 +221,74 @@ def test_no_heldout_prompts_skips_the_eval_and_finishes(tiny_model_dir, tmp_path
     assert "no eval (no held-out prompts" in out.stdout
     assert (tmp_path / "final" / "model.safetensors").exists() and (tmp_path / "checkpoints" / "step_00000002").exists()
     assert not any(k.startswith("eval/") for r in step_rows(tmp_path) for k in r)
+
+
+# ----------------------------------------------------------------------------------------------
+# nothing trusted by accident: credentials, settings, a reward that teaches nothing (issue 21)
+
+
+def yes_server(tiny_model_dir):
+    """A fake vLLM verifier that says YES (p 0.7) to everything: every response gets the same reward."""
+    import model
+
+    tok = model.load_tokenizer(tiny_model_dir)
+    server = FakeVLLM(tiny_model_dir, *(tok.encode(w, add_special_tokens=False)[0] for w in ("YES", "NO")))
+    server.table = collections.defaultdict(lambda: "yes")
+    return server
+
+
+def test_filter_groups_keeping_nothing_stops_the_run_with_the_reason(tiny_model_dir, tmp_path):
+    server = yes_server(tiny_model_dir)
+    try:
+        out = run(flags(tiny_model_dir, tmp_path, 6, verifier=server.url, verifier_tokenizer=tiny_model_dir,
+                        filter_groups=True, max_filter_rounds=1, filter_patience=2, audit_verifier=""), check=False)
+    finally:
+        server.close()
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("train_rl.py: error: step 2: --filter_groups kept no group in 2 steps in a row"), last
+    assert "in all 2 rounds" in last and "Checkpoint: " in last
+    rows = step_rows(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2] and all(r["rollout/groups_kept_frac"] == 0 for r in rows)
+    # identical float32 rewards: their std is rounding only
+    assert all(r["reward/std"] < 1e-6 and r["rollout/filter_rounds"] == 1 for r in rows), rows
+    assert (tmp_path / "checkpoints" / "step_00000002").exists() and not (tmp_path / "final").exists()
+
+
+def test_a_verifier_without_settings_is_refused_unless_named(tiny_model_dir, tmp_path):
+    out = run(flags(tiny_model_dir, tmp_path, 1, verifier_paper_defaults=False), check=False)
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"train_rl.py: error: verifier {tiny_model_dir}: no verifier_settings.json") and \
+        "--verifier_template FILE, or pass --verifier_paper_defaults" in last, last
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_the_api_key_comes_from_the_environment_and_no_credential_reaches_any_output(tiny_model_dir, tmp_path,
+                                                                                     monkeypatch):
+    import remote
+
+    key, password = "sk-e2e-key-0123456789", "hunter2pass"
+    server = yes_server(tiny_model_dir)
+    server.api_key = key
+    args = dict(verifier_tokenizer=tiny_model_dir, audit_verifier="", log_samples=0)
+    try:
+        monkeypatch.delenv(remote.API_KEY_ENV, raising=False)
+        no_key = run(flags(tiny_model_dir, tmp_path / "none", 1, verifier=server.url, **args), check=False)
+        with_url = run(flags(tiny_model_dir, tmp_path / "url", 1, eval_verifier=f"http://u:{password}@{server.url[7:]}",
+                             verifier=server.url, **args), check=False)
+        monkeypatch.setenv(remote.API_KEY_ENV, key)
+        keyed = run(flags(tiny_model_dir, tmp_path / "key", 1, verifier=server.url, **args))
+    finally:
+        server.close()
+    last = no_key.stderr.strip().splitlines()[-1]
+    assert no_key.returncode == 1 and "HTTP 401" in last and f"${remote.API_KEY_ENV}: unset" in last, last
+    last = with_url.stderr.strip().splitlines()[-1]
+    assert with_url.returncode == 2 and last.startswith("train_rl.py: error: --eval_verifier 'http://***@") and \
+        "credentials in a URL are refused" in last, last
+    assert not (tmp_path / "url").exists()  # refused before anything was written
+    assert set(server.auth_seen[-3:]) == {f"Bearer {key}"} and step_rows(tmp_path / "key")[0]["reward/mean"] > 0
+    for out in (no_key, with_url, keyed):
+        assert key not in out.stdout + out.stderr and password not in out.stdout + out.stderr
+    for f in (tmp_path / "key").rglob("*"):
+        assert not f.is_file() or (key.encode() not in f.read_bytes() and password.encode() not in f.read_bytes()), f
