@@ -78,7 +78,9 @@ class CompletionsClient:
             self._headers["Authorization"] = f"Bearer {os.environ[API_KEY_ENV]}"
         self.timeout, self.retries, self.concurrency, self.backoff = timeout, retries, concurrency, backoff
         self._next = itertools.count()  # round robin over endpoints, shared by all threads
-        self.model_id: str = self._request("GET", "/v1/models", None)["data"][0]["id"]
+        served = self._request("GET", "/v1/models", None)["data"][0]
+        self.model_id: str = served["id"]
+        self.max_model_len: int | None = served.get("max_model_len")  # vLLM says how long a prompt may be
 
     def first_token(self, prompts: list[list[int]], token_ids: list[int], seeds: list[int] | None) -> list[dict]:
         """Per prompt: {"token": the first output token (greedy, or sampled with that prompt's seed),

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,18 +271,27 @@ def judgement_token_ids(tokenizer, spelling: str, sum_variants: bool = False, na
     return out
 
 
+def encodable(text: str) -> str:
+    """`text` as the tokenizer can take it: what UTF-8 cannot encode (a lone surrogate, from a cut
+    character or a crafted response) becomes '?', where the tokenizer would raise a TypeError."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 class VerifierPrompt:
     """A verifier's prompt (its settings' template through the tokenizer's chat template) and its
     judgement-token ids, resolved once. The local and the remote verifier and the SFT trainer use it,
-    so a student is trained on exactly the tokens it is later asked with."""
+    so a student is trained on exactly the tokens it is later asked with. With `max_len` (the positions
+    the verifier can read), an answer too long for them is cut to its end, where the final answer is,
+    and counted in `cut` (the verifiers say so); SFT passes none: it drops over-long rows instead."""
 
-    def __init__(self, tokenizer, settings: VerifierSettings = VerifierSettings(), name: str = "verifier"):
+    def __init__(self, tokenizer, settings: VerifierSettings = VerifierSettings(), name: str = "verifier",
+                 max_len: int | None = None):
         for f in ("{reference}", "{response}"):
             if f not in settings.template:
                 raise ValueError(f"verifier template of {name} has no {f} field")
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"tokenizer of {name} has no chat template; the verifier prompt is rendered through it")
-        self.tokenizer, self.settings, self.name = tokenizer, settings, name
+        self.tokenizer, self.settings, self.name, self.max_len, self.cut = tokenizer, settings, name, max_len, 0
         self.positive_ids = judgement_token_ids(tokenizer, settings.positive, settings.sum_variants, name)
         self.negative_ids = judgement_token_ids(tokenizer, settings.negative, settings.sum_variants, name)
         if set(self.positive_ids) & set(self.negative_ids):
@@ -289,13 +299,38 @@ class VerifierPrompt:
                              f"for {name}")
 
     def prompt_ids(self, question: str, reference: str, response: str) -> list[int]:
+        """The prompt's ids; at most max_len - 1 of them (the judgement token needs a position)."""
+        question, reference, response = encodable(question), encodable(reference), encodable(response)
+        answer = answer_text(response, self.settings.full_response, self.settings.strip_think)
+        ids = self._render(question, reference, answer)
+        if self.max_len is None or len(ids) < self.max_len:
+            return ids
+        self.cut += 1
+        answer_ids = self.tokenizer.encode(answer, add_special_tokens=False)
+        keep = len(answer_ids) - (len(ids) - self.max_len + 1)
+        while keep > 0:  # a cut can re-tokenise differently at its edge: cut again until it fits
+            ids = self._render(question, reference, self.tokenizer.decode(answer_ids[-keep:]))
+            if len(ids) < self.max_len:
+                return ids
+            keep -= len(ids) - self.max_len + 1
+        return ids[-(self.max_len - 1):]  # the question and reference alone are too long: the prompt's end
+
+    def _render(self, question: str, reference: str, answer: str) -> list[int]:
         s = self.settings
-        answer = answer_text(response, s.full_response, s.strip_think)
         messages = [{"role": "user", "content": fill_template(s.template, question, reference, answer)}]
         if s.system_prompt:
             messages.insert(0, {"role": "system", "content": s.system_prompt})
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def batch_ids(self, questions: list[str], references: list[str], responses: list[str]) -> list[list[int]]:
+        """prompt_ids of each row; one line on stderr when some answers had to be cut."""
+        before = self.cut
+        out = [self.prompt_ids(q, r, a) for q, r, a in zip(questions, references, responses)]
+        if self.cut > before:
+            print(f"[verifier] {self.name}: {self.cut - before} of {len(out)} answers were longer than its "
+                  f"{self.max_len} positions and were cut to their end ({self.cut} so far)", file=sys.stderr, flush=True)
+        return out
 
     def check_judged(self, judged: Tensor, answered, max_unjudged: float, counts: Tensor | None = None) -> None:
         """VerifierError when the share of first tokens that are neither judgement token is above
@@ -346,7 +381,7 @@ class LocalVerifier:
     def __init__(self, lm, tokenizer, settings: VerifierSettings = VerifierSettings(), name: str = "local verifier",
                  batch_size: int = 8, soft_mode: SoftMode = "eq4", sample: bool = False, max_unjudged: float = 0.1,
                  seed: int = 0):
-        self.prompt = VerifierPrompt(tokenizer, settings, name)
+        self.prompt = VerifierPrompt(tokenizer, settings, name, getattr(lm.config, "max_position_embeddings", None))
         self.model, self.name, self.batch_size, self.soft_mode = lm, name, batch_size, soft_mode
         self.sample, self.max_unjudged, self.seed, self.calls = sample, max_unjudged, seed, 0
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -361,7 +396,7 @@ class LocalVerifier:
         _check_lengths(questions, references, responses)
         seeds = _seeds_for(seeds, len(questions), self.sample, self.seed, self.calls)
         self.calls += 1
-        seqs = [self.prompt.prompt_ids(q, r, a) for q, r, a in zip(questions, references, responses)]
+        seqs = self.prompt.batch_ids(questions, references, responses)
         logits = self.last_logits(seqs)
         j = rewards_from_logits(logits, self.prompt.positive_ids, self.prompt.negative_ids, self.soft_mode, seeds) \
             if seqs else _empty_judgement()
@@ -412,7 +447,7 @@ class RemoteVerifier:
     def __init__(self, client: CompletionsClient, tokenizer, settings: VerifierSettings = VerifierSettings(),
                  soft_mode: SoftMode = "eq4", sample: bool = False, max_unjudged: float = 0.1, seed: int = 0):
         self.client, self.name = client, f"{client.model_id} at {','.join(client.endpoints)}"
-        self.prompt = VerifierPrompt(tokenizer, settings, self.name)
+        self.prompt = VerifierPrompt(tokenizer, settings, self.name, client.max_model_len)
         self.soft_mode, self.sample, self.max_unjudged, self.seed, self.calls = soft_mode, sample, max_unjudged, seed, 0
 
     def __call__(self, questions: list[str], references: list[str], responses: list[str],
@@ -423,7 +458,7 @@ class RemoteVerifier:
         seeds = _seeds_for(seeds, len(questions), self.sample, self.seed, self.calls)
         self.calls += 1
         pos, neg = self.prompt.positive_ids, self.prompt.negative_ids
-        prompts = [self.prompt.prompt_ids(q, r, a) for q, r, a in zip(questions, references, responses)]
+        prompts = self.prompt.batch_ids(questions, references, responses)
         replies = self.client.first_token(prompts, pos + neg, seeds and [s % 2 ** 31 for s in seeds])
         p = torch.tensor([[math.exp(r["logprobs"][i]) for i in pos + neg] for r in replies], dtype=torch.float64)
         tokens = torch.tensor([r["token"] for r in replies])

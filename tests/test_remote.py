@@ -2,6 +2,7 @@
 concurrency, a server that is down, hangs, cuts replies or omits the judgement tokens, sampled c with
 per-request seeds), and the math-verify pool (dead workers restarted, signals to the trainer's process
 group do not reach the workers)."""
+import collections
 import json
 import math
 import os
@@ -41,6 +42,7 @@ class FakeVLLM:
         self.table, self.mode, self.bad, self.status, self.sleep = {}, "ok", 0, 503, 0.0
         self.calls, self.inflight, self.max_inflight, self.seeds = 0, 0, 0, []
         self.api_key, self.auth_seen = None, []  # api_key: answer 401 to requests without "Bearer <it>"
+        self.max_model_len, self.prompt_lens = None, []  # what /v1/models says; the length of each prompt sent
         self.lock = threading.Lock()
         fake = self
 
@@ -65,7 +67,7 @@ class FakeVLLM:
 
             def do_GET(self):
                 if not self._refused():
-                    self._send(200, {"data": [{"id": fake.model_id}]})
+                    self._send(200, {"data": [{"id": fake.model_id, "max_model_len": fake.max_model_len}]})
 
             def do_POST(self):
                 req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -78,6 +80,7 @@ class FakeVLLM:
                     mode = fake.mode if fake.bad > 0 else "ok"
                     fake.bad -= mode != "ok"
                     fake.seeds.append(req.get("seed"))
+                    fake.prompt_lens.append(len(req["prompt"]))
                 try:
                     time.sleep(30 if mode == "hang" else fake.sleep)
                     reply = fake.reply(req, omit=mode == "omit")
@@ -431,3 +434,13 @@ def test_metrics_config_holds_no_url_credentials(tmp_path):
     m.close()
     text = (tmp_path / "config.json").read_text()
     assert "hunter2secret" not in text and json.loads(text) == {"verifier": "http://***@h:8000", "n": 1}
+
+
+def test_a_remote_verifier_cuts_answers_to_the_servers_max_model_len(fakes, capsys):
+    fakes[0].max_model_len = 400
+    v = _remote(fakes[:1])
+    assert v.prompt.max_len == 400
+    fakes[0].table = collections.defaultdict(lambda: "yes")
+    j = v(["q", "q"], ["7", "7"], ["x " * 3000 + "7", "7"])
+    assert j.judged.tolist() == [True, True] and max(fakes[0].prompt_lens[-2:]) <= 399 and v.prompt.cut == 1
+    assert "1 of 2 answers were longer than its 400 positions" in capsys.readouterr().err
