@@ -163,6 +163,17 @@ def _tensors(obj):
             yield from _tensors(v)
 
 
+def _free_bytes(path: str) -> int:
+    return shutil.disk_usage(path).free
+
+
+def _disk_full(root: str) -> str | None:
+    """What to say when the filesystem of root is full: torch's own writer reports a full disk as
+    "unexpected pos 704 vs 598", never as ENOSPC."""
+    free = _free_bytes(root)
+    return f"No space left on device (ENOSPC): {free} bytes free on the filesystem of {root}" if free < 2**24 else None
+
+
 def _fsync_dir(path: str) -> None:
     """Make a rename or a new file in `path` durable (a rename lives in the directory entry)."""
     fd = os.open(path, os.O_RDONLY)
@@ -383,6 +394,8 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler=None, extr
         digests = {k: v for part in distributed.gather_objects(digests) for k, v in part.items()}
         _, failures = _agree(lambda: _publish(root, tmp, final, keep, digests) if rank == 0 else None)
     if failures:
+        full = _disk_full(root) if rank == 0 else None  # measured before removing the .tmp frees space
+        failures += [full] if full else []
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             if os.path.exists(os.path.join(root, LATEST_FILE + ".part")):
@@ -541,11 +554,15 @@ class StopSignal:
     stop, `received` is the signal's number on every rank, so each can exit with 128 + signum, the
     status a shell gives a process the signal killed, which a scheduler tells from success. Under
     torchrun, Ctrl-C reaches torchrun too, which terminates the workers after its own grace period.
+    A torchrun agent killed outright (kill -9) signals nobody: its ranks would train on, unsupervised,
+    to the end. Each rank (TORCHELASTIC_RUN_ID set) notices that its parent changed and stops as if it
+    got SIGHUP (exit 129).
     """
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self.received: int | None = None
         self._previous = {s: signal.signal(s, self._handle) for s in signals}
+        self._launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
 
     def _handle(self, signum, frame):
         self.received = signum
@@ -555,6 +572,10 @@ class StopSignal:
 
     def should_stop(self) -> bool:
         """True on every rank if any rank was signalled (the highest signal number wins)."""
+        if self._launcher is not None and self.received is None and os.getppid() != self._launcher:
+            self.received = signal.SIGHUP
+            print(f"[checkpoint] the launcher (pid {self._launcher}) is gone: saving and stopping after this step",
+                  file=sys.stderr, flush=True)
         signum = int(distributed.all_max(torch.tensor([self.received or 0])).item())
         if signum and self.received is None:
             self.received = signum  # another rank was signalled: exit as it does

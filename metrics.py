@@ -88,10 +88,13 @@ def append_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
     line, which `read_jsonl` cuts off."""
     if not rows:
         return
-    with open(path, "ab") as f:
-        f.write("".join(json.dumps(row) + "\n" for row in rows).encode())
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "ab") as f:
+            f.write("".join(json.dumps(row) + "\n" for row in rows).encode())
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a failed write names no file: a full disk would read "No space left on device" alone
+        raise OSError(e.errno, f"{e.strerror or e} (appending {len(rows)} rows)", os.fspath(path)) from e
 
 
 def _lines(path: str | os.PathLike) -> list[tuple[bytes, dict]]:

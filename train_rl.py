@@ -9,6 +9,7 @@ The functions below are defined in that order; the formulas live in rl_math.py.
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
 import sys
@@ -609,6 +610,11 @@ def main() -> None:
     except (reward.VerifierError, data.DataError, checkpoint.CheckpointError, NonFiniteError) as e:
         # the message names the endpoint, file, row or step: a traceback would only bury it
         print(f"train_rl.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"train_rl.py: error: {e}", file=sys.stderr)  # a full disk: the message names the file
         sys.exit(1)
     finally:
         distributed.shutdown()

@@ -18,6 +18,7 @@ teacher; it reports the student's master-key false-positive rate beside its held
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import gc
 import json
@@ -650,6 +651,11 @@ def main(argv: list[str] | None = None) -> dict:
     except (data.DataError, reward.VerifierError, checkpoint.CheckpointError, FloatingPointError) as e:
         # the message names the file, row, endpoint or step: a traceback would only bury it
         print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)  # a full disk: the message names the file
         sys.exit(1)
     if result.get("stopped"):
         sys.exit(128 + result["stopped"])

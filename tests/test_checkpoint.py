@@ -373,3 +373,24 @@ def test_optimizer_groups_load_weights_only(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="Weights only load failed|weights_only"):
         checkpoint.load_checkpoint(str(tmp_path), model, optimizer, scheduler)
     assert Tripwire.ran == []
+
+
+def test_torchs_full_disk_error_is_named_as_one(tmp_path, monkeypatch):
+    # torch's zip writer says "unexpected pos 704 vs 598" when the disk fills; the free space says why
+    root = str(tmp_path)
+    model, optimizer, scheduler = make_run()
+    checkpoint.save_checkpoint(root, 1, model, optimizer, scheduler)
+
+    def torch_full(tmp, *args):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(checkpoint, "_write", torch_full)
+    monkeypatch.setattr(checkpoint, "_free_bytes", lambda path: 4096)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.save_checkpoint(root, 2, model, optimizer, scheduler)
+    assert "unexpected pos 704 vs 598" in str(e.value)
+    assert f"No space left on device (ENOSPC): 4096 bytes free on the filesystem of {root}" in str(e.value)
+    monkeypatch.setattr(checkpoint, "_free_bytes", lambda path: 2**40)  # not full: not said
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.save_checkpoint(root, 2, model, optimizer, scheduler)
+    assert "No space left" not in str(e.value)

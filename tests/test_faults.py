@@ -292,3 +292,27 @@ def test_the_api_key_comes_from_the_environment_and_no_credential_reaches_any_ou
         assert key not in out.stdout + out.stderr and password not in out.stdout + out.stderr
     for f in (tmp_path / "key").rglob("*"):
         assert not f.is_file() or (key.encode() not in f.read_bytes() and password.encode() not in f.read_bytes()), f
+
+
+# ----------------------------------------------------------------------------------------------
+# faults named (issue 21)
+
+
+def test_a_full_disk_is_named_with_the_file(tiny_model_dir, tmp_path):
+    out = faulted("disk_full_in_update", 2, flags(tiny_model_dir, tmp_path, STEPS, save_every=1))
+    assert out.returncode == 1, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last == (f"train_rl.py: error: [Errno 28] No space left on device (appending 16 rows): "
+                    f"'{tmp_path / 'rollouts.jsonl'}'"), last
+
+
+def test_the_launchers_death_stops_the_run_after_a_checkpoint(tiny_model_dir, straight, tmp_path):
+    args = flags(tiny_model_dir, tmp_path, STEPS, save_every=1, log_verifiers="rule:math")
+    out = faulted("launcher_dies", 2, args)  # returns once the orphaned trainer closed its output too
+    assert out.returncode == -signal.SIGKILL  # the "launcher"
+    assert "[checkpoint] the launcher (pid " in out.stderr and "is gone: saving and stopping" in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("stopped by signal 1 after a checkpoint")
+    assert (tmp_path / "checkpoints" / "step_00000002").exists() and not (tmp_path / "final").exists()
+    assert [r["step"] for r in step_rows(tmp_path)] == [1, 2]
+    run(args + ["--resume"])
+    assert_same_run(straight, tmp_path)
