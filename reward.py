@@ -234,6 +234,17 @@ def require_settings(saved: VerifierSettings | None, name: str, paper_defaults: 
             "YES/NO (right for the released RM-7B, virtuoussy/Qwen2.5-7B-Instruct-RLVR, and for a general judge)")
 
 
+def check_saved_settings(spec: str, options: "VerifierOptions", from_flags: bool) -> None:
+    """require_settings for a verifier that is a local directory, before anything loads (a hub name or
+    a server is checked when it is built). from_flags: the reward verifier (--verifier_template counts)."""
+    if spec and Path(spec).is_dir():
+        try:
+            saved = load_settings(spec)
+        except ValueError as e:
+            raise config.ConfigError(str(e)) from None
+        require_settings(saved, spec, options.verifier_paper_defaults, from_flags and bool(options.verifier_template))
+
+
 def resolve_settings(saved: VerifierSettings | None, overrides: dict, force: bool = False,
                      name: str = "verifier") -> VerifierSettings:
     """The settings to ask with: the saved ones (or the paper's defaults), with `overrides` ({field:

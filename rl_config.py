@@ -190,6 +190,9 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
     for name in ("verifier", "eval_verifier", "audit_verifier", "log_verifiers"):
         refused = remote.url_credentials(getattr(cfg, name))
         req(refused is None, name, remote.redact(getattr(cfg, name)), refused)
+    for name, spec in [(n, getattr(cfg, n)) for n in ("verifier", "eval_verifier", "audit_verifier")] + \
+            [("log_verifiers", s.strip()) for s in cfg.log_verifiers.split(",")]:
+        reward.check_saved_settings(spec, vopts, from_flags=name == "verifier")
     ckpts = os.path.join(cfg.out_dir, "checkpoints")
     req(cfg.resume != "yes" or checkpoint.latest_checkpoint(ckpts) is not None, "resume", cfg.resume,
         f"no checkpoint in {ckpts}; --resume auto starts fresh when there is none")

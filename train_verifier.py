@@ -159,6 +159,9 @@ def check_config(cfg, vopts: reward.VerifierOptions) -> None:
     for name in ("verifier", "teacher"):
         refused = remote.url_credentials(getattr(cfg, name, ""))
         req(refused is None, name, remote.redact(getattr(cfg, name, "")), refused)
+    # the eval verifier and label's teacher are asked with the prompt flags; sft's teacher is not
+    reward.check_saved_settings(getattr(cfg, "verifier", ""), vopts, from_flags=True)
+    reward.check_saved_settings(getattr(cfg, "teacher", ""), vopts, from_flags=not isinstance(cfg, SftConfig))
     if isinstance(cfg, EvalConfig):
         req(cfg.data.strip() != "", "data", cfg.data, "is required (rows with question, reference, response, label)")
         req(cfg.verifier.strip() != "", "verifier", cfg.verifier, "is required")

@@ -485,3 +485,19 @@ def test_a_20000_token_answer_is_judged_within_the_verifier_positions(tiny_model
     j = v(["q"], ["7"], [" ".join(str(i % 10) for i in range(20000))])
     assert j.p_yes.shape == (1,) and torch.isfinite(j.p_yes).all() and v.prompt.cut == 1
     assert "were cut to their end" in capsys.readouterr().err
+
+
+def test_a_verifier_directory_without_settings_is_refused_before_anything_loads(tiny_model_dir, tmp_path):
+    template = tmp_path / "t.txt"
+    template.write_text("{question} {reference} {response}")
+    with pytest.raises(config.ConfigError, match=f"verifier {tiny_model_dir}: no verifier_settings.json"):
+        reward.check_saved_settings(tiny_model_dir, VerifierOptions(), from_flags=True)
+    reward.check_saved_settings(tiny_model_dir, VerifierOptions(verifier_paper_defaults=True), from_flags=False)
+    reward.check_saved_settings(tiny_model_dir, VerifierOptions(verifier_template=str(template)), from_flags=True)
+    with pytest.raises(config.ConfigError):  # a judge that is not asked with the prompt flags: the template is not its
+        reward.check_saved_settings(tiny_model_dir, VerifierOptions(verifier_template=str(template)), from_flags=False)
+    reward.check_saved_settings("rule:math", VerifierOptions(), from_flags=True)  # not a directory: checked when built
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "verifier_settings.json").write_text("{not json")
+    with pytest.raises(config.ConfigError, match="unreadable verifier settings"):
+        reward.check_saved_settings(str(tmp_path / "v"), VerifierOptions(), from_flags=True)
