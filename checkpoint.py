@@ -21,8 +21,8 @@ states are then restored where a rank file exists).
 
 Loading checks the newest checkpoint first (every file present, shards as long as .metadata says,
 trainer and RNG files readable, every file's sha256 as sha256.json says, every loaded tensor finite)
-and falls back, with a warning naming the damaged file, to the previous one. Rank 0 makes those checks and every rank follows it; an error while any rank reads
-the files is shared by all of them (one collective), so every rank loads the same checkpoint.
+and falls back, with a warning naming the damaged file, to the previous one. Rank 0 makes those
+checks and every rank follows it; an error while any rank reads the files is shared by all of them (one collective), so every rank loads the same checkpoint.
 
 Everything saved is loaded with `torch.load(weights_only=True)`, the DCP shards' non-tensor items (the
 optimizer's param_groups) included: `extra` may hold only plain Python values (dict, list, tuple, str,

@@ -152,7 +152,8 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
     req = config.require
     world = int(os.environ.get("WORLD_SIZE", 1))
     for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "ppo_epochs", "minibatches",
-                 "micro_batch_size", "logprob_chunk", "max_prompt_len", "max_nonfinite_steps", "audit_patience", "filter_patience"):
+                 "micro_batch_size", "logprob_chunk", "max_prompt_len", "max_nonfinite_steps", "audit_patience",
+                 "filter_patience"):
         req(getattr(cfg, name) >= 1, name, getattr(cfg, name), "must be >= 1")
     req(cfg.temperature > 0, "temperature", cfg.temperature, "must be > 0 (sampling divides the logits by it)")
     req(0 < cfg.top_p <= 1, "top_p", cfg.top_p, "must be in (0, 1]")

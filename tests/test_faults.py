@@ -175,7 +175,8 @@ def test_a_second_run_into_a_running_runs_directory_is_refused_naming_its_pid(ti
     assert first.returncode == 0, first.stderr[-3000:]
     pid, code, stderr = (tmp_path / "second.txt").read_text().split("\n", 2)
     last = stderr.strip().splitlines()[-1]
-    assert code == "2" and last.startswith("train_rl.py: error: --out_dir ") and f"in use by another run (pid {pid})" in last
+    assert code == "2" and last.startswith("train_rl.py: error: --out_dir ")
+    assert f"in use by another run (pid {pid})" in last, last
     assert_same_run(straight, tmp_path / "run")  # the first run, undisturbed: every step once
 
 

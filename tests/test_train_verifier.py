@@ -110,7 +110,8 @@ def test_label_killed_half_way_and_rerun_gives_one_label_per_row(tmp_path, tiny_
     out = tmp_path / "labels.jsonl"
     # a local-model teacher (random weights: its first token is anything, so --verifier_max_unjudged 1),
     # one row per write: slow enough to be killed half way
-    args = ["label", "--data", str(src), "--teacher", tiny_model_dir, "--verifier_paper_defaults", "--verifier_max_unjudged", "1",
+    args = ["label", "--data", str(src), "--teacher", tiny_model_dir, "--verifier_paper_defaults",
+            "--verifier_max_unjudged", "1",
             "--rows_per_write", "1", "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "train_verifier.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -140,7 +141,8 @@ def test_teacher_answering_neither_judgement_token_stops_the_labeller(tmp_path, 
     src = write_jsonl(tmp_path / "rows.jsonl", labelled_rows(8, seed=1))
     out = tmp_path / "labels.jsonl"
     with pytest.raises(reward.VerifierError, match="neither 'YES' nor 'NO'"):
-        TV.run(["label", "--data", str(src), "--teacher", tiny_model_dir, "--verifier_paper_defaults", "--out", str(out)])
+        TV.run(["label", "--data", str(src), "--teacher", tiny_model_dir, "--verifier_paper_defaults", "--out",
+                str(out)])
     assert not out.exists() or out.read_text() == ""  # no all-NO labels written
 
 
@@ -461,7 +463,8 @@ def test_sft_and_eval_claim_their_out_dir(tmp_path, tiny_model_dir):
 
     labels = write_jsonl(tmp_path / "labels.jsonl", labelled_rows(40, seed=5))
     args = ["sft", "--student", tiny_model_dir, "--data", str(labels), "--out_dir", str(tmp_path / "run"),
-            "--batch_size", "8", "--micro_batch_size", "8", "--epochs", "0.2", "--pack", "false", "--wandb_mode", "disabled"]
+            "--batch_size", "8", "--micro_batch_size", "8", "--epochs", "0.2", "--pack", "false",
+            "--wandb_mode", "disabled"]
     TV.run(args)
     before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != ".lock"}
     with pytest.raises(config.ConfigError, match="run: holds an earlier run's files .*--overwrite"):
