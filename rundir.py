@@ -54,9 +54,12 @@ def lock(out_dir: str | os.PathLike) -> int:
     """Take out_dir's lock (the directory is created if missing) and return its file descriptor: the
     lock is held until `release` or the end of the process. ConfigError naming the pid of the run that
     holds it (another process, or another claim in this one)."""
-    os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # a file in the way, no permission, a read-only filesystem
+        raise config.ConfigError(f"--out_dir {out_dir}: cannot create {path} ({e.strerror})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
