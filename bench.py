@@ -148,7 +148,7 @@ def worker_trl(a: dict) -> dict:
     import toy
     from metrics import peak_memory_gb
 
-    options = reward.VerifierOptions(soft_mode="renorm", verifier_max_unjudged=1.0)
+    options = reward.VerifierOptions(soft_mode="renorm", verifier_max_unjudged=1.0, verifier_paper_defaults=True)
     verifier = reward.build_verifier(a["verifier"], options)
     tokens: list[int] = []
 

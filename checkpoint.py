@@ -7,6 +7,7 @@ Layout of a checkpoint root:
         .metadata, __R_0.distcp  model + optimizer, sharded by torch.distributed.checkpoint (DCP)
         trainer.pt               step, world size, scheduler state, `extra` (rank 0)
         rank0.pt, rank1.pt, ...  each rank's RNG states (torch CPU, CUDA, python `random`)
+        sha256.json              the sha256 of every file above (each rank hashes what it wrote)
     root/step_00000050.tmp/      being written, or left by a crash: ignored, removed by the next save
     root/latest                  the name of the newest complete checkpoint, for people and tools
 
@@ -19,18 +20,21 @@ load: a checkpoint written by 8 ranks loads on 2, or in one process without a pr
 states are then restored where a rank file exists).
 
 Loading checks the newest checkpoint first (every file present, shards as long as .metadata says,
-trainer and RNG files readable) and falls back, with a warning naming the damaged file, to the
-previous one. Rank 0 makes those checks and every rank follows it; an error while any rank reads
-the files is shared by all of them (one collective), so every rank loads the same checkpoint.
+trainer and RNG files readable, every file's sha256 as sha256.json says, every loaded tensor finite)
+and falls back, with a warning naming the damaged file, to the previous one. Rank 0 makes those
+checks and every rank follows it; an error while any rank reads the files is shared by all of them (one collective), so every rank loads the same checkpoint.
 
-Everything saved besides DCP shards is loaded with `torch.load(weights_only=True)`: `extra` may hold
-only plain Python values (dict, list, tuple, str, int, float, bool, None) and tensors; `save_checkpoint`
-checks this before writing.
+Everything saved is loaded with `torch.load(weights_only=True)`, the DCP shards' non-tensor items (the
+optimizer's param_groups) included: `extra` may hold only plain Python values (dict, list, tuple, str,
+int, float, bool, None) and tensors; `save_checkpoint` checks this before writing. DCP's own index,
+.metadata, is a pickle that torch unpickles: a checkpoint directory is code, load only your own.
 """
 
 import copy
 import glob
+import hashlib
 import io
+import json
 import os
 import random
 import re
@@ -41,7 +45,8 @@ import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
@@ -53,6 +58,7 @@ _TMP_DIR = re.compile(r"step_\d{8}\.tmp")
 TRAINER_FILE = "trainer.pt"
 LATEST_FILE = "latest"
 METADATA_FILE = ".metadata"  # DCP's index of the shards
+MANIFEST_FILE = "sha256.json"  # {file: sha256} of every other file of the checkpoint
 
 
 class CheckpointError(RuntimeError):
@@ -89,11 +95,83 @@ def _agree(fn):
     return result, [e if len(errors) == 1 else f"rank {','.join(rs)}: {e}" for e, rs in ranks.items()]
 
 
-def _dcp(fn, state: dict, path: str) -> None:
+def _dcp(fn, state: dict, path: str, **kwargs) -> None:
     """dcp.save / dcp.load; without a process group, one process on purpose (no DCP warning)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        fn(state, checkpoint_id=path, no_dist=not distributed.is_initialized())
+        fn(state, checkpoint_id=path, no_dist=not distributed.is_initialized(), **kwargs)
+
+
+class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DCP's default planner reads the non-tensor items of a checkpoint (the optimizer's param_groups:
+    lr, betas, flags) with torch.load(weights_only=False), which runs whatever the pickle says. They
+    are plain values: weights_only=True reads them and nothing else."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        obj = torch.load(value, weights_only=True)
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def _sha256(file: str) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _own_files(path: str) -> list[str]:
+    """The files of checkpoint `path` this rank wrote: its DCP shard(s) and RNG file; rank 0 also
+    .metadata and trainer.pt."""
+    r = distributed.rank()
+    own = [n for n in os.listdir(path) if n.startswith(f"__{r}_") or n == f"rank{r}.pt"]
+    return sorted(own + ([METADATA_FILE, TRAINER_FILE] if r == 0 else []))
+
+
+def _checksum_problems(path: str) -> list[str]:
+    """Every file whose bytes differ from sha256.json (or the manifest itself missing or unreadable):
+    damage inside a shard that its size does not show."""
+    manifest = os.path.join(path, MANIFEST_FILE)
+    try:
+        with open(manifest) as f:
+            digests = json.load(f)
+    except (OSError, ValueError) as e:
+        return [f"{manifest} {'missing' if isinstance(e, FileNotFoundError) else 'unreadable'} ({_describe(e)})"]
+    problems = []
+    for name, digest in sorted(digests.items()):
+        file = os.path.join(path, name)
+        try:
+            if _sha256(file) != digest:
+                problems.append(f"{file} damaged (its sha256 differs from {MANIFEST_FILE}'s)")
+        except OSError as e:
+            problems.append(f"{file} unreadable ({_describe(e)})")
+    return problems
+
+
+def _tensors(obj):
+    """Every tensor in a nested state dict (this rank's shard of a DTensor)."""
+    if isinstance(obj, torch.Tensor):
+        yield obj.to_local() if hasattr(obj, "to_local") else obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def _free_bytes(path: str) -> int:
+    return shutil.disk_usage(path).free
+
+
+def _disk_full(root: str) -> str | None:
+    """What to say when the filesystem of root is full: torch's own writer reports a full disk as
+    "unexpected pos 704 vs 598", never as ENOSPC."""
+    free = _free_bytes(root)
+    return f"No space left on device (ENOSPC): {free} bytes free on the filesystem of {root}" if free < 2**24 else None
 
 
 def _fsync_dir(path: str) -> None:
@@ -245,13 +323,15 @@ def _prepare(root: str, final: str, tmp: str, world: int) -> bool:
     return False
 
 
-def _write(tmp: str, model, optimizer, trainer_bytes: bytes) -> None:
-    """Every rank: its DCP shard and RNG file; rank 0 also trainer.pt."""
+def _write(tmp: str, model, optimizer, trainer_bytes: bytes) -> dict:
+    """Every rank: its DCP shard and RNG file; rank 0 also trainer.pt. Returns {file: sha256} of what
+    this rank wrote (each rank hashes its own: no rank reads the whole checkpoint)."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    _dcp(dcp.save, {"model": model_sd, "optim": optim_sd}, tmp)
+    _dcp(dcp.save, {"model": model_sd, "optim": optim_sd}, tmp)  # returns once .metadata is written too
     _write_file(os.path.join(tmp, f"rank{distributed.rank()}.pt"), _to_bytes(rng_state(), "RNG state"))
     if distributed.rank() == 0:
         _write_file(os.path.join(tmp, TRAINER_FILE), trainer_bytes)
+    return {name: _sha256(os.path.join(tmp, name)) for name in _own_files(tmp)}
 
 
 def _commit(root: str, tmp: str, final: str) -> None:
@@ -264,8 +344,10 @@ def _commit(root: str, tmp: str, final: str) -> None:
     _fsync_dir(root)
 
 
-def _publish(root: str, tmp: str, final: str, keep: int | None) -> None:
-    """Rank 0: commit, then delete all but the newest `keep` checkpoints (None: keep all)."""
+def _publish(root: str, tmp: str, final: str, keep: int | None, digests: dict) -> None:
+    """Rank 0: write the checksum manifest, commit, then delete all but the newest `keep` checkpoints
+    (None: keep all)."""
+    _write_file(os.path.join(tmp, MANIFEST_FILE), json.dumps(digests, indent=0, sort_keys=True).encode())
     _commit(root, tmp, final)
     if keep is not None:
         _prune(root, keep)
@@ -307,10 +389,13 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler=None, extr
     if not failures and distributed.broadcast_object(done):
         return final
     if not failures:  # every shard is on disk before the commit: _agree waits for all ranks
-        _, failures = _agree(lambda: _write(tmp, model, optimizer, trainer_bytes))
+        digests, failures = _agree(lambda: _write(tmp, model, optimizer, trainer_bytes))
     if not failures:  # and nobody moves on (or loads) before the commit is visible
-        _, failures = _agree(lambda: _publish(root, tmp, final, keep) if rank == 0 else None)
+        digests = {k: v for part in distributed.gather_objects(digests) for k, v in part.items()}
+        _, failures = _agree(lambda: _publish(root, tmp, final, keep, digests) if rank == 0 else None)
     if failures:
+        full = _disk_full(root) if rank == 0 else None  # measured before removing the .tmp frees space
+        failures += [full] if full else []
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             if os.path.exists(os.path.join(root, LATEST_FILE + ".part")):
@@ -345,12 +430,15 @@ def _read_shards(path: str, model, optimizer) -> dict:
     place, resharding if the world changed, and every key or it raises (on every rank)."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
+    shards = sorted(glob.glob(os.path.join(path, "*.distcp")))
+    names = ", ".join(shards) if len(shards) <= 8 else f"{path}/*.distcp ({len(shards)} files)"
     try:
-        _dcp(dcp.load, state, path)
+        _dcp(dcp.load, state, path, planner=_WeightsOnlyLoadPlanner())
     except CheckpointException as e:  # it cannot say which file: name them all
-        shards = sorted(glob.glob(os.path.join(path, "*.distcp")))
-        names = ", ".join(shards) if len(shards) <= 8 else f"{path}/*.distcp ({len(shards)} files)"
         raise CheckpointError(f"reading {names} failed: {_describe(e)}") from None
+    # save refuses non-finite weights: here they mean damage the checksums did not catch
+    if not all(bool(torch.isfinite(t).all()) for t in _tensors(state) if t.is_floating_point()):
+        raise CheckpointError(f"{names} hold non-finite values (NaN or inf): refusing to load them")
     return state
 
 
@@ -369,7 +457,8 @@ def load_checkpoint(root: str, model, optimizer, scheduler=None) -> dict | None:
     paths = distributed.broadcast_object(_candidates(root) if distributed.rank() == 0 else None)
     damaged = []
     for path in paths:
-        problems = distributed.broadcast_object(_problems(path, world) if distributed.rank() == 0 else None)
+        problems = distributed.broadcast_object((_problems(path, world) or _checksum_problems(path))
+                                                if distributed.rank() == 0 else None)
         if not problems:
             small, problems = _agree(lambda: _read_small(path))
         if not problems:
@@ -465,11 +554,15 @@ class StopSignal:
     stop, `received` is the signal's number on every rank, so each can exit with 128 + signum, the
     status a shell gives a process the signal killed, which a scheduler tells from success. Under
     torchrun, Ctrl-C reaches torchrun too, which terminates the workers after its own grace period.
+    A torchrun agent killed outright (kill -9) signals nobody: its ranks would train on, unsupervised,
+    to the end. Each rank (TORCHELASTIC_RUN_ID set) notices that its parent changed and stops as if it
+    got SIGHUP (exit 129).
     """
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self.received: int | None = None
         self._previous = {s: signal.signal(s, self._handle) for s in signals}
+        self._launcher = os.getppid() if "TORCHELASTIC_RUN_ID" in os.environ else None
 
     def _handle(self, signum, frame):
         self.received = signum
@@ -479,6 +572,10 @@ class StopSignal:
 
     def should_stop(self) -> bool:
         """True on every rank if any rank was signalled (the highest signal number wins)."""
+        if self._launcher is not None and self.received is None and os.getppid() != self._launcher:
+            self.received = signal.SIGHUP
+            print(f"[checkpoint] the launcher (pid {self._launcher}) is gone: saving and stopping after this step",
+                  file=sys.stderr, flush=True)
         signum = int(distributed.all_max(torch.tensor([self.received or 0])).item())
         if signum and self.received is None:
             self.received = signum  # another rank was signalled: exit as it does

@@ -33,6 +33,8 @@ from urllib.parse import urlsplit
 
 import torch
 
+import remote
+
 
 def _plain(value, where: str):
     """A JSON-ready Python value: tensors and numpy scalars become floats (or ints), text stays text."""
@@ -72,8 +74,10 @@ def wandb_mode(mode: str, environ=os.environ) -> str:
 
 
 def _redact(text: str, environ=os.environ) -> str:
-    key = environ.get("WANDB_API_KEY")
-    return text.replace(key, "***") if key else text
+    """Without the wandb and verifier API keys and any URL's credentials."""
+    for key in (environ.get("WANDB_API_KEY"), environ.get(remote.API_KEY_ENV)):
+        text = text.replace(key, "***") if key else text
+    return remote.redact(text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,10 +88,13 @@ def append_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
     line, which `read_jsonl` cuts off."""
     if not rows:
         return
-    with open(path, "ab") as f:
-        f.write("".join(json.dumps(row) + "\n" for row in rows).encode())
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "ab") as f:
+            f.write("".join(json.dumps(row) + "\n" for row in rows).encode())
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a failed write names no file: a full disk would read "No space left on device" alone
+        raise OSError(e.errno, f"{e.strerror or e} (appending {len(rows)} rows)", os.fspath(path)) from e
 
 
 def _lines(path: str | os.PathLike) -> list[tuple[bytes, dict]]:
@@ -166,6 +173,7 @@ class Metrics:
             return
         os.makedirs(out_dir, exist_ok=True)
         self._rewind_once(self.path)
+        config = json.loads(remote.redact(json.dumps(config, default=str)))  # config.json and wandb: no URL credentials
         with open(os.path.join(out_dir, "config.json"), "w") as f:  # the local files describe the run alone
             json.dump(config, f, indent=2, default=str)
         mode = wandb_mode(mode)

@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import math
+import os
 import random
 import re
 import select
@@ -22,6 +23,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +39,24 @@ class VerifierError(RuntimeError):
 # vLLM's OpenAI-compatible /v1/completions
 
 _RETRY_HTTP = {408, 429, 500, 502, 503, 504}  # overloaded or restarting: worth another try
+API_KEY_ENV = "RLVR_VERIFIER_API_KEY"  # the key of servers started with `vllm serve --api-key`: sent as a bearer token
+_USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
+
+
+def redact(text: str) -> str:
+    """`text` with the credentials of every URL in it (scheme://user:password@host) replaced by ***."""
+    return _USERINFO.sub("***@", text)
+
+
+def url_credentials(spec: str) -> str | None:
+    """Why a verifier spec (http(s)://... endpoints, comma-separated) cannot be used as given, or None:
+    credentials in a URL are refused (they would show in process lists, logs and config files); the
+    key goes in $RLVR_VERIFIER_API_KEY. The reason never holds the credentials."""
+    for e in spec.split(","):
+        if e.strip().startswith(("http://", "https://")) and "@" in urllib.parse.urlsplit(e.strip()).netloc:
+            return (f"credentials in a URL are refused (they would show in process lists and logs); put the key "
+                    f"in ${API_KEY_ENV} (sent as Authorization: Bearer)")
+    return None
 
 
 class CompletionsClient:
@@ -49,10 +69,18 @@ class CompletionsClient:
     def __init__(self, endpoints: list[str], timeout: float, retries: int, concurrency: int, backoff: float = 0.5):
         if not endpoints:
             raise ValueError("CompletionsClient needs at least one endpoint")
+        refused = url_credentials(",".join(endpoints))
+        if refused:
+            raise VerifierError(f"verifier endpoint {redact(','.join(endpoints))}: {refused}")
         self.endpoints = [e.rstrip("/") for e in endpoints]
+        self._headers = {"Content-Type": "application/json"}
+        if os.environ.get(API_KEY_ENV):  # read once; never logged (the headers are never printed)
+            self._headers["Authorization"] = f"Bearer {os.environ[API_KEY_ENV]}"
         self.timeout, self.retries, self.concurrency, self.backoff = timeout, retries, concurrency, backoff
         self._next = itertools.count()  # round robin over endpoints, shared by all threads
-        self.model_id: str = self._request("GET", "/v1/models", None)["data"][0]["id"]
+        served = self._request("GET", "/v1/models", None)["data"][0]
+        self.model_id: str = served["id"]
+        self.max_model_len: int | None = served.get("max_model_len")  # vLLM says how long a prompt may be
 
     def first_token(self, prompts: list[list[int]], token_ids: list[int], seeds: list[int] | None) -> list[dict]:
         """Per prompt: {"token": the first output token (greedy, or sampled with that prompt's seed),
@@ -106,15 +134,16 @@ class CompletionsClient:
             if stop is not None and stop.is_set():  # another request of the batch failed for good
                 raise VerifierError(f"verifier endpoint {endpoint}: request cancelled after another failed")
             data = None if payload is None else json.dumps(payload).encode()
-            req = urllib.request.Request(endpoint + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
+            req = urllib.request.Request(endpoint + path, data=data, method=method, headers=self._headers)
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                     body = resp.read()
             except urllib.error.HTTPError as e:
                 detail = e.read()[:500].decode(errors="replace")
                 if e.code not in _RETRY_HTTP:  # a request the server refuses will not work on retry
-                    raise VerifierError(f"verifier endpoint {endpoint}{path}: HTTP {e.code}: {detail}") from e
+                    hint = (f" (an API key is read from ${API_KEY_ENV}: " + ("is it the server's?)" if API_KEY_ENV in
+                            os.environ else "unset)")) if e.code in (401, 403) else ""
+                    raise VerifierError(f"verifier endpoint {endpoint}{path}: HTTP {e.code}: {detail}{hint}") from e
                 causes.append((endpoint, f"HTTP {e.code} {detail}"))
                 continue
             except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut short

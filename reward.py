@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,7 +200,7 @@ def save_settings(directory: str | os.PathLike, settings: VerifierSettings) -> s
 
 def load_settings(name_or_path: str) -> VerifierSettings | None:
     """The settings saved with a verifier (a directory, or a hub repository holding the file); None for
-    a verifier without them (the released RM-7B), which keeps the paper's defaults."""
+    a verifier without them (the released RM-7B): build_verifier then needs --verifier_paper_defaults."""
     if Path(name_or_path).is_dir():
         path = Path(name_or_path) / SETTINGS_FILE
         path = path if path.exists() else None
@@ -220,6 +221,28 @@ def load_settings(name_or_path: str) -> VerifierSettings | None:
             raise ValueError(f"{path}: field {key!r} = {value!r} is not a verifier setting of that type; "
                              f"expected fields {[f.name for f in dataclasses.fields(defaults)]}")
     return dataclasses.replace(defaults, **values)
+
+
+def require_settings(saved: VerifierSettings | None, name: str, paper_defaults: bool, template_given: bool) -> None:
+    """A model verifier without saved settings is asked with the paper's template only when the user says
+    so: asked with a prompt it did not learn, a distilled verifier judges something else (a reward mean of
+    0.54 fell to 0.007, without a word, when its settings file was missing)."""
+    if saved is None and not (paper_defaults or template_given):
+        raise config.ConfigError(
+            f"verifier {name}: no {SETTINGS_FILE} (the prompt it was trained with); name its template with "
+            "--verifier_template FILE, or pass --verifier_paper_defaults to ask it with the paper's template and "
+            "YES/NO (right for the released RM-7B, virtuoussy/Qwen2.5-7B-Instruct-RLVR, and for a general judge)")
+
+
+def check_saved_settings(spec: str, options: "VerifierOptions", from_flags: bool) -> None:
+    """require_settings for a verifier that is a local directory, before anything loads (a hub name or
+    a server is checked when it is built). from_flags: the reward verifier (--verifier_template counts)."""
+    if spec and Path(spec).is_dir():
+        try:
+            saved = load_settings(spec)
+        except ValueError as e:
+            raise config.ConfigError(str(e)) from None
+        require_settings(saved, spec, options.verifier_paper_defaults, from_flags and bool(options.verifier_template))
 
 
 def resolve_settings(saved: VerifierSettings | None, overrides: dict, force: bool = False,
@@ -259,18 +282,27 @@ def judgement_token_ids(tokenizer, spelling: str, sum_variants: bool = False, na
     return out
 
 
+def encodable(text: str) -> str:
+    """`text` as the tokenizer can take it: what UTF-8 cannot encode (a lone surrogate, from a cut
+    character or a crafted response) becomes '?', where the tokenizer would raise a TypeError."""
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 class VerifierPrompt:
     """A verifier's prompt (its settings' template through the tokenizer's chat template) and its
     judgement-token ids, resolved once. The local and the remote verifier and the SFT trainer use it,
-    so a student is trained on exactly the tokens it is later asked with."""
+    so a student is trained on exactly the tokens it is later asked with. With `max_len` (the positions
+    the verifier can read), an answer too long for them is cut to its end, where the final answer is,
+    and counted in `cut` (the verifiers say so); SFT passes none: it drops over-long rows instead."""
 
-    def __init__(self, tokenizer, settings: VerifierSettings = VerifierSettings(), name: str = "verifier"):
+    def __init__(self, tokenizer, settings: VerifierSettings = VerifierSettings(), name: str = "verifier",
+                 max_len: int | None = None):
         for f in ("{reference}", "{response}"):
             if f not in settings.template:
                 raise ValueError(f"verifier template of {name} has no {f} field")
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"tokenizer of {name} has no chat template; the verifier prompt is rendered through it")
-        self.tokenizer, self.settings, self.name = tokenizer, settings, name
+        self.tokenizer, self.settings, self.name, self.max_len, self.cut = tokenizer, settings, name, max_len, 0
         self.positive_ids = judgement_token_ids(tokenizer, settings.positive, settings.sum_variants, name)
         self.negative_ids = judgement_token_ids(tokenizer, settings.negative, settings.sum_variants, name)
         if set(self.positive_ids) & set(self.negative_ids):
@@ -278,13 +310,38 @@ class VerifierPrompt:
                              f"for {name}")
 
     def prompt_ids(self, question: str, reference: str, response: str) -> list[int]:
+        """The prompt's ids; at most max_len - 1 of them (the judgement token needs a position)."""
+        question, reference, response = encodable(question), encodable(reference), encodable(response)
+        answer = answer_text(response, self.settings.full_response, self.settings.strip_think)
+        ids = self._render(question, reference, answer)
+        if self.max_len is None or len(ids) < self.max_len:
+            return ids
+        self.cut += 1
+        answer_ids = self.tokenizer.encode(answer, add_special_tokens=False)
+        keep = len(answer_ids) - (len(ids) - self.max_len + 1)
+        while keep > 0:  # a cut can re-tokenise differently at its edge: cut again until it fits
+            ids = self._render(question, reference, self.tokenizer.decode(answer_ids[-keep:]))
+            if len(ids) < self.max_len:
+                return ids
+            keep -= len(ids) - self.max_len + 1
+        return ids[-(self.max_len - 1):]  # the question and reference alone are too long: the prompt's end
+
+    def _render(self, question: str, reference: str, answer: str) -> list[int]:
         s = self.settings
-        answer = answer_text(response, s.full_response, s.strip_think)
         messages = [{"role": "user", "content": fill_template(s.template, question, reference, answer)}]
         if s.system_prompt:
             messages.insert(0, {"role": "system", "content": s.system_prompt})
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def batch_ids(self, questions: list[str], references: list[str], responses: list[str]) -> list[list[int]]:
+        """prompt_ids of each row; one line on stderr when some answers had to be cut."""
+        before = self.cut
+        out = [self.prompt_ids(q, r, a) for q, r, a in zip(questions, references, responses)]
+        if self.cut > before:
+            print(f"[verifier] {self.name}: {self.cut - before} of {len(out)} answers were longer than its "
+                  f"{self.max_len} positions and were cut to their end ({self.cut} so far)", file=sys.stderr, flush=True)
+        return out
 
     def check_judged(self, judged: Tensor, answered, max_unjudged: float, counts: Tensor | None = None) -> None:
         """VerifierError when the share of first tokens that are neither judgement token is above
@@ -335,7 +392,7 @@ class LocalVerifier:
     def __init__(self, lm, tokenizer, settings: VerifierSettings = VerifierSettings(), name: str = "local verifier",
                  batch_size: int = 8, soft_mode: SoftMode = "eq4", sample: bool = False, max_unjudged: float = 0.1,
                  seed: int = 0):
-        self.prompt = VerifierPrompt(tokenizer, settings, name)
+        self.prompt = VerifierPrompt(tokenizer, settings, name, getattr(lm.config, "max_position_embeddings", None))
         self.model, self.name, self.batch_size, self.soft_mode = lm, name, batch_size, soft_mode
         self.sample, self.max_unjudged, self.seed, self.calls = sample, max_unjudged, seed, 0
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -350,7 +407,7 @@ class LocalVerifier:
         _check_lengths(questions, references, responses)
         seeds = _seeds_for(seeds, len(questions), self.sample, self.seed, self.calls)
         self.calls += 1
-        seqs = [self.prompt.prompt_ids(q, r, a) for q, r, a in zip(questions, references, responses)]
+        seqs = self.prompt.batch_ids(questions, references, responses)
         logits = self.last_logits(seqs)
         j = rewards_from_logits(logits, self.prompt.positive_ids, self.prompt.negative_ids, self.soft_mode, seeds) \
             if seqs else _empty_judgement()
@@ -406,7 +463,7 @@ class RemoteVerifier:
     def __init__(self, client: CompletionsClient, tokenizer, settings: VerifierSettings = VerifierSettings(),
                  soft_mode: SoftMode = "eq4", sample: bool = False, max_unjudged: float = 0.1, seed: int = 0):
         self.client, self.name = client, f"{client.model_id} at {','.join(client.endpoints)}"
-        self.prompt = VerifierPrompt(tokenizer, settings, self.name)
+        self.prompt = VerifierPrompt(tokenizer, settings, self.name, client.max_model_len)
         self.soft_mode, self.sample, self.max_unjudged, self.seed, self.calls = soft_mode, sample, max_unjudged, seed, 0
 
     def __call__(self, questions: list[str], references: list[str], responses: list[str],
@@ -417,7 +474,7 @@ class RemoteVerifier:
         seeds = _seeds_for(seeds, len(questions), self.sample, self.seed, self.calls)
         self.calls += 1
         pos, neg = self.prompt.positive_ids, self.prompt.negative_ids
-        prompts = [self.prompt.prompt_ids(q, r, a) for q, r, a in zip(questions, references, responses)]
+        prompts = self.prompt.batch_ids(questions, references, responses)
         replies = self.client.first_token(prompts, pos + neg, seeds and [s % 2 ** 31 for s in seeds])
         p = torch.tensor([[math.exp(r["logprobs"][i]) for i in pos + neg] for r in replies], dtype=torch.float64)
         tokens = torch.tensor([r["token"] for r in replies])
@@ -451,6 +508,9 @@ class VerifierOptions:
     verifier_sum_variants: Optional[bool] = _flag(None, "sum p over one-token spellings (YES, Yes, ' yes'...) "
                                                         "(default: saved, else false)")
     verifier_force_settings: bool = _flag(False, "let the flags above override the verifier's saved settings")
+    verifier_paper_defaults: bool = _flag(False, "ask model verifiers without verifier_settings.json (the released "
+                                                 "RM-7B, a general judge) with the paper's template and YES/NO; "
+                                                 "without it they are refused")
     soft_mode: SoftMode = _flag("eq4", "Eq. 4 as the paper writes it, or renorm: p(YES) / (p(YES) + p(NO))")
     verifier_sample: bool = _flag(False, "sample the first token c, seeded per response (Eq. 3 as the paper writes "
                                          "it); Eq. 4 reads the same c")
@@ -511,13 +571,17 @@ def build_verifier(spec: str, options: VerifierOptions | None = None, *, setting
         client = CompletionsClient([e.strip() for e in spec.split(",") if e.strip()], o.verifier_timeout,
                                    o.verifier_retries, o.verifier_concurrency)
         source = o.verifier_tokenizer or client.model_id
-        settings = resolve_settings(load_settings(source), overrides, o.verifier_force_settings, spec)
+        saved = load_settings(source)
+        require_settings(saved, f"{spec} ({source})", o.verifier_paper_defaults, "template" in overrides)
+        settings = resolve_settings(saved, overrides, o.verifier_force_settings, spec)
         tokenizer = model.load_tokenizer(source, trust_remote_code=trust_remote_code)
         return RemoteVerifier(client, tokenizer, settings, max_unjudged=o.verifier_max_unjudged, seed=seed, **reading)
     if not spec.strip():
         raise ValueError(f"empty verifier spec; give rule:{'|rule:'.join(RULES)}, an http(s):// endpoint, "
                          "a model directory or a hub name")
-    settings = resolve_settings(load_settings(spec), overrides, o.verifier_force_settings, spec)
+    saved = load_settings(spec)
+    require_settings(saved, spec, o.verifier_paper_defaults, "template" in overrides)
+    settings = resolve_settings(saved, overrides, o.verifier_force_settings, spec)
     m = model.load_model(spec, device, dtype or model.compute_dtype(), trust_remote_code).eval().requires_grad_(False)
     return LocalVerifier(model.shard_model(m, mixed_precision=False) if shard else m,
                          model.load_tokenizer(spec, trust_remote_code=trust_remote_code), settings, name=spec,

@@ -11,9 +11,11 @@ from typing import Literal
 
 import checkpoint
 import config
+import remote
 import reward
 import rl_math
 import rollout
+import rundir
 from config import resume_field
 
 
@@ -83,6 +85,9 @@ class Config:
     max_filter_rounds: int = field(default=3, metadata={
         "help": "extra rounds of --prompts_per_step prompts --filter_groups may draw per step; a batch still short "
                 "is filled with the first dropped groups (their advantage is 0 under --reward_norm group)"})
+    filter_patience: int = field(default=3, metadata={
+        "help": "--filter_groups: stop (after a checkpoint) when this many steps in a row keep no group (every "
+                "prompt's responses rewarded alike: nothing to learn, generation wasted)"})
     # advantages, KL and loss (rl_math.py)
     reward_norm: Literal["auto", "batch", "group", "none"] = field(default="auto", metadata={
         "help": "the z-score of rewards: over the batch (the paper), per prompt group (GRPO), or none; auto: the "
@@ -136,10 +141,13 @@ class Config:
     eval_samples: int = field(default=8, metadata={
         "help": "0: one greedy answer per prompt (the paper recipes); k: k answers sampled at --temperature (the "
                 "same seeds at every eval), accuracy their mean: finer-grained on a small held-out set (the toy's 17)"})
-    eval_only: bool = field(default=False, metadata={"help": "evaluate the policy (or, with --resume, the checkpoint) and exit"})
+    eval_only: bool = field(default=False, metadata={
+        "help": "evaluate the policy (or, with --resume, the checkpoint) and exit; the results go to out_dir/eval_only/ "
+                "(metrics.jsonl, one row per evaluation): nothing of the run is rewritten"})
     save_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: at the end and on SIGTERM/SIGINT)"})
     keep_checkpoints: int = 2
     resume: str = resume_field()
+    overwrite: bool = rundir.overwrite_field()
     out_dir: str = field(default="runs/demo", metadata={"help": "checkpoints, metrics.jsonl, rollouts.jsonl, audit.jsonl, final/"})
     dump_rollouts: bool = field(default=True, metadata={"help": "append every judged response to out_dir/rollouts.jsonl"})
     wandb_project: str = "rlvr"
@@ -153,7 +161,8 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
     req = config.require
     world = int(os.environ.get("WORLD_SIZE", 1))
     for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "ppo_epochs", "minibatches",
-                 "micro_batch_size", "logprob_chunk", "max_prompt_len", "max_nonfinite_steps", "audit_patience"):
+                 "micro_batch_size", "logprob_chunk", "max_prompt_len", "max_nonfinite_steps", "audit_patience",
+                 "filter_patience"):
         req(getattr(cfg, name) >= 1, name, getattr(cfg, name), "must be >= 1")
     req(cfg.temperature > 0, "temperature", cfg.temperature, "must be > 0 (sampling divides the logits by it)")
     req(0 < cfg.top_p <= 1, "top_p", cfg.top_p, "must be in (0, 1]")
@@ -196,9 +205,17 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
         "is required: a judge's spec, 'auto' (chosen from the data) or 'self' (the reward verifier grades itself)")
     req(cfg.audit_verifier != "self", "audit_verifier", cfg.audit_verifier,
         "cannot be the reward verifier: an audit needs another judge ('' for none)")
+    for name in ("verifier", "eval_verifier", "audit_verifier", "log_verifiers"):
+        refused = remote.url_credentials(getattr(cfg, name))
+        req(refused is None, name, remote.redact(getattr(cfg, name)), refused)
+    for name, spec in [(n, getattr(cfg, n)) for n in ("verifier", "eval_verifier", "audit_verifier")] + \
+            [("log_verifiers", s.strip()) for s in cfg.log_verifiers.split(",")]:
+        reward.check_saved_settings(spec, vopts, from_flags=name == "verifier")
     ckpts = os.path.join(cfg.out_dir, "checkpoints")
     req(cfg.resume != "yes" or checkpoint.latest_checkpoint(ckpts) is not None, "resume", cfg.resume,
         f"no checkpoint in {ckpts}; --resume auto starts fresh when there is none")
+    req(not cfg.overwrite or (cfg.resume == "no" and not cfg.eval_only), "overwrite", cfg.overwrite,
+        "contradicts --resume and --eval_only (they keep the run's files)")
     vopts.check()
 
 

@@ -343,7 +343,9 @@ def tiny_verifier() -> str:
             stage_dir = out / f"stage{stage}"
             if not (stage_dir / "final" / "config.json").exists():
                 cmd = [sys.executable, str(repo / "train_verifier.py"), "sft", "--config", str(recipe), "--student",
-                       student, "--out_dir", str(stage_dir), "--resume", "auto", "--wandb_mode", "disabled"]
+                       student, "--out_dir", str(stage_dir), "--wandb_mode", "disabled"]
+                # continue a stage a crash interrupted after a checkpoint, else start it over
+                cmd += ["--resume", "auto"] if (stage_dir / "checkpoints" / "latest").exists() else ["--overwrite"]
                 print(f"[toy] distilling the tiny verifier, stage {stage} of {len(VERIFIER_RECIPES)} (once; cached "
                       f"in {out}):\n  {' '.join(cmd)}", flush=True)
                 # a process of its own, not a rank of this run's process group

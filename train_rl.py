@@ -10,6 +10,7 @@ The functions below are defined in that order; the formulas live in rl_math.py.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import os
 import sys
@@ -30,6 +31,7 @@ import reward
 import rl_config
 import rl_math
 import rollout
+import rundir
 import toy
 from rl_config import Config
 
@@ -271,8 +273,10 @@ def reduce_step(parts: list[dict], rewards: torch.Tensor, logged_names: list[str
 def evaluate(policy, tokenizer, heldout, grader, cfg: Config, device) -> dict:
     """Accuracy overall and per subject, of greedy answers or of cfg.eval_samples sampled ones per
     prompt. Prompts are sharded over ranks (padded with repeats so every rank runs as many batches:
-    FSDP gathers inside generate's forward)."""
+    FSDP gathers inside generate's forward). No held-out prompts: no eval ({}; load_data said so)."""
     records = heldout[:cfg.eval_prompts] if cfg.eval_prompts else heldout
+    if not records:
+        return {}
     k = max(1, cfg.eval_samples)
     world, rank = distributed.world_size(), distributed.rank()
     slots = list(range(len(records) * k))  # answer j of prompt i is slot i * k + j, named by its seed
@@ -344,7 +348,8 @@ def drop_long_prompts(cfg: Config, tokenizer, train_set: list, heldout: list) ->
     if not train_set:
         raise data.DataError(f"--data {cfg.data}: no training prompts left (held out, excluded or too long)")
     say(f"data: {len(train_set)} train / {len(heldout)} held-out prompts"
-        + (f", {n_long} longer than --max_prompt_len dropped" if n_long else ""))
+        + (f", {n_long} longer than --max_prompt_len dropped" if n_long else "")
+        + ("; no eval (no held-out prompts: --heldout_fraction > 0 or --eval_data gives some)" if not heldout else ""))
     return train_set, heldout
 
 
@@ -433,7 +438,7 @@ def resume(cfg: Config, ckpt_dir: Path, policy, optimizer, scheduler) -> dict:
     if state is None:  # --resume yes without a checkpoint was refused before anything loaded
         return {"step": 0, "streaks": {"nonfinite": 0, "audit": 0}}
     if distributed.rank() == 0:
-        for name in ("rollouts.jsonl", "audit.jsonl"):
+        for name in ("rollouts.jsonl", "audit.jsonl") if not cfg.eval_only else ():  # it writes to eval_only/ only
             metrics.rewind_jsonl(Path(cfg.out_dir) / name, state["step"])
         print(f"resumed from step {state['step']} ({ckpt_dir})")
     return state
@@ -466,6 +471,13 @@ def check_streaks(m: dict, streaks: dict, step: int, cfg: Config, out_dir: Path)
                     f"{fpr:.1%} of the answers it judged wrong, above --audit_max_fpr {cfg.audit_max_fpr} for "
                     f"{streaks['audit']} audits in a row: the policy is hacking the verifier. The disagreements are in "
                     f"{out_dir / 'audit.jsonl'}: harden the verifier with train_verifier.py sft --data on them.")
+    if "rollout/groups_kept_frac" in m:  # --filter_groups
+        streaks["filter"] = streaks.get("filter", 0) + 1 if m["rollout/groups_kept_frac"] == 0 else 0
+        if streaks["filter"] >= cfg.filter_patience:
+            return (f"step {step}: --filter_groups kept no group in {streaks['filter']} steps in a row (--filter_patience "
+                    f"{cfg.filter_patience}): every prompt's {cfg.samples_per_prompt} responses got the same "
+                    f"{cfg.reward_type} reward ({m['reward/mean']:.3g} on average) in all {1 + cfg.max_filter_rounds} "
+                    "rounds, so the updates were 0. Is the verifier's reward constant (see reward/std)?")
     return None
 
 
@@ -514,9 +526,10 @@ def train(cfg: Config, vopts: reward.VerifierOptions) -> dict:
     sampler = data.PromptSampler(len(train_set), cfg.prompts_per_step, cfg.seed, rank, world)
     state = resume(cfg, ckpt_dir, policy, optimizer, scheduler)
     start, streaks = state["step"], state["streaks"]
-    log = metrics.Metrics(str(out_dir), {**asdict(cfg), **asdict(vopts), "policy_path": policy_path,
-                                         "verifier_path": verifier_spec}, cfg.wandb_project,
-                          cfg.wandb_run_name or None, cfg.wandb_mode, rank, resume_step=start)
+    log = metrics.Metrics(str(out_dir / "eval_only" if cfg.eval_only else out_dir),
+                          {**asdict(cfg), **asdict(vopts), "policy_path": policy_path, "verifier_path": verifier_spec},
+                          cfg.wandb_project, cfg.wandb_run_name or None, cfg.wandb_mode, rank,
+                          resume_step=None if cfg.eval_only else start)
     if cfg.eval_only:
         result = evaluate(policy, tokenizer, heldout, judges["eval"], cfg, device)
         log.log(start, result)
@@ -623,9 +636,23 @@ def closing_lines(cfg: Config, result: dict) -> list[str]:
     return lines
 
 
+def claim_out_dir(cfg: Config) -> None:
+    """Rank 0 locks out_dir for the run's life (--eval_only: out_dir/eval_only, where it writes) and
+    refuses a directory holding an earlier run's files unless --resume continues it or --overwrite
+    empties it; before any model loads."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    if cfg.eval_only:
+        rundir.lock(Path(cfg.out_dir) / "eval_only")
+        return
+    ckpts = str(Path(cfg.out_dir) / "checkpoints")
+    rundir.claim(cfg.out_dir, cfg.resume, cfg.overwrite, lambda: checkpoint.latest_checkpoint(ckpts) is not None)
+
+
 def main() -> None:
     try:
         cfg, vopts = rl_config.parse_config()
+        claim_out_dir(cfg)
     except config.ConfigError as e:
         config.exit_on_error("train_rl.py", e)
     try:
@@ -635,6 +662,11 @@ def main() -> None:
     except (reward.VerifierError, data.DataError, checkpoint.CheckpointError, NonFiniteError) as e:
         # the message names the endpoint, file, row or step: a traceback would only bury it
         print(f"train_rl.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"train_rl.py: error: {e}", file=sys.stderr)  # a full disk: the message names the file
         sys.exit(1)
     finally:
         distributed.shutdown()

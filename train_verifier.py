@@ -18,6 +18,7 @@ teacher; it reports the student's master-key false-positive rate beside its held
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import gc
 import json
@@ -42,8 +43,10 @@ import data
 import distributed
 import metrics
 import model
+import remote
 import reward
 import rollout
+import rundir
 import toy
 from config import resume_field
 
@@ -131,6 +134,7 @@ class SftConfig(Logged):
     save_every: int = field(default=0, metadata=_help("steps between checkpoints (0: at the end and on SIGTERM/INT)"))
     keep_checkpoints: int = 2
     resume: str = resume_field()
+    overwrite: bool = rundir.overwrite_field()
     out_dir: str = field(default="runs/verifier", metadata=_help(
         "labels (toy), policy_labels.jsonl, checkpoints, metrics.jsonl, final/ (weights + verifier_settings.json)"))
 
@@ -145,18 +149,27 @@ class EvalConfig(Logged):
     seed: int = field(default=0, metadata=_help("which pairs the master-key probe draws"))
     out_dir: str = field(default="runs/verifier_eval", metadata=_help("eval.json, reliability.png, metrics.jsonl"))
     out: str = field(default="", metadata=_help("write the JSON report here too (it always goes to stdout)"))
+    overwrite: bool = rundir.overwrite_field()
 
 
 def check_config(cfg, vopts: reward.VerifierOptions) -> None:
     """Every range and relation, before any model loads: a bad value is one line naming its flag."""
     req = config.require
     vopts.check()
+    for name in ("verifier", "teacher"):
+        refused = remote.url_credentials(getattr(cfg, name, ""))
+        req(refused is None, name, remote.redact(getattr(cfg, name, "")), refused)
+    # the eval verifier and label's teacher are asked with the prompt flags; sft's teacher is not
+    reward.check_saved_settings(getattr(cfg, "verifier", ""), vopts, from_flags=True)
+    reward.check_saved_settings(getattr(cfg, "teacher", ""), vopts, from_flags=not isinstance(cfg, SftConfig))
     if isinstance(cfg, EvalConfig):
         req(cfg.data.strip() != "", "data", cfg.data, "is required (rows with question, reference, response, label)")
         req(cfg.verifier.strip() != "", "verifier", cfg.verifier, "is required")
         req(cfg.master_key_prompts >= 1, "master_key_prompts", cfg.master_key_prompts, "must be >= 1")
         return
     req(cfg.teacher.strip() != "", "teacher", cfg.teacher, "is required")
+    req(not getattr(cfg, "overwrite", False) or cfg.resume == "no", "overwrite", True,
+        "contradicts --resume (it keeps the run's files)")
     try:
         toy.parse_mix(cfg.toy_mix)
     except ValueError as e:
@@ -607,22 +620,46 @@ def run(argv: list[str]) -> dict:
     if not argv or argv[0] not in COMMANDS:
         raise config.ConfigError(f"unknown command {argv[0] if argv else ''!r}; choose from {', '.join(COMMANDS)}")
     cfg, vopts = parse_config(argv[0], argv[1:])
+    lock = claim_out_dir(cfg)
     try:
         return COMMANDS[argv[0]][1](cfg, vopts)
     finally:
         distributed.shutdown()
+        if lock is not None:
+            rundir.release(lock)
+
+
+def claim_out_dir(cfg) -> int | None:
+    """sft and eval: rank 0 locks --out_dir for the run (rundir.py) and refuses one that holds an earlier
+    run's files unless --resume (sft) continues it or --overwrite empties it. label appends by design."""
+    if isinstance(cfg, LabelConfig) or int(os.environ.get("RANK", 0)) != 0:
+        return None
+    ckpts = str(Path(cfg.out_dir) / "checkpoints")
+    return rundir.claim(cfg.out_dir, getattr(cfg, "resume", "no"), cfg.overwrite,
+                        lambda: checkpoint.latest_checkpoint(ckpts) is not None)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Exit status: 2 for a bad flag; 128 + signum for a run stopped by SIGTERM/SIGINT (after a checkpoint)."""
+    """Exit status: 2 for a bad flag; 1, in one line, for bad data, a verifier that cannot judge, no loadable
+    checkpoint or a NaN loss; 128 + signum for a run stopped by SIGTERM/SIGINT (after a checkpoint)."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(f"{USAGE}\n{__doc__}")
         sys.exit(0 if argv else 2)
+    prog = f"train_verifier.py {argv[0]}" if argv[0] in COMMANDS else "train_verifier.py"
     try:
         result = run(argv)
     except config.ConfigError as e:
-        config.exit_on_error(f"train_verifier.py {argv[0]}" if argv[0] in COMMANDS else "train_verifier.py", e)
+        config.exit_on_error(prog, e)
+    except (data.DataError, reward.VerifierError, checkpoint.CheckpointError, FloatingPointError) as e:
+        # the message names the file, row, endpoint or step: a traceback would only bury it
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)  # a full disk: the message names the file
+        sys.exit(1)
     if result.get("stopped"):
         sys.exit(128 + result["stopped"])
     return result

@@ -12,6 +12,7 @@ past damaged checkpoints: every rank must reach the same outcome. Exits non-zero
 
 import errno
 import gc
+import json
 import os
 import random
 import signal
@@ -121,8 +122,14 @@ def check_failures(root: str, model, optimizer, scheduler):
         shard = os.path.join(root, "step_00000002", "__1_0.distcp")
         os.truncate(shard, os.path.getsize(shard) // 2)  # seen in the sizes, by rank 0
         shard = os.path.join(root, "step_00000003", "__1_0.distcp")
-        with open(shard, "r+b") as f:  # seen only when rank 1 reads it
+        with open(shard, "r+b") as f:  # seen only when rank 1 reads it ...
             f.write(bytes(os.path.getsize(shard)))
+        manifest = os.path.join(root, "step_00000003", checkpoint.MANIFEST_FILE)
+        with open(manifest) as f:  # ... once its checksum is made to match (damage the checksums miss)
+            digests = json.load(f)
+        digests["__1_0.distcp"] = checkpoint._sha256(shard)
+        with open(manifest, "w") as f:
+            json.dump(digests, f)
     dist.barrier()
     extra = checkpoint.load_checkpoint(root, model, optimizer, scheduler)
     assert extra == {"at": 1, "step": 1}, extra

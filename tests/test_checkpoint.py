@@ -193,10 +193,18 @@ def zero_bytes(path):  # same size, so only reading the shard shows it
         f.write(bytes(os.path.getsize(path)))
 
 
+def overwrite_inside(path):  # 400 bytes in the middle of the tensor data: still a valid file, wrong weights
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        f.write(b"\xff" * 400)
+
+
 DAMAGE = {  # what breaks, and the word the warning must say about that file
     "truncated shard": ("__0_0.distcp", truncate, "truncated"),
     "missing shard": ("__0_0.distcp", os.remove, "missing"),
-    "shard bytes": ("__0_0.distcp", zero_bytes, "UnpicklingError|Error"),
+    "shard bytes": ("__0_0.distcp", zero_bytes, "damaged .its sha256 differs"),
+    "bytes inside a shard": ("__0_0.distcp", overwrite_inside, "damaged .its sha256 differs"),
+    "missing manifest": ("sha256.json", os.remove, "missing"),
     "missing trainer state": ("trainer.pt", os.remove, "missing"),
     "missing rank RNG": ("rank0.pt", os.remove, "missing"),
     "bad metadata": (".metadata", truncate, "unreadable"),
@@ -216,7 +224,7 @@ def test_damaged_latest_falls_back_to_previous_with_a_warning_naming_the_file(tm
     err = capsys.readouterr().err
     assert f"{bad}" in err and "resuming from " + str(tmp_path / "step_00000001") in err, err
     assert re.search(says, err.split(str(bad))[1]), err
-    if case != "shard bytes":  # metadata and sizes show the others without loading
+    if "bytes" not in case and "manifest" not in case:  # metadata and sizes show the others without hashing
         assert checkpoint.latest_checkpoint(str(tmp_path)) == str(tmp_path / "step_00000001")
 
 
@@ -325,3 +333,64 @@ def test_two_rank_fsdp_checkpoint_and_export(tmp_path):
     with torch.no_grad():
         logits = loaded(input_ids=torch.arange(3, 40).view(1, -1)).logits
     torch.testing.assert_close(logits, torch.load(tmp_path / "logits.pt", weights_only=True), rtol=1e-5, atol=1e-5)
+
+
+def test_non_finite_weights_at_load_are_refused_and_the_previous_checkpoint_loads(tmp_path, monkeypatch, capsys):
+    # a checkpoint with NaN weights and matching checksums (what a bug or a bad write before hashing leaves):
+    # written with the save-time check off
+    at_1 = two_checkpoints(str(tmp_path))
+    model, optimizer, scheduler = make_run()
+    train_step(model, optimizer, scheduler)
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    monkeypatch.setattr(checkpoint, "_refuse_non_finite", lambda model, what: None)
+    checkpoint.save_checkpoint(str(tmp_path), 3, model, optimizer, scheduler, {"k": 3}, keep=None)
+    monkeypatch.undo()
+    model, optimizer, scheduler = make_run(seed=9)
+    assert checkpoint.load_checkpoint(str(tmp_path), model, optimizer, scheduler) == {"k": 2, "step": 2}
+    err = capsys.readouterr().err
+    assert "step_00000003" in err and "non-finite values (NaN or inf)" in err, err
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert at_1  # step 1 is still there to fall back to
+
+
+class Tripwire:
+    """Unpickling it runs code (as a crafted checkpoint would); it only records that it ran."""
+    ran = []
+
+    def __reduce__(self):
+        return (Tripwire.ran.append, ("unpickled",))
+
+
+def test_optimizer_groups_load_weights_only(tmp_path):
+    # DCP's default planner loads param_groups' values with weights_only=False: a crafted group value runs
+    model, optimizer, scheduler = make_run()
+    train_step(model, optimizer, scheduler)
+    optimizer.param_groups[0]["note"] = Tripwire()
+    checkpoint.save_checkpoint(str(tmp_path), 1, model, optimizer, scheduler)
+    model, optimizer, scheduler = make_run()
+    optimizer.param_groups[0]["note"] = None
+    with pytest.raises(checkpoint.CheckpointError, match="Weights only load failed|weights_only"):
+        checkpoint.load_checkpoint(str(tmp_path), model, optimizer, scheduler)
+    assert Tripwire.ran == []
+
+
+def test_torchs_full_disk_error_is_named_as_one(tmp_path, monkeypatch):
+    # torch's zip writer says "unexpected pos 704 vs 598" when the disk fills; the free space says why
+    root = str(tmp_path)
+    model, optimizer, scheduler = make_run()
+    checkpoint.save_checkpoint(root, 1, model, optimizer, scheduler)
+
+    def torch_full(tmp, *args):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(checkpoint, "_write", torch_full)
+    monkeypatch.setattr(checkpoint, "_free_bytes", lambda path: 4096)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.save_checkpoint(root, 2, model, optimizer, scheduler)
+    assert "unexpected pos 704 vs 598" in str(e.value)
+    assert f"No space left on device (ENOSPC): 4096 bytes free on the filesystem of {root}" in str(e.value)
+    monkeypatch.setattr(checkpoint, "_free_bytes", lambda path: 2**40)  # not full: not said
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.save_checkpoint(root, 2, model, optimizer, scheduler)
+    assert "No space left" not in str(e.value)

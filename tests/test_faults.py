@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
 
 
-def faulted(fault, at, args, timeout=1200):  # hang detector only
+def faulted(fault, at, args, timeout=1200, **env):  # hang detector only
     """train_rl.py in a session of its own (its own process group) with FAULT injected at step `at`."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", FAULT=fault, FAULT_STEP=str(at))
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled", FAULT=fault, FAULT_STEP=str(at), **env)
     return subprocess.run([sys.executable, str(ROOT / "tests" / "fault_runner.py")] + args, capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=ROOT, start_new_session=True)
 
@@ -159,3 +159,163 @@ def test_a_fooled_verifier_shows_in_the_audit_and_stops_the_run(tiny_model_dir, 
         assert r["audit/false_positive_rate"] == 1.0 and r["audit/rows"] == 8
         assert r["audit/agreement"] == 1 - sum(a["step"] == r["step"] for a in audited) / 8
     assert (tmp_path / "checkpoints" / "step_00000002").exists() and not (tmp_path / "final").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# one run, one directory (issue 21)
+
+
+def snapshot(out_dir):
+    """Every file under out_dir and its bytes (the lock file aside: it only names the last claimant)."""
+    return {str(p.relative_to(out_dir)): p.read_bytes() for p in sorted(Path(out_dir).rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def test_a_second_run_into_a_running_runs_directory_is_refused_naming_its_pid(tiny_model_dir, straight, tmp_path):
+    args = flags(tiny_model_dir, tmp_path / "run", STEPS, save_every=1, log_verifiers="rule:math")
+    first = faulted("second_run_in_update", 2, args, FAULT_OUT=str(tmp_path / "second.txt"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    pid, code, stderr = (tmp_path / "second.txt").read_text().split("\n", 2)
+    last = stderr.strip().splitlines()[-1]
+    assert code == "2" and last.startswith("train_rl.py: error: --out_dir ")
+    assert f"in use by another run (pid {pid})" in last, last
+    assert_same_run(straight, tmp_path / "run")  # the first run, undisturbed: every step once
+
+
+def test_a_second_run_into_a_finished_directory_is_refused_or_overwritten(tiny_model_dir, straight, tmp_path):
+    args = flags(tiny_model_dir, tmp_path, STEPS, save_every=1, log_verifiers="rule:math")
+    run(args)
+    before = snapshot(tmp_path)
+    out = run(args + ["--seed=4"], check=False)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2 and "holds an earlier run's files" in last and "--overwrite" in last, last
+    assert snapshot(tmp_path) == before
+    # files but no checkpoint (a run killed before its first one): --resume auto refuses too
+    (tmp_path / "checkpoints").rename(tmp_path.parent / f"{tmp_path.name}-ckpts")
+    out = run(args + ["--resume=auto"], check=False)
+    assert out.returncode == 2 and "holds files but no checkpoint to resume from" in out.stderr.splitlines()[-1]
+    out = run(args + ["--overwrite"])
+    assert "--overwrite: removing" in out.stdout and "metrics.jsonl" in out.stdout and "rollouts.jsonl" in out.stdout
+    assert_same_run(straight, tmp_path)  # one run's files only: nothing appended to the old ones
+
+
+def test_overwrite_refuses_a_directory_no_run_wrote(tmp_path):
+    (tmp_path / "notes.md").write_text("mine")
+    out = run(["--out_dir", str(tmp_path), "--overwrite", "--wandb_mode", "disabled"], check=False, timeout=120)
+    assert out.returncode == 2 and "notes.md, which no run writes" in out.stderr.splitlines()[-1]
+    assert (tmp_path / "notes.md").read_text() == "mine"
+
+
+def test_eval_only_writes_its_own_file_and_truncates_nothing(tiny_model_dir, tmp_path):
+    args = flags(tiny_model_dir, tmp_path, STEPS, save_every=1)
+    assert faulted("kill_in_update", 4, args).returncode == -signal.SIGKILL  # checkpoints 1..3
+    shard = next((tmp_path / "checkpoints" / "step_00000003").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])  # damaged: eval_only falls back to step 2
+    before = snapshot(tmp_path)
+    out = run(args + ["--eval_only", "--resume"])
+    assert "resumed from step 2" in out.stdout
+    assert {k: v for k, v in snapshot(tmp_path).items() if not k.startswith("eval_only/")} == before
+    rows = [json.loads(line) for line in (tmp_path / "eval_only" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2] and 0 <= rows[0]["eval/accuracy"] <= 1
+
+
+def test_no_heldout_prompts_skips_the_eval_and_finishes(tiny_model_dir, tmp_path):
+    out = run(flags(tiny_model_dir, tmp_path, 2, heldout_fraction=0, eval_every=1))
+    assert "no eval (no held-out prompts" in out.stdout
+    assert (tmp_path / "final" / "model.safetensors").exists() and (tmp_path / "checkpoints" / "step_00000002").exists()
+    assert not any(k.startswith("eval/") for r in step_rows(tmp_path) for k in r)
+
+
+# ----------------------------------------------------------------------------------------------
+# nothing trusted by accident: credentials, settings, a reward that teaches nothing (issue 21)
+
+
+def yes_server(tiny_model_dir):
+    """A fake vLLM verifier that says YES (p 0.7) to everything: every response gets the same reward."""
+    import model
+
+    tok = model.load_tokenizer(tiny_model_dir)
+    server = FakeVLLM(tiny_model_dir, *(tok.encode(w, add_special_tokens=False)[0] for w in ("YES", "NO")))
+    server.table = collections.defaultdict(lambda: "yes")
+    return server
+
+
+def test_filter_groups_keeping_nothing_stops_the_run_with_the_reason(tiny_model_dir, tmp_path):
+    server = yes_server(tiny_model_dir)
+    try:
+        out = run(flags(tiny_model_dir, tmp_path, 6, verifier=server.url, verifier_tokenizer=tiny_model_dir,
+                        filter_groups=True, max_filter_rounds=1, filter_patience=2, audit_verifier=""), check=False)
+    finally:
+        server.close()
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("train_rl.py: error: step 2: --filter_groups kept no group in 2 steps in a row"), last
+    assert "in all 2 rounds" in last and "Checkpoint: " in last
+    rows = step_rows(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2] and all(r["rollout/groups_kept_frac"] == 0 for r in rows)
+    # identical float32 rewards: their std is rounding only
+    assert all(r["reward/std"] < 1e-6 and r["rollout/filter_rounds"] == 1 for r in rows), rows
+    assert (tmp_path / "checkpoints" / "step_00000002").exists() and not (tmp_path / "final").exists()
+
+
+def test_a_verifier_without_settings_is_refused_unless_named(tiny_model_dir, tmp_path):
+    out = run(flags(tiny_model_dir, tmp_path, 1, verifier_paper_defaults=False), check=False)
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"train_rl.py: error: verifier {tiny_model_dir}: no verifier_settings.json") and \
+        "--verifier_template FILE, or pass --verifier_paper_defaults" in last, last
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_the_api_key_comes_from_the_environment_and_no_credential_reaches_any_output(tiny_model_dir, tmp_path,
+                                                                                     monkeypatch):
+    import remote
+
+    key, password = "sk-e2e-key-0123456789", "hunter2pass"
+    server = yes_server(tiny_model_dir)
+    server.api_key = key
+    args = dict(verifier_tokenizer=tiny_model_dir, audit_verifier="", log_samples=0)
+    try:
+        monkeypatch.delenv(remote.API_KEY_ENV, raising=False)
+        no_key = run(flags(tiny_model_dir, tmp_path / "none", 1, verifier=server.url, **args), check=False)
+        with_url = run(flags(tiny_model_dir, tmp_path / "url", 1, eval_verifier=f"http://u:{password}@{server.url[7:]}",
+                             verifier=server.url, **args), check=False)
+        monkeypatch.setenv(remote.API_KEY_ENV, key)
+        keyed = run(flags(tiny_model_dir, tmp_path / "key", 1, verifier=server.url, **args))
+    finally:
+        server.close()
+    last = no_key.stderr.strip().splitlines()[-1]
+    assert no_key.returncode == 1 and "HTTP 401" in last and f"${remote.API_KEY_ENV}: unset" in last, last
+    last = with_url.stderr.strip().splitlines()[-1]
+    assert with_url.returncode == 2 and last.startswith("train_rl.py: error: --eval_verifier 'http://***@") and \
+        "credentials in a URL are refused" in last, last
+    assert not (tmp_path / "url").exists()  # refused before anything was written
+    assert set(server.auth_seen[-3:]) == {f"Bearer {key}"} and step_rows(tmp_path / "key")[0]["reward/mean"] > 0
+    for out in (no_key, with_url, keyed):
+        assert key not in out.stdout + out.stderr and password not in out.stdout + out.stderr
+    for f in (tmp_path / "key").rglob("*"):
+        assert not f.is_file() or (key.encode() not in f.read_bytes() and password.encode() not in f.read_bytes()), f
+
+
+# ----------------------------------------------------------------------------------------------
+# faults named (issue 21)
+
+
+def test_a_full_disk_is_named_with_the_file(tiny_model_dir, tmp_path):
+    out = faulted("disk_full_in_update", 2, flags(tiny_model_dir, tmp_path, STEPS, save_every=1))
+    assert out.returncode == 1, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last == (f"train_rl.py: error: [Errno 28] No space left on device (appending 16 rows): "
+                    f"'{tmp_path / 'rollouts.jsonl'}'"), last
+
+
+def test_the_launchers_death_stops_the_run_after_a_checkpoint(tiny_model_dir, straight, tmp_path):
+    args = flags(tiny_model_dir, tmp_path, STEPS, save_every=1, log_verifiers="rule:math")
+    out = faulted("launcher_dies", 2, args)  # returns once the orphaned trainer closed its output too
+    assert out.returncode == -signal.SIGKILL  # the "launcher"
+    assert "[checkpoint] the launcher (pid " in out.stderr and "is gone: saving and stopping" in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("stopped by signal 1 after a checkpoint")
+    assert (tmp_path / "checkpoints" / "step_00000002").exists() and not (tmp_path / "final").exists()
+    assert [r["step"] for r in step_rows(tmp_path)] == [1, 2]
+    run(args + ["--resume"])
+    assert_same_run(straight, tmp_path)

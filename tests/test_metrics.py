@@ -1,3 +1,4 @@
+import errno
 import glob
 import json
 import os
@@ -242,3 +243,12 @@ def test_reliability_plot_writes_a_png_of_the_expected_size(tmp_path):
     blue = (image[..., 2] > 0.6) & (image[..., 0] < 0.5)  # the bars
     red = (image[..., 0] > 0.7) & (image[..., 1] < 0.3) & (image[..., 2] < 0.3)  # the mean-p ticks
     assert blue.sum() > 2000 and red.sum() > 100
+
+
+def test_a_full_disk_names_the_file(tmp_path):
+    # /dev/full: every write fails with ENOSPC, as on a full disk
+    (tmp_path / "metrics.jsonl").symlink_to("/dev/full")
+    with pytest.raises(OSError) as e:
+        metrics.append_jsonl(tmp_path / "metrics.jsonl", [{"step": 1}])
+    assert e.value.errno == errno.ENOSPC
+    assert str(e.value) == f"[Errno 28] No space left on device (appending 1 rows): '{tmp_path / 'metrics.jsonl'}'"

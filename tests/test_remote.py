@@ -2,6 +2,7 @@
 concurrency, a server that is down, hangs, cuts replies or omits the judgement tokens, sampled c with
 per-request seeds), and the math-verify pool (dead workers restarted, signals to the trainer's process
 group do not reach the workers)."""
+import collections
 import json
 import math
 import os
@@ -40,6 +41,8 @@ class FakeVLLM:
         self.model_id, self.yes, self.no = model_id, yes, no
         self.table, self.mode, self.bad, self.status, self.sleep = {}, "ok", 0, 503, 0.0
         self.calls, self.inflight, self.max_inflight, self.seeds = 0, 0, 0, []
+        self.api_key, self.auth_seen = None, []  # api_key: answer 401 to requests without "Bearer <it>"
+        self.max_model_len, self.prompt_lens = None, []  # what /v1/models says; the length of each prompt sent
         self.lock = threading.Lock()
         fake = self
 
@@ -55,11 +58,21 @@ class FakeVLLM:
                 self.end_headers()
                 self.wfile.write(body[:len(body) // 3] if cut else body)
 
+            def _refused(self):
+                fake.auth_seen.append(self.headers.get("Authorization"))
+                if fake.api_key is not None and self.headers.get("Authorization") != f"Bearer {fake.api_key}":
+                    self._send(401, {"error": "invalid api key"})
+                    return True
+                return False
+
             def do_GET(self):
-                self._send(200, {"data": [{"id": fake.model_id}]})
+                if not self._refused():
+                    self._send(200, {"data": [{"id": fake.model_id, "max_model_len": fake.max_model_len}]})
 
             def do_POST(self):
                 req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self._refused():
+                    return
                 with fake.lock:
                     fake.calls += 1
                     fake.inflight += 1
@@ -67,6 +80,7 @@ class FakeVLLM:
                     mode = fake.mode if fake.bad > 0 else "ok"
                     fake.bad -= mode != "ok"
                     fake.seeds.append(req.get("seed"))
+                    fake.prompt_lens.append(len(req["prompt"]))
                 try:
                     time.sleep(30 if mode == "hang" else fake.sleep)
                     reply = fake.reply(req, omit=mode == "omit")
@@ -125,7 +139,8 @@ KINDS = ["yes", "no", "other", "yes"]
 
 
 def _remote(servers, backoff=0.5, **options):
-    v = reward.build_verifier(",".join(s.url for s in servers), VerifierOptions(**options))
+    v = reward.build_verifier(",".join(s.url for s in servers), VerifierOptions(**{"verifier_paper_defaults": True,
+                                                                                  **options}))
     v.client.backoff = backoff
     for q, r, a, k in zip(*ROWS, KINDS):
         for s in servers:
@@ -176,7 +191,21 @@ def test_http_verifier_takes_the_settings_saved_beside_its_tokenizer(fakes, tiny
     assert v.prompt.settings == saved
     with pytest.raises(config.ConfigError, match="--verifier_system_prompt ''.*You grade arithmetic"):
         reward.build_verifier(fakes[0].url, VerifierOptions(verifier_tokenizer=str(student), verifier_system_prompt=""))
-    assert reward.build_verifier(fakes[0].url).prompt.settings == reward.VerifierSettings()  # served id: no file
+    # the served id has no settings file: refused, unless the user names the template or the paper's defaults
+    with pytest.raises(config.ConfigError, match=f"verifier {fakes[0].url} .*no verifier_settings.json.*"
+                                                 "--verifier_template FILE, or pass --verifier_paper_defaults"):
+        reward.build_verifier(fakes[0].url)
+    paper = VerifierOptions(verifier_paper_defaults=True)
+    assert reward.build_verifier(fakes[0].url, paper).prompt.settings == reward.VerifierSettings()
+    template = tmp_path / "t.txt"
+    template.write_text("{question} {reference} {response}")
+    named = reward.build_verifier(fakes[0].url, VerifierOptions(verifier_template=str(template)))
+    assert named.prompt.settings.template == template.read_text()
+    # the judges that only grade (eval, audit, log) take no prompt flags: only --verifier_paper_defaults
+    with pytest.raises(config.ConfigError, match="no verifier_settings.json"):
+        reward.build_verifier(fakes[0].url, VerifierOptions(verifier_template=str(template)), settings_from_flags=False)
+    assert reward.build_verifier(fakes[0].url, paper, settings_from_flags=False).prompt.settings == \
+        reward.VerifierSettings()
 
 
 def test_remote_retries_with_backoff_then_succeeds(fakes):
@@ -365,3 +394,56 @@ def test_worker_that_cannot_start_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(remote.sys, "executable", "/bin/false")
     with pytest.raises(VerifierError, match="math-verify worker .* did not start"):
         pool([("1", "1")])
+
+
+# ----------------------------------------------------------------------------------------------
+# credentials (issue 21): an API key from the environment, never from (or in) a URL
+
+
+def test_the_api_key_goes_from_the_environment_to_a_bearer_header_and_nowhere_else(fakes, monkeypatch):
+    server = fakes[0]
+    server.api_key = "sk-test-1234567890"
+    monkeypatch.delenv(remote.API_KEY_ENV, raising=False)
+    with pytest.raises(VerifierError) as e:
+        _remote([server])
+    assert "HTTP 401" in str(e.value) and remote.API_KEY_ENV in str(e.value) and "unset" in str(e.value)
+    monkeypatch.setenv(remote.API_KEY_ENV, "sk-wrong")
+    with pytest.raises(VerifierError, match="is it the server's"):
+        _remote([server])
+    monkeypatch.setenv(remote.API_KEY_ENV, server.api_key)
+    j = _one(_remote([server]))
+    assert j.judged.tolist() == [True] and set(server.auth_seen[-2:]) == {"Bearer sk-test-1234567890"}
+    server.mode, server.bad = "fail", 10 ** 6  # an error message of a keyed client: no key in it
+    v = _remote([server], backoff=0.0, verifier_retries=0)
+    with pytest.raises(VerifierError) as e:
+        _one(v)
+    assert server.api_key not in str(e.value) and server.api_key not in repr(vars(v.client).get("endpoints"))
+
+
+def test_credentials_in_a_url_are_refused_and_never_shown(fakes):
+    host = fakes[0].url.removeprefix("http://")
+    for url in (f"http://user:hunter2secret@{host}", f"http://{fakes[1].url[7:]},https://hunter2secret@{host}"):
+        with pytest.raises(VerifierError) as e:
+            reward.build_verifier(url)
+        assert "hunter2secret" not in str(e.value) and "***@" in str(e.value) and remote.API_KEY_ENV in str(e.value)
+    assert remote.redact("at http://u:p@h:1/v1 and https://k@h2") == "at http://***@h:1/v1 and https://***@h2"
+    assert fakes[0].calls == 0 and fakes[1].calls == 0  # refused before any request
+
+
+def test_metrics_config_holds_no_url_credentials(tmp_path):
+    import metrics
+
+    m = metrics.Metrics(str(tmp_path), {"verifier": "http://u:hunter2secret@h:8000", "n": 1}, "p", None, "disabled")
+    m.close()
+    text = (tmp_path / "config.json").read_text()
+    assert "hunter2secret" not in text and json.loads(text) == {"verifier": "http://***@h:8000", "n": 1}
+
+
+def test_a_remote_verifier_cuts_answers_to_the_servers_max_model_len(fakes, capsys):
+    fakes[0].max_model_len = 400
+    v = _remote(fakes[:1])
+    assert v.prompt.max_len == 400
+    fakes[0].table = collections.defaultdict(lambda: "yes")
+    j = v(["q", "q"], ["7", "7"], ["x " * 3000 + "7", "7"])
+    assert j.judged.tolist() == [True, True] and max(fakes[0].prompt_lens[-2:]) <= 399 and v.prompt.cut == 1
+    assert "1 of 2 answers were longer than its 400 positions" in capsys.readouterr().err

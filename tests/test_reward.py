@@ -446,3 +446,60 @@ def test_judgement_is_the_interface_of_every_verifier():
     j = reward.build_verifier("rule:jaccard")(["q"], ["a b"], ["a"])
     assert isinstance(j, Judgement) and j.judged.dtype == torch.bool
     assert reward.build_verifier("rule:math").name == "rule:math"
+
+
+# ----------------------------------------------------------------------------------------------
+# bounded inputs (issue 21): what a verifier cannot read is cut or replaced, never a crash
+
+
+def test_an_answer_longer_than_the_verifier_reads_is_cut_to_its_end_and_counted(tiny_model_dir, capsys):
+    import model
+
+    tok = model.load_tokenizer(tiny_model_dir)
+    short = reward.VerifierPrompt(tok, VerifierSettings(full_response=True)).prompt_ids("q", "7", "so 7")
+    n = len(short) + 40  # the positions: room for 40 tokens more than a short answer
+    p = reward.VerifierPrompt(tok, VerifierSettings(full_response=True), "v", max_len=n)
+    assert p.prompt_ids("q", "7", "so 7") == short and p.cut == 0
+    long_answer = "BEGINNING " + "blah " * 2000 + "so the answer is 7"
+    ids = p.batch_ids(["q", "q"], ["7", "7"], [long_answer, "so 7"])
+    assert [len(i) < n for i in ids] == [True, True] and len(ids[0]) >= n - 8  # cut to fit, not far below
+    assert ids[1] == short and p.cut == 1
+    text = tok.decode(ids[0])
+    assert "the answer is 7" in text and "BEGINNING" not in text  # the end survives, the start is cut
+    assert text.endswith(tok.decode(short)[-30:])  # the template's end (generation prompt) is intact
+    assert f"1 of 2 answers were longer than its {n} positions and were cut to their end (1 so far)" in \
+        capsys.readouterr().err
+    # a question too long on its own: the prompt's last n - 1 ids, still a prompt the verifier can read
+    assert len(p.prompt_ids("why " * 500, "7", "7")) == n - 1 and p.cut == 2
+
+
+def test_lone_surrogates_are_replaced_not_a_crash(tiny_model_dir):
+    v = _tiny_local(tiny_model_dir, max_unjudged=1.0)[0]
+    bad, clean = "The answer is 7 \ud800 \udfff", "The answer is 7 ? ?"
+    assert reward.encodable(bad) == clean and reward.encodable("7 ✓ 中") == "7 ✓ 中"
+    got, want = v(["q \ud83d"], ["7"], [bad]), v(["q ?"], ["7"], [clean])
+    assert torch.equal(got.p_yes, want.p_yes)
+
+
+def test_a_20000_token_answer_is_judged_within_the_verifier_positions(tiny_model_dir, capsys):
+    v = _tiny_local(tiny_model_dir, max_unjudged=1.0)[0]
+    assert v.prompt.max_len == 4096  # the tiny model's max_position_embeddings
+    j = v(["q"], ["7"], [" ".join(str(i % 10) for i in range(20000))])
+    assert j.p_yes.shape == (1,) and torch.isfinite(j.p_yes).all() and v.prompt.cut == 1
+    assert "were cut to their end" in capsys.readouterr().err
+
+
+def test_a_verifier_directory_without_settings_is_refused_before_anything_loads(tiny_model_dir, tmp_path):
+    template = tmp_path / "t.txt"
+    template.write_text("{question} {reference} {response}")
+    with pytest.raises(config.ConfigError, match=f"verifier {tiny_model_dir}: no verifier_settings.json"):
+        reward.check_saved_settings(tiny_model_dir, VerifierOptions(), from_flags=True)
+    reward.check_saved_settings(tiny_model_dir, VerifierOptions(verifier_paper_defaults=True), from_flags=False)
+    reward.check_saved_settings(tiny_model_dir, VerifierOptions(verifier_template=str(template)), from_flags=True)
+    with pytest.raises(config.ConfigError):  # a judge that is not asked with the prompt flags: the template is not its
+        reward.check_saved_settings(tiny_model_dir, VerifierOptions(verifier_template=str(template)), from_flags=False)
+    reward.check_saved_settings("rule:math", VerifierOptions(), from_flags=True)  # not a directory: checked when built
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "verifier_settings.json").write_text("{not json")
+    with pytest.raises(config.ConfigError, match="unreadable verifier settings"):
+        reward.check_saved_settings(str(tmp_path / "v"), VerifierOptions(), from_flags=True)

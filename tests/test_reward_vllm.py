@@ -96,7 +96,8 @@ def test_remote_matches_local_verifier(server, tiny_model_dir, soft_mode):
     tok = model.load_tokenizer(tiny_model_dir)
     probe = reward.LocalVerifier(model.load_model(tiny_model_dir), tok, name="tiny")
     pos, neg = _spellings(probe, tok)
-    opts = dict(verifier_positive=pos, verifier_negative=neg, soft_mode=soft_mode, verifier_max_unjudged=1.0)
+    opts = dict(verifier_positive=pos, verifier_negative=neg, soft_mode=soft_mode, verifier_max_unjudged=1.0,
+                verifier_paper_defaults=True)
     local = reward.build_verifier(tiny_model_dir, VerifierOptions(verifier_batch_size=3, **opts))
     remote = reward.build_verifier(url, VerifierOptions(verifier_concurrency=4, verifier_timeout=60, **opts))
     assert remote.client.model_id == tiny_model_dir and remote.prompt.positive_ids == local.prompt.positive_ids
@@ -114,7 +115,7 @@ def test_remote_sampled_c_is_seeded_per_request_with_exact_logprobs(server, tiny
     _, url = server
     tok = model.load_tokenizer(tiny_model_dir)
     pos, neg = _spellings(reward.LocalVerifier(model.load_model(tiny_model_dir), tok, name="tiny"), tok)
-    opts = dict(verifier_positive=pos, verifier_negative=neg, verifier_max_unjudged=1.0)
+    opts = dict(verifier_positive=pos, verifier_negative=neg, verifier_max_unjudged=1.0, verifier_paper_defaults=True)
     local = reward.build_verifier(tiny_model_dir, VerifierOptions(**opts))
     remote = reward.build_verifier(url, VerifierOptions(verifier_sample=True, **opts))
     seeds = list(range(100, 100 + len(QS)))
@@ -126,7 +127,7 @@ def test_remote_sampled_c_is_seeded_per_request_with_exact_logprobs(server, tiny
 def test_server_stopped_mid_batch_is_a_clear_error(server):
     proc, url = server  # runs last in this module: it stops the shared server
     v = reward.build_verifier(url, VerifierOptions(verifier_concurrency=2, verifier_timeout=10, verifier_retries=2,
-                                                   verifier_max_unjudged=1.0))
+                                                   verifier_max_unjudged=1.0, verifier_paper_defaults=True))
     v.client.backoff = 0.1
     n = 400
     killer = threading.Timer(1.0, lambda: os.killpg(proc.pid, signal.SIGKILL))

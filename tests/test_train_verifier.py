@@ -2,6 +2,7 @@
 check, one-line flag errors, the added negatives, the distillation of a rule teacher into the tiny
 student, sft resume and signals, and the saved settings that make a student judged as it learned."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -109,7 +110,8 @@ def test_label_killed_half_way_and_rerun_gives_one_label_per_row(tmp_path, tiny_
     out = tmp_path / "labels.jsonl"
     # a local-model teacher (random weights: its first token is anything, so --verifier_max_unjudged 1),
     # one row per write: slow enough to be killed half way
-    args = ["label", "--data", str(src), "--teacher", tiny_model_dir, "--verifier_max_unjudged", "1",
+    args = ["label", "--data", str(src), "--teacher", tiny_model_dir, "--verifier_paper_defaults",
+            "--verifier_max_unjudged", "1",
             "--rows_per_write", "1", "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "train_verifier.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -139,7 +141,8 @@ def test_teacher_answering_neither_judgement_token_stops_the_labeller(tmp_path, 
     src = write_jsonl(tmp_path / "rows.jsonl", labelled_rows(8, seed=1))
     out = tmp_path / "labels.jsonl"
     with pytest.raises(reward.VerifierError, match="neither 'YES' nor 'NO'"):
-        TV.run(["label", "--data", str(src), "--teacher", tiny_model_dir, "--out", str(out)])
+        TV.run(["label", "--data", str(src), "--teacher", tiny_model_dir, "--verifier_paper_defaults", "--out",
+                str(out)])
     assert not out.exists() or out.read_text() == ""  # no all-NO labels written
 
 
@@ -449,3 +452,45 @@ def test_distilled_student_agrees_with_the_teacher_on_heldout_questions(tmp_path
     j = student([r.question for r in rows], [r.reference for r in rows], [r.response for r in rows])
     assert audit.agreement([r.label for r in rows], [int(b) for b in j.binary.tolist()])["kappa"] == \
         pytest.approx(after, abs=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------
+# one run, one directory; data errors in one line (issue 21)
+
+
+def test_sft_and_eval_claim_their_out_dir(tmp_path, tiny_model_dir):
+    import rundir
+
+    labels = write_jsonl(tmp_path / "labels.jsonl", labelled_rows(40, seed=5))
+    args = ["sft", "--student", tiny_model_dir, "--data", str(labels), "--out_dir", str(tmp_path / "run"),
+            "--batch_size", "8", "--micro_batch_size", "8", "--epochs", "0.2", "--pack", "false",
+            "--wandb_mode", "disabled"]
+    TV.run(args)
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != ".lock"}
+    with pytest.raises(config.ConfigError, match="run: holds an earlier run's files .*--overwrite"):
+        TV.run(args)
+    fd = rundir.lock(tmp_path / "run")  # a run that holds it: this process
+    try:
+        with pytest.raises(config.ConfigError, match=f"in use by another run \\(pid {os.getpid()}\\)"):
+            TV.run(args + ["--resume"])
+    finally:
+        rundir.release(fd)
+    assert before == {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != ".lock"}
+    assert TV.run(args + ["--resume", "auto"])["steps"] == 1  # resumes after the last step
+    ev = ["eval", "--verifier", "rule:substring", "--data", str(labels), "--out_dir", str(tmp_path / "ev"),
+          "--wandb_mode", "disabled"]
+    TV.run(ev)
+    with pytest.raises(config.ConfigError, match="ev: holds an earlier run's files"):
+        TV.run(ev)
+    TV.run(ev + ["--overwrite"])
+    assert len((tmp_path / "ev" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_data_error_is_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "reference": "r", "response": "a", "label": 1}\n{"question": 3}\n')
+    out = subprocess.run([sys.executable, "train_verifier.py", "eval", "--data", str(bad), "--out_dir",
+                          str(tmp_path / "ev"), "--wandb_mode", "disabled"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert out.stderr.startswith("train_verifier.py eval: error: ") and "row 2" in out.stderr
