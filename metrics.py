@@ -257,6 +257,14 @@ def _fmt(value) -> str:
     return str(value)
 
 
+def progress(iterable, desc: str, disable: bool = False, **kwargs):
+    """A tqdm bar on a terminal only: redirected to a file, its redraws would be most of the log (the
+    callers print one line per step there instead)."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, dynamic_ncols=True, disable=disable or not sys.stderr.isatty(), **kwargs)
+
+
 # ----------------------------------------------------------------------------------------------
 # phase timing and memory
 

@@ -482,8 +482,7 @@ def train(cfg: Config, vopts: reward.VerifierOptions) -> dict:
         source.load_state_dict(state["rollout"])
 
     stop, timer, history, stopped = checkpoint.StopSignal(), metrics.PhaseTimer(device), [], None
-    from tqdm import tqdm
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank != 0, desc="rl", dynamic_ncols=True)
+    bar = metrics.progress(range(start, cfg.steps), desc="rl", disable=rank != 0, initial=start, total=cfg.steps)
     try:
         for step in bar:
             t0 = time.time()
