@@ -3,11 +3,15 @@ so `--help` shows every default), and `--config FILE` (YAML or JSON) sets fields
 override. Every value, from the command line or a file, is checked before any model loads: a choice
 (a `Literal` field) must be one of its values, and each script adds its ranges and relations with
 `require`. A bad value is one line naming the flag: `train_rl.py: error: --steps 0: must be >= 1`.
+A config file's values are typed as the flags are (`steps: 2.7` or `resume: maybe` is an error, not a
+guess); flags are never abbreviated (`--step` is not `--steps`), and an unknown name gets a "did you
+mean" (close spellings, and the TRL / OpenRLHF names of the same setting: ALIASES).
 Imports none of the project's files.
 """
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import sys
 import typing
@@ -33,13 +37,52 @@ def resume_field():
                 "--resume auto: continue if there is one, else start fresh (for job scripts)"})
 
 
+# Names other trainers give a setting -> ours: an unknown flag or config field named here is answered with
+# "did you mean --ours" (when the script has that flag). TRL (GRPOConfig, TrainingArguments), OpenRLHF
+# (train_ppo_ray / train_sft) and verl (ppo_trainer.yaml, last path component).
+ALIASES = {
+    "learning_rate": "lr", "actor_learning_rate": "lr", "num_generations": "samples_per_prompt",
+    "n_samples_per_prompt": "samples_per_prompt", "rollout_n": "samples_per_prompt",
+    "output_dir": "out_dir", "save_path": "out_dir", "ckpt_path": "out_dir", "max_steps": "steps",
+    "num_train_epochs": "epochs", "max_epochs": ("ppo_epochs", "epochs"),
+    "max_completion_length": "max_new_tokens", "generate_max_len": "max_new_tokens", "response_length": "max_new_tokens",
+    "max_prompt_length": "max_prompt_len", "prompt_max_len": "max_prompt_len", "max_length": "max_len",
+    "beta": "kl_coef", "init_kl_coef": "kl_coef", "kl_loss_coef": "kl_coef",
+    "use_kl_loss": "kl_mode", "epsilon": "clip_low", "eps_clip": "clip_low", "clip_ratio_low": "clip_low",
+    "epsilon_high": "clip_high", "clip_ratio_high": "clip_high", "loss_type": "loss_agg", "loss_agg_mode": "loss_agg",
+    "advantage_estimator": "advantage", "adv_estimator": "advantage", "scale_rewards": "reward_norm",
+    "rollout_batch_size": "prompts_per_step", "train_batch_size": "batch_size", "micro_train_batch_size": "micro_batch_size",
+    "per_device_train_batch_size": "micro_batch_size", "gradient_checkpointing": "activation_checkpointing",
+    "lr_scheduler_type": "lr_schedule", "lr_scheduler": "lr_schedule", "lr_warmup_ratio": "warmup_ratio",
+    "model_name_or_path": "policy", "pretrain": "policy", "reward_pretrain": "verifier", "reward_model": "verifier",
+    "prompt_data": "data", "dataset": "data", "dataset_name": "data", "input_key": "prompt_field",
+    "label_key": "answer_field", "save_steps": "save_every", "eval_steps": "eval_every", "packing_samples": "pack",
+    "use_wandb": "wandb_mode", "report_to": "wandb_mode", "run_name": "wandb_run_name",
+    "resume_from_checkpoint": "resume", "load_checkpoint": "resume", "max_norm": "max_grad_norm",
+}
+
+
+def did_you_mean(name: str, known: list[str]) -> str:
+    """' (did you mean --x?)' for an unknown name: the setting's name here when another trainer's name was
+    used (ALIASES), else the closest spelling, else ''."""
+    ours = ALIASES.get(name, ())
+    for alias in (ours,) if isinstance(ours, str) else ours:  # the first that this script has
+        if alias in known:
+            return f" (did you mean --{alias}? that is its name here)"
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+    return f" (did you mean --{close[0]}?)" if close else ""
+
+
 def parse_config(classes: tuple, argv: list[str] | None = None, prog: str | None = None) -> tuple:
     """Parse argv into one instance of each dataclass in `classes`; one of them has a `config` field.
-    Raises ConfigError for an unknown config-file field or a value outside its choices."""
+    Raises ConfigError for an unknown flag or config-file field, a value of the wrong type, or a value
+    outside its choices."""
     from transformers import HfArgumentParser
 
     argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser(classes, prog=prog)
+    fields = {f.name: (f, cls) for cls in classes for f in dataclasses.fields(cls)}
+    # allow_abbrev off: `--step 0` is an unknown flag (with a "did you mean"), never --steps
+    parser = HfArgumentParser(classes, prog=prog, allow_abbrev=False)
     parser.error = _raise  # argparse would print the whole usage first: one line is enough
     known, _ = parser.parse_known_args(argv)
     if getattr(known, "config", ""):
@@ -51,17 +94,63 @@ def parse_config(classes: tuple, argv: list[str] | None = None, prog: str | None
             raise ConfigError(f"--config {path}: {e}") from e
         if values is not None and not isinstance(values, dict):
             raise ConfigError(f"--config {path}: expected a mapping of field: value, got {type(values).__name__}")
-        fields = {f for cls in classes for f in cls.__dataclass_fields__}
-        unknown = set(values or {}) - fields
-        if unknown:
-            raise ConfigError(f"--config {path}: unknown fields {sorted(unknown)}; see --help for the flags")
-        parser.set_defaults(**(values or {}))
+        for name in sorted(values or {}, key=str):
+            if name not in fields:
+                raise ConfigError(f"--config {path}: unknown field {name!r}{did_you_mean(str(name), sorted(fields))}; "
+                                  "see --help for the flags")
+        parser.set_defaults(**{name: typed_value(*fields[name], value, f"--config {path}: ")
+                               for name, value in (values or {}).items()})
     *parsed, unknown_flags = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     if unknown_flags:
-        raise ConfigError(f"unrecognised arguments: {' '.join(unknown_flags)} (see --help for the flags)")
+        first = next((a for a in unknown_flags if a.startswith("-")), "").lstrip("-").split("=")[0].replace("-", "_")
+        raise ConfigError(f"unrecognised arguments: {' '.join(unknown_flags)}{did_you_mean(first, sorted(fields))} "
+                          "(see --help for the flags)")
     for instance in parsed:
         check_choices(instance)
     return tuple(parsed)
+
+
+def typed_value(f: dataclasses.Field, cls, value, where: str = ""):
+    """A config file's value for field `f`, checked against the field's type as argparse checks a flag:
+    an int field takes an integer (7, not 2.7 or true), a float field a number, a bool field true/false,
+    a string field a string; None only where the field is Optional; a field with `choices` (--resume)
+    one of them (YAML reads `resume: yes` as true: a bool there means "yes"/"no"). Returns the value."""
+    tp = typing.get_type_hints(cls)[f.name]
+    optional = typing.get_origin(tp) is typing.Union and type(None) in typing.get_args(tp)
+    if optional:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    choices = f.metadata.get("choices")
+    if choices and isinstance(value, bool) and {"yes", "no"} <= set(choices):
+        value = "yes" if value else "no"
+
+    def bad(expected: str):
+        return ConfigError(f"{where}--{f.name} {value!r}: expected {expected}, got {type(value).__name__}")
+    if value is None:
+        if optional:
+            return None
+        raise bad("a value")
+    if typing.get_origin(tp) is typing.Literal:
+        return value  # check_choices names the choices
+    if isinstance(value, str) and tp in (int, float, bool):  # as argparse reads the flag (YAML reads 1e-5 as text)
+        words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+        try:
+            value = words[value.strip().lower()] if tp is bool else tp(value)
+        except (KeyError, ValueError):
+            raise bad("true or false" if tp is bool else "an integer" if tp is int else "a number") from None
+    if tp is bool and not isinstance(value, bool):
+        raise bad("true or false")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise bad("an integer")
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        value = float(value)
+    if tp is str and not isinstance(value, str):
+        raise bad("a string" + (" (a comma-separated list is one string: 'a,b')" if isinstance(value, list) else
+                                " (quote it)"))
+    if choices and value not in choices:
+        raise ConfigError(f"{where}--{f.name} {value!r}: invalid choice; choose from {', '.join(map(str, choices))}")
+    return value
 
 
 def check_choices(instance) -> None:

@@ -393,7 +393,7 @@ class JudgedRow:
                 "label": self.label, "teacher_p_yes": self.teacher_p_yes, **extra}
 
 
-def parse_label(value, at: str) -> int:
+def parse_label(value, at: str, field: str = "label") -> int:
     """0/1, true/false (JSON booleans or strings, any case) as 0 or 1; `at` names the file and row."""
     if isinstance(value, bool):
         return int(value)
@@ -401,13 +401,20 @@ def parse_label(value, at: str) -> int:
         return int(value)
     if isinstance(value, str) and value.strip().lower() in ("0", "1", "true", "false"):
         return int(value.strip().lower() in ("1", "true"))
-    raise DataError(f"{at}: field 'label' must be 0/1 or true/false, got {value!r}")
+    raise DataError(f"{at}: field '{field}' must be 0/1 or true/false, got {value!r}"
+                    + (" (the released sets' 'label' is the reference answer: --reference_field label)"
+                       if field == "label" else ""))
 
 
-def read_judged_rows(source: str, split: str = "train", labelled: bool = False) -> list[JudgedRow]:
+def read_judged_rows(source: str, split: str = "train", labelled: bool = False, question_field: str = "question",
+                     reference_field: str = "reference", response_field: str = "response",
+                     label_field: str = "label") -> list[JudgedRow]:
     """Rows from a .jsonl/.json/.parquet file or a data set name (the loaders above). A question or
     reference that is blank, and with `labelled` a missing or unreadable label, is a DataError naming
-    the file, row and field. Values are kept as stored (not stripped): the row id hashes them."""
+    the file, row and field. Values are kept as stored (not stripped): the row id hashes them.
+
+    The *_field arguments name the columns (the released sets: `query` holds the question as chat
+    messages, whose last, the user's, is the question; `label` holds the reference answer)."""
     where, raw_rows = iter_rows(str(source), split)
     rows = []
     for n, raw in raw_rows:
@@ -415,13 +422,25 @@ def read_judged_rows(source: str, split: str = "train", labelled: bool = False) 
         if isinstance(raw, DataError):
             raise raw
         _require_object(raw, at)
-        row = JudgedRow(_text(raw, "question", at, required=True), _text(raw, "reference", at, required=True),
-                        _text(raw, "response", at))
+        row = JudgedRow(_question(raw, question_field, at), _text(raw, reference_field, at, required=True),
+                        _text(raw, response_field, at))
         if labelled:
-            row.label = parse_label(_field(raw, "label", at), at)
+            row.label = parse_label(_field(raw, label_field, at), at, label_field)
         if isinstance(raw.get("teacher_p_yes"), (int, float)):
             row.teacher_p_yes = float(raw["teacher_p_yes"])
         rows.append(row)
     if not rows:
         raise DataError(f"{where}: no rows")
     return rows
+
+
+def _question(row: dict, field: str, at: str) -> str:
+    """A question field: a string, or chat messages whose last (the user's) content is the question."""
+    value = _field(row, field, at)
+    if isinstance(value, list):
+        value = _messages(value, at, field)[-1]["content"]
+    elif not isinstance(value, str):
+        raise DataError(f"{at}: field '{field}' must be a string or a list of chat messages, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{at}: field '{field}' is empty")
+    return value

@@ -179,10 +179,16 @@ class Metrics:
         mode = wandb_mode(mode)
         if mode == "disabled":
             return
+        # a resumed run continues its wandb run (the id is kept in out_dir), not a second one
+        id_file = os.path.join(out_dir, "wandb_run_id")
+        run_id = open(id_file).read().strip() if resume_step and os.path.exists(id_file) else None
         try:
             import wandb
 
-            self.run = wandb.init(project=project, name=run_name, config=config, dir=out_dir, mode=mode)
+            self.run = wandb.init(project=project, name=run_name, config=config, dir=out_dir, mode=mode, id=run_id,
+                                  resume="allow" if run_id else None)
+            with open(id_file, "w") as f:
+                f.write(self.run.id + "\n")
         except Exception as e:  # no package, no account, no network: local files still work
             print(f"[metrics] warning: wandb ({mode}) unavailable, logging to {self.path} only: "
                   f"{_redact(f'{type(e).__name__}: {e}')}", file=sys.stderr, flush=True)
@@ -246,6 +252,18 @@ class Metrics:
                 text += f"; wandb {self.run.url}"
         return text
 
+    def plot(self) -> str | None:
+        """Rank 0: the picture of the run so far (plot_run of metrics.jsonl) at out_dir/curves.png; returns
+        its path. A figure that cannot be drawn is a warning: the run goes on."""
+        if self.rank != 0:
+            return None
+        path = os.path.join(self.out_dir, "curves.png")
+        try:
+            return plot_run(path, read_jsonl(self.path), title=os.path.basename(os.path.normpath(self.out_dir)))
+        except Exception as e:  # matplotlib missing or a font cache error: never stop training for a figure
+            print(f"[metrics] warning: could not draw {path}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            return None
+
     def close(self) -> None:
         if self.rank != 0:
             return
@@ -263,6 +281,14 @@ def _fmt(value) -> str:
             return f"{value:.0f}" if abs(value) < 1e7 else f"{value:.3g}"
         return f"{value:.3g}"
     return str(value)
+
+
+def progress(iterable, desc: str, disable: bool = False, **kwargs):
+    """A tqdm bar on a terminal only: redirected to a file, its redraws would be most of the log (the
+    callers print one line per step there instead)."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, dynamic_ncols=True, disable=disable or not sys.stderr.isatty(), **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,4 +430,43 @@ def reliability_plot(path, bins: list[dict]) -> str:
     ax.set(xlim=(0, 1), ylim=(0, 1.1), xlabel="p(YES) from the verifier", ylabel="fraction labelled correct")
     ax.set_title(f"Reliability diagram: {sum(b['count'] for b in bins)} rows (on each bar: its rows)", fontsize=10)
     ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
+
+
+# The panels of a run's picture: (title, the metrics.jsonl keys it draws, as a regular expression).
+RUN_PANELS = (
+    ("reward: the trained one (mean), and binary ones", r"reward/mean|reward/(.+/)?binary_mean"),
+    ("held-out accuracy (eval grader), per subject", r"eval/accuracy(/.+)?"),
+    ("audit: false-positive rate of the reward", r"audit/false_positive_rate"),
+    ("KL to the reference (per token)", r"kl/k[13]"),
+    ("entropy (per token)", r"entropy"),
+    ("response length (tokens)", r"response/length_mean"),
+)
+
+
+def plot_run(path, rows: list[dict], title: str = "") -> str:
+    """One picture of a run from its metrics.jsonl rows: a 2 x 3 grid (RUN_PANELS) of the reward, the
+    held-out accuracy overall and per subject, the audit's false-positive rate, KL, entropy and response
+    length against the step, as a 1200 x 700 PNG at `path`. A panel with nothing logged says so."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 7), dpi=DPI)
+    FigureCanvasAgg(fig)
+    logged = list(dict.fromkeys(k for r in rows for k in r))
+    for ax, (name, pattern) in zip(fig.subplots(2, 3).flat, RUN_PANELS):
+        keys = [k for k in logged if re.fullmatch(pattern, k)]
+        for key in keys:
+            xs, ys = zip(*[(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))])
+            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=key)
+        if keys:
+            ax.legend(fontsize=6 if len(keys) > 4 else 8)
+        else:
+            ax.text(0.5, 0.5, "not logged in this run", ha="center", va="center", transform=ax.transAxes, color="grey")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=11)
     return _save(fig, path)

@@ -13,6 +13,8 @@ import dataclasses
 import errno
 import math
 import os
+import re
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -546,8 +548,7 @@ def train(cfg: Config, vopts: reward.VerifierOptions) -> dict:
         source.load_state_dict(state["rollout"])
 
     stop, timer, history, stopped = checkpoint.StopSignal(), metrics.PhaseTimer(device), [], None
-    from tqdm import tqdm
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank != 0, desc="rl", dynamic_ncols=True)
+    bar = metrics.progress(range(start, cfg.steps), desc="rl", disable=rank != 0, initial=start, total=cfg.steps)
     try:
         for step in bar:
             t0 = time.time()
@@ -582,6 +583,8 @@ def train(cfg: Config, vopts: reward.VerifierOptions) -> dict:
             if cfg.log_samples:
                 log.table(step + 1, "samples", list(rows[0]), [list(r.values()) for r in rows[:cfg.log_samples]])
             log.log(step + 1, m)
+            if "eval/accuracy" in m and not last:
+                log.plot()  # out_dir/curves.png, redrawn at each eval and at the end
             history.append(m)
             if rank == 0:
                 bar.write(log.summary(step + 1, m, ["reward/mean", "eval/accuracy", "audit/false_positive_rate",
@@ -602,6 +605,7 @@ def train(cfg: Config, vopts: reward.VerifierOptions) -> dict:
     stop.restore()
     if stopped is None:
         checkpoint.export_hf(policy, tokenizer, str(out_dir / "final"))
+    log.plot()
     log.close()
     return {"history": history, "stopped": stopped, "start": start, "policy": policy_path, "verifier": verifier_spec,
             "eval_verifier": cfg.eval_verifier, "audit_verifier": cfg.audit_verifier}
@@ -629,10 +633,19 @@ def closing_lines(cfg: Config, result: dict) -> list[str]:
     if fpr := [m["audit/false_positive_rate"] for m in h if "audit/false_positive_rate" in m]:
         lines.append(f"audit by {result['audit_verifier']}: false-positive rate {sum(fpr) / len(fpr):.3f} mean, "
                      f"{max(fpr):.3f} max over {len(fpr)} audits; disagreements in {Path(cfg.out_dir) / 'audit.jsonl'}")
+    if (Path(cfg.out_dir) / "curves.png").exists():
+        lines.append(f"picture of the run: {Path(cfg.out_dir) / 'curves.png'}")
     if cfg.verifier == "tiny" and cfg.dump_rollouts:  # the paper's loop, closed: the README's round 2
-        lines.append(f"next round: python train_verifier.py sft --config recipes/verifier_cpu_demo.yaml --student "
-                     f"{result['verifier']} --policy_rollouts {Path(cfg.out_dir) / 'rollouts.jsonl'} --lr 3e-4 --out_dir "
-                     "runs/verifier_round2; then train_rl.py --verifier runs/verifier_round2/final")
+        here = os.path.relpath(Path(__file__).resolve().parent)
+        nxt = next_round_dir(cfg.out_dir)
+        lines += ["next round: distil the verifier again with this run's rollouts (labelled by its teacher), then train "
+                  "on it:",
+                  "  " + shlex.join(["python", os.path.join(here, "train_verifier.py"), "sft", "--config",
+                                     os.path.join(here, "recipes", "verifier_cpu_demo.yaml"), "--student",
+                                     result["verifier"], "--policy_rollouts", str(Path(cfg.out_dir) / "rollouts.jsonl"),
+                                     "--lr", "3e-4", "--out_dir", f"{nxt}_verifier"]),
+                  "  " + shlex.join(["python", os.path.join(here, "train_rl.py"), *next_round_flags(result["argv"]),
+                                     "--verifier", f"{nxt}_verifier/final", "--out_dir", nxt])]
     return lines
 
 
@@ -649,9 +662,30 @@ def claim_out_dir(cfg: Config) -> None:
     rundir.claim(cfg.out_dir, cfg.resume, cfg.overwrite, lambda: checkpoint.latest_checkpoint(ckpts) is not None)
 
 
+def next_round_dir(out_dir: str) -> str:
+    """runs/demo -> runs/demo_round2 -> runs/demo_round3: a new directory for each round."""
+    match = re.fullmatch(r"(.*)_round(\d+)", out_dir.rstrip("/"))
+    return f"{match[1]}_round{int(match[2]) + 1}" if match else f"{out_dir.rstrip('/')}_round2"
+
+
+def next_round_flags(argv: list[str]) -> list[str]:
+    """This run's flags without those the next round sets (--verifier, --out_dir) or must not repeat (--resume)."""
+    out, i = [], 0
+    while i < len(argv):
+        name, has_value = argv[i].split("=")[0].replace("-", "_").lstrip("_"), "=" in argv[i]
+        if name in ("verifier", "out_dir", "resume"):
+            takes_next = not has_value and i + 1 < len(argv) and (name != "resume" or argv[i + 1] in ("yes", "no", "auto"))
+            i += 1 + takes_next
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def main() -> None:
+    argv = sys.argv[1:]
     try:
-        cfg, vopts = rl_config.parse_config()
+        cfg, vopts = rl_config.parse_config(argv)
         claim_out_dir(cfg)
     except config.ConfigError as e:
         config.exit_on_error("train_rl.py", e)
@@ -673,7 +707,7 @@ def main() -> None:
     if int(os.environ.get("RANK", 0)) != 0 or "history" not in result:
         return
     if result["history"]:
-        print("\n".join(closing_lines(cfg, result)))
+        print("\n".join(closing_lines(cfg, result | {"argv": argv})))
     if result["stopped"] is not None:
         print(f"stopped by signal {result['stopped']} after a checkpoint; continue with the same command and --resume",
               file=sys.stderr)

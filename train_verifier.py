@@ -5,8 +5,16 @@ responses sampled during RL, and a compact model is fine-tuned to say YES or NO.
     python train_verifier.py sft --config recipes/verifier_toy_digits.yaml  # CPU demo, stage 1: ~1 minute
     python train_verifier.py sft --config recipes/verifier_cpu_demo.yaml    # stage 2, from stage 1: ~2 minutes
     python train_verifier.py label --data runs/demo/rollouts.jsonl --teacher http://judge:8000 --out labels.jsonl
+    python train_verifier.py label --data multi_subject_rlvr.jsonl --question_field query --reference_field label \
+        --policy Qwen/Qwen2.5-7B-Instruct --policy_samples 4 --teacher http://judge:8000 --out labels.jsonl
     torchrun --nproc_per_node 8 train_verifier.py sft --config recipes/verifier_paper.yaml
     python train_verifier.py eval --verifier runs/verifier/final --data labelled.jsonl
+
+Data: rows with question, reference, response (and, for sft and eval, a 0/1 label) under those names or
+the columns the --*_field flags name. The released sets (`query`: chat messages, the last the question;
+`label`: the reference answer) have no responses: `label --policy` samples them from a policy, and the
+teacher judges them. `label` always writes question, reference, response, label (0/1): what sft and
+eval read with no field flags.
 
 A verifier is its weights and its settings (template, system prompt, judgement tokens, what of the
 response it reads). `sft` trains the student on reward.py's prompt and saves the settings beside the
@@ -26,6 +34,7 @@ import math
 import os
 import random
 import re
+import shlex
 import signal
 import sys
 import time
@@ -58,12 +67,32 @@ def _help(text: str) -> dict:
 class Common:
     config: str = field(default="", metadata=_help("YAML or JSON file of field values; flags override it"))
     trust_remote_code: bool = field(default=False, metadata=_help("allow model code from the hub (off: safer)"))
+    # the columns of --data (the released sets: --question_field query --reference_field label)
+    question_field: str = field(default="question", metadata=_help(
+        "column of the question: text, or chat messages whose last (the user's) is the question"))
+    reference_field: str = field(default="reference", metadata=_help("column of the reference answer"))
+    response_field: str = field(default="response", metadata=_help("column of the response judged"))
+    label_field: str = field(default="label", metadata=_help("column of the 0/1 judgement (sft, eval)"))
 
 
 @dataclass
-class LabelConfig(Common):
+class PolicySamples:
+    policy: str = field(default="", metadata=_help(
+        "a policy (dir, hub name, 'tiny') whose sampled responses --teacher labels: label: to the --data "
+        "questions (in place of a response column); sft: to training questions, added to training"))
+    policy_samples: int = field(default=0, metadata=_help("responses sampled from --policy per question"))
+    policy_system_prompt: Optional[str] = field(default=None, metadata=_help(
+        "system message of --policy where a prompt has none (default: toy.SYSTEM_PROMPT with --data toy, else the "
+        "released sets' prompt)"))
+    policy_max_new_tokens: int = field(default=64, metadata=_help("length limit of a --policy response"))
+    policy_temperature: float = field(default=1.0, metadata=_help("sampling temperature of --policy (> 0)"))
+
+
+@dataclass
+class LabelConfig(Common, PolicySamples):
     data: str = field(default="toy", metadata=_help(
-        "rows with question, reference, response (e.g. train_rl.py's rollouts.jsonl); 'toy': toy.judge_rows"))
+        "rows with question, reference, response (e.g. train_rl.py's rollouts.jsonl), or, with --policy, questions "
+        "and references (the released sets); 'toy': toy.judge_rows (with --policy: the toy questions)"))
     split: str = field(default="train", metadata=_help("split of a data set name"))
     toy_mix: str = field(default="near:2000", metadata=_help("toy rows by kind (toy.judge_rows) when --data toy"))
     teacher: str = field(default="rule:math", metadata=_help(
@@ -73,7 +102,8 @@ class LabelConfig(Common):
     hashes_out: str = field(default="", metadata=_help(
         "question hashes of the labelled rows, for train_rl.py --exclude_hashes (default: OUT with .hashes.txt)"))
     rows_per_write: int = field(default=64, metadata=_help("rows per teacher call; the output is fsynced after each"))
-    seed: int = field(default=0, metadata=_help("seed of the toy rows"))
+    max_len: int = field(default=4096, metadata=_help("with --policy: longer prompts are dropped (and counted)"))
+    seed: int = field(default=0, metadata=_help("seed of the toy rows and of --policy's samples"))
 
 
 @dataclass
@@ -84,7 +114,7 @@ class Logged(Common):
 
 
 @dataclass
-class SftConfig(Logged):
+class SftConfig(Logged, PolicySamples):
     student: str = field(default="tiny", metadata=_help(
         "model dir or hub name (a saved verifier keeps its settings); 'tiny': the tiny model warm-started on the toy"))
     data: str = field(default="toy", metadata=_help(
@@ -105,15 +135,8 @@ class SftConfig(Logged):
     truncated_negatives: float = field(default=0.0, metadata=_help(
         "add this share of the training rows as responses cut before their answer (the first sentence of a "
         "longer response, a prefix of a one-line one), labelled NO"))
-    policy: str = field(default="", metadata=_help(
-        "a policy (dir, hub name, 'tiny') whose responses to training questions --teacher labels and sft adds"))
-    policy_samples: int = field(default=0, metadata=_help("responses sampled from --policy per training question"))
     policy_rollouts: str = field(default="", metadata=_help(
         "a policy's rollouts.jsonl (train_rl.py): its responses to training-split questions, labelled and added"))
-    policy_system_prompt: Optional[str] = field(default=None, metadata=_help(
-        "system message of --policy (default: toy.SYSTEM_PROMPT with --data toy, else the released sets' prompt)"))
-    policy_max_new_tokens: int = field(default=64, metadata=_help("length limit of a --policy response"))
-    policy_temperature: float = field(default=1.0, metadata=_help("sampling temperature of --policy (> 0)"))
     master_key_prompts: int = field(default=64, metadata=_help("held-out questions the master-key probe asks"))
     # optimisation: OpenRLHF 0.6.0 train_sft defaults (the framework the paper ran on) unless noted
     epochs: float = field(default=1.0, metadata=_help("passes over the training rows (the paper: 1)"))
@@ -162,6 +185,13 @@ def check_config(cfg, vopts: reward.VerifierOptions) -> None:
     # the eval verifier and label's teacher are asked with the prompt flags; sft's teacher is not
     reward.check_saved_settings(getattr(cfg, "verifier", ""), vopts, from_flags=True)
     reward.check_saved_settings(getattr(cfg, "teacher", ""), vopts, from_flags=not isinstance(cfg, SftConfig))
+    for name in FIELD_FLAGS:
+        req(getattr(cfg, name).strip() != "", name, getattr(cfg, name), "must name a column")
+    # label writes the judgement; sft and eval read it from a column of its own
+    twin = next((n for n in FIELD_FLAGS[:3] if getattr(cfg, n) == cfg.label_field), None)
+    req(twin is None or isinstance(cfg, LabelConfig), str(twin), cfg.label_field, "is also --label_field" + (
+        "; the released sets' 'label' is the reference answer, not a judgement: judge responses to their "
+        "questions with `train_verifier.py label --policy ...` first" if twin == "reference_field" else ""))
     if isinstance(cfg, EvalConfig):
         req(cfg.data.strip() != "", "data", cfg.data, "is required (rows with question, reference, response, label)")
         req(cfg.verifier.strip() != "", "verifier", cfg.verifier, "is required")
@@ -174,11 +204,16 @@ def check_config(cfg, vopts: reward.VerifierOptions) -> None:
         toy.parse_mix(cfg.toy_mix)
     except ValueError as e:
         req(False, "toy_mix", cfg.toy_mix, str(e))
+    req(cfg.policy_max_new_tokens >= 1, "policy_max_new_tokens", cfg.policy_max_new_tokens, "must be >= 1")
+    req(cfg.policy_temperature > 0, "policy_temperature", cfg.policy_temperature, "must be > 0")
+    req(bool(cfg.policy) == (cfg.policy_samples > 0), "policy_samples", cfg.policy_samples,
+        "must be >= 1 with --policy, and 0 without it" if cfg.policy else "needs --policy (the model to sample from)")
+    req(cfg.max_len >= 3, "max_len", cfg.max_len, "must be >= 3 (a prompt, the judgement and the end of turn)")
     if isinstance(cfg, LabelConfig):
         req(cfg.rows_per_write >= 1, "rows_per_write", cfg.rows_per_write, "must be >= 1")
         return
     world = int(os.environ.get("WORLD_SIZE", 1))
-    for name in ("batch_size", "micro_batch_size", "keep_checkpoints", "master_key_prompts", "policy_max_new_tokens"):
+    for name in ("batch_size", "micro_batch_size", "keep_checkpoints", "master_key_prompts"):
         req(getattr(cfg, name) >= 1, name, getattr(cfg, name), "must be >= 1")
     for name in ("eval_every", "save_every", "policy_samples", "master_key_negatives", "truncated_negatives",
                  "weight_decay"):
@@ -186,16 +221,21 @@ def check_config(cfg, vopts: reward.VerifierOptions) -> None:
     req(cfg.batch_size % world == 0 and (cfg.batch_size // world) % cfg.micro_batch_size == 0, "batch_size",
         cfg.batch_size, f"must split into {world} ranks x whole micro-batches of --micro_batch_size "
         f"{cfg.micro_batch_size}")
-    req(cfg.max_len >= 3, "max_len", cfg.max_len, "must be >= 3 (a prompt, the judgement and the end of turn)")
-    for name in ("epochs", "lr", "max_grad_norm", "policy_temperature"):
+    for name in ("epochs", "lr", "max_grad_norm"):
         req(getattr(cfg, name) > 0, name, getattr(cfg, name), "must be > 0")
     for name in ("adam_beta1", "adam_beta2", "warmup_ratio", "heldout_fraction"):
         req(0 <= getattr(cfg, name) < 1, name, getattr(cfg, name), "must be in [0, 1)")
     req(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", cfg.min_lr_ratio, "must be in [0, 1]")
-    req(bool(cfg.policy) == (cfg.policy_samples > 0), "policy_samples", cfg.policy_samples,
-        "must be >= 1 with --policy, and 0 without it" if cfg.policy else "needs --policy (the model to sample from)")
     req(not cfg.policy_rollouts or Path(cfg.policy_rollouts).is_file(), "policy_rollouts", cfg.policy_rollouts,
         "no such file")
+
+
+FIELD_FLAGS = ("question_field", "reference_field", "response_field", "label_field")
+
+
+def read_rows(cfg, source: str, split: str, labelled: bool = False) -> list[data.JudgedRow]:
+    """The rows of --data, its columns named by the --*_field flags."""
+    return data.read_judged_rows(source, split, labelled, **{name: getattr(cfg, name) for name in FIELD_FLAGS})
 
 
 def chunks(items: list, size: int):
@@ -213,8 +253,6 @@ def label_rows(get_teacher, rows: list[data.JudgedRow], out: Path, rows_per_writ
     call. Returns the distinct rows, labelled. A crash tears at most the last line, which
     metrics.read_jsonl cuts off, so a rerun labels exactly the rows missing. The teacher's own checks
     hold: a model teacher that answers neither judgement token raises VerifierError (no all-NO labels)."""
-    from tqdm import tqdm
-
     out.parent.mkdir(parents=True, exist_ok=True)
     known = {}
     for n, line in enumerate(metrics.read_jsonl(out) if out.exists() else [], 1):
@@ -224,7 +262,7 @@ def label_rows(get_teacher, rows: list[data.JudgedRow], out: Path, rows_per_writ
     distinct = list({r.id: r for r in rows}.values())
     todo = [r for r in distinct if r.id not in known]
     print(f"[label] {len(distinct)} distinct rows, {len(todo)} to label, the others already in {out}", flush=True)
-    for batch in tqdm(list(chunks(todo, rows_per_write)), desc="label", dynamic_ncols=True, disable=not todo):
+    for batch in metrics.progress(list(chunks(todo, rows_per_write)), desc="label", disable=not todo):
         j = get_teacher()([r.question for r in batch], [r.reference for r in batch], [r.response for r in batch])
         lines = [r.to_json() | {"label": int(b), "teacher_p_yes": p} for r, b, p in
                  zip(batch, j.binary.tolist(), j.p_yes.tolist())]
@@ -235,10 +273,21 @@ def label_rows(get_teacher, rows: list[data.JudgedRow], out: Path, rows_per_writ
 
 
 def label(cfg: LabelConfig, vopts: reward.VerifierOptions) -> dict:
-    """The `label` command: the teacher (asked with the --verifier_* flags) judges every row of --data."""
-    # the toy rows' own labels (the truth) are not read: the teacher's replace them
-    rows = toy.judge_rows(cfg.toy_mix, cfg.seed) if cfg.data == "toy" else data.read_judged_rows(cfg.data, cfg.split)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    """The `label` command: the teacher (asked with the --verifier_* flags) judges every row of --data, or,
+    with --policy, the policy's sampled responses to the --data questions."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.policy:
+        rows = sample_responses(cfg, policy_path(cfg), prompt_records(cfg), device)
+    elif cfg.data == "toy":  # the toy rows' own labels (the truth) are not read: the teacher's replace them
+        rows = toy.judge_rows(cfg.toy_mix, cfg.seed)
+    else:
+        try:
+            rows = read_rows(cfg, cfg.data, cfg.split)
+        except data.DataError as e:
+            if f"field '{cfg.response_field}' is missing" not in str(e):
+                raise
+            raise data.DataError(f"{e}: to judge a policy's answers to these questions, add --policy DIR "
+                                 "--policy_samples N") from None
     get_teacher = functools.cache(lambda: reward.build_verifier(cfg.teacher, vopts, device=device,
                                                                 trust_remote_code=cfg.trust_remote_code))
     start = time.perf_counter()
@@ -248,7 +297,8 @@ def label(cfg: LabelConfig, vopts: reward.VerifierOptions) -> dict:
     positives = sum(r.label for r in labelled)
     print(f"[label] {len(labelled)} rows ({positives} YES) by {cfg.teacher} in {cfg.out} "
           f"({time.perf_counter() - start:.1f}s); {n_hashes} question hashes in {hashes} "
-          f"(train_rl.py --exclude_hashes {hashes})")
+          f"(train_rl.py --exclude_hashes {hashes})\n[label] next: python train_verifier.py sft --data "
+          f"{shlex.quote(cfg.out)} --student MODEL --out_dir DIR")
     return {"rows": len(labelled), "positives": positives, "out": cfg.out, "hashes": str(hashes)}
 
 
@@ -259,10 +309,8 @@ def label(cfg: LabelConfig, vopts: reward.VerifierOptions) -> dict:
 def score(verifier, rows: list[data.JudgedRow]) -> dict:
     """The verifier's judgements of labelled rows against the labels: audit.agreement, calibration
     (ece, brier, bins), the share of first tokens that were neither judgement token, judgements per second."""
-    from tqdm import tqdm
-
     preds, p_yes, unjudged, start = [], [], 0, time.perf_counter()
-    for batch in tqdm(list(chunks(rows, 256)), desc="judge", dynamic_ncols=True, disable=len(rows) <= 256):
+    for batch in metrics.progress(list(chunks(rows, 256)), desc="judge", disable=len(rows) <= 256):
         j = verifier([r.question for r in batch], [r.reference for r in batch], [r.response for r in batch])
         preds += [int(b) for b in j.binary.tolist()]
         p_yes += j.p_yes.tolist()
@@ -281,7 +329,7 @@ def probe_master_keys(verifier, rows: list[data.JudgedRow], n: int, seed: int) -
 def evaluate(cfg: EvalConfig, vopts: reward.VerifierOptions) -> dict:
     """The `eval` command. A saved verifier is asked with its saved settings (a contradicting flag is an
     error unless --verifier_force_settings), as train_rl.py asks it."""
-    rows = data.read_judged_rows(cfg.data, cfg.split, labelled=True)
+    rows = read_rows(cfg, cfg.data, cfg.split, labelled=True)
     verifier = reward.build_verifier(cfg.verifier, vopts, device="cuda" if torch.cuda.is_available() else "cpu",
                                      trust_remote_code=cfg.trust_remote_code)
     report = {"verifier": cfg.verifier, "data": cfg.data, **score(verifier, rows)}
@@ -345,31 +393,58 @@ def truncated_rows(train: list[data.JudgedRow], share: float, seed: int) -> list
     return out
 
 
-def policy_rows(cfg: SftConfig, path: str, train: list[data.JudgedRow], get_teacher, device) -> list[data.JudgedRow]:
-    """Rank 0: the policy's responses to training questions, labelled by the teacher into
-    OUT_DIR/policy_labels.jsonl: wrong answers in the policy's own style. --policy_samples per distinct
-    question are drawn as train_rl.py draws rollouts (rollout.generate, a seed per sample), so a rerun draws
-    the same ones and finds their labels; --policy_rollouts rows of held-out questions (by hash) are left out."""
-    from tqdm import tqdm
+def policy_path(cfg) -> str:
+    """--policy, with 'tiny' the demo policy train_rl.py --policy tiny trains (warm-started without the
+    toy questions --heldout_fraction holds out; label has no split: the default share)."""
+    if cfg.policy != "tiny":
+        return cfg.policy
+    return toy.tiny_policy(getattr(cfg, "heldout_fraction", SftConfig.heldout_fraction))
 
+
+def system_prompt(cfg) -> str:
+    return cfg.policy_system_prompt if cfg.policy_system_prompt is not None else \
+        toy.SYSTEM_PROMPT if cfg.data == "toy" else data.PAPER_SYSTEM_PROMPT
+
+
+def prompt_records(cfg: LabelConfig) -> list[data.Record]:
+    """label --policy: the questions of --data as train_rl.py reads them (chat messages kept, the system
+    prompt added where a row has none), or every toy question."""
+    if cfg.data == "toy":
+        return toy.records(toy.PROBLEMS, seed=cfg.seed, system_prompt=system_prompt(cfg))
+    return data.load_records(cfg.data, cfg.split, cfg.question_field, cfg.reference_field, system_prompt(cfg))[0]
+
+
+def sample_responses(cfg, path: str, records: list[data.Record], device) -> list[data.JudgedRow]:
+    """--policy_samples responses per record from the policy at `path`, drawn as train_rl.py draws rollouts
+    (rollout.generate, a seed per sample): a rerun draws the same ones and finds their labels. Prompts
+    longer than --max_len are dropped (and counted)."""
+    tokenizer = model.load_tokenizer(path, cfg.trust_remote_code)
+    records, n_long = data.drop_long(records, tokenizer, cfg.max_len)
+    if n_long:
+        print(f"[policy] {n_long} prompts longer than --max_len {cfg.max_len} tokens dropped", flush=True)
+    policy = model.load_model(path, device, model.compute_dtype(), cfg.trust_remote_code)
+    sampling = SimpleNamespace(samples_per_prompt=cfg.policy_samples, max_prompt_len=cfg.max_len, seed=cfg.seed,
+                               max_new_tokens=cfg.policy_max_new_tokens, temperature=cfg.policy_temperature, top_p=1.0)
+    rows = []
+    for step, batch in enumerate(metrics.progress(list(chunks(records, 32)), desc="policy samples")):
+        drawn = rollout.generate(policy, None, tokenizer, batch, step, sampling)
+        rows += [data.JudgedRow(r.question, r.reference, text) for r, text in zip(drawn.records, drawn.texts)]
+    del policy
+    gc.collect()
+    return rows
+
+
+def policy_rows(cfg: SftConfig, path: str, train: list[data.JudgedRow], get_teacher, device) -> list[data.JudgedRow]:
+    """Rank 0: the policy's responses to training questions (sample_responses), labelled by the teacher into
+    OUT_DIR/policy_labels.jsonl: wrong answers in the policy's own style. --policy_rollouts rows of held-out
+    questions (by hash) are left out."""
     rows = []
     if path:
-        system = cfg.policy_system_prompt if cfg.policy_system_prompt is not None else \
-            toy.SYSTEM_PROMPT if cfg.data == "toy" else data.PAPER_SYSTEM_PROMPT
+        system = system_prompt(cfg)
         records = [data.make_record(q, ref, [{"role": "system", "content": system}] * bool(system)
                                     + [{"role": "user", "content": q}], {})
                    for q, ref in dict.fromkeys((r.question, r.reference) for r in train)]
-        tokenizer = model.load_tokenizer(path, cfg.trust_remote_code)
-        records, _ = data.drop_long(records, tokenizer, cfg.max_len)
-        policy = model.load_model(path, device, model.compute_dtype(), cfg.trust_remote_code)
-        sampling = SimpleNamespace(samples_per_prompt=cfg.policy_samples, max_prompt_len=cfg.max_len, seed=cfg.seed,
-                                   max_new_tokens=cfg.policy_max_new_tokens, temperature=cfg.policy_temperature,
-                                   top_p=1.0)
-        for step, batch in enumerate(tqdm(list(chunks(records, 32)), desc="policy samples", dynamic_ncols=True)):
-            drawn = rollout.generate(policy, None, tokenizer, batch, step, sampling)
-            rows += [data.JudgedRow(r.question, r.reference, text) for r, text in zip(drawn.records, drawn.texts)]
-        del policy
-        gc.collect()
+        rows += sample_responses(cfg, path, records, device)
     if cfg.policy_rollouts:
         found, held_out = data.split_heldout(data.read_judged_rows(cfg.policy_rollouts), cfg.heldout_fraction)
         print(f"[sft] {cfg.policy_rollouts}: {len(found)} responses to training-split questions; "
@@ -390,12 +465,12 @@ def training_rows(cfg: SftConfig, vopts: reward.VerifierOptions, device) -> tupl
         if distributed.rank() == 0:  # the toy rows' own labels (the truth) are replaced by the teacher's
             label_rows(get_teacher, toy.judge_rows(cfg.toy_mix, cfg.seed), Path(source), 256)
         distributed.barrier()
-    rows = data.read_judged_rows(source, cfg.split, labelled=True)
+    rows = data.read_judged_rows(source, labelled=True) if cfg.data == "toy" else read_rows(cfg, source, cfg.split, True)
     train, heldout = data.split_heldout(rows, cfg.heldout_fraction)
     added = {"master_key": master_key_rows(train, cfg.master_key_negatives, cfg.seed),
              "truncated": truncated_rows(train, cfg.truncated_negatives, cfg.seed)}
     if cfg.policy or cfg.policy_rollouts:
-        path = toy.tiny_policy(cfg.heldout_fraction) if cfg.policy == "tiny" else cfg.policy
+        path = policy_path(cfg) if cfg.policy else ""
         found = policy_rows(cfg, path, train, get_teacher, device) if distributed.rank() == 0 else None
         added["policy"] = distributed.broadcast_object(found)
     return train, heldout, added
@@ -494,8 +569,6 @@ def heldout_eval(student, judge, rows: list[data.JudgedRow], probe_keys: int = 0
 
 def sft(cfg: SftConfig, vopts: reward.VerifierOptions) -> dict:
     """The `sft` command: distil the teacher's labels into the student, export it with its settings."""
-    from tqdm import tqdm
-
     rank, world, device = distributed.init()
     torch.manual_seed(cfg.seed)
     out_dir, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
@@ -546,8 +619,8 @@ def sft(cfg: SftConfig, vopts: reward.VerifierOptions) -> dict:
         log.log(0, before | counts)
 
     stop, timer, t_start, after, per_key = checkpoint.StopSignal(), metrics.PhaseTimer(device), time.time(), {}, {}
-    bar = tqdm(range(start + 1, steps + 1), initial=start, total=steps, disable=rank != 0, desc="sft",
-               dynamic_ncols=True)
+    bar = metrics.progress(range(start + 1, steps + 1), desc="sft", disable=rank != 0, initial=start, total=steps)
+    every = max(1, steps // 20)  # without a bar (a log file): a line every 5% of the run
     for step in bar:
         with timer("train"):
             batch = [pool[i] for i in sampler.next()]
@@ -559,7 +632,10 @@ def sft(cfg: SftConfig, vopts: reward.VerifierOptions) -> dict:
                                               cfg.master_key_prompts if step == steps else 0, cfg.seed)
                 m.update(after)
         log.log(step, m | timer.pop() | {"epoch": sampler.epoch} | metrics.peak_memory(device))
-        bar.set_postfix_str(metrics.Metrics.summary(step, m, ["loss", "train/accuracy", "eval/kappa"]))
+        line = metrics.Metrics.summary(step, m, ["loss", "train/accuracy", "eval/kappa"])
+        bar.set_postfix_str(line)
+        if rank == 0 and bar.disable and (step % every == 0 or step == steps or "eval/kappa" in m):
+            print(f"[sft] {line} (of {steps})", flush=True)
         stopping = stop.should_stop() and step < steps  # a signal in the last step: finish instead
         if step == steps or stopping or (cfg.save_every and step % cfg.save_every == 0):
             checkpoint.save_checkpoint(str(ckpt_dir), step, student, optimizer, scheduler,

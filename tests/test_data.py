@@ -343,7 +343,11 @@ def test_parse_label(value, want):
     ({"question": "q", "reference": "", "response": "a", "label": 1}, "field 'reference' is empty"),
     ({"question": "q", "reference": None, "response": "a", "label": 1}, "field 'reference' is null"),
     ({"question": "q", "reference": "r", "label": 1}, "field 'response' is missing"),
-    ({"question": ["q"], "reference": "r", "response": "a", "label": 1}, "field 'question' must be a string, got list"),
+    ({"question": 3, "reference": "r", "response": "a", "label": 1},
+     "field 'question' must be a string or a list of chat messages, got int"),
+    ({"question": ["q"], "reference": "r", "response": "a", "label": 1}, "field 'question', message 1: expected"),
+    ({"question": [{"role": "user", "content": " "}], "reference": "r", "response": "a", "label": 1},
+     "field 'question' is empty"),
     ({"question": "q", "reference": "r", "response": "a", "label": "maybe"}, "field 'label' must be 0/1 or true/false"),
     ({"question": "q", "reference": "r", "response": "a"}, "field 'label' is missing"),
     ("text", "expected an object with fields, got str"),
@@ -367,3 +371,31 @@ def test_judged_rows_file_errors(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"quest\n{"question": "q", "reference": "r", "response": "a"}\n')
     with pytest.raises(DataError, match="bad.jsonl, row 1: not valid JSON"):
         data.read_judged_rows(str(tmp_path / "bad.jsonl"))
+
+
+def test_read_judged_rows_maps_fields_and_reads_chat_questions(tmp_path):
+    # the released sets' row: `query` (system + user messages), `label` the reference; a judgement elsewhere
+    rows = [{"query": [{"role": "system", "content": "S"}, {"role": "user", "content": "Capital of France?"}],
+             "label": "Paris", "answer": "It is Paris.", "correct": True},
+            {"query": "2 + 2?", "label": 4, "answer": "5", "correct": 0}]
+    path = _write_jsonl(tmp_path / "mine.jsonl", rows)
+    got = data.read_judged_rows(str(path), labelled=True, question_field="query", reference_field="label",
+                                response_field="answer", label_field="correct")
+    assert got == [data.JudgedRow("Capital of France?", "Paris", "It is Paris.", label=1),
+                   data.JudgedRow("2 + 2?", "4", "5", label=0)]
+    # the same question as train_rl.py's record of that row: the hashes that keep it out of training agree
+    records, _ = data.load_records(str(path), prompt_field="query", answer_field="label")
+    assert [data.question_hash(r.question) for r in records] == [data.question_hash(r.question) for r in got]
+    with pytest.raises(DataError, match=r"mine.jsonl, row 1: field 'label' must be 0/1 or true/false, got 'Paris' "
+                                        r"\(the released sets' 'label' is the reference answer: --reference_field label\)"):
+        data.read_judged_rows(str(path), labelled=True, question_field="query", reference_field="label",
+                              response_field="answer")
+
+
+@pytest.mark.skipif(not SAMPLE.exists(), reason=f"no {SAMPLE} (the repo's ../shared: the released data's sample)")
+def test_the_released_sample_reads_as_questions_and_references():
+    rows = data.read_judged_rows(str(SAMPLE), question_field="query", reference_field="label",
+                                 response_field="label")  # no responses in it: any text column stands in
+    raw = [json.loads(line) for line in SAMPLE.read_text().splitlines()]
+    assert len(rows) == len(raw) == 2058
+    assert all(r.question == x["query"][-1]["content"] and r.reference == x["label"] for r, x in zip(rows, raw))

@@ -252,3 +252,41 @@ def test_a_full_disk_names_the_file(tmp_path):
         metrics.append_jsonl(tmp_path / "metrics.jsonl", [{"step": 1}])
     assert e.value.errno == errno.ENOSPC
     assert str(e.value) == f"[Errno 28] No space left on device (appending 1 rows): '{tmp_path / 'metrics.jsonl'}'"
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    calls = []
+
+    class FakeRun:
+        def __init__(self, id):
+            self.id = id
+
+        def finish(self):
+            pass
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls.append(kw) or FakeRun(kw["id"] or f"new{len(calls)}")
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    Metrics(str(tmp_path), {}, "proj", "run", mode="offline").run.finish()
+    assert calls[0]["id"] is None and calls[0]["resume"] is None
+    assert (tmp_path / "wandb_run_id").read_text() == "new1\n"
+    resumed = Metrics(str(tmp_path), {}, "proj", "run", mode="offline", resume_step=7)
+    assert (calls[1]["id"], calls[1]["resume"], resumed.run.id) == ("new1", "allow", "new1")
+    Metrics(str(tmp_path), {}, "proj", "run", mode="offline", resume_step=0)  # a fresh start is a new run
+    assert calls[2]["id"] is None and (tmp_path / "wandb_run_id").read_text() == "new3\n"
+
+
+def test_plot_run_draws_the_panels_it_has_data_for(tmp_path):
+    import matplotlib.image
+
+    rows = [{"step": 0, "eval/accuracy": 0.4, "eval/accuracy/math": 0.3, "verifier/master_key_fpr": 0.0}]
+    rows += [{"step": s, "reward/mean": 0.1 * s, "reward/binary_mean": 0.05 * s, "reward/rule:substring/binary_mean": 0.2,
+              "entropy": 2.0 - 0.1 * s, "response/length_mean": 10 + s, "loss": 0.1} for s in range(1, 6)]
+    rows[-1].update({"eval/accuracy": 0.5, "eval/accuracy/math": 0.45, "audit/false_positive_rate": 0.1})
+    path = metrics.plot_run(tmp_path / "curves.png", rows, title="demo")
+    image = matplotlib.image.imread(path)[..., :3]
+    assert image.shape[:2] == (700, 1200)
+    # tab:blue (31, 119, 180), the first curve's colour, in five panels; the KL panel (row 2, column 1) has none
+    blue = (abs(image - np.array([31, 119, 180]) / 255).max(-1) < 0.05)
+    panels = [blue[r * 350:(r + 1) * 350, c * 400:(c + 1) * 400].sum() for r in range(2) for c in range(3)]
+    assert [p > 20 for p in panels] == [True, True, True, False, True, True], panels

@@ -289,3 +289,44 @@ def test_the_papers_data_without_a_judge_is_refused_in_one_line_before_any_model
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("train_rl.py: error: --eval_verifier 'auto': ") and "need a judge" in last
     assert "Traceback" not in out.stderr
+
+
+def test_the_closing_lines_are_runnable_commands_and_the_run_has_a_picture(tiny_model_dir, tmp_path, monkeypatch):
+    # the demo's round 1 (its verifier stood in for by the tiny model: distilling the real one takes minutes),
+    # then the two commands its closing lines print, run as printed with small settings added to the first
+    import shlex
+
+    import metrics
+    import toy
+    import train_rl
+
+    monkeypatch.setattr(toy, "tiny_verifier", lambda: tiny_model_dir)
+    monkeypatch.chdir(ROOT)
+    plots = []
+    monkeypatch.setattr(metrics.Metrics, "plot", lambda self, draw=metrics.Metrics.plot: plots.append(draw(self)))
+    argv = flags(tiny_model_dir, tmp_path / "demo", 2, verifier="tiny", eval_every=1, audit_every=1)
+    cfg, vopts = rl_config.parse_config(argv)
+    lines = train_rl.closing_lines(cfg, train_rl.train(cfg, vopts) | {"argv": argv})
+    picture = tmp_path / "demo" / "curves.png"
+    assert plots == [str(picture)] * 2  # after the eval of step 1 and at the end (step 2's eval)
+    assert f"picture of the run: {picture}" in lines
+    import matplotlib.image
+    assert matplotlib.image.imread(picture).shape[:2] == (700, 1200)
+    commands = [line.strip() for line in lines if line.startswith("  python ")]
+    assert len(commands) == 2, lines
+    before = (tmp_path / "demo" / "metrics.jsonl").read_bytes()
+    small = ["--toy_mix", "digit:40", "--policy", tiny_model_dir, "--policy_samples", "1", "--epochs", "1",
+             "--batch_size", "16", "--micro_batch_size", "16", "--master_key_prompts", "4", "--wandb_mode", "disabled"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    for command, extra in zip(commands, [small, []]):
+        words = shlex.split(command)
+        assert words[0] == "python" and words[words.index("--out_dir") + 1].startswith(str(tmp_path / "demo_round2"))
+        out = subprocess.run([sys.executable, *words[1:], *extra], capture_output=True, text=True, timeout=600,
+                             env=env, cwd=ROOT)
+        assert out.returncode == 0, command + "\n" + out.stdout[-3000:] + out.stderr[-3000:]
+        assert "\r" not in out.stdout + out.stderr  # redirected: no progress-bar redraws
+    assert (tmp_path / "demo_round2_verifier" / "final" / "config.json").exists()
+    assert [r["step"] for r in map(json.loads, (tmp_path / "demo_round2" / "metrics.jsonl").read_text().splitlines())
+            if "loss" in r] == [1, 2]
+    assert (tmp_path / "demo" / "metrics.jsonl").read_bytes() == before  # round 1's run is left as it was
+    assert (tmp_path / "demo_round2" / "curves.png").exists()

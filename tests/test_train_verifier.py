@@ -494,3 +494,46 @@ def test_a_data_error_is_one_line(tmp_path):
                          timeout=300)
     assert out.returncode == 1 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert out.stderr.startswith("train_verifier.py eval: error: ") and "row 2" in out.stderr
+
+
+# the released data's format (query: chat messages, label: the reference) through label, sft and eval
+
+SAMPLE = ROOT.parent / "shared" / "data" / "multi_subject_rlvr_sample.jsonl"
+
+
+@pytest.mark.skipif(not SAMPLE.exists(), reason=f"no {SAMPLE} (the repo's ../shared: the released data's sample)")
+def test_the_released_format_goes_through_label_sft_and_eval(tmp_path, tiny_model_dir):
+    rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()[:12]]
+    sample = write_jsonl(tmp_path / "sample.jsonl", rows)  # the first rows, as released (a slice, not a new format)
+    paper = ["--data", str(sample), "--question_field", "query", "--reference_field", "label"]
+    out = tmp_path / "labels.jsonl"
+    # without responses, label says how to get them; sft refuses `label` as a judgement, naming the flag
+    with pytest.raises(data.DataError, match="row 1: field 'response' is missing: to judge a policy's answers to "
+                                             "these questions, add --policy DIR --policy_samples N"):
+        TV.run(["label", *paper, "--out", str(out)])
+    with pytest.raises(config.ConfigError, match="--reference_field 'label': is also --label_field; the released "
+                                                 "sets' 'label' is the reference answer"):
+        TV.run(["sft", *paper, "--student", tiny_model_dir])
+    # a policy's sampled answers, judged; then the references themselves as answers (the teacher's YES), appended
+    TV.run(["label", *paper, "--policy", tiny_model_dir, "--policy_samples", "2", "--policy_max_new_tokens", "6",
+            "--teacher", "rule:substring", "--out", str(out)])
+    TV.run(["label", *paper, "--response_field", "label", "--teacher", "rule:substring", "--out", str(out)])
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    questions = {r["query"][-1]["content"]: r["label"] for r in rows}  # the user message is the question
+    assert len(written) == len({(r["question"], r["response"]) for r in written}) > len(rows)
+    assert all(questions[r["question"]] == r["reference"] for r in written)
+    oracle = [r for r in written if r["response"] == r["reference"]]
+    assert len(oracle) == len(rows) and all(r["label"] == 1 for r in oracle)
+    rule = reward.build_verifier("rule:substring")
+    j = rule([r["question"] for r in written], [r["reference"] for r in written], [r["response"] for r in written])
+    assert [r["label"] for r in written] == [int(b) for b in j.binary.tolist()]
+    # sft and eval read label's rows with no field flags
+    result = TV.run(["sft", "--data", str(out), "--student", tiny_model_dir, "--out_dir", str(tmp_path / "v"),
+                     "--heldout_fraction", "0.3", "--batch_size", "8", "--micro_batch_size", "8", "--pack", "false",
+                     "--master_key_prompts", "4", "--wandb_mode", "disabled"])
+    train, heldout = data.split_heldout(data.read_judged_rows(str(out), labelled=True), 0.3)
+    assert (result["rows"]["data/train_rows"], result["rows"]["data/heldout_rows"]) == (len(train), len(heldout))
+    assert result["rows"]["data/train_yes"] == sum(r.label for r in train)
+    report = TV.run(["eval", "--verifier", result["final"], "--data", str(out), "--out_dir", str(tmp_path / "ev"),
+                     "--verifier_max_unjudged", "1", "--master_key_prompts", "4", "--wandb_mode", "disabled"])
+    assert report["tp"] + report["fn"] == len(oracle) and report["fp"] + report["tn"] == len(written) - len(oracle)
