@@ -176,7 +176,7 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
     req(cfg.correction_threshold > 1, "correction_threshold", cfg.correction_threshold, "must be > 1")
     req(cfg.rollout_correction == "none" or cfg.rollout_engine == "vllm" or cfg.async_steps, "rollout_correction",
         cfg.rollout_correction, "needs a sampler other than the trainer (--rollout_engine vllm or --async_steps 1)")
-    rollout.RolloutOptions.of(cfg).check(world)
+    rollout.check(cfg, world)
     req(0 <= cfg.warmup_ratio < 1, "warmup_ratio", cfg.warmup_ratio, "must be in [0, 1)")
     req(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", cfg.min_lr_ratio, "must be in [0, 1]")
     req(cfg.max_grad_norm > 0, "max_grad_norm", cfg.max_grad_norm, "must be > 0")
