@@ -8,9 +8,9 @@ Three features, each off by default and each a part of its own:
   --async_steps 1      rollout_async.py: batch t+1 is generated (and judged) by a worker process while step t
                        updates, always with the weights before update t (one step off-policy, so a run is
                        reproducible);
-  --stream_judging     RolloutSource._stream with rollout_stream.py: hand each prompt group to the verifier, in
-                       a thread, as soon as all its responses have ended, while the batch's longer responses are
-                       still generating (HF generate);
+  --stream_judging     rollout_stream.py (and a branch of RolloutSource._sample): hand each prompt group to the
+                       verifier, in a thread, as soon as all its responses have ended, while the batch's longer
+                       responses are still generating (HF generate);
   --filter_groups      rollout_filter.py: DAPO dynamic sampling: groups whose rewards are all equal are dropped
                        and replaced by groups of newly drawn prompts, for at most --max_filter_rounds extra rounds.
 Judging runs in a thread of the trainer. It overlaps well with verifiers that leave the GIL free there (HTTP,
@@ -142,6 +142,13 @@ class Samples:
         return Samples(**{f.name: [getattr(self, f.name)[i] for i in rows] if getattr(self, f.name) else []
                           for f in fields(Samples)})
 
+    def answered(self, first: int, responses, truncated, texts, logp) -> Samples:
+        """Rows first.. with their responses (logp: the sampler's log-prob tensors, or None)."""
+        part = self.take(range(first, first + len(responses)))
+        part.response, part.truncated, part.text = responses, truncated, texts
+        part.logp = [None] * len(responses) if logp is None else logp
+        return part
+
 
 def cat(parts: list[Samples]) -> Samples:
     return Samples(**{f.name: [x for p in parts for x in getattr(p, f.name)] for f in fields(Samples)})
@@ -156,6 +163,26 @@ def _judgement(entries: list[tuple]) -> reward.Judgement:
     f32 = torch.float32
     return reward.Judgement(torch.tensor(b, dtype=f32), torch.tensor(s, dtype=f32), torch.tensor(p, dtype=f32),
                             torch.tensor(j, dtype=torch.bool))
+
+
+def _unpack(rows: Samples, train_set: list, logged_names) -> tuple[Rollout, reward.Judgement, dict]:
+    logp = None if any(x is None for x in rows.logp) else torch.cat(rows.logp)
+    ro = Rollout([train_set[i] for i in rows.index], rows.prompt, rows.response, rows.text, rows.truncated,
+                 rows.seed, logp, max(rows.staleness))
+    logged = {name: _judgement([d[name] for d in rows.logged]) for name in logged_names}
+    return ro, _judgement(rows.reward), logged
+
+
+def _my_slice(pending: dict, cfg) -> tuple[int, Samples, dict]:
+    """This rank's slice of a checkpoint's pending batch (saved by any world size)."""
+    rows = Samples(**pending["samples"])
+    n_global = cfg.prompts_per_step * cfg.samples_per_prompt
+    if len(rows.seed) != n_global:
+        raise ValueError(f"the checkpoint's pending batch has {len(rows.seed)} responses, but --prompts_per_step "
+                         f"x --samples_per_prompt is {n_global}: resume with the settings it was saved with")
+    per_rank = n_global // distributed.world_size()
+    mine = rows.take(range(distributed.rank() * per_rank, (distributed.rank() + 1) * per_rank))
+    return pending["step"], mine, dict(pending["info"])
 
 
 def _thread_safe(verifier) -> bool:
@@ -175,15 +202,11 @@ def _done(parts: list) -> Future:
 
 
 class RolloutSource:
-    """Each step's judged rollouts on this rank: `ro, judged, logged, info = source.next(step)`, sampled
-    here with the current policy (staleness 0); rollout_async.AsyncSource samples them a step ahead.
-
-    A step's batch is round 0 of prompts_per_step fresh prompts and, with --filter_groups, refill rounds
-    (rollout_filter.py). A round is started (`_start`: drawn and sampled) and then judged (`_judged`);
-    between the two it is a Future of its parts [(first row, Samples)], each judged in a thread already
-    (streaming, the async worker's reader) or left to be judged here. state_dict() carries the sampler's
-    position (and a batch generated ahead), so a resumed run trains on what the uninterrupted one would.
-    """
+    """Each step's judged rollouts on this rank, sampled here with the current policy (staleness 0;
+    rollout_async.AsyncSource samples them a step ahead). A step's batch is round 0 of prompts_per_step
+    fresh prompts, then (--filter_groups) refill rounds. A round is started (drawn and sampled) and then
+    judged; in between it is a Future of its parts [(first row, Samples)], each judged already in a thread
+    (--stream_judging, the async worker's reader) or left to be judged here."""
 
     def __init__(self, cfg, policy, tokenizer, train_set: list, sampler: data.PromptSampler, verifier,
                  logged: dict | None = None, engine=None):
@@ -209,7 +232,7 @@ class RolloutSource:
             raise ValueError(f"RolloutSource.next({step}): the batch ready is step {ready_step}'s (resumed from "
                              "another step? steps must follow each other)")
         self.ready = None
-        ro, judged, logged = self._unpack(rows)
+        ro, judged, logged = _unpack(rows, self.train_set, self.logged)
         return ro, judged, logged, {**info, "rollout/staleness": float(ro.staleness),
                                     "time/rollout_wait": time.perf_counter() - t0}
 
@@ -230,17 +253,8 @@ class RolloutSource:
     def load_state_dict(self, state: dict) -> None:
         """Restore the sampler and this rank's slice of the pending batch (any world size)."""
         self.sampler.load_state_dict(state["sampler"])
-        pending = state["pending"]
-        if pending is None:
-            return
-        rows = Samples(**pending["samples"])
-        n_global = self.cfg.prompts_per_step * self.cfg.samples_per_prompt
-        if len(rows.seed) != n_global:
-            raise ValueError(f"the checkpoint's pending batch has {len(rows.seed)} responses, but --prompts_per_step "
-                             f"x --samples_per_prompt is {n_global}: resume with the settings it was saved with")
-        per_rank = n_global // distributed.world_size()
-        mine = rows.take(range(distributed.rank() * per_rank, (distributed.rank() + 1) * per_rank))
-        self.ready = (pending["step"], mine, dict(pending["info"]))
+        if state["pending"] is not None:
+            self.ready = _my_slice(state["pending"], self.cfg)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -274,34 +288,23 @@ class RolloutSource:
                        seed=[sample_seed(self.cfg.seed, step, first + i) for i in range(rows)], staleness=[0] * rows)
 
     def _sample(self, rows: Samples, step: int) -> Future:
-        """The round sampled here, in one call (judged by _judged), or streamed group by group."""
+        """The round sampled here in one call (judged by _judged), or (--stream_judging) group by group, each
+        judged in the pool's thread as soon as its responses have all ended while longer ones generate."""
         if self.cfg.stream_judging and self.threaded and self.engine is None:
-            return self._stream(rows, step)
-        responses, truncated, logp = _sample_here(self.policy, self.engine, self.tokenizer, rows.prompt, rows.seed,
-                                                  self.cfg)
-        return _done([(0, self._part(rows, 0, responses, truncated, logp))])
+            judging = []
 
-    def _stream(self, rows: Samples, step: int) -> Future:
-        """--stream_judging: each group is judged in the pool's thread as soon as its responses have all
-        ended, while the batch's longer responses are still being generated."""
-        judging = []
+            def judge_group(first, *got):
+                judging.append((first, self.pool.submit(self._judge, self._answered(rows, first, *got), step)))
+            rollout_stream.sample_groups(self.policy.eval(), self.tokenizer, rows.prompt, rows.seed, self.cfg,
+                                         self.cfg.samples_per_prompt, judge_group, record=False)
+            # the pool runs one task at a time, in order: this one after every group's judging
+            return self.pool.submit(lambda: [(first, judged.result()) for first, judged in judging])
+        got = _sample_here(self.policy, self.engine, self.tokenizer, rows.prompt, rows.seed, self.cfg)
+        return _done([(0, self._answered(rows, 0, *got))])
 
-        def on_group(first, responses, truncated, logp):
-            part = self._part(rows, first, responses, truncated, logp)
-            judging.append((first, self.pool.submit(self._judge, part, step)))
-        self.policy.eval()
-        rollout_stream.sample_groups(self.policy, self.tokenizer, rows.prompt, rows.seed, self.cfg,
-                                     self.cfg.samples_per_prompt, on_group, record=False)
-        # the pool runs one task at a time, in order: this one after every group's judging
-        return self.pool.submit(lambda: [(first, judged.result()) for first, judged in judging])
-
-    def _part(self, rows: Samples, first: int, responses, truncated, logp, texts=None) -> Samples:
-        """Rows first.. of the round, with their responses."""
-        part = rows.take(range(first, first + len(responses)))
-        part.response, part.truncated = responses, truncated
-        part.text = texts or self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-        part.logp = [None] * len(responses) if logp is None else logp
-        return part
+    def _answered(self, rows: Samples, first: int, responses, truncated, logp) -> Samples:
+        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        return rows.answered(first, responses, truncated, texts, logp)
 
     def _judged(self, handle: Future, step: int) -> Samples:
         """The round's judged rows in order (judging here what was not judged in a thread)."""
@@ -315,10 +318,3 @@ class RolloutSource:
         logged = {name: _entries(judge(v, ro, step, self.cfg)) for name, v in self.logged.items()}
         part.logged = [{name: e[i] for name, e in logged.items()} for i in range(len(part.seed))]
         return part
-
-    def _unpack(self, rows: Samples) -> tuple[Rollout, reward.Judgement, dict]:
-        logp = None if any(x is None for x in rows.logp) else torch.cat(rows.logp)
-        ro = Rollout([self.train_set[i] for i in rows.index], rows.prompt, rows.response, rows.text, rows.truncated,
-                     rows.seed, logp, max(rows.staleness))
-        logged = {name: _judgement([d[name] for d in rows.logged]) for name in self.logged}
-        return ro, _judgement(rows.reward), logged
