@@ -91,7 +91,7 @@ class AsyncSource(rollout.RolloutSource):
         verifiers may run in a thread."""
         parts = []
         for first, responses, truncated, texts, logp in self.worker.rows(rid):
-            part = self._part(rows, first, responses, truncated, logp, texts)
+            part = rows.answered(first, responses, truncated, texts, logp)
             parts.append((first, self._judge(part, step) if self.threaded else part))
         return parts
 
