@@ -1,7 +1,7 @@
 """train_rl.py's flags: the Config dataclass (every field is a flag; `--help` shows its default;
 `--config FILE` sets fields) and check_config, which checks every range and relation before any model
 loads, so a bad value is one line naming its flag. The verifier's own flags are reward.VerifierOptions.
-Imports config, checkpoint, reward and rollout (for their options' checks), never train_rl.
+Imports config, checkpoint, reward, rl_math and rollout (for their checks), never train_rl.
 """
 from __future__ import annotations
 
