@@ -1,6 +1,7 @@
 """How an answer is judged: the verifier's prompt, the paper's Eq. 3 (binary) and Eq. 4 (soft) rewards,
-the settings a verifier is asked with, local / remote / rule verifiers, agreement figures and the
-master-key probe.
+the settings a verifier is asked with, local / remote / rule verifiers, and which references a math rule
+can grade. How far to trust a verifier (agreement figures, calibration, the master-key probe, the live
+audit) is audit.py's.
 
 Every verifier maps (questions, references, responses) to a Judgement, one entry per response:
     build_verifier("rule:substring" | "rule:jaccard" | "rule:math" | "path/or/hub-name" | "http://host:8000",

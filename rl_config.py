@@ -1,7 +1,7 @@
 """train_rl.py's flags: the Config dataclass (every field is a flag; `--help` shows its default;
 `--config FILE` sets fields) and check_config, which checks every range and relation before any model
 loads, so a bad value is one line naming its flag. The verifier's own flags are reward.VerifierOptions.
-Imports config, checkpoint, reward and rollout (for their options' checks), never train_rl.
+Imports config, checkpoint, reward, rl_math and rollout (for their checks), never train_rl.
 """
 from __future__ import annotations
 
@@ -189,7 +189,7 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
     req(cfg.correction_threshold > 1, "correction_threshold", cfg.correction_threshold, "must be > 1")
     req(cfg.rollout_correction == "none" or cfg.rollout_engine == "vllm" or cfg.async_steps, "rollout_correction",
         cfg.rollout_correction, "needs a sampler other than the trainer (--rollout_engine vllm or --async_steps 1)")
-    rollout.RolloutOptions.of(cfg).check(world)
+    rollout.check(cfg, world)
     req(0 <= cfg.warmup_ratio < 1, "warmup_ratio", cfg.warmup_ratio, "must be in [0, 1)")
     req(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", cfg.min_lr_ratio, "must be in [0, 1]")
     req(cfg.max_grad_norm > 0, "max_grad_norm", cfg.max_grad_norm, "must be > 0")

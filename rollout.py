@@ -1,15 +1,18 @@
-"""Where a step's rollouts come from: prompts -> sampled responses (HF generate, the vLLM engine, or a worker
-process) -> judgements of the reward verifier and the log-only verifiers. Every sample is named by a global
-seed, so one rank and N ranks, and a resumed run, draw and judge the same responses.
+"""Where a step's rollouts come from: prompts -> sampled responses (HF generate or the vLLM engine) ->
+judgements of the reward verifier and the log-only verifiers. Every sample is named by a global seed, so
+one rank and N ranks, and a resumed run, draw and judge the same responses.
 
-The loop asks a RolloutSource once per step (`source.next(step)`); its options (RolloutOptions) are
-train_rl.py's flags of the same names. Three features, each off by default:
-  --async_steps 1      batch t+1 is generated (and judged) by a worker process while step t updates, always
-                       with the weights before update t (one step off-policy, so a run is reproducible);
-  --stream_judging     hand each prompt group to the verifier, in a thread, as soon as all its responses have
-                       ended, while the batch's longer responses are still generating (HF generate);
-  --filter_groups      DAPO dynamic sampling: groups whose rewards are all equal are dropped and replaced by
-                       groups of newly drawn prompts, for at most --max_filter_rounds extra rounds.
+The loop asks a RolloutSource once per step (`source.next(step)`). Its settings are train_rl.py's flags:
+`cfg` is rl_config.Config, read here by field name (the only definition of every rollout setting).
+Three features, each off by default and each a part of its own:
+  --async_steps 1      rollout_async.py: batch t+1 is generated (and judged) by a worker process while step t
+                       updates, always with the weights before update t (one step off-policy, so a run is
+                       reproducible);
+  --stream_judging     rollout_stream.py (and a branch of RolloutSource._sample): hand each prompt group to the
+                       verifier, in a thread, as soon as all its responses have ended, while the batch's longer
+                       responses are still generating (HF generate);
+  --filter_groups      rollout_filter.py: DAPO dynamic sampling: groups whose rewards are all equal are dropped
+                       and replaced by groups of newly drawn prompts, for at most --max_filter_rounds extra rounds.
 Judging runs in a thread of the trainer. It overlaps well with verifiers that leave the GIL free there (HTTP,
 rule:math's worker processes, a large model's long kernels); a tiny local judge contends with the update for
 the GIL, and per-group calls batch it less well (bench.py measures both). Groups are judged one call each, not
@@ -17,17 +20,10 @@ in whatever batches timing makes: a local judge's rewards would otherwise vary w
 """
 from __future__ import annotations
 
-import atexit
 import hashlib
-import os
-import queue
-import signal
-import threading
 import time
-import traceback
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
-from typing import Literal
 
 import torch
 
@@ -36,50 +32,29 @@ import data
 import distributed
 import model
 import reward
+import rollout_filter
+import rollout_stream
 
 
-@dataclass
-class RolloutOptions:
-    """The source's settings. Every field is a train_rl.Config field of the same name (RolloutOptions.of)."""
-    seed: int = 0
-    steps: int = 60
-    prompts_per_step: int = 16
-    samples_per_prompt: int = 8
-    max_prompt_len: int = 1024
-    max_new_tokens: int = 12
-    temperature: float = 1.0
-    top_p: float = 1.0
-    reward_type: Literal["binary", "soft"] = "soft"
-    rollout_engine: Literal["hf", "vllm"] = "hf"
-    async_steps: int = 0
-    rollout_device: str = ""
-    stream_judging: bool = False
-    filter_groups: bool = False
-    max_filter_rounds: int = 3
-
-    @classmethod
-    def of(cls, cfg) -> RolloutOptions:
-        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)})
-
-    def check(self, world: int = 1) -> None:
-        """Raises config.ConfigError naming the flag (the trainer's check_config calls it)."""
-        req = config.require
-        req(self.async_steps in (0, 1), "async_steps", self.async_steps,
-            "must be 0 (on-policy) or 1 (batch t+1 generated while step t updates)")
-        req(not (self.async_steps and self.rollout_engine == "vllm"), "async_steps", self.async_steps,
-            "is for --rollout_engine hf (HF generate in a worker process); the in-process vLLM engine runs "
-            "synchronously: use --async_steps 0 with it")
-        req(self.max_filter_rounds >= 0, "max_filter_rounds", self.max_filter_rounds, "must be >= 0")
-        req(self.samples_per_prompt >= 2 or not self.filter_groups, "filter_groups", self.filter_groups,
-            "needs --samples_per_prompt >= 2 (a group of one always has equal rewards)")
-        try:
-            device = torch.device(self.rollout_device) if self.rollout_device else None
-        except RuntimeError as e:
-            raise config.ConfigError(f"--rollout_device {self.rollout_device!r}: {e}") from None
-        req(device is None or self.async_steps, "rollout_device", self.rollout_device,
-            "is where the --async_steps 1 worker generates; without it rollouts are generated by the trainer")
-        req(device is None or device.type == "cpu" or world == 1 or device.index is None, "rollout_device",
-            self.rollout_device, "names one GPU, but every rank starts a worker: give 'cuda' (each rank's own GPU)")
+def check(cfg, world: int = 1) -> None:
+    """The rollout flags' relations; raises config.ConfigError naming the flag (rl_config.check_config calls it)."""
+    req = config.require
+    req(cfg.async_steps in (0, 1), "async_steps", cfg.async_steps,
+        "must be 0 (on-policy) or 1 (batch t+1 generated while step t updates)")
+    req(not (cfg.async_steps and cfg.rollout_engine == "vllm"), "async_steps", cfg.async_steps,
+        "is for --rollout_engine hf (HF generate in a worker process); the in-process vLLM engine runs "
+        "synchronously: use --async_steps 0 with it")
+    req(cfg.max_filter_rounds >= 0, "max_filter_rounds", cfg.max_filter_rounds, "must be >= 0")
+    req(cfg.samples_per_prompt >= 2 or not cfg.filter_groups, "filter_groups", cfg.filter_groups,
+        "needs --samples_per_prompt >= 2 (a group of one always has equal rewards)")
+    try:
+        device = torch.device(cfg.rollout_device) if cfg.rollout_device else None
+    except RuntimeError as e:
+        raise config.ConfigError(f"--rollout_device {cfg.rollout_device!r}: {e}") from None
+    req(device is None or cfg.async_steps, "rollout_device", cfg.rollout_device,
+        "is where the --async_steps 1 worker generates; without it rollouts are generated by the trainer")
+    req(device is None or device.type == "cpu" or world == 1 or device.index is None, "rollout_device",
+        cfg.rollout_device, "names one GPU, but every rank starts a worker: give 'cuda' (each rank's own GPU)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,7 +104,7 @@ def judge(verifier, ro: Rollout, step: int, cfg) -> reward.Judgement:
 
 
 # ----------------------------------------------------------------------------------------------
-# sampling in this process, and with the behaviour log-probs (the worker)
+# sampling in this process
 
 
 def _sample_here(policy, engine, tokenizer, prompts, seeds, cfg):
@@ -142,218 +117,6 @@ def _sample_here(policy, engine, tokenizer, prompts, seeds, cfg):
     responses, truncated = model.generate(policy, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature,
                                           cfg.top_p, seeds)
     return responses, truncated, None
-
-
-class _Scores:
-    """A logits processor that only looks: the first one keeps the scores sampling starts from (the raw
-    logits, after any processors of the model's generation config); the last one takes the token greedy
-    search will pick from the perturbed scores, and records its log-prob under the first scores / T."""
-
-    def __init__(self, watch, last: bool):
-        self.watch, self.last = watch, last
-
-    def __call__(self, input_ids, scores):
-        if not self.last:
-            self.watch.start = scores
-        else:
-            token = scores.argmax(-1)  # what generate's greedy step picks (model.SeededSampling added the noise)
-            lp = (self.watch.start.float() / self.watch.temperature).log_softmax(-1)
-            self.watch.logp.append(lp.gather(-1, token[:, None]).squeeze(-1).cpu())
-        return scores
-
-
-class _Ended:
-    """A stopping criterion that stops nothing: after each token it hands over every group of rows whose
-    responses have all ended (an end-of-sequence token), while the others go on generating."""
-
-    def __init__(self, watch):
-        self.watch = watch
-
-    def __call__(self, input_ids, scores, **kwargs):
-        w = self.watch
-        w.ended |= torch.isin(input_ids[:, -1].cpu(), w.eos)  # once ended, a row only gets padding
-        for g in range(len(w.ended) // w.group):
-            rows = range(g * w.group, (g + 1) * w.group)
-            if g not in w.sent and bool(w.ended[rows.start:rows.stop].all()):
-                new = input_ids[rows.start:rows.stop, w.width:].tolist()
-                w.hand_over(g, [r[:next(i + 1 for i, t in enumerate(r) if t in w.eos_set)] for r in new],
-                            [False] * w.group)
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
-class _Watch:
-    """Stands in for the HF model inside model.generate, which builds the sampler: its generate() runs the
-    model's with _Scores around the sampler (record: every token's behaviour log-prob, [B] per step, where
-    output_logits would keep [steps, B, vocab]) and _Ended (each group handed over once it has ended)."""
-
-    def __init__(self, lm, temperature: float, record: bool, group: int, on_group):
-        self.lm, self.temperature, self.record, self.group, self.on_group = lm, temperature, record, group, on_group
-        self.start, self.logp, self.sent = None, [], set()
-
-    def __getattr__(self, name):
-        return getattr(self.lm, name)
-
-    def generate(self, *, input_ids, logits_processor, generation_config, **kwargs):
-        from transformers import LogitsProcessorList, StoppingCriteriaList
-
-        eos_token_id = generation_config.eos_token_id
-        self.width, self.eos, self.eos_set = input_ids.shape[1], torch.tensor(eos_token_id), set(eos_token_id)
-        self.ended = torch.zeros(input_ids.shape[0], dtype=torch.bool)
-        if self.record:
-            logits_processor = LogitsProcessorList([_Scores(self, False), *logits_processor, _Scores(self, True)])
-        return self.lm.generate(input_ids=input_ids, logits_processor=logits_processor, generation_config=generation_config,
-                                stopping_criteria=StoppingCriteriaList([_Ended(self)]), **kwargs)
-
-    def hand_over(self, g: int, responses: list[list[int]], truncated: list[bool]) -> None:
-        self.sent.add(g)
-        logp = None
-        if self.record:
-            steps = torch.stack(self.logp, 1)  # [B, tokens so far]
-            logp = [steps[g * self.group + i, :len(r)].clone() for i, r in enumerate(responses)]
-        self.on_group(g * self.group, responses, truncated, logp)
-
-
-def sample_groups(lm, tokenizer, prompts, seeds, cfg, group: int, on_group, record: bool) -> None:
-    """model.generate's samples (the same tokens), handed over group by group (`group` consecutive rows)
-    as on_group(first row, responses, truncated, logp) as soon as each group's responses have all ended;
-    groups with a response cut at max_new_tokens when generate returns. logp (record=True): per response,
-    the float32 log-probs of its tokens under log_softmax(logits / temperature), what the trainer's
-    model.token_logprobs computes for the same weights (with top_p < 1 the nucleus is sampled, but the
-    log-prob is of the untruncated softmax); else None."""
-    w = _Watch(lm, cfg.temperature, record, group, on_group)
-    responses, truncated = model.generate(w, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
-                                          seeds)
-    for g in range(len(prompts) // group):
-        if g not in w.sent:
-            w.hand_over(g, responses[g * group:(g + 1) * group], truncated[g * group:(g + 1) * group])
-
-
-# ----------------------------------------------------------------------------------------------
-# the worker process (--async_steps 1)
-
-_WORKERS: set = set()  # strong references: a worker outlives a source nobody closed, until the exit handler
-_AT_EXIT: list = []  # registered once, by the first worker
-
-
-def _close_workers() -> None:
-    """At exit, before multiprocessing's own handler (atexit runs in reverse order of registration),
-    which would SIGTERM a worker that ignores SIGTERM and then wait for it forever."""
-    for w in list(_WORKERS):
-        w.close()
-
-
-def _exit_with_parent(parent: int) -> None:
-    """The worker's watchdog: a trainer killed outright (SIGKILL, OOM killer) runs no clean-up, so the
-    worker notices that it was re-parented and exits."""
-    while os.getppid() == parent:
-        time.sleep(0.5)
-    os._exit(0)
-
-
-def _worker_main(policy_path, trust_remote_code, flat, layout, device, threads, cfg, requests, results, parent):
-    # the trainer handles SIGINT / SIGTERM (checkpoint, then close() stops this process): a Ctrl-C or a
-    # scheduler's SIGTERM to the whole process group must not kill the batch a checkpoint is waiting for
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
-    try:
-        torch.set_num_threads(threads)
-        lm = model.load_model(policy_path, device, flat.dtype, trust_remote_code).eval().requires_grad_(False)
-        tokenizer = model.load_tokenizer(policy_path, trust_remote_code)
-        params, names, offset = dict(lm.named_parameters()), {name for name, _, _ in layout}, 0
-        if set(params) != names:
-            raise ValueError(f"{policy_path}: parameters {sorted(set(params) ^ names)} are in the worker's model "
-                             "or the trainer's, not both")
-        for name, shape, n in layout:  # the trainer writes the weights into `flat` before each request
-            params[name].data = flat[offset:offset + n].view(shape)
-            offset += n
-        while True:
-            request = requests.get()
-            if request[0] == "stop":
-                return
-            _, rid, prompts, seeds, group = request
-
-            def send(first, responses, truncated, logp):
-                texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
-                results.put(("rows", rid, first, responses, truncated, texts, [x.tolist() for x in logp]))
-            sample_groups(lm, tokenizer, prompts, seeds, cfg, group, send, record=True)
-            results.put(("done", rid))
-    except BaseException:
-        results.put(("error", traceback.format_exc()))
-
-
-class _Worker:
-    """Trainer side of one worker process: a full copy of the policy whose parameters are views of one
-    shared buffer (shared memory on CPU, CUDA IPC on a GPU), which the trainer overwrites between requests."""
-
-    def __init__(self, policy, policy_path: str, cfg: RolloutOptions, device: torch.device, threads: int,
-                 trust_remote_code: bool = False):
-        self.layout = [(name, tuple(p.shape), p.numel()) for name, p in policy.named_parameters()]  # DTensor: global
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.flat = torch.empty(sum(n for _, _, n in self.layout), dtype=dtype, device=device)
-        if device.type == "cpu":
-            self.flat.share_memory_()
-        ctx = torch.multiprocessing.get_context("spawn")
-        self.requests, self.results = ctx.Queue(), ctx.Queue()
-        self.process = ctx.Process(target=_worker_main, daemon=True, name=f"rollout-worker-{distributed.rank()}",
-                                   args=(policy_path, trust_remote_code, self.flat, self.layout, device, threads, cfg,
-                                         self.requests, self.results, os.getpid()))
-        self.process.start()
-        self.name = f"the rollout worker of rank {distributed.rank()} (pid {self.process.pid}, {device})"
-        self.rid = 0
-        if not _AT_EXIT:  # after multiprocessing's own handler was registered, so ours runs first
-            _AT_EXIT.append(atexit.register(_close_workers))
-        _WORKERS.add(self)
-
-    def load(self, policy) -> None:
-        """Copy the policy's weights in (every rank calls it: FSDP gathers each parameter). Only while no
-        request runs: the worker generates from these very tensors."""
-        offset = 0
-        for (name, _, n), (_, p) in zip(self.layout, policy.named_parameters()):
-            self.flat[offset:offset + n].copy_(distributed.full_tensor(p.detach()).reshape(-1))
-            offset += n
-        if self.flat.is_cuda:
-            torch.cuda.synchronize(self.flat.device)
-
-    def submit(self, prompts, seeds, group: int) -> int:
-        """Sample; hand over `group` consecutive rows at a time, as each such group has ended."""
-        self.rid += 1
-        self.requests.put(("generate", self.rid, prompts, seeds, group))
-        return self.rid
-
-    def rows(self, rid: int):
-        """(first row, responses, truncated, texts, log-probs) of request `rid`, group by group as they end."""
-        while True:
-            msg = self._get()
-            if msg[0] == "error":
-                raise RuntimeError(f"{self.name} failed:\n{msg[1]}")
-            if msg[1] != rid:
-                raise RuntimeError(f"{self.name}: a reply to request {msg[1]} while waiting for {rid}")
-            if msg[0] == "done":
-                return
-            _, _, first, responses, truncated, texts, logp = msg
-            yield first, responses, truncated, texts, [torch.tensor(x, dtype=torch.float32) for x in logp]
-
-    def _get(self):
-        while True:
-            try:
-                return self.results.get(timeout=1.0)
-            except queue.Empty:
-                if not self.process.is_alive():  # a dead worker is an error, never a hang
-                    code = self.process.exitcode
-                    how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-                    raise RuntimeError(f"{self.name} died ({how}) while generating; its batch is lost. "
-                                       "Out of memory? Its output is above.") from None
-
-    def close(self) -> None:
-        if self.process.is_alive():
-            self.requests.put(("stop",))
-            self.process.join(timeout=10)
-        if self.process.is_alive():  # busy generating: it ignores SIGTERM by design
-            self.process.kill()
-            self.process.join()
-        self.requests.cancel_join_thread()
-        _WORKERS.discard(self)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -374,11 +137,17 @@ class Samples:
     reward: list = field(default_factory=list)   # (binary, soft, p_yes, judged) of the reward verifier
     logged: list = field(default_factory=list)   # {name: (binary, soft, p_yes, judged)} of log-only verifiers
 
+    def take(self, rows) -> Samples:
+        rows = list(rows)
+        return Samples(**{f.name: [getattr(self, f.name)[i] for i in rows] if getattr(self, f.name) else []
+                          for f in fields(Samples)})
 
-def take(s: Samples, rows) -> Samples:
-    rows = list(rows)
-    return Samples(**{f.name: [getattr(s, f.name)[i] for i in rows] if getattr(s, f.name) else []
-                      for f in fields(Samples)})
+    def answered(self, first: int, responses, truncated, texts, logp) -> Samples:
+        """Rows first.. with their responses (logp: the sampler's log-prob tensors, or None)."""
+        part = self.take(range(first, first + len(responses)))
+        part.response, part.truncated, part.text = responses, truncated, texts
+        part.logp = [None] * len(responses) if logp is None else logp
+        return part
 
 
 def cat(parts: list[Samples]) -> Samples:
@@ -396,10 +165,36 @@ def _judgement(entries: list[tuple]) -> reward.Judgement:
                             torch.tensor(j, dtype=torch.bool))
 
 
+def _unpack(rows: Samples, train_set: list, logged_names) -> tuple[Rollout, reward.Judgement, dict]:
+    logp = None if any(x is None for x in rows.logp) else torch.cat(rows.logp)
+    ro = Rollout([train_set[i] for i in rows.index], rows.prompt, rows.response, rows.text, rows.truncated,
+                 rows.seed, logp, max(rows.staleness))
+    logged = {name: _judgement([d[name] for d in rows.logged]) for name in logged_names}
+    return ro, _judgement(rows.reward), logged
+
+
+def _my_slice(pending: dict, cfg) -> tuple[int, Samples, dict]:
+    """This rank's slice of a checkpoint's pending batch (saved by any world size)."""
+    rows = Samples(**pending["samples"])
+    n_global = cfg.prompts_per_step * cfg.samples_per_prompt
+    if len(rows.seed) != n_global:
+        raise ValueError(f"the checkpoint's pending batch has {len(rows.seed)} responses, but --prompts_per_step "
+                         f"x --samples_per_prompt is {n_global}: resume with the settings it was saved with")
+    per_rank = n_global // distributed.world_size()
+    mine = rows.take(range(distributed.rank() * per_rank, (distributed.rank() + 1) * per_rank))
+    return pending["step"], mine, dict(pending["info"])
+
+
 def _thread_safe(verifier) -> bool:
     """A sharded local verifier on several ranks holds collectives in every call: it must be called from
     the main thread, in the same order on every rank. Rules, HTTP and unsharded models may run in a thread."""
     return not (getattr(verifier, "sharded", False) and distributed.world_size() > 1)
+
+
+def _done(parts: list) -> Future:
+    future = Future()
+    future.set_result(parts)
+    return future
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,40 +202,22 @@ def _thread_safe(verifier) -> bool:
 
 
 class RolloutSource:
-    """Each step's judged rollouts on this rank: `ro, judged, logged, info = source.next(step)`.
+    """Each step's judged rollouts on this rank, sampled here with the current policy (staleness 0;
+    rollout_async.AsyncSource samples them a step ahead). A step's batch is round 0 of prompts_per_step
+    fresh prompts, then (--filter_groups) refill rounds. A round is started (drawn and sampled) and then
+    judged; in between it is a Future of its parts [(first row, Samples)], each judged already in a thread
+    (--stream_judging, the async worker's reader) or left to be judged here."""
 
-    Sync (async_steps 0): next(t) samples with the current policy (staleness 0). Async (async_steps 1):
-    next(t) returns batch t, then copies the current weights (before update t) into the worker and asks it
-    for batch t+1, which it generates (and this process judges, in a thread) while the trainer updates.
-    Each batch is always sampled with the weights before the previous update, so a run is reproducible.
-    state_dict() (a collective) waits for that batch and carries it, with the sampler's position, so a
-    resumed run trains on what the uninterrupted one would. Dynamic sampling draws refill rounds from the
-    sampler in both modes in the same order, so the async run trains on the sync run's prompts.
-    """
-
-    def __init__(self, cfg: RolloutOptions, policy, tokenizer, train_set: list, sampler: data.PromptSampler,
-                 verifier, logged: dict | None = None, engine=None, policy_path: str = "",
-                 trust_remote_code: bool = False):
-        cfg.check(distributed.world_size())
+    def __init__(self, cfg, policy, tokenizer, train_set: list, sampler: data.PromptSampler, verifier,
+                 logged: dict | None = None, engine=None):
+        check(cfg, distributed.world_size())
+        if cfg.async_steps and type(self) is RolloutSource:
+            raise ValueError("RolloutSource samples on-policy: --async_steps 1 is rollout_async.AsyncSource")
         self.cfg, self.policy, self.tokenizer, self.train_set, self.sampler = cfg, policy, tokenizer, train_set, sampler
         self.verifier, self.logged, self.engine = verifier, dict(logged or {}), engine
         self.threaded = all(_thread_safe(v) for v in [verifier, *self.logged.values()])
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="rollout")  # judging, and reading the worker
-        self.inflight: tuple[int, Future] | None = None    # async: the step being generated ahead
         self.ready: tuple[int, Samples, dict] | None = None  # a finished batch (from a checkpoint, or state_dict)
-        self.snapshot_step = 0
-        self.worker = None
-        if cfg.async_steps:
-            if not policy_path:
-                raise ValueError("RolloutSource: async_steps 1 needs policy_path (the worker loads the model from it)")
-            device = torch.device(cfg.rollout_device) if cfg.rollout_device else next(policy.parameters()).device
-            if device.type == "cuda" and device.index is None:
-                device = torch.device("cuda", torch.cuda.current_device())
-            threads = torch.get_num_threads()
-            if device.type == "cpu":  # trainer and worker share the cores: half each
-                threads = max(1, threads // 2)
-                torch.set_num_threads(threads)
-            self.worker = _Worker(policy, policy_path, cfg, device, threads, trust_remote_code)
 
     # -- the loop's calls
 
@@ -448,22 +225,14 @@ class RolloutSource:
         """(this rank's Rollout, its reward Judgement, {name: Judgement} of the log-only verifiers, info
         with scalar metrics). Call it with consecutive steps, every rank alike (it holds collectives)."""
         t0 = time.perf_counter()
-        if self.ready is None and self.inflight is None:  # sync mode, or the first async step
-            if self.worker is not None:
-                self._snapshot(step)
-            self.inflight = (step, self._start(step, 0))
         if self.ready is None:
-            self.ready = (self.inflight[0], *self._finish(*self.inflight))
-            self.inflight = None
+            self.ready = self._batch(step)
         ready_step, rows, info = self.ready
         if ready_step != step:
             raise ValueError(f"RolloutSource.next({step}): the batch ready is step {ready_step}'s (resumed from "
                              "another step? steps must follow each other)")
         self.ready = None
-        if self.worker is not None and step + 1 < self.cfg.steps:
-            self._snapshot(step)  # the weights before update `step`: batch step+1 is one update stale
-            self.inflight = (step + 1, self._start(step + 1, 0))
-        ro, judged, logged = self._unpack(rows)
+        ro, judged, logged = _unpack(rows, self.train_set, self.logged)
         return ro, judged, logged, {**info, "rollout/staleness": float(ro.staleness),
                                     "time/rollout_wait": time.perf_counter() - t0}
 
@@ -473,11 +242,8 @@ class RolloutSource:
             self.engine.load_weights(policy)
 
     def state_dict(self) -> dict:
-        """The sampler's position and the batch generated ahead, gathered from every rank (plain values and
-        tensors, for checkpoint.save_checkpoint's `extra`). Every rank calls it; it waits for that batch."""
-        if self.inflight is not None:
-            self.ready = (self.inflight[0], *self._finish(*self.inflight))
-            self.inflight = None
+        """The sampler's position and any batch ready, gathered from every rank (plain values and tensors,
+        for checkpoint.save_checkpoint's `extra`). Every rank calls it."""
         pending = None
         if self.ready is not None:
             step, rows, info = self.ready
@@ -487,25 +253,28 @@ class RolloutSource:
     def load_state_dict(self, state: dict) -> None:
         """Restore the sampler and this rank's slice of the pending batch (any world size)."""
         self.sampler.load_state_dict(state["sampler"])
-        pending = state["pending"]
-        if pending is None:
-            return
-        rows = Samples(**pending["samples"])
-        n_global = self.cfg.prompts_per_step * self.cfg.samples_per_prompt
-        if len(rows.seed) != n_global:
-            raise ValueError(f"the checkpoint's pending batch has {len(rows.seed)} responses, but --prompts_per_step "
-                             f"x --samples_per_prompt is {n_global}: resume with the settings it was saved with")
-        per_rank = n_global // distributed.world_size()
-        mine = take(rows, range(distributed.rank() * per_rank, (distributed.rank() + 1) * per_rank))
-        self.ready = (pending["step"], mine, dict(pending["info"]))
+        if state["pending"] is not None:
+            self.ready = _my_slice(state["pending"], self.cfg)
 
     def close(self) -> None:
-        """Stop the worker (after the checkpoint: it may hold the batch state_dict waits for)."""
-        if self.worker is not None:
-            self.worker.close()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
+    # -- a step's batch: round 0, then (dynamic sampling) refill rounds
+
+    def _batch(self, step: int) -> tuple[int, Samples, dict]:
+        return step, *self._complete(step, self._start(step, 0))
+
+    def _complete(self, step: int, round0: Future) -> tuple[Samples, dict]:
+        rows = self._judged(round0, step)
+        if not self.cfg.filter_groups:
+            return rows, {}
+        parts, info = rollout_filter.filter_groups(self.cfg, rows, lambda r: self._judged(self._start(step, r), step))
+        return cat(parts), info
+
     # -- one round: this rank's slice of a fresh global batch of prompts
+
+    def _start(self, step: int, number: int) -> Future:
+        return self._sample(self._draw(step, number), step)
 
     def _draw(self, step: int, number: int) -> Samples:
         """Rows (not yet sampled) for this rank's prompts of round `number` of `step`. Round r's samples are
@@ -515,49 +284,31 @@ class RolloutSource:
         prompts = data.tokenize_prompts(self.tokenizer, records, self.cfg.max_prompt_len)
         first = (number * self.cfg.prompts_per_step + distributed.rank() * len(indices)) * n
         rows = len(indices) * n
-        staleness = step - self.snapshot_step if self.worker is not None else 0
         return Samples(index=[i for i in indices for _ in range(n)], prompt=[p for p in prompts for _ in range(n)],
-                       seed=[sample_seed(self.cfg.seed, step, first + i) for i in range(rows)],
-                       staleness=[staleness] * rows)
+                       seed=[sample_seed(self.cfg.seed, step, first + i) for i in range(rows)], staleness=[0] * rows)
 
-    def _start(self, step: int, number: int):
-        """Round `number` of `step` under way: [(first row, rows or a Future of them)], or (async) a Future
-        of that list, read from the worker in a thread. With stream_judging each group is judged in a
-        thread as soon as it has ended, while the batch's longer responses are still being generated."""
-        rows, n = self._draw(step, number), self.cfg.samples_per_prompt
-        streamed = self.cfg.stream_judging and self.threaded
-        if self.worker is not None:
-            rid = self.worker.submit(rows.prompt, rows.seed, n if self.cfg.stream_judging else len(rows.seed))
-            return self.pool.submit(self._collect, rows, rid, step)
-        parts = []
+    def _sample(self, rows: Samples, step: int) -> Future:
+        """The round sampled here in one call (judged by _judged), or (--stream_judging) group by group, each
+        judged in the pool's thread as soon as its responses have all ended while longer ones generate."""
+        if self.cfg.stream_judging and self.threaded and self.engine is None:
+            judging = []
 
-        def done(first, responses, truncated, logp, texts=None):
-            part = take(rows, range(first, first + len(responses)))
-            part.response, part.truncated = responses, truncated
-            part.text = texts or self.tokenizer.batch_decode(responses, skip_special_tokens=True)
-            part.logp = [None] * len(responses) if logp is None else logp
-            parts.append((first, self.pool.submit(self._judge, part, step) if streamed else part))
-        if streamed and self.engine is None:
-            self.policy.eval()
-            sample_groups(self.policy, self.tokenizer, rows.prompt, rows.seed, self.cfg, n, done, record=False)
-        else:
-            done(0, *_sample_here(self.policy, self.engine, self.tokenizer, rows.prompt, rows.seed, self.cfg))
-        return parts
+            def judge_group(first, *got):
+                judging.append((first, self.pool.submit(self._judge, self._answered(rows, first, *got), step)))
+            rollout_stream.sample_groups(self.policy.eval(), self.tokenizer, rows.prompt, rows.seed, self.cfg,
+                                         self.cfg.samples_per_prompt, judge_group, record=False)
+            # the pool runs one task at a time, in order: this one after every group's judging
+            return self.pool.submit(lambda: [(first, judged.result()) for first, judged in judging])
+        got = _sample_here(self.policy, self.engine, self.tokenizer, rows.prompt, rows.seed, self.cfg)
+        return _done([(0, self._answered(rows, 0, *got))])
 
-    def _collect(self, rows: Samples, rid: int, step: int) -> list:
-        """(In the pool's thread.) The worker's rows of request `rid`, judged as they arrive when the
-        verifiers may run in a thread."""
-        parts = []
-        for first, responses, truncated, texts, logp in self.worker.rows(rid):
-            part = take(rows, range(first, first + len(responses)))
-            part.response, part.truncated, part.text, part.logp = responses, truncated, texts, logp
-            parts.append((first, self._judge(part, step) if self.threaded else part))
-        return parts
+    def _answered(self, rows: Samples, first: int, responses, truncated, logp) -> Samples:
+        texts = self.tokenizer.batch_decode(responses, skip_special_tokens=True)
+        return rows.answered(first, responses, truncated, texts, logp)
 
-    def _wait(self, handle, step: int) -> Samples:
-        """The round's judged rows in order (judging here what could not be judged in a thread)."""
-        parts = handle.result() if isinstance(handle, Future) else handle
-        parts = sorted(((first, p.result() if isinstance(p, Future) else p) for first, p in parts), key=lambda x: x[0])
+    def _judged(self, handle: Future, step: int) -> Samples:
+        """The round's judged rows in order (judging here what was not judged in a thread)."""
+        parts = sorted(handle.result(), key=lambda x: x[0])
         return cat([p if p.reward else self._judge(p, step) for _, p in parts])
 
     def _judge(self, part: Samples, step: int) -> Samples:
@@ -567,55 +318,3 @@ class RolloutSource:
         logged = {name: _entries(judge(v, ro, step, self.cfg)) for name, v in self.logged.items()}
         part.logged = [{name: e[i] for name, e in logged.items()} for i in range(len(part.seed))]
         return part
-
-    def _snapshot(self, step: int) -> None:
-        self.worker.load(self.policy)
-        self.snapshot_step = step
-
-    # -- a step's batch: round 0, then (dynamic sampling) refill rounds
-
-    def _finish(self, step: int, handle) -> tuple[Samples, dict]:
-        rows = self._wait(handle, step)
-        if not self.cfg.filter_groups:
-            return rows, {}
-        return self._filter(step, rows)
-
-    def _filter(self, step: int, rows: Samples) -> tuple[Samples, dict]:
-        """DAPO dynamic sampling. Keep the groups whose rewards are not all equal (decided on the gathered
-        rewards, so every rank and any world size agrees), drawing new rounds of prompts_per_step prompts
-        until prompts_per_step groups are kept or max_filter_rounds extra rounds are spent. The batch is
-        the first kept groups in (round, global group) order; a batch still short is filled with the first
-        dropped groups: with group normalisation their advantage is 0, so the update is the kept groups'
-        (diluted by the share of tokens), while every rank still trains on prompts_per_step / world groups
-        (equal forward counts under FSDP, --minibatches still divides). Then each rank takes its slice."""
-        cfg, n, world = self.cfg, self.cfg.samples_per_prompt, distributed.world_size()
-        per_rank = cfg.prompts_per_step // world
-        which = 0 if cfg.reward_type == "binary" else 1
-        rounds, kept, dropped, number = [], [], [], 0
-        while True:
-            rounds.append(rows)
-            local = torch.tensor([e[which] for e in rows.reward], dtype=torch.float64)
-            groups = distributed.all_gather_cat(local).view(cfg.prompts_per_step, n)
-            for g, r in enumerate(groups):
-                (kept if bool((r != r[0]).any()) else dropped).append((number, g))
-            if len(kept) >= cfg.prompts_per_step or number == cfg.max_filter_rounds:
-                break
-            number += 1
-            rows = self._wait(self._start(step, number), step)
-        batch = (kept + dropped)[:cfg.prompts_per_step]
-        # every rank sends the chosen groups it holds; all assemble the batch in order and take their slice
-        mine = {(r, g): take(rounds[r], range((g % per_rank) * n, (g % per_rank + 1) * n))
-                for r, g in batch if g // per_rank == distributed.rank()}
-        held = {key: s for part in distributed.gather_objects(mine) for key, s in part.items()}
-        ours = batch[distributed.rank() * per_rank:(distributed.rank() + 1) * per_rank]
-        info = {"rollout/filter_rounds": float(number),
-                "rollout/groups_kept_frac": len(kept) / (len(rounds) * cfg.prompts_per_step),
-                "rollout/groups_padded": float(max(0, cfg.prompts_per_step - len(kept)))}
-        return cat([held[key] for key in ours]), info
-
-    def _unpack(self, rows: Samples) -> tuple[Rollout, reward.Judgement, dict]:
-        logp = None if any(x is None for x in rows.logp) else torch.cat(rows.logp)
-        ro = Rollout([self.train_set[i] for i in rows.index], rows.prompt, rows.response, rows.text, rows.truncated,
-                     rows.seed, logp, max(rows.staleness))
-        logged = {name: _judgement([d[name] for d in rows.logged]) for name in self.logged}
-        return ro, _judgement(rows.reward), logged

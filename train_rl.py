@@ -33,6 +33,7 @@ import reward
 import rl_config
 import rl_math
 import rollout
+import rollout_async
 import rundir
 import toy
 from rl_config import Config
@@ -540,10 +541,9 @@ def train(cfg: Config, vopts: reward.VerifierOptions) -> dict:
     if start == 0:  # before any update: the verifier's master-key rate and the policy's starting accuracy
         m = probe_master_keys(judges["reward"], train_set, cfg)
         log.log(0, m | (evaluate(policy, tokenizer, heldout, judges["eval"], cfg, device) if cfg.eval_every else {}))
-    source = rollout.RolloutSource(rollout.RolloutOptions.of(cfg), policy, tokenizer, train_set, sampler,
-                                   judges["reward"], judges["logged"], engine=start_engine(cfg, policy_path, policy, device,
-                                                                                           resumed=start > 0),
-                                   policy_path=policy_path, trust_remote_code=cfg.trust_remote_code)
+    common = (cfg, policy, tokenizer, train_set, sampler, judges["reward"], judges["logged"])
+    source = rollout_async.AsyncSource(*common, policy_path) if cfg.async_steps else \
+        rollout.RolloutSource(*common, start_engine(cfg, policy_path, policy, device, resumed=start > 0))
     if start:
         source.load_state_dict(state["rollout"])
 

@@ -5,8 +5,8 @@
         (checkpoint.StopSignal, as train_rl.py), then runs one more step and saves the source's state,
         prints "DONE <json>" (the signal and that step's seeds) and exits without closing the source
     [torchrun --nproc_per_node 2] tests/rollout_worker.py batches MODEL_DIR OUT.json OPTIONS_JSON A:B CKPT
-        steps A..B-1 of a RolloutSource(RolloutOptions(**OPTIONS_JSON)), the policy FSDP-sharded under
-        torchrun, a stand-in update after every step; resumes from the checkpoint CKPT when A > 0, saves
+        steps A..B-1 of the rollout source of rl_config.Config(**OPTIONS_JSON), the policy FSDP-sharded
+        under torchrun, a stand-in update after every step; resumes from the checkpoint CKPT when A > 0, saves
         one there when B < steps; rank 0 writes every step's global batch to OUT.json
 """
 import json
@@ -23,7 +23,9 @@ import data  # noqa: E402
 import distributed  # noqa: E402
 import model  # noqa: E402
 import reward  # noqa: E402
+import rl_config  # noqa: E402
 import rollout  # noqa: E402
+import rollout_async  # noqa: E402
 import toy  # noqa: E402
 
 
@@ -60,8 +62,8 @@ def source(cfg, model_dir, policy, verifier, sampler=None):
     tok = model.load_tokenizer(model_dir)
     sampler = sampler or data.PromptSampler(len(records()), cfg.prompts_per_step, cfg.seed, distributed.rank(),
                                             distributed.world_size())
-    return rollout.RolloutSource(cfg, policy, tok, records(), sampler, verifier,
-                                 {"rule:substring": reward.build_verifier("rule:substring")}, policy_path=model_dir)
+    common = (cfg, policy, tok, records(), sampler, verifier, {"rule:substring": reward.build_verifier("rule:substring")})
+    return rollout_async.AsyncSource(*common, model_dir) if cfg.async_steps else rollout.RolloutSource(*common)
 
 
 def batch_json(ro, judged, logged, info) -> dict:
@@ -73,8 +75,7 @@ def batch_json(ro, judged, logged, info) -> dict:
 
 
 def orphan(model_dir: str) -> None:
-    cfg = rollout.RolloutOptions(seed=1, steps=4, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=4,
-                                 async_steps=1)
+    cfg = rl_config.Config(seed=1, steps=4, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=4, async_steps=1)
     src = source(cfg, model_dir, model.load_model(model_dir), ParityVerifier())
     src.next(0)  # the worker now generates step 1's batch
     stop = checkpoint.StopSignal()  # before the parent learns it may signal us
@@ -90,7 +91,7 @@ def orphan(model_dir: str) -> None:
 
 def batches(model_dir: str, out: str, options: str, span: str, ckpt: str) -> None:
     distributed.init()
-    cfg = rollout.RolloutOptions(**json.loads(options))
+    cfg = rl_config.Config(**json.loads(options))
     first, last = map(int, span.split(":"))
     policy = model.shard_model(model.load_model(model_dir), mixed_precision=False)
     optimizer = torch.optim.AdamW(policy.parameters())  # never steps: the checkpoint needs one

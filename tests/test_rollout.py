@@ -20,7 +20,9 @@ import checkpoint
 import config
 import data
 import model
+import rl_config
 import rollout
+import rollout_stream
 import rollout_worker as W
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,9 +53,9 @@ def uneven_dir(policy_dir, tmp_path_factory):
     return str(out)
 
 
-def opts(**kw) -> rollout.RolloutOptions:
-    return rollout.RolloutOptions(**{**dict(seed=1, steps=4, prompts_per_step=4, samples_per_prompt=2,
-                                            max_new_tokens=6), **kw})
+def opts(**kw) -> rl_config.Config:
+    return rl_config.Config(**{**dict(seed=1, steps=4, prompts_per_step=4, samples_per_prompt=2, max_new_tokens=6),
+                               **kw})
 
 
 def same_batch(a, b):
@@ -115,8 +117,8 @@ def test_streamed_groups_are_what_one_call_draws_and_are_judged_while_others_gen
     # batch handed over at the end has
     by_group, at_end = {}, {}
     for group, out in ((3, by_group), (12, at_end)):
-        rollout.sample_groups(policy, tok, prompts, seeds, opts(max_new_tokens=8), group,
-                              lambda first, *rows, out=out: out.update({first: rows}), record=True)
+        rollout_stream.sample_groups(policy, tok, prompts, seeds, opts(max_new_tokens=8), group,
+                                     lambda first, *rows, out=out: out.update({first: rows}), record=True)
     assert [r for f in sorted(by_group) for r in by_group[f][0]] == at_end[0][0] == whole
     assert torch.equal(torch.cat([x for f in sorted(by_group) for x in by_group[f][2]]), torch.cat(at_end[0][2]))
 
@@ -325,16 +327,29 @@ def test_two_ranks_keep_and_sample_what_one_rank_does_and_resume_on_one(policy_d
 ])
 def test_bad_options_name_their_flag(fields, message):
     with pytest.raises(config.ConfigError) as e:
-        rollout.RolloutOptions(**fields).check()
+        rollout.check(rl_config.Config(**fields))
     assert message in str(e.value)
 
 
-def test_options_map_one_to_one_onto_the_trainer_config():
-    import train_rl
+def test_the_rollout_settings_are_the_trainer_configs_fields():
+    # one source of truth: the rollout code reads its settings from rl_config.Config by name (cfg.<field>,
+    # self.cfg.<field>), and no dataclass of the rollout code declares a setting (a field with a default)
+    # under a Config field's name, as RolloutOptions once repeated 15 of them
+    import ast
 
-    missing = [f for f in rollout.RolloutOptions.__dataclass_fields__ if f not in train_rl.Config.__dataclass_fields__]
-    if missing:
-        pytest.skip(f"train_rl.Config does not have {missing} yet (the lead wires the source in)")
-    cfg = train_rl.Config()
-    assert rollout.RolloutOptions.of(cfg) == rollout.RolloutOptions(**{f: getattr(cfg, f) for f in
-                                                                       rollout.RolloutOptions.__dataclass_fields__})
+    fields, read, repeated = set(rl_config.Config.__dataclass_fields__), {}, []
+    for path in sorted(ROOT.glob("rollout*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            owner = getattr(node, "value", None)
+            if isinstance(node, ast.Attribute) and (isinstance(owner, ast.Name) and owner.id == "cfg" or
+                                                    isinstance(owner, ast.Attribute) and owner.attr == "cfg"):
+                read.setdefault(node.attr, f"{path.name}:{node.lineno}")
+            if isinstance(node, ast.ClassDef):
+                repeated += [f"{path.name}: {node.name}.{x.target.id}" for x in node.body if isinstance(x, ast.AnnAssign)
+                             and x.value is not None and isinstance(x.target, ast.Name) and x.target.id in fields]
+    assert {name: at for name, at in read.items() if name not in fields} == {}
+    assert repeated == []
+    # the walk sees every feature's settings (it would pass vacuously if it saw none)
+    assert {"seed", "prompts_per_step", "samples_per_prompt", "max_prompt_len", "max_new_tokens", "temperature",
+            "top_p", "reward_type", "rollout_engine", "async_steps", "rollout_device", "stream_judging",
+            "filter_groups", "max_filter_rounds", "steps", "trust_remote_code"} <= set(read)
