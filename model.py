@@ -19,11 +19,14 @@ import distributed
 # loading
 
 
-def attn_implementation(device: torch.device | str) -> str:
-    """flash-attention 2 on GPU when installed (varlen kernels for packed rows), sdpa otherwise."""
-    if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+def attn_implementation(device: torch.device | str, model_class=None) -> str:
+    """flash-attention 2 on GPU when installed (varlen kernels for packed rows), sdpa otherwise; eager for
+    an architecture without sdpa support (Gemma2: its attention softcapping)."""
+    supports = (lambda kind: getattr(model_class, f"_supports_{kind}", True)) if model_class else (lambda kind: True)
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("flash_attn") is not None and \
+            supports("flash_attn"):
         return "flash_attention_2"
-    return "sdpa"
+    return "sdpa" if supports("sdpa") else "eager"
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
@@ -39,13 +42,21 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 def load_model(name_or_path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                trust_remote_code: bool = False):
     """A Hugging Face causal LM from a hub name or a local directory, safetensors weights only."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per weight file drowns the training log
     try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+        # dropout off (TRL's disable_dropout): the update's forward must be the policy that sampled (ratio 1
+        # on-policy), and a log-prob must not be noise. GPT-2's checkpoints ship 0.1.
+        for name, value in vars(config).items():
+            if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
+                setattr(config, name, 0.0)
         model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=dtype, attn_implementation=attn_implementation(device),
+            name_or_path, config=config, dtype=dtype, attn_implementation=attn_implementation(device, model_class),
             trust_remote_code=trust_remote_code, use_safetensors=True)
     except OSError as e:
         raise OSError(f"cannot load model '{name_or_path}': {e}\n(no hub access here? build a tiny "
@@ -71,7 +82,7 @@ def shard_model(model, mixed_precision: bool, activation_checkpointing: bool = F
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
         else MixedPrecisionPolicy()
-    for layer in model.model.layers:
+    for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     # Our log-prob path calls the decoder and the lm_head weight directly (to chunk the vocabulary
@@ -80,6 +91,19 @@ def shard_model(model, mixed_precision: bool, activation_checkpointing: bool = F
     model.forward_logprobs = functools.partial(_forward_logprobs, model)
     register_fsdp_forward_method(model, "forward_logprobs")
     return model
+
+
+def decoder_layers(model) -> list:
+    """The repeated blocks of any transformers causal LM (Qwen2DecoderLayer, GPT2Block, ...): the classes
+    it names as never to be split across devices (`_no_split_modules`), else the longest ModuleList."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+        layers = list(max(lists, key=len)) if lists else []
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: no decoder layers found to shard")
+    return layers
 
 
 @contextlib.contextmanager
@@ -167,13 +191,21 @@ def rows(sequences: list[list[int]], target_masks: list[list[bool]], pack: bool,
 # log-probs
 
 
-def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float):
-    logits = (h @ weight.t()).float() / temperature
+def _logits(h: torch.Tensor, weight: torch.Tensor, temperature: float, softcap: float | None) -> torch.Tensor:
+    logits = (h @ weight.t()).float()
+    if softcap:  # Gemma2/3 squash the LM head's output into (-softcap, softcap), as their forward does
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits / temperature
+
+
+def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+                    softcap: float | None = None):
+    logits = _logits(h, weight, temperature, softcap)
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
-def _chunk_entropy(h: torch.Tensor, weight: torch.Tensor, temperature: float):
-    logits = (h @ weight.t()).float() / temperature
+def _chunk_entropy(h: torch.Tensor, weight: torch.Tensor, temperature: float, softcap: float | None = None):
+    logits = _logits(h, weight, temperature, softcap)
     logp = logits.log_softmax(-1)
     return -(logp.exp() * logp).sum(-1)
 
@@ -182,6 +214,12 @@ def _varlen_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     """Attention for one packed row [1, H, T, D]: causal sdpa inside each sequence, one call per
     sequence. Exact, and unlike a block-diagonal [T, T] mask it spends no FLOP or byte across
     sequences: the varlen kernel flash-attention provides on GPU, for machines without it."""
+    if kwargs.get("softcap"):
+        raise ValueError(f"{type(module).__name__}: packed rows on CPU cannot softcap attention scores "
+                         "(attn_logit_softcapping); use --pack false, or flash-attention on GPU")
+    if position_ids is None:
+        raise ValueError(f"{type(module).__name__} does not pass position ids to its attention: packed rows need them; "
+                         "use --pack false")
     starts = torch.nonzero(position_ids[0] == 0).flatten().tolist() + [query.shape[2]]
     lengths = [e - s for s, e in zip(starts[:-1], starts[1:])]
     # split (not slicing) so backward concatenates instead of zero-filling a full tensor per sequence
@@ -225,8 +263,9 @@ def _packed_attention(model, packed: bool):
 def _forward_logprobs(model, input_ids, position_ids, attention_mask, target_mask, temperature, chunk_size,
                       with_entropy):
     with _packed_attention(model, packed=attention_mask is None and input_ids.shape[0] == 1):
-        out = model.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                          use_cache=False)
+        # the decoder without the LM head, whatever the architecture calls it (model, transformer, ...)
+        out = model.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                                  use_cache=False)
     h = out.last_hidden_state
     # The hidden state at t predicts token t+1: select only the positions whose next token is a
     # target, so the vocabulary projection runs for response tokens only.
@@ -234,6 +273,7 @@ def _forward_logprobs(model, input_ids, position_ids, attention_mask, target_mas
     hs = h[:, :-1][sel]
     targets = input_ids[:, 1:][sel]
     weight = model.get_output_embeddings().weight
+    softcap = getattr(model.config, "final_logit_softcapping", None)
     # The [chunk, vocab] float32 logits and their softmax temporaries (about 4 such blocks in backward)
     # set the peak: cap a block at 2^24 elements (64 MiB), ~110 rows at Qwen2.5's 151,936 vocabulary
     # (bench.py: 0.16 of the full-vocabulary path, against 0.93 with 1,024 rows)
@@ -243,13 +283,13 @@ def _forward_logprobs(model, input_ids, position_ids, attention_mask, target_mas
         hc, tc = hs[i:i + chunk_size], targets[i:i + chunk_size]
         if torch.is_grad_enabled():
             # recompute the chunk's logits in backward instead of keeping [chunk, vocab] per chunk
-            logps.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, hc, weight, tc, temperature,
+            logps.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, hc, weight, tc, temperature, softcap,
                                                            use_reentrant=False))
         else:
-            logps.append(_chunk_logprobs(hc, weight, tc, temperature))
+            logps.append(_chunk_logprobs(hc, weight, tc, temperature, softcap))
         if with_entropy:
             with torch.no_grad():
-                ents.append(_chunk_entropy(hc.detach(), weight.detach(), temperature))
+                ents.append(_chunk_entropy(hc.detach(), weight.detach(), temperature, softcap))
     flat = torch.cat(logps) if logps else hs.new_zeros(0, dtype=torch.float32)
     ent = _scatter(target_mask, torch.cat(ents)) if with_entropy and ents else None
     return _scatter(target_mask, flat), ent
