@@ -9,7 +9,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import json
 import math
+import re
+from pathlib import Path
 
 import torch
 
@@ -29,10 +32,65 @@ def attn_implementation(device: torch.device | str, model_class=None) -> str:
     return "sdpa" if supports("sdpa") else "eager"
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+# --prompt_format plain: a prompt for a base model without a chat template, as a base model's few-shot
+# evaluation reads: the system message, "Question: ...", then "Answer:" (BOS first where the model has one).
+PLAIN_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}{% for m in messages %}{% if m['role'] == 'system' %}"
+    "{{ m['content'] }}\n\n{% elif m['role'] == 'user' %}Question: {{ m['content'] }}\n{% else %}"
+    "Answer: {{ m['content'] }}\n\n{% endif %}{% endfor %}{% if add_generation_prompt %}Answer:{% endif %}")
+_HUB_NAME = re.compile(r"[\w][\w.-]*(/[\w][\w.-]*)?")
+
+
+def has_chat_template(directory: str | Path) -> bool:
+    """Whether a saved tokenizer carries a chat template (in tokenizer_config.json or its own file)."""
+    d = Path(directory)
+    if (d / "chat_template.jinja").exists() or (d / "chat_template.json").exists():
+        return True
+    try:
+        return bool(json.loads((d / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError):
+        return False
+
+
+def source_problem(spec: str, chat_template: bool = True, trust_remote_code: bool = False) -> str | None:
+    """Why `spec`, a local directory or a hub name, cannot be loaded as a causal LM here, read from its
+    config and tokenizer files before any weights load (None: it can, or it is a hub name not on disk,
+    which the hub answers for). `chat_template`: the prompts go through the tokenizer's chat template."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        first = Path(spec.split("/")[0]).expanduser()
+        if _HUB_NAME.fullmatch(spec) and not spec.startswith((".", "~")) and not first.is_dir():
+            return None
+        return "no such directory"  # a path: absolute, relative, or under a directory that exists here
+    if not path.is_dir():
+        return "is a file, not a model directory"
+    if not (path / "config.json").is_file():
+        inside = [sub for sub in ("final", "checkpoints") if (path / sub).is_dir()]
+        return ("is not a model directory (no config.json)"
+                + (f"; a run directory? its model is {path / 'final'}" if inside else ""))
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except ValueError as e:
+        return f"config.json is not valid JSON ({e})"
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    remote = trust_remote_code and "AutoModelForCausalLM" in (config.get("auto_map") or {})
+    if config.get("is_encoder_decoder") or (model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote):
+        return (f"architecture {config.get('architectures')} (model_type {model_type!r}) is not a decoder-only causal "
+                "LM that transformers' AutoModelForCausalLM loads: the recipe trains and asks only those")
+    if chat_template and not has_chat_template(path):
+        return ("its tokenizer has no chat template (a base model?); --prompt_format plain prompts it with plain "
+                "text: the system message, 'Question: ...', then 'Answer:'")
+    return None
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, prompt_format: str = "chat"):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if prompt_format == "plain":
+        tok.chat_template = PLAIN_TEMPLATE
     tok.padding_side = "left"  # generation batches are left-padded so every row ends at -1
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

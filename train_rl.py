@@ -454,7 +454,7 @@ def train(cfg: Config, vopts: reward.VerifierOptions) -> dict:
     torch.manual_seed(cfg.seed)
     out_dir, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
     policy_path, verifier_spec = resolve_paths(cfg)
-    tokenizer = model.load_tokenizer(policy_path, cfg.trust_remote_code)
+    tokenizer = model.load_tokenizer(policy_path, cfg.trust_remote_code, cfg.prompt_format)
     train_set, heldout = load_data(cfg, tokenizer)
     policy, ref = load_models(cfg, policy_path, device)
     judges = load_verifiers(cfg, vopts, verifier_spec, device)
