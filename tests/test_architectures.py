@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import data
 import model
 import rl_config
 import toy
@@ -50,6 +51,7 @@ def arch_dir(request, tmp_path_factory):
 def test_logprobs_packed_and_padded_equal_the_models_own_forward(arch_dir):
     arch, path = arch_dir
     lm = model.load_model(path)
+    assert len(model.decoder_layers(lm)) == 2  # what FSDP2 shards one by one
     seqs = [[5, 9, 17, 33, 2, 8], [7, 7, 40], [11, 3, 90, 12, 13]]
     targets = [[i >= 2 for i in range(len(s))] for s in seqs]
     want = []
@@ -91,3 +93,29 @@ def test_two_rl_steps_with_packing_on_and_off(arch_dir, tmp_path):
         for key in ("loss", "kl/k3", "entropy"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (arch, key)
     assert packed[0]["grad_norm"] > 0 and packed[1]["kl/k3"] > 0  # it trained: step 2's policy left the reference
+
+
+def test_a_base_model_without_a_chat_template_runs_with_the_plain_prompt_format(tmp_path):
+    import config
+    import train_rl
+
+    path = build("gpt2", tmp_path / "base")  # GPT-2 as released: a base model, no chat template
+    (tmp_path / "base" / "chat_template.jinja").unlink(missing_ok=True)
+    tok_config = json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
+    tok_config.pop("chat_template", None)
+    (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    argv = ["--policy", path, "--verifier", "rule:substring", "--eval_verifier", "rule:substring", "--audit_verifier",
+            "", "--log_verifiers", "", "--prompts_per_step", "2", "--samples_per_prompt", "2", "--max_new_tokens", "4",
+            "--steps", "1", "--eval_every", "0", "--eval_prompts", "2", "--out_dir", str(tmp_path / "run"),
+            "--wandb_mode", "disabled", "--log_samples", "0"]
+    with pytest.raises(config.ConfigError, match="no chat template .*--prompt_format plain"):
+        rl_config.parse_config(argv)
+    cfg, vopts = rl_config.parse_config(argv + ["--prompt_format", "plain"])
+    seen = []
+    real = model.load_tokenizer
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(model, "load_tokenizer", lambda *a: seen.append(real(*a)) or seen[-1])
+        result = train_rl.train(cfg, vopts)
+    assert len(result["history"]) == 1 and result["stopped"] is None
+    record = train_rl.load_data(cfg, seen[0])[0][0]  # what the policy was shown: plain text
+    assert data.render_prompt(seen[0], record) == f"{record.messages[0]['content']}\n\nQuestion: {record.question}\nAnswer:"
