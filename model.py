@@ -9,7 +9,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import json
 import math
+import re
+from pathlib import Path
 
 import torch
 
@@ -45,23 +48,79 @@ def _say_once(line: str) -> None:
         print(line, flush=True)
 
 
-def attn_implementation(device: torch.device | str, dtype: torch.dtype) -> str:
+def attn_implementation(device: torch.device | str, dtype: torch.dtype, model_class=None) -> str:
     """flash-attention 2 on a GPU where it can run (varlen kernels for packed rows; an importable
-    flash_attn, fp16/bf16 compute, compute capability >= 8.0), else sdpa, said in one line."""
+    flash_attn, fp16/bf16 compute, compute capability >= 8.0), else sdpa, said in one line; eager for an
+    architecture without sdpa support (Gemma2: its attention softcapping)."""
+    supports = (lambda kind: getattr(model_class, f"_supports_{kind}", True)) if model_class else (lambda kind: True)
     device = torch.device(device)
-    if device.type != "cuda":
-        return "sdpa"
-    reason = _flash_attn_unusable(device, dtype)
-    if reason:
-        _say_once(f"attention: sdpa, not flash-attention 2: {reason}")
-        return "sdpa"
-    return "flash_attention_2"
+    if device.type == "cuda" and supports("flash_attn"):
+        reason = _flash_attn_unusable(device, dtype)
+        if reason is None:
+            return "flash_attention_2"
+        _say_once(f"attention: {'sdpa' if supports('sdpa') else 'eager'}, not flash-attention 2: {reason}")
+    return "sdpa" if supports("sdpa") else "eager"
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+# --prompt_format plain: a prompt for a base model without a chat template, as a base model's few-shot
+# evaluation reads: the system message, "Question: ...", then "Answer:" (BOS first where the model has one).
+PLAIN_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}{% for m in messages %}{% if m['role'] == 'system' %}"
+    "{{ m['content'] }}\n\n{% elif m['role'] == 'user' %}Question: {{ m['content'] }}\n{% else %}"
+    "Answer: {{ m['content'] }}\n\n{% endif %}{% endfor %}{% if add_generation_prompt %}Answer:{% endif %}")
+_HUB_NAME = re.compile(r"[\w][\w.-]*(/[\w][\w.-]*)?")
+
+
+def has_chat_template(directory: str | Path) -> bool:
+    """Whether a saved tokenizer carries a chat template (in tokenizer_config.json or its own file)."""
+    d = Path(directory)
+    if (d / "chat_template.jinja").exists() or (d / "chat_template.json").exists():
+        return True
+    try:
+        return bool(json.loads((d / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError):
+        return False
+
+
+def source_problem(spec: str, chat_template: bool = True, trust_remote_code: bool = False) -> str | None:
+    """Why `spec`, a local directory or a hub name, cannot be loaded as a causal LM here, read from its
+    config and tokenizer files before any weights load (None: it can, or it is a hub name not on disk,
+    which the hub answers for). `chat_template`: the prompts go through the tokenizer's chat template."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        first = Path(spec.split("/")[0]).expanduser()
+        if _HUB_NAME.fullmatch(spec) and not spec.startswith((".", "~")) and not first.is_dir():
+            return None
+        return "no such directory"  # a path: absolute, relative, or under a directory that exists here
+    if not path.is_dir():
+        return "is a file, not a model directory"
+    if not (path / "config.json").is_file():
+        inside = [sub for sub in ("final", "checkpoints") if (path / sub).is_dir()]
+        return ("is not a model directory (no config.json)"
+                + (f"; a run directory? its model is {path / 'final'}" if inside else ""))
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except ValueError as e:
+        return f"config.json is not valid JSON ({e})"
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = config.get("model_type")
+    remote = trust_remote_code and "AutoModelForCausalLM" in (config.get("auto_map") or {})
+    if config.get("is_encoder_decoder") or (model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote):
+        return (f"architecture {config.get('architectures')} (model_type {model_type!r}) is not a decoder-only causal "
+                "LM that transformers' AutoModelForCausalLM loads: the recipe trains and asks only those")
+    if chat_template and not has_chat_template(path):
+        return ("its tokenizer has no chat template (a base model?); --prompt_format plain prompts it with plain "
+                "text: the system message, 'Question: ...', then 'Answer:'")
+    return None
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, prompt_format: str = "chat"):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if prompt_format == "plain":
+        tok.chat_template = PLAIN_TEMPLATE
     tok.padding_side = "left"  # generation batches are left-padded so every row ends at -1
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -73,13 +132,22 @@ def load_model(name_or_path: str, device: torch.device | str = "cpu", dtype: tor
     """A Hugging Face causal LM from a hub name or a local directory, safetensors weights only, in
     `dtype`. The attention kernel is chosen for `compute_dtype` (default: dtype), the dtype the forward
     runs in: bf16 for float32 weights that FSDP2 mixed precision casts (shard_model)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per weight file drowns the training log
     try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+        # dropout off (TRL's disable_dropout): the update's forward must be the policy that sampled (ratio 1
+        # on-policy), and a log-prob must not be noise. GPT-2's checkpoints ship 0.1.
+        for name, value in vars(config).items():
+            if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
+                setattr(config, name, 0.0)
         model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=dtype, attn_implementation=attn_implementation(device, compute_dtype or dtype),
+            name_or_path, config=config, dtype=dtype,
+            attn_implementation=attn_implementation(device, compute_dtype or dtype, model_class),
             trust_remote_code=trust_remote_code, use_safetensors=True)
     except OSError as e:
         raise OSError(f"cannot load model '{name_or_path}': {e}\n(no hub access here? build a tiny "
@@ -105,7 +173,7 @@ def shard_model(model, mixed_precision: bool, activation_checkpointing: bool = F
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
         else MixedPrecisionPolicy()
-    for layer in model.model.layers:
+    for layer in decoder_layers(model):
         fully_shard(layer, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     # Our log-prob path calls the decoder and the lm_head weight directly (to chunk the vocabulary
@@ -114,6 +182,19 @@ def shard_model(model, mixed_precision: bool, activation_checkpointing: bool = F
     model.forward_logprobs = functools.partial(_forward_logprobs, model)
     register_fsdp_forward_method(model, "forward_logprobs")
     return model
+
+
+def decoder_layers(model) -> list:
+    """The repeated blocks of any transformers causal LM (Qwen2DecoderLayer, GPT2Block, ...): the classes
+    it names as never to be split across devices (`_no_split_modules`), else the longest ModuleList."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+        layers = list(max(lists, key=len)) if lists else []
+    if not layers:
+        raise ValueError(f"{type(model).__name__}: no decoder layers found to shard")
+    return layers
 
 
 @contextlib.contextmanager
@@ -204,13 +285,21 @@ def rows(sequences: list[list[int]], target_masks: list[list[bool]], pack: bool,
 # log-probs
 
 
-def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float):
-    logits = (h @ weight.t()).float() / temperature
+def _logits(h: torch.Tensor, weight: torch.Tensor, temperature: float, softcap: float | None) -> torch.Tensor:
+    logits = (h @ weight.t()).float()
+    if softcap:  # Gemma2/3 squash the LM head's output into (-softcap, softcap), as their forward does
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits / temperature
+
+
+def _chunk_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+                    softcap: float | None = None):
+    logits = _logits(h, weight, temperature, softcap)
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
-def _chunk_entropy(h: torch.Tensor, weight: torch.Tensor, temperature: float):
-    logits = (h @ weight.t()).float() / temperature
+def _chunk_entropy(h: torch.Tensor, weight: torch.Tensor, temperature: float, softcap: float | None = None):
+    logits = _logits(h, weight, temperature, softcap)
     logp = logits.log_softmax(-1)
     return -(logp.exp() * logp).sum(-1)
 
@@ -219,6 +308,12 @@ def _varlen_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     """Attention for one packed row [1, H, T, D]: causal sdpa inside each sequence, one call per
     sequence. Exact, and unlike a block-diagonal [T, T] mask it spends no FLOP or byte across
     sequences: the varlen kernel flash-attention provides on GPU, for machines without it."""
+    if kwargs.get("softcap"):
+        raise ValueError(f"{type(module).__name__}: packed rows on CPU cannot softcap attention scores "
+                         "(attn_logit_softcapping); use --pack false, or flash-attention on GPU")
+    if position_ids is None:
+        raise ValueError(f"{type(module).__name__} does not pass position ids to its attention: packed rows need them; "
+                         "use --pack false")
     starts = torch.nonzero(position_ids[0] == 0).flatten().tolist() + [query.shape[2]]
     lengths = [e - s for s, e in zip(starts[:-1], starts[1:])]
     # split (not slicing) so backward concatenates instead of zero-filling a full tensor per sequence
@@ -262,8 +357,9 @@ def _packed_attention(model, packed: bool):
 def _forward_logprobs(model, input_ids, position_ids, attention_mask, target_mask, temperature, chunk_size,
                       with_entropy, fp32_head=True):
     with _packed_attention(model, packed=attention_mask is None and input_ids.shape[0] == 1):
-        out = model.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                          use_cache=False)
+        # the decoder without the LM head, whatever the architecture calls it (model, transformer, ...)
+        out = model.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                                  use_cache=False)
     h = out.last_hidden_state
     # The hidden state at t predicts token t+1: select only the positions whose next token is a
     # target, so the vocabulary projection runs for response tokens only.
@@ -277,6 +373,7 @@ def _forward_logprobs(model, input_ids, position_ids, attention_mask, target_mas
         # ~6%. Products of bf16 numbers are exact in float32, so only float32's rounding of the sums
         # is left. Costs one float32 copy of the weight (and of its gradient) for the call.
         hs, weight = hs.float(), weight.float()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
     # The [chunk, vocab] float32 logits and their softmax temporaries (about 4 such blocks in backward)
     # set the peak: `chunk_size` rows per block (--logprob_chunk); bench.py measures the trade.
     logps, ents = [], []
@@ -284,13 +381,13 @@ def _forward_logprobs(model, input_ids, position_ids, attention_mask, target_mas
         hc, tc = hs[i:i + chunk_size], targets[i:i + chunk_size]
         if torch.is_grad_enabled():
             # recompute the chunk's logits in backward instead of keeping [chunk, vocab] per chunk
-            logps.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, hc, weight, tc, temperature,
+            logps.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, hc, weight, tc, temperature, softcap,
                                                            use_reentrant=False))
         else:
-            logps.append(_chunk_logprobs(hc, weight, tc, temperature))
+            logps.append(_chunk_logprobs(hc, weight, tc, temperature, softcap))
         if with_entropy:
             with torch.no_grad():
-                ents.append(_chunk_entropy(hc.detach(), weight.detach(), temperature))
+                ents.append(_chunk_entropy(hc.detach(), weight.detach(), temperature, softcap))
     flat = torch.cat(logps) if logps else hs.new_zeros(0, dtype=torch.float32)
     ent = _scatter(target_mask, torch.cat(ents)) if with_entropy and ents else None
     return _scatter(target_mask, flat), ent

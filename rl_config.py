@@ -1,7 +1,7 @@
 """train_rl.py's flags: the Config dataclass (every field is a flag; `--help` shows its default;
 `--config FILE` sets fields) and check_config, which checks every range and relation before any model
 loads, so a bad value is one line naming its flag. The verifier's own flags are reward.VerifierOptions.
-Imports config, checkpoint, reward, rl_math and rollout (for their checks), never train_rl.
+Imports config, checkpoint, model, remote, reward, rl_math, rollout and rundir (for their checks), never train_rl.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Literal
 
 import checkpoint
 import config
+import model
 import remote
 import reward
 import rl_math
@@ -48,6 +49,9 @@ class Config:
     master_key_warn: float = field(default=0.05, metadata={
         "help": "warn when the verifier says YES to more than this share of content-free answers"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub (off: safer)"})
+    prompt_format: Literal["chat", "plain"] = field(default="chat", metadata={
+        "help": "chat: the policy's chat template; plain: for a base model without one, the system message, "
+                "'Question: ...', then 'Answer:'"})
     # data
     data: str = field(default="toy", metadata={"help": "'toy', a .jsonl/.json/.parquet file, or a hub data set"})
     data_split: str = field(default="train", metadata={"help": "split of a data set name"})
@@ -211,6 +215,15 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
     for name, spec in [(n, getattr(cfg, n)) for n in ("verifier", "eval_verifier", "audit_verifier")] + \
             [("log_verifiers", s.strip()) for s in cfg.log_verifiers.split(",")]:
         reward.check_saved_settings(spec, vopts, from_flags=name == "verifier")
+    # a mistyped path, a run directory, an encoder-decoder or a base model: one line now, not a traceback later
+    if cfg.policy != "tiny":
+        problem = model.source_problem(cfg.policy, cfg.prompt_format == "chat", cfg.trust_remote_code)
+        req(problem is None, "policy", cfg.policy, str(problem))
+    for name in ("verifier", "eval_verifier", "audit_verifier"):
+        spec = getattr(cfg, name)
+        if spec and spec != "tiny" and ":" not in spec.split("/")[0]:  # not rule:, http(s)://, py: (a model)
+            problem = model.source_problem(spec, True, cfg.trust_remote_code)
+            req(problem is None, name, spec, str(problem))
     ckpts = os.path.join(cfg.out_dir, "checkpoints")
     req(cfg.resume != "yes" or checkpoint.latest_checkpoint(ckpts) is not None, "resume", cfg.resume,
         f"no checkpoint in {ckpts}; --resume auto starts fresh when there is none")

@@ -518,7 +518,7 @@ def train(cfg: Config, vopts: reward.VerifierOptions) -> dict:
     train_set, heldout = load_data(cfg)
     cfg = choose_graders(cfg, [r.reference for r in train_set + heldout])
     policy_path, verifier_spec = resolve_paths(cfg)
-    tokenizer = model.load_tokenizer(policy_path, cfg.trust_remote_code)
+    tokenizer = model.load_tokenizer(policy_path, cfg.trust_remote_code, cfg.prompt_format)
     train_set, heldout = drop_long_prompts(cfg, tokenizer, train_set, heldout)
     policy, ref = load_models(cfg, policy_path, device)
     judges = load_verifiers(cfg, vopts, verifier_spec, device)
@@ -636,15 +636,16 @@ def closing_lines(cfg: Config, result: dict) -> list[str]:
     if (Path(cfg.out_dir) / "curves.png").exists():
         lines.append(f"picture of the run: {Path(cfg.out_dir) / 'curves.png'}")
     if cfg.verifier == "tiny" and cfg.dump_rollouts:  # the paper's loop, closed: the README's round 2
-        here = os.path.relpath(Path(__file__).resolve().parent)
+        def here(*parts):  # the repo's files, from where the user is
+            return os.path.normpath(os.path.join(os.path.relpath(Path(__file__).resolve().parent), *parts))
         nxt = next_round_dir(cfg.out_dir)
         lines += ["next round: distil the verifier again with this run's rollouts (labelled by its teacher), then train "
                   "on it:",
-                  "  " + shlex.join(["python", os.path.join(here, "train_verifier.py"), "sft", "--config",
-                                     os.path.join(here, "recipes", "verifier_cpu_demo.yaml"), "--student",
+                  "  " + shlex.join(["python", here("train_verifier.py"), "sft", "--config",
+                                     here("recipes", "verifier_cpu_demo.yaml"), "--student",
                                      result["verifier"], "--policy_rollouts", str(Path(cfg.out_dir) / "rollouts.jsonl"),
                                      "--lr", "3e-4", "--out_dir", f"{nxt}_verifier"]),
-                  "  " + shlex.join(["python", os.path.join(here, "train_rl.py"), *next_round_flags(result["argv"]),
+                  "  " + shlex.join(["python", here("train_rl.py"), *next_round_flags(result["argv"]),
                                      "--verifier", f"{nxt}_verifier/final", "--out_dir", nxt])]
     return lines
 

@@ -179,6 +179,11 @@ def check_config(cfg, vopts: reward.VerifierOptions) -> None:
     """Every range and relation, before any model loads: a bad value is one line naming its flag."""
     req = config.require
     vopts.check()
+    for name in ("student", "policy", "teacher", "verifier"):  # a model path: one line now, not a traceback later
+        spec = getattr(cfg, name, "")
+        if spec and spec != "tiny" and ":" not in spec.split("/")[0]:  # not rule:, http(s)://, py:
+            problem = model.source_problem(spec, True, cfg.trust_remote_code)
+            req(problem is None, name, spec, str(problem))
     for name in ("verifier", "teacher"):
         refused = remote.url_credentials(getattr(cfg, name, ""))
         req(refused is None, name, remote.redact(getattr(cfg, name, "")), refused)

@@ -6,6 +6,8 @@ import torch
 
 import model
 
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
 
 def _naive_logprobs(lm, seq):
     logits = lm(torch.tensor([seq])).logits[0].float().log_softmax(-1)
@@ -186,3 +188,48 @@ def test_generation_ignores_the_models_own_sampling_defaults(tiny_model_dir):
     plain = model.generate(lm, tok, prompts, 10, 1.0, 1.0, [5, 6])
     lm.generation_config.update(repetition_penalty=50.0, top_k=1, top_p=0.01, temperature=0.01, do_sample=True)
     assert model.generate(lm, tok, prompts, 10, 1.0, 1.0, [5, 6]) == plain
+
+
+def test_a_model_source_that_cannot_load_is_named_before_anything_loads(tiny_model_dir, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "demo" / "final").mkdir(parents=True)
+    assert model.source_problem(tiny_model_dir) is None
+    assert model.source_problem("Qwen/Qwen2.5-7B-Instruct") is None  # a hub name: the hub answers for it
+    assert model.source_problem("runs/dmeo") == "no such directory"  # runs/ is here: a path, mistyped
+    assert model.source_problem("./nothing/final") == "no such directory"
+    assert model.source_problem("runs/demo") == ("is not a model directory (no config.json); a run directory? its "
+                                                 "model is runs/demo/final")
+    (tmp_path / "f.txt").write_text("x")
+    assert model.source_problem("f.txt") == "is a file, not a model directory"
+    base = shutil.copytree(tiny_model_dir, tmp_path / "base")  # the same model, its chat template removed
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    assert "no chat template (a base model?); --prompt_format plain" in model.source_problem(str(base))
+    assert model.source_problem(str(base), chat_template=False) is None
+    tok = model.load_tokenizer(str(base), prompt_format="plain")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2 + 2?"}]
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        "Be brief.\n\nQuestion: 2 + 2?\nAnswer:"
+    t5 = tmp_path / "t5"
+    t5.mkdir()
+    (t5 / "config.json").write_text(json.dumps({"model_type": "t5", "architectures": ["T5ForConditionalGeneration"],
+                                                "is_encoder_decoder": True}))
+    assert "(model_type 't5') is not a decoder-only causal LM" in model.source_problem(str(t5))
+    (t5 / "config.json").write_text(json.dumps({"model_type": "vit", "architectures": ["ViTModel"]}))
+    assert "is not a decoder-only causal LM" in model.source_problem(str(t5))
+
+
+def test_a_mistyped_policy_path_is_one_line_and_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(ROOT / "train_rl.py"), "--policy", str(tmp_path / "runs" / "dmeo"),
+                          "--out_dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 2 and not (tmp_path / "run").exists()
+    assert out.stderr.strip().splitlines() == [f"train_rl.py: error: --policy '{tmp_path / 'runs' / 'dmeo'}': "
+                                               "no such directory"]

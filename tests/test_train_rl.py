@@ -158,8 +158,8 @@ def test_config_file_sets_fields_and_flags_override(tmp_path):
     import train_verifier as TV
 
     for recipe in sorted((ROOT / "recipes").glob("*.yaml")):  # every shipped recipe parses and passes the checks
-        if recipe.name.startswith("verifier_"):
-            TV.parse_config("sft", ["--config", str(recipe)])
+        if recipe.name.startswith("verifier_"):  # stage 2's --student is stage 1's output, not here yet
+            TV.parse_config("sft", ["--config", str(recipe), "--student", "tiny"])
         else:
             rl_config.parse_config(["--config", str(recipe)])
 
@@ -304,7 +304,11 @@ def test_the_closing_lines_are_runnable_commands_and_the_run_has_a_picture(tiny_
     monkeypatch.chdir(ROOT)
     plots = []
     monkeypatch.setattr(metrics.Metrics, "plot", lambda self, draw=metrics.Metrics.plot: plots.append(draw(self)))
-    argv = flags(tiny_model_dir, tmp_path / "demo", 2, verifier="tiny", eval_every=1, audit_every=1)
+    # short verifier prompts (the start's master-key probe judges 64 x 10 of them), the same in both rounds
+    (tmp_path / "template.txt").write_text("{reference} {response}")
+    short = {"verifier_template": str(tmp_path / "template.txt"), "verifier_system_prompt": ""}
+    argv = flags(tiny_model_dir, tmp_path / "demo", 2, verifier="tiny", eval_every=1, eval_samples=0, audit_every=1,
+                 **short)
     cfg, vopts = rl_config.parse_config(argv)
     lines = train_rl.closing_lines(cfg, train_rl.train(cfg, vopts) | {"argv": argv})
     picture = tmp_path / "demo" / "curves.png"
@@ -316,7 +320,8 @@ def test_the_closing_lines_are_runnable_commands_and_the_run_has_a_picture(tiny_
     assert len(commands) == 2, lines
     before = (tmp_path / "demo" / "metrics.jsonl").read_bytes()
     small = ["--toy_mix", "digit:40", "--policy", tiny_model_dir, "--policy_samples", "1", "--epochs", "1",
-             "--batch_size", "16", "--micro_batch_size", "16", "--master_key_prompts", "4", "--wandb_mode", "disabled"]
+             "--batch_size", "16", "--micro_batch_size", "16", "--master_key_prompts", "4", "--wandb_mode", "disabled",
+             *[f"--{k}={v}" for k, v in short.items()]]
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
     for command, extra in zip(commands, [small, []]):
         words = shlex.split(command)
