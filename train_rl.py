@@ -619,7 +619,7 @@ def closing_lines(cfg: Config, result: dict) -> list[str]:
     """What was trained on what, and what the grader says of it."""
     h = result["history"]
     lines = [f"trained {result['policy']} on the {cfg.reward_type} reward of {result['verifier']} "
-             f"({cfg.advantage}, --reward_norm {cfg.reward_norm}), steps {result['start']}..{result['start'] + len(h)}"]
+             f"({cfg.advantage}, --reward_norm {rl_math.estimator_norm(cfg.advantage, cfg.reward_norm)}), steps {result['start']}..{result['start'] + len(h)}"]
     evals = [(m["step"], m["eval/accuracy"]) for m in metrics.read_jsonl(Path(cfg.out_dir) / "metrics.jsonl")
              if "eval/accuracy" in m]
     if len(evals) >= 2:
