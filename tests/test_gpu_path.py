@@ -37,13 +37,13 @@ def run(cmd, timeout=600):
     return out
 
 
-def rl_flags(policy, out_dir):
+def rl_flags(policy, out_dir, **extra):
     # the tiny random model is policy and local verifier (judging, renormalised, what it samples), the
     # KL term loads a frozen reference too: every kind of model a GPU run shards
     f = dict(policy=policy, verifier=policy, soft_mode="renorm", verifier_max_unjudged=1.0, prompts_per_step=2,
              samples_per_prompt=2, max_new_tokens=4, micro_batch_size=2, steps=1, lr=1e-3, warmup_ratio=0.0,
              kl_mode="loss", kl_coef=0.01, eval_every=0, eval_prompts=2, eval_verifier="rule:substring",
-             out_dir=str(out_dir), wandb_mode="disabled", seed=3)
+             out_dir=str(out_dir), wandb_mode="disabled", seed=3) | extra
     return [f"--{k}={v}" for k, v in f.items()]
 
 
@@ -54,8 +54,8 @@ def check_rl_facts(facts: dict, world: int) -> None:
     assert facts["policy_compute"] == ["torch.bfloat16"]
     assert facts["verifier_sharded"] and facts["verifier_dtype"] == "torch.bfloat16"
     assert facts["verifier_compute"] == ["torch.bfloat16"]
-    (m,) = facts["history"]
-    assert math.isfinite(m["loss"]) and 0 < m["grad_norm"] < math.inf and m["update/skipped"] == 0
+    for m in facts["history"]:
+        assert math.isfinite(m["loss"]) and 0 < m["grad_norm"] < math.inf and m["update/skipped"] == 0
 
 
 def test_local_verifier_rl_step_in_a_one_rank_group(tiny_model_dir, tmp_path):
@@ -68,13 +68,17 @@ def test_local_verifier_rl_step_in_a_one_rank_group(tiny_model_dir, tmp_path):
 
 
 @two_ranks
-def test_local_verifier_rl_step_on_two_ranks(tiny_model_dir, tmp_path):
-    run(TORCHRUN + [str(WORKER), "rl", str(tmp_path), *rl_flags(tiny_model_dir, tmp_path)])
+def test_local_verifier_rl_steps_on_two_ranks_async(tiny_model_dir, tmp_path):
+    """Two ranks, the rollouts sampled one step ahead by a worker process per rank (in bf16, as the
+    trainer computes): the second step trains on the batch sampled during the first."""
+    run(TORCHRUN + [str(WORKER), "rl", str(tmp_path), *rl_flags(tiny_model_dir, tmp_path, steps=2, async_steps=1)])
     facts = [json.loads((tmp_path / f"facts_rank{r}.json").read_text()) for r in (0, 1)]
     for f in facts:
         check_rl_facts(f, world=2)
+        assert [m["rollout/staleness"] for m in f["history"]] == [0, 1]
     # the step's figures are reduced over ranks: both ranks log the same ones
-    assert facts[0]["history"][0]["reward/mean"] == pytest.approx(facts[1]["history"][0]["reward/mean"], abs=1e-6)
+    for a, b in zip(*(f["history"] for f in facts)):
+        assert a["reward/mean"] == pytest.approx(b["reward/mean"], abs=1e-6)
 
 
 @pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=two_ranks)])
