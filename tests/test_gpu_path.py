@@ -127,6 +127,27 @@ def test_local_verifiers_load_in_the_compute_dtype(tiny_model_dir, monkeypatch):
     assert next(lm.parameters()).dtype == torch.bfloat16 and lm.config._attn_implementation == "sdpa"
 
 
+def test_eval_with_a_local_verifier_on_the_gpu_path(tiny_model_dir, tmp_path, monkeypatch):
+    """train_verifier.py eval (no process group: one process judges) with the verifier in bf16 gives the
+    float32 run's figures: the same judgements, a Brier score within the bf16 forward's error. That
+    moves a logit by ~1e-2 (4 layers of width 128), p(YES) by ~1% of itself, and this untrained model's
+    p(YES) is < 1e-3: the Brier score (mean (p - label)^2) moves by < 2 * 1e-2 * 1e-3."""
+    import train_verifier
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r.to_json()) + "\n" for r in toy.judge_rows("near:24", 1)))
+    reports = {}
+    for path in ("0", "1"):
+        monkeypatch.setenv(distributed.GPU_PATH_ENV, path)
+        reports[path] = train_verifier.run(["eval", "--verifier", tiny_model_dir, "--data", str(rows), "--out_dir",
+                                            str(tmp_path / path), "--wandb_mode", "disabled", "--master_key_prompts",
+                                            "4", "--verifier_max_unjudged", "1"])
+    cpu, gpu = reports["0"], reports["1"]
+    assert (gpu["tp"], gpu["fp"], gpu["fn"], gpu["tn"], gpu["n"]) == (cpu["tp"], cpu["fp"], cpu["fn"], cpu["tn"], 24)
+    assert gpu["brier"] == pytest.approx(cpu["brier"], abs=2e-5) and gpu["brier"] != cpu["brier"]  # bf16 did run
+
+
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """A CUDA device of a given compute capability and an importable flash_attn, as far as
