@@ -157,7 +157,7 @@ class _Worker:
     def __init__(self, policy, policy_path: str, cfg, device: torch.device, threads: int,
                  trust_remote_code: bool = False):
         self.layout = [(name, tuple(p.shape), p.numel()) for name, p in policy.named_parameters()]  # DTensor: global
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = model.compute_dtype()  # the worker samples in the dtype the trainer computes in
         self.flat = torch.empty(sum(n for _, _, n in self.layout), dtype=dtype, device=device)
         if device.type == "cpu":
             self.flat.share_memory_()

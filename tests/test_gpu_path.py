@@ -37,13 +37,13 @@ def run(cmd, timeout=600):
     return out
 
 
-def rl_flags(policy, out_dir):
+def rl_flags(policy, out_dir, **extra):
     # the tiny random model is policy and local verifier (judging, renormalised, what it samples), the
     # KL term loads a frozen reference too: every kind of model a GPU run shards
     f = dict(policy=policy, verifier=policy, soft_mode="renorm", verifier_max_unjudged=1.0, prompts_per_step=2,
              samples_per_prompt=2, max_new_tokens=4, micro_batch_size=2, steps=1, lr=1e-3, warmup_ratio=0.0,
              kl_mode="loss", kl_coef=0.01, eval_every=0, eval_prompts=2, eval_verifier="rule:substring",
-             out_dir=str(out_dir), wandb_mode="disabled", seed=3)
+             out_dir=str(out_dir), wandb_mode="disabled", seed=3) | extra
     return [f"--{k}={v}" for k, v in f.items()]
 
 
@@ -54,8 +54,8 @@ def check_rl_facts(facts: dict, world: int) -> None:
     assert facts["policy_compute"] == ["torch.bfloat16"]
     assert facts["verifier_sharded"] and facts["verifier_dtype"] == "torch.bfloat16"
     assert facts["verifier_compute"] == ["torch.bfloat16"]
-    (m,) = facts["history"]
-    assert math.isfinite(m["loss"]) and 0 < m["grad_norm"] < math.inf and m["update/skipped"] == 0
+    for m in facts["history"]:
+        assert math.isfinite(m["loss"]) and 0 < m["grad_norm"] < math.inf and m["update/skipped"] == 0
 
 
 def test_local_verifier_rl_step_in_a_one_rank_group(tiny_model_dir, tmp_path):
@@ -68,13 +68,17 @@ def test_local_verifier_rl_step_in_a_one_rank_group(tiny_model_dir, tmp_path):
 
 
 @two_ranks
-def test_local_verifier_rl_step_on_two_ranks(tiny_model_dir, tmp_path):
-    run(TORCHRUN + [str(WORKER), "rl", str(tmp_path), *rl_flags(tiny_model_dir, tmp_path)])
+def test_local_verifier_rl_steps_on_two_ranks_async(tiny_model_dir, tmp_path):
+    """Two ranks, the rollouts sampled one step ahead by a worker process per rank (in bf16, as the
+    trainer computes): the second step trains on the batch sampled during the first."""
+    run(TORCHRUN + [str(WORKER), "rl", str(tmp_path), *rl_flags(tiny_model_dir, tmp_path, steps=2, async_steps=1)])
     facts = [json.loads((tmp_path / f"facts_rank{r}.json").read_text()) for r in (0, 1)]
     for f in facts:
         check_rl_facts(f, world=2)
+        assert [m["rollout/staleness"] for m in f["history"]] == [0, 1]
     # the step's figures are reduced over ranks: both ranks log the same ones
-    assert facts[0]["history"][0]["reward/mean"] == pytest.approx(facts[1]["history"][0]["reward/mean"], abs=1e-6)
+    for a, b in zip(*(f["history"] for f in facts)):
+        assert a["reward/mean"] == pytest.approx(b["reward/mean"], abs=1e-6)
 
 
 @pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=two_ranks)])
@@ -121,6 +125,27 @@ def test_local_verifiers_load_in_the_compute_dtype(tiny_model_dir, monkeypatch):
     monkeypatch.setenv(distributed.GPU_PATH_ENV, "1")
     lm = reward.build_verifier(tiny_model_dir, reward.VerifierOptions()).model
     assert next(lm.parameters()).dtype == torch.bfloat16 and lm.config._attn_implementation == "sdpa"
+
+
+def test_eval_with_a_local_verifier_on_the_gpu_path(tiny_model_dir, tmp_path, monkeypatch):
+    """train_verifier.py eval (no process group: one process judges) with the verifier in bf16 gives the
+    float32 run's figures: the same judgements, a Brier score within the bf16 forward's error. That
+    moves a logit by ~1e-2 (4 layers of width 128), p(YES) by ~1% of itself, and this untrained model's
+    p(YES) is < 1e-3: the Brier score (mean (p - label)^2) moves by < 2 * 1e-2 * 1e-3."""
+    import train_verifier
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps(r.to_json()) + "\n" for r in toy.judge_rows("near:24", 1)))
+    reports = {}
+    for path in ("0", "1"):
+        monkeypatch.setenv(distributed.GPU_PATH_ENV, path)
+        reports[path] = train_verifier.run(["eval", "--verifier", tiny_model_dir, "--data", str(rows), "--out_dir",
+                                            str(tmp_path / path), "--wandb_mode", "disabled", "--master_key_prompts",
+                                            "4", "--verifier_max_unjudged", "1"])
+    cpu, gpu = reports["0"], reports["1"]
+    assert (gpu["tp"], gpu["fp"], gpu["fn"], gpu["tn"], gpu["n"]) == (cpu["tp"], cpu["fp"], cpu["fn"], cpu["tn"], 24)
+    assert gpu["brier"] == pytest.approx(cpu["brier"], abs=2e-5) and gpu["brier"] != cpu["brier"]  # bf16 did run
 
 
 @pytest.fixture
