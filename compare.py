@@ -47,7 +47,7 @@ RULE_SOURCES = ("rule_substring", "rule_exact", "rule_jaccard")
 # judges of the agreement table: name -> (verifier spec, threshold on its soft score; None: its binary)
 JUDGES = {
     "teacher": (TEACHER, None),
-    "noisy teacher": ("py:freeform:noisy_teacher", None),
+    "noisy teacher": ("py:freeform:teacher_noisy10", None),  # 10% of the teacher's labels flipped
     "student": ("tiny", None),
     "rule:substring": ("rule:substring", None),
     "rule:exact": ("rule:exact", None),
@@ -141,11 +141,15 @@ def run_rl(cfg: CompareConfig, rl: rl_config.Config, source: str, seed: int) -> 
 
 
 def sft_pairs(rl: rl_config.Config) -> list[tuple[list[dict], str]]:
-    """(messages, response) for every training question of the recipe's data (never a held-out one),
-    the response the reference in the policy's answer format."""
+    """(messages, reference) for every training question of the free-form world, split as train_rl.py
+    splits it (never a held-out question): the SFT baseline learns the expert's answers."""
     import freeform
 
-    return freeform.sft_pairs(rl)
+    config.require(rl.data == "freeform" and not rl.eval_data and not rl.exclude_hashes, "recipe", rl.data,
+                   "the SFT baseline knows the free-form world's split only (--data freeform, no --eval_data "
+                   "or --exclude_hashes)")
+    train, _ = freeform.split(freeform.records(), rl.heldout_fraction)
+    return freeform.sft_pairs(train)
 
 
 def run_sft(cfg: CompareConfig, rl: rl_config.Config, seed: int) -> list[dict]:
