@@ -163,8 +163,11 @@ def run_sft(cfg: CompareConfig, rl: rl_config.Config, seed: int) -> list[dict]:
 
     out = Path(cfg.out_dir).resolve() / "sft" / f"seed{seed}"
     grader = ["--verifier", TEACHER]  # --eval_only loads the reward verifier too: the teacher costs nothing
+    done = lambda d: (d / "metrics.jsonl").exists() and evals_of(d)  # noqa: E731  (a rerun of compare skips it)
     if not (out / "final" / "config.json").exists():
-        run(train_rl_command(cfg, rl, grader + ["--eval_only", "true"], seed, out / "start"), f"sft, seed {seed}: warm start")
+        if not done(out / "start"):
+            run(train_rl_command(cfg, rl, grader + ["--eval_only", "true"], seed, out / "start"),
+                f"sft, seed {seed}: warm start")
         policy_path = json.loads((out / "start" / "config.json").read_text())["policy_path"]
         torch.manual_seed(seed)
         lm = model.load_model(policy_path)
@@ -176,8 +179,9 @@ def run_sft(cfg: CompareConfig, rl: rl_config.Config, seed: int) -> list[dict]:
         print(f"[compare] sft, seed {seed}: loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
         lm.save_pretrained(out / "final", safe_serialization=True)
         tokenizer.save_pretrained(out / "final")
-    run(train_rl_command(cfg, rl, grader + ["--eval_only", "true", "--policy", str(out / "final")], seed, out / "end"),
-        f"sft, seed {seed}: eval")
+    if not done(out / "end"):
+        run(train_rl_command(cfg, rl, grader + ["--eval_only", "true", "--policy", str(out / "final")], seed,
+                             out / "end"), f"sft, seed {seed}: eval")
     start, end = evals_of(out / "start")[-1], evals_of(out / "end")[-1]
     return [start | {"step": 0}, end | {"step": rl.steps}]
 
