@@ -29,7 +29,7 @@ import reward
 import rl_config
 import rl_math
 import rollout
-import toy
+import worlds
 from rl_config import Config
 
 
@@ -302,17 +302,19 @@ def evaluate(policy, tokenizer, heldout, grader, cfg: Config, device) -> dict:
 
 
 def resolve_paths(cfg: Config) -> tuple[str, str]:
-    """(policy path, reward verifier spec): the tiny demo models are built on rank 0 once (cached)."""
-    policy = toy.tiny_policy(cfg.heldout_fraction) if cfg.policy == "tiny" else cfg.policy
-    verifier = toy.tiny_verifier() if cfg.verifier == "tiny" else cfg.verifier
+    """(policy path, reward verifier spec): the tiny models of the --data world (worlds.py) are built on
+    rank 0 once (cached)."""
+    world = worlds.of(cfg.data)
+    policy = world.tiny_policy(cfg.heldout_fraction) if cfg.policy == "tiny" else cfg.policy
+    verifier = world.tiny_verifier() if cfg.verifier == "tiny" else cfg.verifier
     return policy, verifier
 
 
 def load_data(cfg: Config, tokenizer) -> tuple[list, list]:
     """(training records, held-out records). Held-out questions never reach training."""
     say = print if distributed.rank() == 0 else (lambda *a, **k: None)
-    if cfg.data == "toy":
-        records = toy.records(toy.PROBLEMS, seed=cfg.seed)  # every problem once
+    if cfg.data in worlds.WORLDS:
+        records = worlds.WORLDS[cfg.data].records(cfg.seed)  # a demo world: every question once
     else:
         records, skipped = data.load_records(cfg.data, cfg.data_split, cfg.prompt_field, cfg.answer_field,
                                              skip_bad=cfg.skip_bad_rows)
@@ -565,7 +567,7 @@ def closing_lines(cfg: Config, result: dict) -> list[str]:
         lines.append(f"audit by {cfg.audit_verifier}: false-positive rate {sum(fpr) / len(fpr):.3f} mean, "
                      f"{max(fpr):.3f} max over {len(fpr)} audits; disagreements in {Path(cfg.out_dir) / 'audit.jsonl'}")
     if cfg.verifier == "tiny" and cfg.dump_rollouts:  # the paper's loop, closed: the README's round 2
-        lines.append(f"next round: python train_verifier.py sft --config recipes/verifier_cpu_demo.yaml --student "
+        lines.append(f"next round: python train_verifier.py sft --config {worlds.of(cfg.data).verifier_recipe} --student "
                      f"{result['verifier']} --policy_rollouts {Path(cfg.out_dir) / 'rollouts.jsonl'} --lr 3e-4 --out_dir "
                      "runs/verifier_round2; then train_rl.py --verifier runs/verifier_round2/final")
     return lines

@@ -44,7 +44,7 @@ import metrics
 import model
 import reward
 import rollout
-import toy
+import worlds
 from config import resume_field
 
 def _help(text: str) -> dict:
@@ -60,9 +60,11 @@ class Common:
 @dataclass
 class LabelConfig(Common):
     data: str = field(default="toy", metadata=_help(
-        "rows with question, reference, response (e.g. train_rl.py's rollouts.jsonl); 'toy': toy.judge_rows"))
+        "rows with question, reference, response (e.g. train_rl.py's rollouts.jsonl); 'toy' or 'freeform': the "
+        "demo world's rows (worlds.py: toy.judge_rows, freeform.judge_rows)"))
     split: str = field(default="train", metadata=_help("split of a data set name"))
-    toy_mix: str = field(default="near:2000", metadata=_help("toy rows by kind (toy.judge_rows) when --data toy"))
+    toy_mix: str = field(default="near:2000", metadata=_help(
+        "demo-world rows by kind when --data toy|freeform (toy.judge_rows, freeform.judge_rows)"))
     teacher: str = field(default="rule:math", metadata=_help(
         "rule:math|rule:substring|rule:jaccard, a model dir or hub name, or http://host:port[,...]"))
     out: str = field(default="runs/verifier/labels.jsonl", metadata=_help(
@@ -83,12 +85,14 @@ class Logged(Common):
 @dataclass
 class SftConfig(Logged):
     student: str = field(default="tiny", metadata=_help(
-        "model dir or hub name (a saved verifier keeps its settings); 'tiny': the tiny model warm-started on the toy"))
+        "model dir or hub name (a saved verifier keeps its settings); 'tiny': the tiny policy of the --data world"))
     data: str = field(default="toy", metadata=_help(
-        "labelled rows (`label` output: question, reference, response, label); 'toy': toy rows --teacher labels"))
+        "labelled rows (`label` output: question, reference, response, label); 'toy' or 'freeform': a demo "
+        "world's rows (worlds.py) --teacher labels"))
     split: str = field(default="train", metadata=_help("split of a data set name"))
     toy_mix: str = field(default="near:2000", metadata=_help(
-        "toy rows to label when --data toy, kind:count,... (kinds: digit near far perturb garbage; toy.judge_rows)"))
+        "demo-world rows to label when --data toy|freeform, kind:count,... (toy: digit near far perturb garbage; "
+        "freeform: other near hedge copy garbage)"))
     teacher: str = field(default="rule:math", metadata=_help(
         "labels --data toy and the policy's responses (the --verifier_* prompt flags are the student's)"))
     heldout_fraction: float = field(default=0.1, metadata=_help("share of questions (by hash) held out for eval"))
@@ -108,7 +112,7 @@ class SftConfig(Logged):
     policy_rollouts: str = field(default="", metadata=_help(
         "a policy's rollouts.jsonl (train_rl.py): its responses to training-split questions, labelled and added"))
     policy_system_prompt: Optional[str] = field(default=None, metadata=_help(
-        "system message of --policy (default: toy.SYSTEM_PROMPT with --data toy, else the released sets' prompt)"))
+        "system message of --policy (default: the demo world's with --data toy|freeform, else the released sets' prompt)"))
     policy_max_new_tokens: int = field(default=64, metadata=_help("length limit of a --policy response"))
     policy_temperature: float = field(default=1.0, metadata=_help("sampling temperature of --policy (> 0)"))
     master_key_prompts: int = field(default=64, metadata=_help("held-out questions the master-key probe asks"))
@@ -158,7 +162,7 @@ def check_config(cfg, vopts: reward.VerifierOptions) -> None:
         return
     req(cfg.teacher.strip() != "", "teacher", cfg.teacher, "is required")
     try:
-        toy.parse_mix(cfg.toy_mix)
+        worlds.of(cfg.data).parse_mix(cfg.toy_mix)
     except ValueError as e:
         req(False, "toy_mix", cfg.toy_mix, str(e))
     if isinstance(cfg, LabelConfig):
@@ -224,7 +228,8 @@ def label_rows(get_teacher, rows: list[data.JudgedRow], out: Path, rows_per_writ
 def label(cfg: LabelConfig, vopts: reward.VerifierOptions) -> dict:
     """The `label` command: the teacher (asked with the --verifier_* flags) judges every row of --data."""
     # the toy rows' own labels (the truth) are not read: the teacher's replace them
-    rows = toy.judge_rows(cfg.toy_mix, cfg.seed) if cfg.data == "toy" else data.read_judged_rows(cfg.data, cfg.split)
+    rows = worlds.WORLDS[cfg.data].judge_rows(cfg.toy_mix, cfg.seed) if cfg.data in worlds.WORLDS else \
+        data.read_judged_rows(cfg.data, cfg.split)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     get_teacher = functools.cache(lambda: reward.build_verifier(cfg.teacher, vopts, device=device,
                                                                 trust_remote_code=cfg.trust_remote_code))
@@ -342,7 +347,7 @@ def policy_rows(cfg: SftConfig, path: str, train: list[data.JudgedRow], get_teac
     rows = []
     if path:
         system = cfg.policy_system_prompt if cfg.policy_system_prompt is not None else \
-            toy.SYSTEM_PROMPT if cfg.data == "toy" else data.PAPER_SYSTEM_PROMPT
+            worlds.WORLDS[cfg.data].system_prompt if cfg.data in worlds.WORLDS else data.PAPER_SYSTEM_PROMPT
         records = [data.make_record(q, ref, [{"role": "system", "content": system}] * bool(system)
                                     + [{"role": "user", "content": q}], {})
                    for q, ref in dict.fromkeys((r.question, r.reference) for r in train)]
@@ -373,17 +378,17 @@ def training_rows(cfg: SftConfig, vopts: reward.VerifierOptions, device) -> tupl
     get_teacher = functools.cache(lambda: reward.build_verifier(cfg.teacher, vopts, settings_from_flags=False,
                                                                 device=device, trust_remote_code=cfg.trust_remote_code))
     source = cfg.data
-    if cfg.data == "toy":
+    if cfg.data in worlds.WORLDS:
         source = str(Path(cfg.out_dir) / "labels.jsonl")
-        if distributed.rank() == 0:  # the toy rows' own labels (the truth) are replaced by the teacher's
-            label_rows(get_teacher, toy.judge_rows(cfg.toy_mix, cfg.seed), Path(source), 256)
+        if distributed.rank() == 0:  # the world's rows' own labels (the truth) are replaced by the teacher's
+            label_rows(get_teacher, worlds.WORLDS[cfg.data].judge_rows(cfg.toy_mix, cfg.seed), Path(source), 256)
         distributed.barrier()
     rows = data.read_judged_rows(source, cfg.split, labelled=True)
     train, heldout = data.split_heldout(rows, cfg.heldout_fraction)
     added = {"master_key": master_key_rows(train, cfg.master_key_negatives, cfg.seed),
              "truncated": truncated_rows(train, cfg.truncated_negatives, cfg.seed)}
     if cfg.policy or cfg.policy_rollouts:
-        path = toy.tiny_policy(cfg.heldout_fraction) if cfg.policy == "tiny" else cfg.policy
+        path = worlds.of(cfg.data).tiny_policy(cfg.heldout_fraction) if cfg.policy == "tiny" else cfg.policy
         found = policy_rows(cfg, path, train, get_teacher, device) if distributed.rank() == 0 else None
         added["policy"] = distributed.broadcast_object(found)
     return train, heldout, added
@@ -490,7 +495,7 @@ def sft(cfg: SftConfig, vopts: reward.VerifierOptions) -> dict:
     if cfg.resume == "yes" and checkpoint.latest_checkpoint(str(ckpt_dir)) is None:
         raise config.ConfigError(f"--resume: no checkpoint in {ckpt_dir}; --resume auto starts fresh when there "
                                  "is none")
-    student_path = toy.tiny_policy(cfg.heldout_fraction) if cfg.student == "tiny" else cfg.student
+    student_path = worlds.of(cfg.data).tiny_policy(cfg.heldout_fraction) if cfg.student == "tiny" else cfg.student
     # what the student reads and answers: a verifier fine-tuned again keeps its saved settings
     settings = reward.resolve_settings(reward.load_settings(student_path), vopts.settings_overrides(),
                                        vopts.verifier_force_settings, student_path)
