@@ -221,3 +221,21 @@ def test_sft_baseline_gets_the_rl_runs_budget_and_the_start_and_end_evals(tmp_pa
     assert start.eval_only and end.eval_only and end.policy == str(tmp_path / "sft" / "seed2" / "final")
     assert start.eval_verifier == end.eval_verifier == compare.TEACHER and start.seed == end.seed == 2
     assert start.eval_samples == end.eval_samples == rl.eval_samples
+
+
+def test_sft_baseline_trains_on_every_training_question_and_no_held_out_one():
+    """sft_pairs: the training questions of train_rl.py's own split, each with its expert reference."""
+    import toy
+    import train_rl
+
+    rl, _ = rl_config.parse_config(["--config", str(compare.ROOT / "recipes/cpu_demo.yaml"), "--data", "freeform"])
+    pairs = compare.sft_pairs(rl)
+    train, heldout = train_rl.load_data(rl, toy.build_tokenizer(1024))  # the tokenizer only measures prompts
+    asked = [messages[-1]["content"] for messages, _ in pairs]
+    assert heldout and set(asked) == {r.question for r in train} and len(asked) == len(train)
+    assert not set(asked) & {r.question for r in heldout}
+    reference = {r.question: r.reference for r in train}
+    assert all(answer == reference[q] for q, (_, answer) in zip(asked, pairs))
+    rl.data = "toy"
+    with pytest.raises(config.ConfigError, match="--recipe 'toy': the SFT baseline knows the free-form world"):
+        compare.sft_pairs(rl)
