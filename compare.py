@@ -34,8 +34,8 @@ SOURCES = {
     "rule_substring": ("rule substring, binary", ["--verifier", "rule:substring", "--reward_type", "binary"]),
     "rule_exact": ("rule exact match, binary", ["--verifier", "rule:exact", "--reward_type", "binary"]),
     "rule_jaccard": ("rule Jaccard, soft", ["--verifier", "rule:jaccard", "--reward_type", "soft"]),
-    "teacher_binary": ("teacher, binary", ["--verifier", TEACHER, "--reward_type", "binary"]),
-    # a 0/1 judge's Eq. 4 equals its Eq. 3: the row is kept so the table has the paper's shape
+    "teacher_binary": ("teacher, binary (= soft: a 0/1 judge)", ["--verifier", TEACHER, "--reward_type", "binary"]),
+    # a 0/1 judge's Eq. 4 is its Eq. 3: the same rewards, so the same run (not in the default --sources)
     "teacher_soft": ("teacher, soft (= binary: a 0/1 judge)", ["--verifier", TEACHER, "--reward_type", "soft"]),
     "student_binary": ("distilled student, binary (Eq. 3, sampled c)",
                        ["--verifier", "tiny", "--reward_type", "binary", *SAMPLED_C]),
@@ -68,7 +68,9 @@ class CompareConfig:
     eval_every: int = field(default=10, metadata={"help": "steps between teacher-graded evals"})
     eval_samples: int = field(default=-1, metadata={
         "help": "answers sampled per held-out question at each eval (0: one greedy answer; -1: the recipe's)"})
-    sources: str = field(default=",".join(SOURCES), metadata={"help": "comma-separated subset of: " + ", ".join(SOURCES)})
+    sources: str = field(default=",".join(s for s in SOURCES if s != "teacher_soft"), metadata={
+        "help": "comma-separated subset of: " + ", ".join(SOURCES) + " (teacher_soft repeats teacher_binary: its "
+                "0/1 judgements make Eq. 4 equal Eq. 3)"})
     judges: str = field(default=",".join(JUDGES), metadata={
         "help": "comma-separated judges of the agreement table ('': none), a subset of: " + ", ".join(JUDGES)})
     agreement_rows: int = field(default=2000, metadata={
@@ -132,7 +134,9 @@ def run(cmd: list[str], what: str) -> None:
 def run_rl(cfg: CompareConfig, rl: rl_config.Config, source: str, seed: int) -> list[dict]:
     """One train_rl.py run (its own process); its teacher-graded evals."""
     out = Path(cfg.out_dir).resolve() / source / f"seed{seed}"
-    run(train_rl_command(cfg, rl, SOURCES[source][1], seed, out), f"{source}, seed {seed}")
+    finished = (out / "final" / "config.json").exists() and evals_of(out) and evals_of(out)[-1]["step"] == rl.steps
+    if not finished:  # a rerun of compare (more seeds, the tables again) skips the runs it has
+        run(train_rl_command(cfg, rl, SOURCES[source][1], seed, out), f"{source}, seed {seed}")
     return evals_of(out)
 
 

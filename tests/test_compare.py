@@ -15,7 +15,7 @@ import rl_config
 def test_every_default_source_and_judge_is_accepted_and_a_typo_is_not():
     cfg = compare.CompareConfig()
     compare.check_config(cfg)
-    assert cfg.sources.split(",") == list(compare.SOURCES) and cfg.judges.split(",") == list(compare.JUDGES)
+    assert cfg.sources.split(",") == [s for s in compare.SOURCES if s != "teacher_soft"] and cfg.judges.split(",") == list(compare.JUDGES)
     with pytest.raises(config.ConfigError, match="--sources .*unknown \\['student_sofr'\\]"):
         compare.check_config(compare.CompareConfig(sources="teacher_binary,student_sofr"))
     with pytest.raises(config.ConfigError, match="--judges .*unknown \\['rule:jacard'\\]"):
@@ -89,14 +89,14 @@ def test_table_by_hand():
     summary = compare.summarize(RESULTS)
     rows = compare.table(summary).splitlines()[2:]
     # teacher: end 0.75, 0.5: mean 0.625, std |0.75 - 0.5| / sqrt 2 = 0.177; change +0.25 both seeds
-    assert rows == ["| teacher, binary | 0.375 | 0.625 ± 0.177 (0.500 to 0.750) | +0.250 ± 0.000 (+0.250 to +0.250) | "
+    assert rows == ["| teacher, binary (= soft: a 0/1 judge) | 0.375 | 0.625 ± 0.177 (0.500 to 0.750) | +0.250 ± 0.000 (+0.250 to +0.250) | "
                     "0.500 -> 0.750, 0.250 -> 0.500 |",
                     "| rule substring, binary | 0.375 | 0.125 ± 0.177 (0.000 to 0.250) | -0.250 ± 0.354 (-0.500 to +0.000) | "
                     "0.500 -> 0.000, 0.250 -> 0.250 |"]
     subj = compare.subject_table(summary).splitlines()
     assert subj[0] == "| reward source | chem | law |"
     # teacher chem: end 1.0, 0.5 -> 0.750 ± 0.354, change +0.5 both; law: 0.5, 0.5, change 0
-    assert subj[2] == "| teacher, binary | 0.750 ± 0.354 (+0.500) | 0.500 ± 0.000 (+0.000) |"
+    assert subj[2] == "| teacher, binary (= soft: a 0/1 judge) | 0.750 ± 0.354 (+0.500) | 0.500 ± 0.000 (+0.000) |"
     assert subj[3] == "| rule substring, binary | 0.250 ± 0.354 (+0.000) | 0.000 ± 0.000 (-0.500) |"
 
 
