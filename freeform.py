@@ -31,7 +31,7 @@ import toy
 SUBJECTS = ("physics", "chemistry", "economics", "geography", "biology")
 SYSTEM_PROMPT = ""  # no system prompt: the cost of the demo is its prompt length
 RL_QUESTIONS = 600   # the RL data set (train_rl.py holds out 10% of it by question hash)
-WARM_START_STEPS = 300
+WARM_START_STEPS = 500
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # physics: dimension -> (unit of the question, its long name, the smaller unit, its long name, factor)
@@ -348,7 +348,7 @@ def tiny_verifier() -> str:
     return toy.tiny_verifier(VERIFIER_RECIPES, extra=Path(__file__).read_text())
 
 
-JUDGE_KINDS = ("other", "near", "hedge", "copy", "garbage")
+JUDGE_KINDS = ("other", "near", "hedge", "copy", "garbage", "cut")
 
 
 def parse_mix(mix: str) -> list[tuple[str, int]]:
@@ -365,7 +365,9 @@ def judge_rows(mix: str, seed: int) -> list[data.JudgedRow]:
                legal form, another feature of the same place, a compound, the genus with the other epithet
       hedge    both options named
       copy     the question itself, or a fragment of it
-      garbage  fragments of answers in a row: the stutters a policy drifts into"""
+      garbage  fragments of answers in a row: the stutters a policy drifts into
+      cut      a right answer cut short ("M.", "Mir", "Mt"), or its words with another name ("Mt Ltd"); the
+               teacher's label decides ("Birch", cut from "Birch Ltd", is right)"""
     rng = random.Random(f"freeform-judge:{seed}")
     problems = _problems(1000, seed, "verifier")
     out = []
@@ -384,9 +386,14 @@ def judge_rows(mix: str, seed: int) -> list[data.JudgedRow]:
                 words = p.question.split()
                 i = rng.randrange(len(words))
                 text = rng.choice([p.question, " ".join(words[i:i + rng.randrange(2, 6)])])
-            else:
+            elif kind == "garbage":
                 pieces = p.question.rstrip("?").split() + p.right_forms[0].split() + p.wrong_option.split()
                 text = " ".join(rng.choice(pieces) for _ in range(rng.randrange(1, 5)))
+            else:
+                form = rng.choice(p.right_forms)
+                words = form.split()
+                text = rng.choice([form[:rng.randrange(1, len(form))], words[0] + " " + rng.choice(
+                    list(LEGAL) + list(LEGAL.values()) + list(FEATURES) + list(PLACES[:3] + FIRMS[:3] + EPITHETS[:3]))])
             out.append(data.JudgedRow(p.question, p.reference, text, label=judge(p.reference, text)))
     return out
 

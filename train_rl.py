@@ -553,12 +553,15 @@ def closing_lines(cfg: Config, result: dict) -> list[str]:
     h = result["history"]
     lines = [f"trained {result['policy']} on the {cfg.reward_type} reward of {result['verifier']} "
              f"({cfg.advantage}, --reward_norm {cfg.reward_norm}), steps {result['start']}..{result['start'] + len(h)}"]
-    evals = [(m["step"], m["eval/accuracy"]) for m in metrics.read_jsonl(Path(cfg.out_dir) / "metrics.jsonl")
-             if "eval/accuracy" in m]
+    rows = [m for m in metrics.read_jsonl(Path(cfg.out_dir) / "metrics.jsonl") if "eval/accuracy" in m]
+    evals = [(m["step"], m["eval/accuracy"]) for m in rows]
     if len(evals) >= 2:
         grader = cfg.eval_verifier or result["verifier"]
         lines.append(f"held-out accuracy graded by {grader}: {evals[0][1]:.3f} (step {evals[0][0]}) -> "
                      f"{evals[-1][1]:.3f} (step {evals[-1][0]})")
+        if subjects := [k for k in rows[-1] if k.startswith("eval/accuracy/") and k in rows[0]]:
+            lines.append("  per subject: " + ", ".join(f"{k.removeprefix('eval/accuracy/')} {rows[0][k]:.3f} -> "
+                                                       f"{rows[-1][k]:.3f}" for k in subjects))
     for key in [k for k in h[-1] if k.startswith("reward/rule:") and k.endswith("binary_mean")] + ["reward/mean"]:
         k = max(1, len(h) // 5)
         lines.append(f"{key}: first {k} steps {sum(x[key] for x in h[:k]) / k:.3f} -> "

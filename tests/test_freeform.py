@@ -104,7 +104,7 @@ def test_records_and_held_out_questions_are_disjoint_from_training_and_verifier_
     warm = {m[-1]["content"] for m, _ in freeform.warm_start_pairs(0.1)}
     assert warm == {r.question for r in train}
     # the verifier's rows never ask an RL question, held out or not
-    rows = freeform.judge_rows("other:300,near:300,hedge:200,copy:100,garbage:100", seed=0)
+    rows = freeform.judge_rows("other:300,near:300,hedge:200,copy:100,garbage:100,cut:200", seed=0)
     assert {r.question for r in rows}.isdisjoint({r.question for r in recs})
     assert all(r.label == freeform.judge(r.reference, r.response) for r in rows)
     assert 0.3 < sum(r.label for r in rows) / len(rows) < 0.7  # each kind half right answers
@@ -123,7 +123,7 @@ def test_warm_start_answers_come_in_a_mix_of_surface_forms():
 
 
 def test_judge_rows_mix_errors():
-    with pytest.raises(ValueError, match="kind one of other, near, hedge, copy, garbage"):
+    with pytest.raises(ValueError, match="kind one of other, near, hedge, copy, garbage, cut"):
         freeform.parse_mix("other:3,digit:3")
 
 
