@@ -173,3 +173,19 @@ def test_rules_fail_on_this_world_where_the_teacher_does_not():
     assert errors["rule:exact"]["all"][1] > 0.5       # false negatives: other surface forms
     assert errors["rule:jaccard"]["all"][0] > 0.05 and errors["rule:jaccard"]["all"][1] > 0.2
     assert errors["rule:exact"]["all"][0] == 0.0      # exact match never accepts a wrong answer here
+
+
+def test_the_main_job_runs_this_world_and_the_numeric_toy_is_a_recipe(tiny_model_dir):
+    import model
+    import train_rl
+    import worlds
+
+    default, _ = rl_config.parse_config([])
+    assert (default.data, default.policy, default.verifier, default.eval_verifier, default.audit_verifier) == \
+        ("freeform", "tiny", "tiny", "py:freeform:teacher", "py:freeform:teacher")
+    assert worlds.of("freeform").tiny_policy is freeform.tiny_policy and worlds.of("freeform").teacher == default.eval_verifier
+    assert worlds.of("toy").tiny_verifier.__module__ == "toy" and worlds.of("some.jsonl") is worlds.WORLDS["toy"]
+    train, heldout = train_rl.load_data(default, model.load_tokenizer(tiny_model_dir))
+    assert (train, heldout) == freeform.split(freeform.records(), default.heldout_fraction)
+    toy_cfg, _ = rl_config.parse_config(["--config", str(ROOT / "recipes" / "cpu_numeric_toy.yaml")])
+    assert (toy_cfg.data, toy_cfg.eval_verifier) == ("toy", "rule:math")
