@@ -310,7 +310,7 @@ def judge_rows(mix: str, seed: int) -> list[data.JudgedRow]:
 
 
 def tiny_policy(heldout_fraction: float) -> str:
-    """The demo policy (train_rl.py --policy tiny, train_verifier.py --student tiny): the tiny model
+    """The numeric toy's policy (--policy tiny or --student tiny with --data toy; worlds.py): the tiny model
     warm-started on the toy task's training questions (never the held-out ones eval grades), so it can
     already read the digits, as the paper's policies start from instruct models. One fixed model, like
     a released checkpoint: a run's --seed varies the RL, not the starting point (some seeds' warm starts

@@ -1,6 +1,6 @@
 """RL with verifiable rewards from a generative verifier: the GRPO-family loop, written out by hand.
 
-    python train_rl.py          # the main job on CPU: a distilled tiny verifier's soft reward trains a tiny policy
+    python train_rl.py          # the main job on CPU (the free-form world): a distilled tiny verifier's soft reward trains a tiny policy
     torchrun --nproc_per_node 8 train_rl.py --config recipes/paper_reinforce_soft.yaml
 
 train() is the algorithm. Each step:
