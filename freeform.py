@@ -132,9 +132,8 @@ class Problem:
         place = places[self.win]
         self.reference = f"{kind} {place}"
         self.options = tuple(written)
-        self.right_forms = [f"{kind} {place}", f"{abbr} {place}", f"{abbr}. {place}", place,
-                            f"the {place} {kind}" if kind != "Mount" else f"mount {place}", f"{place} {kind}"
-                            if kind != "Mount" else f"Mt {place}"]
+        self.right_forms = [f"{kind} {place}", f"{abbr} {place}", f"{abbr}. {place}", place] + (
+            [f"mount {place}", f"Mt {place}"] if kind == "Mount" else [f"the {place} {kind}", f"{place} {kind}"])
         self.near = [f"{k} {place}" for k in FEATURES if k != kind] + [f"{kind} {places[1 - self.win]}"]
 
     def _make_biology(self, rng):
@@ -318,7 +317,7 @@ def warm_start_pairs(heldout_fraction: float) -> list[tuple[list[dict], str]]:
     """(messages, response) pairs on the RL training questions (never the held-out ones), answers in
     the mix of surface forms of _warm_response."""
     rng = random.Random("freeform-warm")
-    problems = [p for p in _problems(RL_QUESTIONS, 0, "rl")]
+    problems = _problems(RL_QUESTIONS, 0, "rl")
     heldout = {r.question for r in split(records(), heldout_fraction)[1]}
     return [(_record(p, 0).messages, _warm_response(p, rng)) for p in problems if p.question not in heldout]
 
