@@ -44,6 +44,41 @@ def agreement(labels: list[int], preds: list[int]) -> dict:
             "tp": tp, "fp": fp, "fn": fn, "tn": tn, "notes": notes}
 
 
+def pairwise_kappa(verdicts: dict[str, list[int]]) -> dict[tuple[str, str], float | None]:
+    """Cohen's kappa (agreement()'s) of every pair of judges on the same responses, in the order
+    given: {(a, b): kappa}, None where it is undefined (both judges all one class)."""
+    names = list(verdicts)
+    for name in names:
+        if len(verdicts[name]) != len(verdicts[names[0]]):
+            raise ValueError(f"pairwise_kappa: judge {name!r} has {len(verdicts[name])} verdicts, "
+                             f"{names[0]!r} has {len(verdicts[names[0]])}: they must judge the same responses")
+    return {(a, b): agreement(verdicts[a], verdicts[b])["kappa"] for i, a in enumerate(names) for b in names[i + 1:]}
+
+
+def fleiss_kappa(counts: list[list[int]]) -> float | None:
+    """Fleiss' kappa (Fleiss 1971) from counts[i][j] = how many raters put item i in category j (every
+    item rated by the same number n >= 2 of raters). Observed agreement P = mean over items of
+    (sum_j n_ij^2 - n) / (n (n - 1)); chance Pe = sum_j p_j^2 with p_j the share of all ratings in j;
+    kappa = (P - Pe) / (1 - Pe), None when Pe = 1 (every rating in one category)."""
+    if not counts:
+        raise ValueError("fleiss_kappa: no items")
+    n = sum(counts[0])
+    for i, row in enumerate(counts):
+        if sum(row) != n or n < 2 or len(row) != len(counts[0]):
+            raise ValueError(f"fleiss_kappa: item {i} has {sum(row)} ratings in {len(row)} categories; every item "
+                             f"needs the same number (>= 2) in as many categories as item 0 ({n} in {len(counts[0])})")
+    p_obs = sum((sum(c * c for c in row) - n) / (n * (n - 1)) for row in counts) / len(counts)
+    shares = [sum(row[j] for row in counts) / (len(counts) * n) for j in range(len(counts[0]))]
+    p_chance = sum(p * p for p in shares)
+    return None if p_chance == 1 else (p_obs - p_chance) / (1 - p_chance)
+
+
+def binary_counts(verdicts: dict[str, list[int]]) -> list[list[int]]:
+    """Judges' 0/1 verdicts on the same responses -> fleiss_kappa's [[NO count, YES count], ...]."""
+    columns = list(zip(*verdicts.values()))
+    return [[len(col) - sum(col), sum(col)] for col in columns]
+
+
 def calibration(labels: list[int], p_yes: list[float], bins: int = 10) -> dict:
     """Expected calibration error over `bins` equal-width bins of p_yes (bin b holds
     b/bins <= p < (b+1)/bins, the last one includes 1), its per-bin table, and the Brier score."""

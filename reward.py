@@ -4,8 +4,8 @@ can grade. How far to trust a verifier (agreement figures, calibration, the mast
 audit) is audit.py's.
 
 Every verifier maps (questions, references, responses) to a Judgement, one entry per response:
-    build_verifier("rule:substring" | "rule:jaccard" | "rule:math" | "path/or/hub-name" | "http://host:8000",
-                   VerifierOptions(...))
+    build_verifier("rule:substring" | "rule:exact" | "rule:jaccard" | "rule:math" | "path/or/hub-name" |
+                   "http://host:8000" | "py:module:function", VerifierOptions(...))
 The transport (HTTP to vLLM, math-verify worker processes) is remote.py's. Imports model, remote, config.
 """
 from __future__ import annotations
@@ -556,8 +556,8 @@ class VerifierOptions:
 def build_verifier(spec: str, options: VerifierOptions | None = None, *, settings_from_flags: bool = True,
                    device="cpu", dtype: torch.dtype | None = None, shard: bool = False, seed: int = 0,
                    trust_remote_code: bool = False) -> Verifier:
-    """"rule:substring" | "rule:jaccard" | "rule:math" | "http(s)://host:port[,http://host2:port]"
-    (round robin) | a local model directory or hub name. A model verifier is asked with its saved
+    """"rule:substring" | "rule:exact" | "rule:jaccard" | "rule:math" | "http(s)://host:port[,http://host2:port]"
+    (round robin) | "py:module.path:function" (PyVerifier) | a local model directory or hub name. A model verifier is asked with its saved
     settings (load_settings), the prompt flags of `options` on top (resolve_settings). With
     settings_from_flags=False (eval, audit and log-only judges) only the transport options apply:
     saved settings or the paper's defaults, greedy c, Eq. 4. A local model loads in `dtype` (default:
@@ -568,6 +568,8 @@ def build_verifier(spec: str, options: VerifierOptions | None = None, *, setting
     reading = dict(soft_mode=o.soft_mode, sample=o.verifier_sample) if settings_from_flags else {}
     if spec.startswith("rule:"):
         return RuleVerifier(spec[len("rule:"):], resolve_settings(None, overrides), math_timeout=o.math_timeout)
+    if spec.startswith("py:"):
+        return PyVerifier(spec)
     if spec.startswith(("http://", "https://")):
         client = CompletionsClient([e.strip() for e in spec.split(",") if e.strip()], o.verifier_timeout,
                                    o.verifier_retries, o.verifier_concurrency)
@@ -592,7 +594,7 @@ def build_verifier(spec: str, options: VerifierOptions | None = None, *, setting
 # ----------------------------------------------------------------------------------------------
 # rule verifiers: the paper's baselines and a math-equivalence check
 
-RULES = ("substring", "jaccard", "math")
+RULES = ("substring", "exact", "jaccard", "math")
 # What a math rule can grade: a number, a fraction or expression, LaTeX, or an option letter. Prose
 # ("Western blot", "Concept Assimilation") is not: rule:math scores every answer to it 0.
 _OPTION = re.compile(r"^\(?[A-J]\)?$")
@@ -649,7 +651,8 @@ def jaccard(answer: str, reference: str) -> float:
 
 
 class RuleVerifier:
-    """The rule baselines. substring: binary = reference in answer (normalised); jaccard: soft =
+    """The rule baselines. substring: binary = reference in answer (normalised); exact: binary = answer
+    equals reference (both normalised as for substring); jaccard: soft =
     token-set Jaccard similarity, binary = 1 only when the sets are equal; math: math-verify
     equivalence of the final answer (remote.math_equal, in a MathPool). soft and p_yes carry what the
     rule has (its similarity, else its binary); every response counts as judged."""
@@ -673,8 +676,72 @@ class RuleVerifier:
             scores = [float(ok) for ok in self.math(list(zip(references, answers)))]
         elif self.rule == "substring":
             scores = [substring_match(a, ref) for a, ref in zip(answers, references)]
+        elif self.rule == "exact":
+            scores = [float(bool(normalize(ref)) and normalize(a) == normalize(ref)) for a, ref in zip(answers, references)]
         else:
             scores = [jaccard(a, ref) for a, ref in zip(answers, references)]
         s = torch.tensor(scores, dtype=torch.float32)
         return Judgement(binary=(s >= 1.0).float(), soft=s, p_yes=s.clone(),
                          judged=torch.ones(len(s), dtype=torch.bool))
+
+
+def check_spec(spec: str, flag: str) -> None:
+    """A rule or py: spec that cannot run is a ConfigError naming `flag`, before any model loads
+    (a py: function is imported and tried on one row)."""
+    try:
+        if spec.startswith("rule:") and spec[len("rule:"):] not in RULES:
+            raise ValueError(f"unknown rule verifier; valid: {', '.join('rule:' + r for r in RULES)}")
+        if spec.startswith("py:"):
+            PyVerifier(spec)
+    except (ValueError, VerifierError) as e:
+        raise config.ConfigError(f"--{flag} {spec!r}: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------
+# a user's judge written in Python: py:module.path:function
+
+
+class PyVerifier:
+    """"py:module.path:function": function(questions, references, responses) -> one score in [0, 1] per
+    response (0/1 judgements or probabilities), e.g. py:freeform:teacher, a demo world's judge that
+    knows its equivalences. binary = score >= 0.5; soft and p_yes = the score; every response counts as
+    judged. The module is imported from the working directory or sys.path; the function is checked on
+    one row when built, and its answer on every call: a missing module or function, a wrong length or
+    a value outside [0, 1] is one line naming the spec."""
+
+    def __init__(self, spec: str):
+        import importlib
+
+        self.name = spec
+        module_name, _, function = spec[len("py:"):].rpartition(":")
+        if not module_name or not function:
+            raise ValueError(f"verifier {spec!r}: expected py:module.path:function")
+        if os.getcwd() not in sys.path:
+            sys.path.append(os.getcwd())  # a user's module in the working directory, as `python -m` finds it
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise ValueError(f"verifier {spec!r}: cannot import module {module_name!r}: {e}") from e
+        self.fn = getattr(module, function, None)
+        if not callable(self.fn):
+            raise ValueError(f"verifier {spec!r}: module {module_name!r} has no function {function!r}")
+        self.scores(["What is 1 + 1?"], ["2"], ["2"])  # checked once here, on one row, before any run starts
+
+    def scores(self, questions: list[str], references: list[str], responses: list[str]) -> Tensor:
+        try:
+            out = torch.as_tensor(self.fn(list(questions), list(references), list(responses)), dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise VerifierError(f"verifier {self.name!r}: its answer is not a list of numbers: {e}") from e
+        if out.shape != (len(responses),):
+            raise VerifierError(f"verifier {self.name!r}: returned shape {tuple(out.shape)} for {len(responses)} "
+                                "responses; expected one score per response")
+        if not bool(((out >= 0) & (out <= 1)).all()):  # NaN fails too
+            raise VerifierError(f"verifier {self.name!r}: returned {out[~((out >= 0) & (out <= 1))][0].item()}; "
+                                "scores must be in [0, 1]")
+        return out
+
+    def __call__(self, questions: list[str], references: list[str], responses: list[str],
+                 seeds: list[int] | None = None) -> Judgement:
+        _check_lengths(questions, references, responses)
+        s = self.scores(questions, references, responses)
+        return Judgement(binary=(s >= 0.5).float(), soft=s, p_yes=s.clone(), judged=torch.ones(len(s), dtype=torch.bool))

@@ -25,26 +25,27 @@ class Config:
     config: str = field(default="", metadata={"help": "YAML or JSON file of field values; command-line flags override it"})
     # models and verifiers
     policy: str = field(default="tiny", metadata={"help": "hub name or local dir; 'tiny': the offline tiny model "
-                                                          "warm-started on the toy task"})
+                                                          "warm-started on the --data world (worlds.py)"})
     verifier: str = field(default="tiny", metadata={
         "help": "reward verifier: a model dir or hub name, http://host:port[,...] (vLLM servers), or "
-                "rule:substring|rule:jaccard|rule:math; 'tiny': a tiny verifier distilled from rule:math "
-                "(toy.tiny_verifier: recipes/verifier_toy_digits.yaml then verifier_cpu_demo.yaml; built once, cached)"})
+                "rule:substring|rule:exact|rule:jaccard|rule:math, py:module:function (a Python judge, e.g. "
+                "py:freeform:teacher); 'tiny': the tiny verifier distilled from the --data world's teacher "
+                "(worlds.py; freeform: recipes/verifier_freeform.yaml; built once, cached)"})
     reward_type: Literal["binary", "soft"] = field(default="soft", metadata={"help": "binary (Eq. 3) or soft (Eq. 4)"})
     eval_verifier: str = field(default="auto", metadata={
-        "help": "the grader of held-out answers (the paper: a 72B judge): a verifier spec; 'auto': rule:math where "
-                "the references are numbers, else refused (free-form answers need a judge); 'self': the reward "
-                "verifier, greedy (it grades its own hacks)"})
+        "help": "the grader of held-out answers (the paper: a 72B judge): a verifier spec; 'auto': a demo world's "
+                "teacher (--data freeform|toy), else rule:math where the references are numbers, else refused "
+                "(free-form answers need a judge); 'self': the reward verifier, greedy (it grades its own hacks)"})
     audit_verifier: str = field(default="auto", metadata={
-        "help": "a stronger judge that re-grades a sample of rollouts every --audit_every steps; 'auto': rule:math "
-                "where the references are numbers, else no audit (said at start); '': no audit"})
+        "help": "a stronger judge that re-grades a sample of rollouts every --audit_every steps; 'auto': as "
+                "--eval_verifier auto, but no audit (said at start) where no judge is known; '': no audit"})
     audit_every: int = field(default=5, metadata={"help": "steps between audits"})
     audit_samples: int = field(default=64, metadata={"help": "rollouts re-graded per audit (over all ranks)"})
     audit_max_fpr: float = field(default=0.0, metadata={
         "help": "stop (after a checkpoint) when the audit's false-positive rate exceeds this for "
                 "--audit_patience audits in a row (0: never stop)"})
     audit_patience: int = field(default=2, metadata={"help": "audits in a row above --audit_max_fpr before stopping"})
-    log_verifiers: str = field(default="rule:substring", metadata={
+    log_verifiers: str = field(default="rule:exact,rule:substring", metadata={
         "help": "comma-separated verifiers scored for logging only, to watch reward hacking ('': none)"})
     master_key_warn: float = field(default=0.05, metadata={
         "help": "warn when the verifier says YES to more than this share of content-free answers"})
@@ -53,7 +54,9 @@ class Config:
         "help": "chat: the policy's chat template; plain: for a base model without one, the system message, "
                 "'Question: ...', then 'Answer:'"})
     # data
-    data: str = field(default="toy", metadata={"help": "'toy', a .jsonl/.json/.parquet file, or a hub data set"})
+    data: str = field(default="freeform", metadata={
+        "help": "a demo world ('freeform': free-form answers in five subjects; 'toy': the numeric toy; worlds.py), "
+                "a .jsonl/.json/.parquet file, or a hub data set"})
     data_split: str = field(default="train", metadata={"help": "split of a data set name"})
     prompt_field: str = field(default="query", metadata={"help": "column with the chat messages or a plain question"})
     answer_field: str = field(default="label", metadata={"help": "column with the reference answer"})
@@ -224,6 +227,10 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
         if spec and spec != "tiny" and ":" not in spec.split("/")[0]:  # not rule:, http(s)://, py: (a model)
             problem = model.source_problem(spec, True, cfg.trust_remote_code)
             req(problem is None, name, spec, str(problem))
+    for name in ("verifier", "eval_verifier", "audit_verifier", "log_verifiers"):
+        for spec in getattr(cfg, name).split(",") if name == "log_verifiers" else [getattr(cfg, name)]:
+            if spec.strip() not in ("auto", "self"):
+                reward.check_spec(spec.strip(), name)
     ckpts = os.path.join(cfg.out_dir, "checkpoints")
     req(cfg.resume != "yes" or checkpoint.latest_checkpoint(ckpts) is not None, "resume", cfg.resume,
         f"no checkpoint in {ckpts}; --resume auto starts fresh when there is none")

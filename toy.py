@@ -46,7 +46,8 @@ Correct Incorrect True False A B C D 0 1 2 3 4 5 6 7 8 9 10 + - * / = . , ; : ! 
 """
 
 
-def build_tokenizer(vocab_size: int):
+def build_tokenizer(vocab_size: int, corpus: str = ""):
+    """The byte-level BPE tokenizer; `corpus` adds text its merges are learned from (a demo world's words)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -58,7 +59,7 @@ def build_tokenizer(vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=1)
-    tok.train_from_iterator([_CORPUS] * 50, trainer)
+    tok.train_from_iterator([_CORPUS + corpus] * 50, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    chat_template=CHAT_TEMPLATE, padding_side="left", model_max_length=4096)
     for word in ("YES", "NO", " YES", " NO"):  # the verifier's judgement tokens must be single tokens
@@ -73,16 +74,20 @@ def cache_root() -> Path:
 
 
 def build_tiny_model(out_dir: str | None = None, seed: int = 0, sft_pairs: list | None = None,
-                     sft_steps: int = 0, hidden_size: int = 128, num_layers: int = 4, vocab_size: int = 1024) -> str:
+                     sft_steps: int = 0, hidden_size: int = 128, num_layers: int = 4, vocab_size: int = 1024,
+                     corpus: str = "") -> str:
     """Build (once; cached on disk) a tiny Qwen2-architecture causal LM and its tokenizer in Hugging
     Face format (safetensors), deterministic from `seed`. head_dim is 64 so vLLM's CPU backend
     serves it. With `sft_pairs` [(messages, response), ...] it is warm-started by `sft_steps` of
-    supervised fine-tuning: a random model trained by RL alone collapses onto one answer.
+    supervised fine-tuning: a random model trained by RL alone collapses onto one answer. `corpus`:
+    more text the tokenizer's merges are learned from (build_tokenizer).
     Returns the directory. Deterministic content means concurrent builders (ranks, tests) race
     harmlessly: each writes a private temp dir and the first rename wins.
     """
     spec = dict(seed=seed, hidden=hidden_size, layers=num_layers, vocab=vocab_size, sft_steps=sft_steps,
                 sft=hashlib.sha256(json.dumps(sft_pairs or [], sort_keys=True).encode()).hexdigest()[:12], v=1)
+    if corpus:  # only then: the numeric toy's cached models keep their keys
+        spec["corpus"] = hashlib.sha256(corpus.encode()).hexdigest()[:12]
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     out = Path(out_dir) if out_dir else cache_root() / f"tiny-{key}"
     if (out / "config.json").exists() and json.loads((out / "rlvr_tiny.json").read_text()) == spec:
@@ -93,7 +98,7 @@ def build_tiny_model(out_dir: str | None = None, seed: int = 0, sft_pairs: list 
 
     hf_logging.disable_progress_bar()
 
-    tok = build_tokenizer(vocab_size)
+    tok = build_tokenizer(vocab_size, corpus)
     config = Qwen2Config(
         vocab_size=(len(tok) + 63) // 64 * 64, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=hidden_size // 64, num_key_value_heads=1, head_dim=64,
@@ -261,13 +266,13 @@ def toy_truth(text: str, reference: str) -> int:
     return int(value == int(reference))
 
 
-def parse_mix(mix: str) -> list[tuple[str, int]]:
+def parse_mix(mix: str, kinds: tuple[str, ...] = JUDGE_KINDS) -> list[tuple[str, int]]:
     """"digit:2000,far:300" -> [("digit", 2000), ("far", 300)]; ValueError naming the bad part."""
     out = []
     for part in mix.split(","):
         kind, _, count = part.strip().partition(":")
-        if kind not in JUDGE_KINDS or not count.isdigit():
-            raise ValueError(f"{part!r} is not kind:count with kind one of {', '.join(JUDGE_KINDS)}")
+        if kind not in kinds or not count.isdigit():
+            raise ValueError(f"{part!r} is not kind:count with kind one of {', '.join(kinds)}")
         out.append((kind, int(count)))
     return out
 
@@ -305,7 +310,7 @@ def judge_rows(mix: str, seed: int) -> list[data.JudgedRow]:
 
 
 def tiny_policy(heldout_fraction: float) -> str:
-    """The demo policy (train_rl.py --policy tiny, train_verifier.py --student tiny): the tiny model
+    """The numeric toy's policy (--policy tiny or --student tiny with --data toy; worlds.py): the tiny model
     warm-started on the toy task's training questions (never the held-out ones eval grades), so it can
     already read the digits, as the paper's policies start from instruct models. One fixed model, like
     a released checkpoint: a run's --seed varies the RL, not the starting point (some seeds' warm starts
@@ -326,27 +331,29 @@ _LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_
                  "MASTER_PORT", "TORCHELASTIC_")
 
 
-def tiny_verifier() -> str:
+def tiny_verifier(recipes: list[Path] | None = None, extra: str = "") -> str:
     """The main job's reward verifier: the tiny student distilled from the rule:math teacher by
     `train_verifier.py sft --config recipes/verifier_toy_digits.yaml`, then `--config
     recipes/verifier_cpu_demo.yaml --student <stage 1>` (how the paper built RM-7B, in miniature), each
     run as its own process (the trainers never import each other). One fixed verifier, built once per
-    recipe text and cached, like the tiny policy; call it on every rank: rank 0 builds, the others wait."""
+    recipe text (+ `extra`, e.g. the source of a world's rows) and cached, like the tiny policy; call it
+    on every rank: rank 0 builds, the others wait. Another world passes its own `recipes`."""
     path = None
     if distributed.rank() == 0:
         repo = Path(__file__).resolve().parent
-        text = "".join(p.read_text() for p in VERIFIER_RECIPES + [repo / "recipes" / "toy_verifier_template.txt"])
-        text += f"data-version={VERIFIER_DATA_VERSION}"
+        recipes = recipes or VERIFIER_RECIPES
+        text = "".join(p.read_text() for p in recipes + [repo / "recipes" / "toy_verifier_template.txt"])
+        text += f"data-version={VERIFIER_DATA_VERSION}" + extra
         out = cache_root() / f"verifier-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
         student = "tiny"
-        for stage, recipe in enumerate(VERIFIER_RECIPES, 1):
+        for stage, recipe in enumerate(recipes, 1):
             stage_dir = out / f"stage{stage}"
             if not (stage_dir / "final" / "config.json").exists():
                 cmd = [sys.executable, str(repo / "train_verifier.py"), "sft", "--config", str(recipe), "--student",
                        student, "--out_dir", str(stage_dir), "--wandb_mode", "disabled"]
                 # continue a stage a crash interrupted after a checkpoint, else start it over
                 cmd += ["--resume", "auto"] if (stage_dir / "checkpoints" / "latest").exists() else ["--overwrite"]
-                print(f"[toy] distilling the tiny verifier, stage {stage} of {len(VERIFIER_RECIPES)} (once; cached "
+                print(f"[toy] distilling the tiny verifier, stage {stage} of {len(recipes)} (once; cached "
                       f"in {out}):\n  {' '.join(cmd)}", flush=True)
                 # a process of its own, not a rank of this run's process group
                 env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_ENV)}

@@ -1,6 +1,6 @@
 """RL with verifiable rewards from a generative verifier: the GRPO-family loop, written out by hand.
 
-    python train_rl.py          # the main job on CPU: a distilled tiny verifier's soft reward trains a tiny policy
+    python train_rl.py          # the main job on CPU (the free-form world): a distilled tiny verifier's soft reward trains a tiny policy
     torchrun --nproc_per_node 8 train_rl.py --config recipes/paper_reinforce_soft.yaml
 
 train() is the algorithm. Each step:
@@ -35,7 +35,7 @@ import rl_math
 import rollout
 import rollout_async
 import rundir
-import toy
+import worlds
 from rl_config import Config
 
 
@@ -315,9 +315,11 @@ def evaluate(policy, tokenizer, heldout, grader, cfg: Config, device) -> dict:
 
 
 def resolve_paths(cfg: Config) -> tuple[str, str]:
-    """(policy path, reward verifier spec): the tiny demo models are built on rank 0 once (cached)."""
-    policy = toy.tiny_policy(cfg.heldout_fraction) if cfg.policy == "tiny" else cfg.policy
-    verifier = toy.tiny_verifier() if cfg.verifier == "tiny" else cfg.verifier
+    """(policy path, reward verifier spec): the tiny models of the --data world (worlds.py) are built on
+    rank 0 once (cached)."""
+    world = worlds.of(cfg.data)
+    policy = world.tiny_policy(cfg.heldout_fraction) if cfg.policy == "tiny" else cfg.policy
+    verifier = world.tiny_verifier() if cfg.verifier == "tiny" else cfg.verifier
     return policy, verifier
 
 
@@ -325,8 +327,8 @@ def load_data(cfg: Config) -> tuple[list, list]:
     """(training records, held-out records), before any model loads. Held-out questions never reach
     training."""
     say = print if distributed.rank() == 0 else (lambda *a, **k: None)
-    if cfg.data == "toy":
-        records = toy.records(toy.PROBLEMS, seed=cfg.seed)  # every problem once
+    if cfg.data in worlds.WORLDS:
+        records = worlds.WORLDS[cfg.data].records(cfg.seed)  # a demo world: every question once
     else:
         records, skipped = data.load_records(cfg.data, cfg.data_split, cfg.prompt_field, cfg.answer_field,
                                              skip_bad=cfg.skip_bad_rows)
@@ -357,15 +359,22 @@ def drop_long_prompts(cfg: Config, tokenizer, train_set: list, heldout: list) ->
 
 
 def choose_graders(cfg: Config, references: list[str]) -> Config:
-    """The eval and audit judges, fixed before any model loads. 'auto' picks rule:math where the
-    references are numbers, and otherwise refuses to grade free-form answers with a rule (eval) or
-    turns the audit off, saying so. Any role given rule:math on data whose references are mostly not
-    numbers is refused: it would score every correct answer 0 (and count every YES as a false positive)."""
+    """The eval and audit judges, fixed before any model loads. 'auto' picks a demo world's teacher
+    (worlds.py), else rule:math where the references are numbers, and otherwise refuses to grade
+    free-form answers with a rule (eval) or turns the audit off, saying so. Any role given rule:math on
+    data whose references are mostly not numbers is refused: it would score every correct answer 0 (and
+    count every YES as a false positive)."""
     share = reward.math_reference_share(references)
     numeric = share >= 0.5
     say = print if distributed.rank() == 0 else (lambda *a, **k: None)
     why = f"{share:.0%} of --data {cfg.data}'s references are numbers or math"
     eval_spec, audit_spec = cfg.eval_verifier, cfg.audit_verifier
+    if cfg.data in worlds.WORLDS:  # a demo world knows its truth: its teacher grades and audits
+        teacher = worlds.WORLDS[cfg.data].teacher
+        for flag, spec in (("eval", eval_spec), ("audit", audit_spec)):
+            if spec == "auto":
+                say(f"{flag}: by {teacher}, the --data {cfg.data} world's teacher (--{flag}_verifier auto)")
+        eval_spec, audit_spec = (teacher if s == "auto" else s for s in (eval_spec, audit_spec))
     if eval_spec == "auto":
         config.require(numeric, "eval_verifier", "auto", f"{why}: free-form answers need a judge; pass "
                        "--eval_verifier <judge: a model dir or http://host:port>, or 'self' to let the reward "
@@ -620,12 +629,15 @@ def closing_lines(cfg: Config, result: dict) -> list[str]:
     h = result["history"]
     lines = [f"trained {result['policy']} on the {cfg.reward_type} reward of {result['verifier']} "
              f"({cfg.advantage}, --reward_norm {rl_math.estimator_norm(cfg.advantage, cfg.reward_norm)}), steps {result['start']}..{result['start'] + len(h)}"]
-    evals = [(m["step"], m["eval/accuracy"]) for m in metrics.read_jsonl(Path(cfg.out_dir) / "metrics.jsonl")
-             if "eval/accuracy" in m]
+    rows = [m for m in metrics.read_jsonl(Path(cfg.out_dir) / "metrics.jsonl") if "eval/accuracy" in m]
+    evals = [(m["step"], m["eval/accuracy"]) for m in rows]
     if len(evals) >= 2:
         grader = result["verifier"] + " (self)" if result["eval_verifier"] == "self" else result["eval_verifier"]
         lines.append(f"held-out accuracy graded by {grader}: {evals[0][1]:.3f} (step {evals[0][0]}) -> "
                      f"{evals[-1][1]:.3f} (step {evals[-1][0]})")
+        if subjects := [k for k in rows[-1] if k.startswith("eval/accuracy/") and k in rows[0]]:
+            lines.append("  per subject: " + ", ".join(f"{k.removeprefix('eval/accuracy/')} {rows[0][k]:.3f} -> "
+                                                       f"{rows[-1][k]:.3f}" for k in subjects))
     for key in [k for k in h[-1] if k.startswith("reward/rule:") and k.endswith("binary_mean")] + ["reward/mean"]:
         k = max(1, len(h) // 5)
         lines.append(f"{key}: first {k} steps {sum(x[key] for x in h[:k]) / k:.3f} -> "
@@ -642,7 +654,7 @@ def closing_lines(cfg: Config, result: dict) -> list[str]:
         lines += ["next round: distil the verifier again with this run's rollouts (labelled by its teacher), then train "
                   "on it:",
                   "  " + shlex.join(["python", here("train_verifier.py"), "sft", "--config",
-                                     here("recipes", "verifier_cpu_demo.yaml"), "--student",
+                                     here(worlds.of(cfg.data).verifier_recipe), "--student",
                                      result["verifier"], "--policy_rollouts", str(Path(cfg.out_dir) / "rollouts.jsonl"),
                                      "--lr", "3e-4", "--out_dir", f"{nxt}_verifier"]),
                   "  " + shlex.join(["python", here("train_rl.py"), *next_round_flags(result["argv"]),

@@ -56,7 +56,7 @@ import remote
 import reward
 import rollout
 import rundir
-import toy
+import worlds
 from config import resume_field
 
 def _help(text: str) -> dict:
@@ -82,8 +82,8 @@ class PolicySamples:
         "questions (in place of a response column); sft: to training questions, added to training"))
     policy_samples: int = field(default=0, metadata=_help("responses sampled from --policy per question"))
     policy_system_prompt: Optional[str] = field(default=None, metadata=_help(
-        "system message of --policy where a prompt has none (default: toy.SYSTEM_PROMPT with --data toy, else the "
-        "released sets' prompt)"))
+        "system message of --policy where a prompt has none (default: the demo world's with --data toy|freeform, "
+        "else the released sets' prompt)"))
     policy_max_new_tokens: int = field(default=64, metadata=_help("length limit of a --policy response"))
     policy_temperature: float = field(default=1.0, metadata=_help("sampling temperature of --policy (> 0)"))
 
@@ -92,9 +92,11 @@ class PolicySamples:
 class LabelConfig(Common, PolicySamples):
     data: str = field(default="toy", metadata=_help(
         "rows with question, reference, response (e.g. train_rl.py's rollouts.jsonl), or, with --policy, questions "
-        "and references (the released sets); 'toy': toy.judge_rows (with --policy: the toy questions)"))
+        "and references (the released sets); 'toy' or 'freeform': the demo world's rows (worlds.py: toy.judge_rows, "
+        "freeform.judge_rows; with --policy: the world's questions)"))
     split: str = field(default="train", metadata=_help("split of a data set name"))
-    toy_mix: str = field(default="near:2000", metadata=_help("toy rows by kind (toy.judge_rows) when --data toy"))
+    toy_mix: str = field(default="near:2000", metadata=_help(
+        "demo-world rows by kind when --data toy|freeform (toy.judge_rows, freeform.judge_rows)"))
     teacher: str = field(default="rule:math", metadata=_help(
         "rule:math|rule:substring|rule:jaccard, a model dir or hub name, or http://host:port[,...]"))
     out: str = field(default="runs/verifier/labels.jsonl", metadata=_help(
@@ -116,12 +118,14 @@ class Logged(Common):
 @dataclass
 class SftConfig(Logged, PolicySamples):
     student: str = field(default="tiny", metadata=_help(
-        "model dir or hub name (a saved verifier keeps its settings); 'tiny': the tiny model warm-started on the toy"))
+        "model dir or hub name (a saved verifier keeps its settings); 'tiny': the tiny policy of the --data world"))
     data: str = field(default="toy", metadata=_help(
-        "labelled rows (`label` output: question, reference, response, label); 'toy': toy rows --teacher labels"))
+        "labelled rows (`label` output: question, reference, response, label); 'toy' or 'freeform': a demo "
+        "world's rows (worlds.py) --teacher labels"))
     split: str = field(default="train", metadata=_help("split of a data set name"))
     toy_mix: str = field(default="near:2000", metadata=_help(
-        "toy rows to label when --data toy, kind:count,... (kinds: digit near far perturb garbage; toy.judge_rows)"))
+        "demo-world rows to label when --data toy|freeform, kind:count,... (toy: digit near far perturb garbage; "
+        "freeform: other near hedge copy garbage)"))
     teacher: str = field(default="rule:math", metadata=_help(
         "labels --data toy and the policy's responses (the --verifier_* prompt flags are the student's)"))
     heldout_fraction: float = field(default=0.1, metadata=_help("share of questions (by hash) held out for eval"))
@@ -206,7 +210,7 @@ def check_config(cfg, vopts: reward.VerifierOptions) -> None:
     req(not getattr(cfg, "overwrite", False) or cfg.resume == "no", "overwrite", True,
         "contradicts --resume (it keeps the run's files)")
     try:
-        toy.parse_mix(cfg.toy_mix)
+        worlds.of(cfg.data).parse_mix(cfg.toy_mix)
     except ValueError as e:
         req(False, "toy_mix", cfg.toy_mix, str(e))
     req(cfg.policy_max_new_tokens >= 1, "policy_max_new_tokens", cfg.policy_max_new_tokens, "must be >= 1")
@@ -283,8 +287,8 @@ def label(cfg: LabelConfig, vopts: reward.VerifierOptions) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.policy:
         rows = sample_responses(cfg, policy_path(cfg), prompt_records(cfg), device)
-    elif cfg.data == "toy":  # the toy rows' own labels (the truth) are not read: the teacher's replace them
-        rows = toy.judge_rows(cfg.toy_mix, cfg.seed)
+    elif cfg.data in worlds.WORLDS:  # the world's rows' own labels (the truth) are not read: the teacher's replace them
+        rows = worlds.WORLDS[cfg.data].judge_rows(cfg.toy_mix, cfg.seed)
     else:
         try:
             rows = read_rows(cfg, cfg.data, cfg.split)
@@ -399,23 +403,26 @@ def truncated_rows(train: list[data.JudgedRow], share: float, seed: int) -> list
 
 
 def policy_path(cfg) -> str:
-    """--policy, with 'tiny' the demo policy train_rl.py --policy tiny trains (warm-started without the
-    toy questions --heldout_fraction holds out; label has no split: the default share)."""
+    """--policy, with 'tiny' the demo world's policy train_rl.py --policy tiny trains (warm-started without
+    the questions --heldout_fraction holds out; label has no split: the default share)."""
     if cfg.policy != "tiny":
         return cfg.policy
-    return toy.tiny_policy(getattr(cfg, "heldout_fraction", SftConfig.heldout_fraction))
+    return worlds.of(cfg.data).tiny_policy(getattr(cfg, "heldout_fraction", SftConfig.heldout_fraction))
 
 
 def system_prompt(cfg) -> str:
     return cfg.policy_system_prompt if cfg.policy_system_prompt is not None else \
-        toy.SYSTEM_PROMPT if cfg.data == "toy" else data.PAPER_SYSTEM_PROMPT
+        worlds.WORLDS[cfg.data].system_prompt if cfg.data in worlds.WORLDS else data.PAPER_SYSTEM_PROMPT
 
 
 def prompt_records(cfg: LabelConfig) -> list[data.Record]:
     """label --policy: the questions of --data as train_rl.py reads them (chat messages kept, the system
-    prompt added where a row has none), or every toy question."""
-    if cfg.data == "toy":
-        return toy.records(toy.PROBLEMS, seed=cfg.seed, system_prompt=system_prompt(cfg))
+    prompt added where a row has none), or every question of a demo world."""
+    if cfg.data in worlds.WORLDS:
+        system = system_prompt(cfg)
+        return [data.make_record(r.question, r.reference, [{"role": "system", "content": system}] * bool(system)
+                                 + [{"role": "user", "content": r.question}], r.meta)
+                for r in worlds.WORLDS[cfg.data].records(cfg.seed)]
     return data.load_records(cfg.data, cfg.split, cfg.question_field, cfg.reference_field, system_prompt(cfg))[0]
 
 
@@ -465,12 +472,13 @@ def training_rows(cfg: SftConfig, vopts: reward.VerifierOptions, device) -> tupl
     get_teacher = functools.cache(lambda: reward.build_verifier(cfg.teacher, vopts, settings_from_flags=False,
                                                                 device=device, trust_remote_code=cfg.trust_remote_code))
     source = cfg.data
-    if cfg.data == "toy":
+    if cfg.data in worlds.WORLDS:
         source = str(Path(cfg.out_dir) / "labels.jsonl")
-        if distributed.rank() == 0:  # the toy rows' own labels (the truth) are replaced by the teacher's
-            label_rows(get_teacher, toy.judge_rows(cfg.toy_mix, cfg.seed), Path(source), 256)
+        if distributed.rank() == 0:  # the world's rows' own labels (the truth) are replaced by the teacher's
+            label_rows(get_teacher, worlds.WORLDS[cfg.data].judge_rows(cfg.toy_mix, cfg.seed), Path(source), 256)
         distributed.barrier()
-    rows = data.read_judged_rows(source, labelled=True) if cfg.data == "toy" else read_rows(cfg, source, cfg.split, True)
+    rows = data.read_judged_rows(source, labelled=True) if cfg.data in worlds.WORLDS else \
+        read_rows(cfg, source, cfg.split, True)
     train, heldout = data.split_heldout(rows, cfg.heldout_fraction)
     added = {"master_key": master_key_rows(train, cfg.master_key_negatives, cfg.seed),
              "truncated": truncated_rows(train, cfg.truncated_negatives, cfg.seed)}
@@ -580,7 +588,7 @@ def sft(cfg: SftConfig, vopts: reward.VerifierOptions) -> dict:
     if cfg.resume == "yes" and checkpoint.latest_checkpoint(str(ckpt_dir)) is None:
         raise config.ConfigError(f"--resume: no checkpoint in {ckpt_dir}; --resume auto starts fresh when there "
                                  "is none")
-    student_path = toy.tiny_policy(cfg.heldout_fraction) if cfg.student == "tiny" else cfg.student
+    student_path = worlds.of(cfg.data).tiny_policy(cfg.heldout_fraction) if cfg.student == "tiny" else cfg.student
     # what the student reads and answers: a verifier fine-tuned again keeps its saved settings
     settings = reward.resolve_settings(reward.load_settings(student_path), vopts.settings_overrides(),
                                        vopts.verifier_force_settings, student_path)

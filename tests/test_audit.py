@@ -30,6 +30,34 @@ def test_kappa_undefined_when_everything_is_one_class():
     assert c["kappa"] == pytest.approx(0.0) and c["recall"] == pytest.approx(3 / 4)
 
 
+def test_fleiss_kappa_on_fleiss_worked_example():
+    # Wikipedia's "Fleiss' kappa" worked example: 10 items, 14 raters, 5 categories; P = 0.378,
+    # Pe = 0.213, kappa = 0.210 (published to 3 decimals, hence the 5e-4 tolerance)
+    counts = [[0, 0, 0, 0, 14], [0, 2, 6, 4, 2], [0, 0, 3, 5, 6], [0, 3, 9, 2, 0], [2, 2, 8, 1, 1],
+              [7, 7, 0, 0, 0], [3, 2, 6, 3, 0], [2, 5, 3, 2, 2], [6, 5, 2, 1, 0], [0, 2, 2, 3, 7]]
+    assert audit.fleiss_kappa(counts) == pytest.approx(0.210, abs=5e-4)
+    assert audit.fleiss_kappa([[0, 3], [0, 3]]) is None  # every rating one category: chance agreement is 1
+    with pytest.raises(ValueError, match="item 1 has 2 ratings"):
+        audit.fleiss_kappa([[1, 2], [1, 1]])
+
+
+def test_fleiss_of_two_judges_is_scotts_pi_not_cohens_kappa():
+    # A says YES to 3 of 4, B to 1 of 4; they agree on 2. Cohen: pe = 3/4*1/4 + 1/4*3/4 = 3/8,
+    # kappa = (1/2 - 3/8) / (5/8) = 0.2. Fleiss (Scott's pi for two): pooled YES share 4/8, pe = 1/2, pi = 0
+    verdicts = {"A": [1, 1, 1, 0], "B": [1, 0, 0, 0]}
+    assert audit.binary_counts(verdicts) == [[0, 2], [1, 1], [1, 1], [2, 0]]
+    assert audit.fleiss_kappa(audit.binary_counts(verdicts)) == pytest.approx(0.0, abs=1e-12)
+    assert audit.pairwise_kappa(verdicts) == {("A", "B"): pytest.approx(0.2)}
+    # three judges: items [3 YES], [2 YES 1 NO], [0 YES]: P = (1 + 1/3 + 1) / 3 = 7/9; YES share 5/9,
+    # Pe = 25/81 + 16/81 = 41/81; kappa = (63/81 - 41/81) / (40/81) = 22/40
+    three = {"A": [1, 1, 0], "B": [1, 1, 0], "C": [1, 0, 0]}
+    assert audit.fleiss_kappa(audit.binary_counts(three)) == pytest.approx(22 / 40)
+    pairs = audit.pairwise_kappa(three)
+    assert list(pairs) == [("A", "B"), ("A", "C"), ("B", "C")] and pairs[("A", "B")] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="judge 'B' has 2 verdicts"):
+        audit.pairwise_kappa({"A": [1, 0, 1], "B": [1, 0]})
+
+
 # ---------------------------------------------------------------------------------------------- master keys
 
 

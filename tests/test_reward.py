@@ -363,7 +363,7 @@ def test_jaccard_rule_by_hand_including_cjk():
 
 
 def test_unknown_rule_lists_valid_ones():
-    with pytest.raises(ValueError, match="rule:substring, rule:jaccard, rule:math"):
+    with pytest.raises(ValueError, match="rule:substring, rule:exact, rule:jaccard, rule:math"):
         reward.build_verifier("rule:xyz")
 
 

@@ -20,7 +20,7 @@ def flags(policy, out_dir, steps, **extra):
     # response, so advantages and losses are non-trivial; the verifier also runs sharded on 2 ranks.
     # A random model's first token is rarely YES or NO, hence --verifier_max_unjudged 1.
     # The tiny model has no verifier_settings.json: --verifier_paper_defaults asks it with the paper's template.
-    f = dict(policy=policy, verifier=policy, verifier_paper_defaults=True, soft_mode="renorm", verifier_max_unjudged=1.0,
+    f = dict(data="toy", policy=policy, verifier=policy, verifier_paper_defaults=True, soft_mode="renorm", verifier_max_unjudged=1.0,
              prompts_per_step=4,
              samples_per_prompt=4, max_new_tokens=6, micro_batch_size=5, steps=steps, lr=1e-3, warmup_ratio=0.0,
              eval_every=0, eval_prompts=8, eval_verifier="rule:substring", audit_verifier="rule:substring",
@@ -175,11 +175,12 @@ def test_help_lists_every_flag_with_its_default():
 
 
 def test_the_policy_learns_what_a_stronger_judge_grades(tmp_path):
-    # the main job's loop (tiny warm-started policy, batch z-norm, REINFORCE) on a weaker verifier's reward
-    # (rule:jaccard, word overlap) for 20 steps: accuracy on held-out questions graded by rule:math, 8
+    # the numeric toy's main job loop (tiny warm-started policy, batch z-norm, REINFORCE) on a weaker verifier's
+    # reward (rule:jaccard, word overlap) for 20 steps: accuracy on held-out questions graded by rule:math, 8
     # sampled answers a question, must rise, and the console's closing lines say so. Measured: 0.441 -> 0.551;
     # with the policy-gradient sign flipped it falls.
-    out = run(["--verifier", "rule:jaccard", "--reward_type", "binary", "--audit_verifier", "", "--steps", "20",
+    out = run(["--config", str(ROOT / "recipes" / "cpu_numeric_toy.yaml"), "--verifier", "rule:jaccard",
+               "--reward_type", "binary", "--audit_verifier", "", "--steps", "20",
                "--eval_every", "20", "--eval_samples", "8", "--out_dir", str(tmp_path), "--wandb_mode", "disabled"])
     evals = [(r["step"], r["eval/accuracy"]) for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
              if "eval/accuracy" in r]

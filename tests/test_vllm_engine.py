@@ -120,7 +120,7 @@ def test_train_rl_with_vllm_rollouts(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(
         [VLLM_PYTHON, str(ROOT / "train_rl.py"), "--rollout_engine", "vllm", "--policy", tiny_model_dir,
-         "--verifier", "rule:math", "--rollout_correction", "tis", "--audit_verifier", "",
+         "--data", "toy", "--eval_verifier", "rule:math", "--verifier", "rule:math", "--rollout_correction", "tis", "--audit_verifier", "",
          "--steps", "2", "--prompts_per_step", "2", "--samples_per_prompt", "4", "--max_new_tokens", "8",
          "--eval_every", "0", "--eval_prompts", "4", "--out_dir", str(out), "--wandb_mode", "disabled"],
         env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=600)
