@@ -73,6 +73,12 @@ def cache_root() -> Path:
     return Path(os.environ.get("RLVR_CACHE", Path.home() / ".cache" / "rlvr_recipe"))
 
 
+# The demo's models are built with one torch thread wherever they are built: float sums are ordered by
+# the thread count, so this makes a build (and the figures of runs on it) the same on any machine, and a
+# tiny model gains little from a second thread (on a busy machine it loses).
+BUILD_THREADS = 1
+
+
 def build_tiny_model(out_dir: str | None = None, seed: int = 0, sft_pairs: list | None = None,
                      sft_steps: int = 0, hidden_size: int = 128, num_layers: int = 4, vocab_size: int = 1024,
                      corpus: str = "") -> str:
@@ -104,11 +110,16 @@ def build_tiny_model(out_dir: str | None = None, seed: int = 0, sft_pairs: list 
         num_hidden_layers=num_layers, num_attention_heads=hidden_size // 64, num_key_value_heads=1, head_dim=64,
         max_position_embeddings=4096, rope_theta=10000.0, tie_word_embeddings=True,
         bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        lm = Qwen2ForCausalLM(config).float()
-        if sft_pairs:
-            supervised_warm_start(lm, tok, sft_pairs, sft_steps, seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            lm = Qwen2ForCausalLM(config).float()
+            if sft_pairs:
+                supervised_warm_start(lm, tok, sft_pairs, sft_steps, seed)
+    finally:
+        torch.set_num_threads(threads)
     lm.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -357,6 +368,7 @@ def tiny_verifier(recipes: list[Path] | None = None, extra: str = "") -> str:
                       f"in {out}):\n  {' '.join(cmd)}", flush=True)
                 # a process of its own, not a rank of this run's process group
                 env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_ENV)}
+                env["OMP_NUM_THREADS"] = str(BUILD_THREADS)  # one build on any machine (see BUILD_THREADS)
                 if subprocess.run(cmd, env=env, cwd=repo).returncode != 0:  # the recipes name repo files
                     raise RuntimeError(f"distilling the tiny verifier failed (see above); command: {' '.join(cmd)}")
             student = str(stage_dir / "final")
