@@ -3,7 +3,8 @@ and budget) with each source of reward, and SFT on the references with as many o
 sequences, every run graded by the same teacher on the same held-out questions; then how far the
 judges agree on the runs' own responses.
 
-    python compare.py --seeds 0,1,2         # 8 sources x 3 seeds: each run a train_rl.py process
+    python compare.py --seeds 0,1,2         # 7 sources x 3 seeds: each run a train_rl.py process (14 min at
+                                            # --steps 40 with OMP_NUM_THREADS=1 on 2 loaded cores)
 
 Writes to out_dir: one run directory per source and seed, compare.json (every eval of every run, the
 spread over seeds, the agreement figures, the paper's six claims), compare.png (the eval curves, mean
