@@ -168,12 +168,13 @@ def run_sft(cfg: CompareConfig, rl: rl_config.Config, seed: int) -> list[dict]:
 
     out = Path(cfg.out_dir).resolve() / "sft" / f"seed{seed}"
     grader = ["--verifier", TEACHER]  # --eval_only loads the reward verifier too: the teacher costs nothing
-    done = lambda d: (d / "metrics.jsonl").exists() and evals_of(d)  # noqa: E731  (a rerun of compare skips it)
+    # --eval_only writes into OUT/eval_only (it never touches a run's own files); a rerun of compare skips it
+    done = lambda d: (d / "eval_only" / "metrics.jsonl").exists() and evals_of(d / "eval_only")  # noqa: E731
     if not (out / "final" / "config.json").exists():
         if not done(out / "start"):
             run(train_rl_command(cfg, rl, grader + ["--eval_only", "true"], seed, out / "start"),
                 f"sft, seed {seed}: warm start")
-        policy_path = json.loads((out / "start" / "config.json").read_text())["policy_path"]
+        policy_path = json.loads((out / "start" / "eval_only" / "config.json").read_text())["policy_path"]
         torch.manual_seed(seed)
         lm = model.load_model(policy_path)
         tokenizer = model.load_tokenizer(policy_path)
@@ -187,7 +188,7 @@ def run_sft(cfg: CompareConfig, rl: rl_config.Config, seed: int) -> list[dict]:
     if not done(out / "end"):
         run(train_rl_command(cfg, rl, grader + ["--eval_only", "true", "--policy", str(out / "final")], seed,
                              out / "end"), f"sft, seed {seed}: eval")
-    start, end = evals_of(out / "start")[-1], evals_of(out / "end")[-1]
+    start, end = evals_of(out / "start" / "eval_only")[-1], evals_of(out / "end" / "eval_only")[-1]
     return [start | {"step": 0}, end | {"step": rl.steps}]
 
 

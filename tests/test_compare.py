@@ -2,7 +2,6 @@
 spread and the tables by hand, the agreement table, the claims' verdicts, and the SFT baseline's
 budget and data."""
 import json
-import statistics
 
 import pytest
 
@@ -196,10 +195,11 @@ def test_sft_baseline_gets_the_rl_runs_budget_and_the_start_and_end_evals(tmp_pa
 
     def fake_run(cmd, what):  # stands in for the train_rl.py --eval_only processes
         commands.append(cmd)
-        out = compare.Path(cmd[cmd.index("--out_dir") + 1])
+        run_dir = compare.Path(cmd[cmd.index("--out_dir") + 1])
+        out = run_dir / "eval_only"  # where train_rl.py --eval_only writes (never the run's own files)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({"policy_path": "WARM"}))
-        acc = 0.5 if out.name == "start" else 0.625
+        acc = 0.5 if run_dir.name == "start" else 0.625
         metrics.append_jsonl(out / "metrics.jsonl", [{"step": 0, "eval/accuracy": acc, "eval/accuracy/x": acc}])
 
     class Saved:
@@ -209,6 +209,7 @@ def test_sft_baseline_gets_the_rl_runs_budget_and_the_start_and_end_evals(tmp_pa
 
     monkeypatch.setattr(compare, "run", fake_run)
     monkeypatch.setattr(compare, "sft_pairs", lambda rl: [("m", "r")])
+    monkeypatch.setattr(model, "source_problem", lambda *a, **k: None)  # the fake saved model is no model
     monkeypatch.setattr(model, "load_model", lambda path: trained.setdefault("policy", path) and Saved())
     monkeypatch.setattr(model, "load_tokenizer", lambda path: Saved())
     monkeypatch.setattr(toy, "supervised_warm_start", lambda lm, tok, pairs, steps, seed, batch_size, lr:
@@ -225,12 +226,11 @@ def test_sft_baseline_gets_the_rl_runs_budget_and_the_start_and_end_evals(tmp_pa
 
 def test_sft_baseline_trains_on_every_training_question_and_no_held_out_one():
     """sft_pairs: the training questions of train_rl.py's own split, each with its expert reference."""
-    import toy
     import train_rl
 
     rl, _ = rl_config.parse_config(["--config", str(compare.ROOT / "recipes/cpu_demo.yaml"), "--data", "freeform"])
     pairs = compare.sft_pairs(rl)
-    train, heldout = train_rl.load_data(rl, toy.build_tokenizer(1024))  # the tokenizer only measures prompts
+    train, heldout = train_rl.load_data(rl)
     asked = [messages[-1]["content"] for messages, _ in pairs]
     assert heldout and set(asked) == {r.question for r in train} and len(asked) == len(train)
     assert not set(asked) & {r.question for r in heldout}

@@ -1,7 +1,4 @@
 """freeform.py: the free-form world (its subjects, its teacher, its splits) and the py: verifier spec."""
-import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -175,17 +172,18 @@ def test_rules_fail_on_this_world_where_the_teacher_does_not():
     assert errors["rule:exact"]["all"][0] == 0.0      # exact match never accepts a wrong answer here
 
 
-def test_the_main_job_runs_this_world_and_the_numeric_toy_is_a_recipe(tiny_model_dir):
-    import model
+def test_the_main_job_runs_this_world_and_the_numeric_toy_is_a_recipe():
     import train_rl
     import worlds
 
     default, _ = rl_config.parse_config([])
     assert (default.data, default.policy, default.verifier, default.eval_verifier, default.audit_verifier) == \
-        ("freeform", "tiny", "tiny", "py:freeform:teacher", "py:freeform:teacher")
-    assert worlds.of("freeform").tiny_policy is freeform.tiny_policy and worlds.of("freeform").teacher == default.eval_verifier
+        ("freeform", "tiny", "tiny", "auto", "auto")
+    train, heldout = train_rl.load_data(default)
+    graders = train_rl.choose_graders(default, [r.reference for r in train + heldout])  # auto: the world's teacher
+    assert (graders.eval_verifier, graders.audit_verifier) == ("py:freeform:teacher", "py:freeform:teacher")
+    assert worlds.of("freeform").tiny_policy is freeform.tiny_policy and worlds.of("freeform").teacher == graders.eval_verifier
     assert worlds.of("toy").tiny_verifier.__module__ == "toy" and worlds.of("some.jsonl") is worlds.WORLDS["toy"]
-    train, heldout = train_rl.load_data(default, model.load_tokenizer(tiny_model_dir))
     assert (train, heldout) == freeform.split(freeform.records(), default.heldout_fraction)
     toy_cfg, _ = rl_config.parse_config(["--config", str(ROOT / "recipes" / "cpu_numeric_toy.yaml")])
     assert (toy_cfg.data, toy_cfg.eval_verifier) == ("toy", "rule:math")
