@@ -104,7 +104,7 @@ def test_a_base_model_without_a_chat_template_runs_with_the_plain_prompt_format(
     tok_config = json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
     tok_config.pop("chat_template", None)
     (tmp_path / "base" / "tokenizer_config.json").write_text(json.dumps(tok_config))
-    argv = ["--policy", path, "--verifier", "rule:substring", "--eval_verifier", "rule:substring", "--audit_verifier",
+    argv = ["--data", "toy", "--policy", path, "--verifier", "rule:substring", "--eval_verifier", "rule:substring", "--audit_verifier",
             "", "--log_verifiers", "", "--prompts_per_step", "2", "--samples_per_prompt", "2", "--max_new_tokens", "4",
             "--steps", "1", "--eval_every", "0", "--eval_prompts", "2", "--out_dir", str(tmp_path / "run"),
             "--wandb_mode", "disabled", "--log_samples", "0"]
@@ -117,5 +117,5 @@ def test_a_base_model_without_a_chat_template_runs_with_the_plain_prompt_format(
         mp.setattr(model, "load_tokenizer", lambda *a: seen.append(real(*a)) or seen[-1])
         result = train_rl.train(cfg, vopts)
     assert len(result["history"]) == 1 and result["stopped"] is None
-    record = train_rl.load_data(cfg, seen[0])[0][0]  # what the policy was shown: plain text
+    record = train_rl.load_data(cfg)[0][0]  # what the policy was shown: plain text
     assert data.render_prompt(seen[0], record) == f"{record.messages[0]['content']}\n\nQuestion: {record.question}\nAnswer:"

@@ -40,7 +40,8 @@ def run(cmd, timeout=600):
 def rl_flags(policy, out_dir, **extra):
     # the tiny random model is policy and local verifier (judging, renormalised, what it samples), the
     # KL term loads a frozen reference too: every kind of model a GPU run shards
-    f = dict(policy=policy, verifier=policy, soft_mode="renorm", verifier_max_unjudged=1.0, prompts_per_step=2,
+    f = dict(data="toy", policy=policy, verifier=policy, verifier_paper_defaults=True, soft_mode="renorm",
+             verifier_max_unjudged=1.0, prompts_per_step=2,
              samples_per_prompt=2, max_new_tokens=4, micro_batch_size=2, steps=1, lr=1e-3, warmup_ratio=0.0,
              kl_mode="loss", kl_coef=0.01, eval_every=0, eval_prompts=2, eval_verifier="rule:substring",
              out_dir=str(out_dir), wandb_mode="disabled", seed=3) | extra
@@ -120,10 +121,10 @@ def test_local_verifiers_load_in_the_compute_dtype(tiny_model_dir, monkeypatch):
     """label, eval and the sft teacher build verifiers with no dtype: the GPU path's is bf16 (what
     flash-attention needs), the CPU path's float32."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU path, also on a GPU machine
-    lm = reward.build_verifier(tiny_model_dir, reward.VerifierOptions()).model
+    lm = reward.build_verifier(tiny_model_dir, reward.VerifierOptions(verifier_paper_defaults=True)).model
     assert next(lm.parameters()).dtype == torch.float32
     monkeypatch.setenv(distributed.GPU_PATH_ENV, "1")
-    lm = reward.build_verifier(tiny_model_dir, reward.VerifierOptions()).model
+    lm = reward.build_verifier(tiny_model_dir, reward.VerifierOptions(verifier_paper_defaults=True)).model
     assert next(lm.parameters()).dtype == torch.bfloat16 and lm.config._attn_implementation == "sdpa"
 
 
@@ -142,7 +143,7 @@ def test_eval_with_a_local_verifier_on_the_gpu_path(tiny_model_dir, tmp_path, mo
         monkeypatch.setenv(distributed.GPU_PATH_ENV, path)
         reports[path] = train_verifier.run(["eval", "--verifier", tiny_model_dir, "--data", str(rows), "--out_dir",
                                             str(tmp_path / path), "--wandb_mode", "disabled", "--master_key_prompts",
-                                            "4", "--verifier_max_unjudged", "1"])
+                                            "4", "--verifier_max_unjudged", "1", "--verifier_paper_defaults"])
     cpu, gpu = reports["0"], reports["1"]
     assert (gpu["tp"], gpu["fp"], gpu["fn"], gpu["tn"], gpu["n"]) == (cpu["tp"], cpu["fp"], cpu["fn"], cpu["tn"], 24)
     assert gpu["brier"] == pytest.approx(cpu["brier"], abs=2e-5) and gpu["brier"] != cpu["brier"]  # bf16 did run

@@ -284,8 +284,9 @@ def test_references_a_math_rule_can_grade():
 
 @pytest.mark.skipif(not SHARED_SAMPLE.exists(), reason=f"{SHARED_SAMPLE} is not here")
 def test_the_papers_data_without_a_judge_is_refused_in_one_line_before_any_model_loads(tmp_path):
-    out = run(["--data", str(SHARED_SAMPLE), "--verifier", "rule:substring", "--out_dir", str(tmp_path / "r"),
-               "--policy", str(tmp_path / "no-model-here")], check=False, timeout=600)
+    # (the default policy, 'tiny', would be built after the graders are chosen: the refusal comes first)
+    out = run(["--data", str(SHARED_SAMPLE), "--verifier", "rule:substring", "--out_dir", str(tmp_path / "r")],
+              check=False, timeout=600)
     assert out.returncode == 2, out.stderr[-2000:]
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("train_rl.py: error: --eval_verifier 'auto': ") and "need a judge" in last
@@ -298,10 +299,10 @@ def test_the_closing_lines_are_runnable_commands_and_the_run_has_a_picture(tiny_
     import shlex
 
     import metrics
-    import toy
     import train_rl
+    import worlds
 
-    monkeypatch.setattr(toy, "tiny_verifier", lambda: tiny_model_dir)
+    monkeypatch.setitem(worlds.WORLDS, "toy", dataclasses.replace(worlds.WORLDS["toy"], tiny_verifier=lambda: tiny_model_dir))
     monkeypatch.chdir(ROOT)
     plots = []
     monkeypatch.setattr(metrics.Metrics, "plot", lambda self, draw=metrics.Metrics.plot: plots.append(draw(self)))
