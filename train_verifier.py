@@ -40,7 +40,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Literal, Optional
 
 import torch
@@ -54,6 +53,7 @@ import metrics
 import model
 import remote
 import reward
+import rl_config
 import rollout
 import rundir
 import worlds
@@ -329,20 +329,20 @@ def score(verifier, rows: list[data.JudgedRow]) -> dict:
             "judgements_per_s": len(rows) / max(seconds, 1e-9), "seconds": seconds}
 
 
-def probe_master_keys(verifier, rows: list[data.JudgedRow], n: int, seed: int) -> dict:
+def master_key_rate(verifier, rows: list[data.JudgedRow], n: int, seed: int) -> dict:
     """audit.master_key_probe on the rows' distinct (question, reference) pairs."""
     pairs = sorted({(r.question, r.reference) for r in rows})
     return audit.master_key_probe(verifier, [q for q, _ in pairs], [a for _, a in pairs], n=n, seed=seed)
 
 
-def evaluate(cfg: EvalConfig, vopts: reward.VerifierOptions) -> dict:
+def eval_verifier(cfg: EvalConfig, vopts: reward.VerifierOptions) -> dict:
     """The `eval` command. A saved verifier is asked with its saved settings (a contradicting flag is an
     error unless --verifier_force_settings), as train_rl.py asks it."""
     rows = read_rows(cfg, cfg.data, cfg.split, labelled=True)
     verifier = reward.build_verifier(cfg.verifier, vopts, device="cuda" if torch.cuda.is_available() else "cpu",
                                      trust_remote_code=cfg.trust_remote_code)
     report = {"verifier": cfg.verifier, "data": cfg.data, **score(verifier, rows)}
-    probe = probe_master_keys(verifier, rows, cfg.master_key_prompts, cfg.seed)
+    probe = master_key_rate(verifier, rows, cfg.master_key_prompts, cfg.seed)
     report.update(master_key_fpr=probe["fpr"], master_key_unjudged=probe["unjudged"],
                   master_key_per_key=probe["per_key"], reliability=report.pop("bins"))
     if probe["warn"]:
@@ -435,8 +435,9 @@ def sample_responses(cfg, path: str, records: list[data.Record], device) -> list
     if n_long:
         print(f"[policy] {n_long} prompts longer than --max_len {cfg.max_len} tokens dropped", flush=True)
     policy = model.load_model(path, device, model.compute_dtype(), cfg.trust_remote_code)
-    sampling = SimpleNamespace(samples_per_prompt=cfg.policy_samples, max_prompt_len=cfg.max_len, seed=cfg.seed,
-                               max_new_tokens=cfg.policy_max_new_tokens, temperature=cfg.policy_temperature, top_p=1.0)
+    # rollout settings have one definition, train_rl's Config: the policy samples as an RL run draws rollouts
+    sampling = rl_config.Config(samples_per_prompt=cfg.policy_samples, max_prompt_len=cfg.max_len, seed=cfg.seed,
+                                max_new_tokens=cfg.policy_max_new_tokens, temperature=cfg.policy_temperature, top_p=1.0)
     rows = []
     for step, batch in enumerate(metrics.progress(list(chunks(records, 32)), desc="policy samples")):
         drawn = rollout.generate(policy, None, tokenizer, batch, step, sampling)
@@ -575,7 +576,7 @@ def heldout_eval(student, judge, rows: list[data.JudgedRow], probe_keys: int = 0
     out = {f"eval/{k}": figures[k] for k in EVAL_FIGURES}
     if not probe_keys:
         return out, {}
-    probe = probe_master_keys(judge, rows, probe_keys, seed)
+    probe = master_key_rate(judge, rows, probe_keys, seed)
     return out | {"master_key/fpr": probe["fpr"], "master_key/unjudged": probe["unjudged"],
                   "master_key/questions": probe["n"]}, probe["per_key"]
 
@@ -691,7 +692,7 @@ def summary(before: dict, after: dict, n_heldout: int, steps: int, seconds: floa
 # ----------------------------------------------------------------------------------------------
 # command line
 
-COMMANDS = {"label": (LabelConfig, label), "sft": (SftConfig, sft), "eval": (EvalConfig, evaluate)}
+COMMANDS = {"label": (LabelConfig, label), "sft": (SftConfig, sft), "eval": (EvalConfig, eval_verifier)}
 USAGE = f"usage: python train_verifier.py {{{','.join(COMMANDS)}}} [--help] [flags]"
 
 
