@@ -22,8 +22,7 @@ the CPU: like is compared with like; lm_head alone runs on the GPU), so peak mem
 uses `--threads` torch threads (an async run: that many in the trainer and that many in its rollout worker).
 Compared arms run interleaved (A B C A B C ...); the table shows medians and ratios: on a shared machine
 absolute times are noise, ratios taken side by side are not. Only public functions are used: our arms run
-train_rl.train() and read metrics.jsonl (until train_rl takes rollout.RolloutSource, its public pieces:
-RolloutSource, advantages, policy_update). Response lengths are set through the bench model's
+train_rl.train() and read metrics.jsonl. Response lengths are set through the bench model's
 generation_config.json, which every arm's generate() reads (min_new_tokens for equal lengths; a bias on the
 end-of-sequence token for uneven, geometric lengths), so no arm is patched. The policy is the tiny random
 model; the reward verifier is rule:math (--judge policy: that same model asked with the verifier template, an
