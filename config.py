@@ -10,8 +10,10 @@ Imports none of the project's files.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import errno
 import json
 import sys
 import typing
@@ -179,6 +181,25 @@ def exit_on_error(prog: str, error: Exception) -> typing.NoReturn:
     """The one-line message a user sees for a bad flag, with argparse's exit status (2)."""
     print(f"{prog}: error: {error}", file=sys.stderr)
     sys.exit(2)
+
+
+@contextlib.contextmanager
+def one_line_errors(prog: str, known: tuple[type[BaseException], ...]):
+    """Around a command's run: a bad flag exits 2, an error of the `known` kinds (their messages name
+    the file, row, endpoint or step: a traceback would only bury it) and a full disk (the message names
+    the file) exit 1, each as one line `prog: error: ...`. Anything else keeps its traceback."""
+    try:
+        yield
+    except ConfigError as e:
+        exit_on_error(prog, e)
+    except known as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def _raise(message: str) -> typing.NoReturn:

@@ -10,7 +10,6 @@ The functions below are defined in that order; the formulas live in rl_math.py.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import math
 import os
 import re
@@ -703,18 +702,9 @@ def main() -> None:
     except config.ConfigError as e:
         config.exit_on_error("train_rl.py", e)
     try:
-        result = train(cfg, vopts)
-    except config.ConfigError as e:
-        config.exit_on_error("train_rl.py", e)
-    except (reward.VerifierError, data.DataError, checkpoint.CheckpointError, NonFiniteError) as e:
-        # the message names the endpoint, file, row or step: a traceback would only bury it
-        print(f"train_rl.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        print(f"train_rl.py: error: {e}", file=sys.stderr)  # a full disk: the message names the file
-        sys.exit(1)
+        with config.one_line_errors("train_rl.py", (reward.VerifierError, data.DataError, checkpoint.CheckpointError,
+                                                    NonFiniteError)):
+            result = train(cfg, vopts)
     finally:
         distributed.shutdown()
     if int(os.environ.get("RANK", 0)) != 0 or "history" not in result:

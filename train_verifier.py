@@ -26,7 +26,6 @@ teacher; it reports the student's master-key false-positive rate beside its held
 from __future__ import annotations
 
 import dataclasses
-import errno
 import functools
 import gc
 import json
@@ -737,19 +736,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{USAGE}\n{__doc__}")
         sys.exit(0 if argv else 2)
     prog = f"train_verifier.py {argv[0]}" if argv[0] in COMMANDS else "train_verifier.py"
-    try:
+    with config.one_line_errors(prog, (data.DataError, reward.VerifierError, checkpoint.CheckpointError,
+                                       FloatingPointError)):
         result = run(argv)
-    except config.ConfigError as e:
-        config.exit_on_error(prog, e)
-    except (data.DataError, reward.VerifierError, checkpoint.CheckpointError, FloatingPointError) as e:
-        # the message names the file, row, endpoint or step: a traceback would only bury it
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        print(f"{prog}: error: {e}", file=sys.stderr)  # a full disk: the message names the file
-        sys.exit(1)
     if result.get("stopped"):
         sys.exit(128 + result["stopped"])
     return result
