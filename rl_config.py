@@ -47,6 +47,9 @@ class Config:
     audit_patience: int = field(default=2, metadata={"help": "audits in a row above --audit_max_fpr before stopping"})
     log_verifiers: str = field(default="rule:exact,rule:substring", metadata={
         "help": "comma-separated verifiers scored for logging only, to watch reward hacking ('': none)"})
+    master_key_prompts: int = field(default=64, metadata={
+        "help": "(question, reference) pairs the master-key probe asks before step 1, each with every content-free "
+                "answer in audit.MASTER_KEYS (17: 64 x 17 verifier calls; 0: no probe)"})
     master_key_warn: float = field(default=0.05, metadata={
         "help": "warn when the verifier says YES to more than this share of content-free answers"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub (off: safer)"})
@@ -201,7 +204,8 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
     req(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", cfg.min_lr_ratio, "must be in [0, 1]")
     req(cfg.max_grad_norm > 0, "max_grad_norm", cfg.max_grad_norm, "must be > 0")
     req(0 <= cfg.heldout_fraction < 1, "heldout_fraction", cfg.heldout_fraction, "must be in [0, 1)")
-    for name in ("eval_every", "eval_prompts", "eval_samples", "save_every", "audit_every", "log_samples"):
+    for name in ("eval_every", "eval_prompts", "eval_samples", "save_every", "audit_every", "log_samples",
+                 "master_key_prompts"):
         req(getattr(cfg, name) >= 0, name, getattr(cfg, name), "must be >= 0")
     req(cfg.keep_checkpoints >= 1, "keep_checkpoints", cfg.keep_checkpoints, "must be >= 1")
     req(cfg.audit_samples >= 1 or not cfg.audit_verifier, "audit_samples", cfg.audit_samples, "must be >= 1")

@@ -432,8 +432,9 @@ def load_verifiers(cfg: Config, vopts, spec: str, device) -> dict:
 
 def probe_master_keys(verifier, train_set, cfg: Config) -> dict:
     """Does the reward verifier say YES to content-free answers ("Thought process:")? Warn loudly if so."""
-    probe = audit.master_key_probe(verifier, [r.question for r in train_set[:64]],
-                                    [r.reference for r in train_set[:64]], warn=cfg.master_key_warn)
+    n = cfg.master_key_prompts
+    probe = audit.master_key_probe(verifier, [r.question for r in train_set[:n]], [r.reference for r in train_set[:n]],
+                                   n=n, warn=cfg.master_key_warn)
     if distributed.rank() == 0:
         worst = sorted(probe["per_key"].items(), key=lambda kv: -kv[1])[:3]
         line = f"master-key probe: the verifier says YES to {probe['fpr']:.1%} of content-free answers"
@@ -547,7 +548,7 @@ def train(cfg: Config, vopts: reward.VerifierOptions) -> dict:
         log.close()
         return {"eval": result}
     if start == 0:  # before any update: the verifier's master-key rate and the policy's starting accuracy
-        m = probe_master_keys(judges["reward"], train_set, cfg)
+        m = probe_master_keys(judges["reward"], train_set, cfg) if cfg.master_key_prompts else {}
         log.log(0, m | (evaluate(policy, tokenizer, heldout, judges["eval"], cfg, device) if cfg.eval_every else {}))
     common = (cfg, policy, tokenizer, train_set, sampler, judges["reward"], judges["logged"])
     source = rollout_async.AsyncSource(*common, policy_path) if cfg.async_steps else \
@@ -610,7 +611,7 @@ def train(cfg: Config, vopts: reward.VerifierOptions) -> dict:
                 break
     finally:
         source.close()  # after the checkpoint: an async worker holds the batch it saves
-    stop.restore()
+        stop.restore()  # also when the run raised: a Ctrl-C after train() returns interrupts again
     if stopped is None:
         checkpoint.export_hf(policy, tokenizer, str(out_dir / "final"))
     log.plot()

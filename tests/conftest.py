@@ -21,3 +21,13 @@ def tiny_model_dir(tmp_path_factory):
     import toy
 
     return toy.build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def straight(tiny_model_dir, tmp_path_factory):
+    """test_train_rl.STRAIGHT run undisturbed for 4 steps, once: every resumed or recovered run must equal it."""
+    from test_train_rl import STRAIGHT, flags, run
+
+    out = tmp_path_factory.mktemp("straight")
+    run(flags(tiny_model_dir, out, 4, **STRAIGHT))
+    return out

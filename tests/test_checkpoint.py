@@ -160,6 +160,9 @@ def test_export_plain_model_in_bfloat16(tmp_path):
 
 
 def test_stop_signal_first_sets_flag_second_interrupts():
+    # the handlers before: Python's own (whatever an earlier test in this process left), put back after
+    before = {s: signal.signal(s, h) for s, h in ((signal.SIGINT, signal.default_int_handler),
+                                                   (signal.SIGTERM, signal.SIG_DFL))}
     stop = checkpoint.StopSignal()
     try:
         assert stop.should_stop() is False
@@ -170,7 +173,10 @@ def test_stop_signal_first_sets_flag_second_interrupts():
             os.kill(os.getpid(), signal.SIGINT)
     finally:
         stop.restore()
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        for s, h in before.items():
+            signal.signal(s, h)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ equal to an undisturbed run (issue 13). The faults are injected by tests/fault_r
 import collections
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,10 +13,10 @@ import pytest
 import torch
 
 from test_remote import FakeVLLM
-from test_train_rl import flags, run, step_rows, weights
+from test_train_rl import STRAIGHT, flags, run, step_rows, weights
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 4
+STEPS = 4  # the conftest's `straight` run: every recovered run must equal it
 
 
 def faulted(fault, at, args, timeout=1200, **env):  # hang detector only
@@ -42,16 +43,8 @@ def assert_same_run(a, b):
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0, msg=k)
 
 
-@pytest.fixture(scope="module")
-def straight(tiny_model_dir, tmp_path_factory):
-    """The undisturbed run every recovered run must equal."""
-    out = tmp_path_factory.mktemp("straight")
-    run(flags(tiny_model_dir, out, STEPS, save_every=1, log_verifiers="rule:math"))
-    return out
-
-
 def test_killed_in_an_update_then_resumed_equals_the_undisturbed_run(tiny_model_dir, straight, tmp_path):
-    args = flags(tiny_model_dir, tmp_path, STEPS, save_every=1, log_verifiers="rule:math")
+    args = flags(tiny_model_dir, tmp_path, STEPS, **STRAIGHT)
     out = faulted("kill_in_update", 3, args)
     assert out.returncode == -signal.SIGKILL
     run(args + ["--resume"])
@@ -59,7 +52,7 @@ def test_killed_in_an_update_then_resumed_equals_the_undisturbed_run(tiny_model_
 
 
 def test_killed_between_checkpoint_write_and_commit_falls_back(tiny_model_dir, straight, tmp_path):
-    args = flags(tiny_model_dir, tmp_path, STEPS, save_every=1, log_verifiers="rule:math")
+    args = flags(tiny_model_dir, tmp_path, STEPS, **STRAIGHT)
     out = faulted("kill_in_checkpoint", 3, args)
     assert out.returncode == -signal.SIGKILL
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("step")) == \
@@ -70,7 +63,7 @@ def test_killed_between_checkpoint_write_and_commit_falls_back(tiny_model_dir, s
 
 
 def test_damaged_latest_checkpoint_warns_names_the_file_and_falls_back(tiny_model_dir, straight, tmp_path):
-    args = flags(tiny_model_dir, tmp_path, STEPS, save_every=1, log_verifiers="rule:math")
+    args = flags(tiny_model_dir, tmp_path, STEPS, **STRAIGHT)
     assert faulted("kill_in_update", 4, args).returncode == -signal.SIGKILL  # checkpoints 1..3 are on disk
     shard = next((tmp_path / "checkpoints" / "step_00000003").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[:100])
@@ -83,7 +76,7 @@ def test_damaged_latest_checkpoint_warns_names_the_file_and_falls_back(tiny_mode
 def test_sigterm_to_the_process_group_in_the_reward_phase(tiny_model_dir, straight, tmp_path):
     """torchrun forwards SIGTERM to the whole group: the math-verify workers (in their own session)
     keep judging, the step finishes, a checkpoint is saved, and the exit status says 'stopped'."""
-    args = flags(tiny_model_dir, tmp_path, STEPS, save_every=1, log_verifiers="rule:math")
+    args = flags(tiny_model_dir, tmp_path, STEPS, **STRAIGHT)
     out = faulted("sigterm_group_in_reward", 2, args)
     assert out.returncode == 128 + signal.SIGTERM, out.stderr[-3000:]
     assert "--resume" in out.stderr.splitlines()[-1]
@@ -172,7 +165,7 @@ def snapshot(out_dir):
 
 
 def test_a_second_run_into_a_running_runs_directory_is_refused_naming_its_pid(tiny_model_dir, straight, tmp_path):
-    args = flags(tiny_model_dir, tmp_path / "run", STEPS, save_every=1, log_verifiers="rule:math")
+    args = flags(tiny_model_dir, tmp_path / "run", STEPS, **STRAIGHT)
     first = faulted("second_run_in_update", 2, args, FAULT_OUT=str(tmp_path / "second.txt"))
     assert first.returncode == 0, first.stderr[-3000:]
     pid, code, stderr = (tmp_path / "second.txt").read_text().split("\n", 2)
@@ -183,8 +176,8 @@ def test_a_second_run_into_a_running_runs_directory_is_refused_naming_its_pid(ti
 
 
 def test_a_second_run_into_a_finished_directory_is_refused_or_overwritten(tiny_model_dir, straight, tmp_path):
-    args = flags(tiny_model_dir, tmp_path, STEPS, save_every=1, log_verifiers="rule:math")
-    run(args)
+    args = flags(tiny_model_dir, tmp_path, STEPS, **STRAIGHT)
+    shutil.copytree(straight, tmp_path, dirs_exist_ok=True)  # a finished run of these flags
     before = snapshot(tmp_path)
     out = run(args + ["--seed=4"], check=False)
     last = out.stderr.strip().splitlines()[-1]
@@ -310,7 +303,7 @@ def test_a_full_disk_is_named_with_the_file(tiny_model_dir, tmp_path):
 
 
 def test_the_launchers_death_stops_the_run_after_a_checkpoint(tiny_model_dir, straight, tmp_path):
-    args = flags(tiny_model_dir, tmp_path, STEPS, save_every=1, log_verifiers="rule:math")
+    args = flags(tiny_model_dir, tmp_path, STEPS, **STRAIGHT)
     out = faulted("launcher_dies", 2, args)  # returns once the orphaned trainer closed its output too
     assert out.returncode == -signal.SIGKILL  # the "launcher"
     assert "[checkpoint] the launcher (pid " in out.stderr and "is gone: saving and stopping" in out.stderr

@@ -44,7 +44,8 @@ def rl_flags(policy, out_dir, **extra):
              verifier_max_unjudged=1.0, prompts_per_step=2,
              samples_per_prompt=2, max_new_tokens=4, micro_batch_size=2, steps=1, lr=1e-3, warmup_ratio=0.0,
              kl_mode="loss", kl_coef=0.01, eval_every=0, eval_prompts=2, eval_verifier="rule:substring",
-             out_dir=str(out_dir), wandb_mode="disabled", seed=3) | extra
+             out_dir=str(out_dir), wandb_mode="disabled", seed=3,
+             master_key_prompts=2) | extra  # the probe is still the verifier's first call, in 34 judgements, not 1088
     return [f"--{k}={v}" for k, v in f.items()]
 
 

@@ -24,9 +24,16 @@ def flags(policy, out_dir, steps, **extra):
              prompts_per_step=4,
              samples_per_prompt=4, max_new_tokens=6, micro_batch_size=5, steps=steps, lr=1e-3, warmup_ratio=0.0,
              eval_every=0, eval_prompts=8, eval_verifier="rule:substring", audit_verifier="rule:substring",
-             audit_every=2, audit_samples=6, out_dir=str(out_dir), wandb_mode="disabled", log_samples=2, seed=3)
+             audit_every=2, audit_samples=6, out_dir=str(out_dir), wandb_mode="disabled", log_samples=2, seed=3,
+             master_key_prompts=2)  # the probe's 64 x 17 judgements were 17 s of a 30 s run
     f.update(extra)
     return [f"--{k}={v}" for k, v in f.items()]
+
+
+# The undisturbed 4-step run (conftest's `straight`) that the resume and fault tests must reproduce: old
+# log-probs (2 epochs x 2 minibatches), the reference model (KL in the reward), Adam state, a checkpoint
+# every step, a log-only verifier whose math-verify workers must survive a kill.
+STRAIGHT = dict(ppo_epochs=2, minibatches=2, kl_mode="reward", kl_coef=0.05, save_every=1, log_verifiers="rule:math")
 
 
 def run(args, nproc=None, timeout=1200, check=True):  # hang detector: a loaded machine is slow
@@ -82,22 +89,20 @@ def test_two_ranks_compute_what_one_rank_computes(tiny_model_dir, tmp_path):
     assert {"question", "reference", "response", "reward", "p_yes", "step"} <= set(dumps[1][0])
 
 
-def test_resume_continues_exactly_and_rewrites_no_output_twice(tiny_model_dir, tmp_path):
-    extra = dict(ppo_epochs=2, minibatches=2, kl_mode="reward", kl_coef=0.05)  # old log-probs, ref model, Adam state
-    run(flags(tiny_model_dir, tmp_path / "straight", 4, **extra))
-    run(flags(tiny_model_dir, tmp_path / "split", 2, save_every=1, **extra))
+def test_resume_continues_exactly_and_rewrites_no_output_twice(tiny_model_dir, straight, tmp_path):
+    run(flags(tiny_model_dir, tmp_path / "split", 2, **STRAIGHT))
     # as if killed after step 3's outputs were written but before its checkpoint: outputs run ahead
     for name in ("metrics.jsonl", "rollouts.jsonl", "samples.jsonl"):
         with open(tmp_path / "split" / name, "a") as f:
             f.write(json.dumps({"step": 3, "loss": 123.0}) + "\n" + '{"step": 3, "torn')
-    run(flags(tiny_model_dir, tmp_path / "split", 4, resume="yes", **extra))
-    a, b = step_rows(tmp_path / "straight"), step_rows(tmp_path / "split")
+    run(flags(tiny_model_dir, tmp_path / "split", 4, resume="yes", **STRAIGHT))
+    a, b = step_rows(straight), step_rows(tmp_path / "split")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for x, y in zip(a, b):
         assert x == pytest.approx(y, abs=1e-6)
     for name in ("rollouts.jsonl", "samples.jsonl"):
-        assert (tmp_path / "straight" / name).read_text() == (tmp_path / "split" / name).read_text(), name
-    wa, wb = weights(tmp_path / "straight"), weights(tmp_path / "split")
+        assert (straight / name).read_text() == (tmp_path / "split" / name).read_text(), name
+    wa, wb = weights(straight), weights(tmp_path / "split")
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=0, msg=k)
 
@@ -187,6 +192,28 @@ def test_the_policy_learns_what_a_stronger_judge_grades(tmp_path):
     assert [s for s, _ in evals] == [0, 20]
     assert evals[1][1] - evals[0][1] >= 0.05, evals
     assert f"held-out accuracy graded by rule:math: {evals[0][1]:.3f} (step 0) -> {evals[1][1]:.3f} (step 20)" in out.stdout
+
+
+def test_the_master_key_probe_asks_n_pairs_with_every_key():
+    import audit
+    import data
+    import reward
+    import train_rl
+
+    asked = []
+
+    def says_yes_to_colons(questions, references, responses, seeds=None):
+        asked.append(list(zip(questions, references, responses)))
+        yes = torch.tensor([float(r.endswith(":")) for r in responses])
+        return reward.Judgement(yes, yes, yes, torch.ones(len(yes), dtype=torch.bool))
+
+    rows = [data.Record(f"id{i}", [], f"q{i}", f"r{i}", {}) for i in range(10)]
+    cfg = train_rl.Config(master_key_prompts=3)
+    m = train_rl.probe_master_keys(says_yes_to_colons, rows, cfg)
+    assert len(asked) == 1 and len(asked[0]) == 3 * len(audit.MASTER_KEYS)
+    assert {(q, r) for q, r, _ in asked[0]} <= {(f"q{i}", f"r{i}") for i in range(3)}  # the first n rows only
+    colons = sum(k.endswith(":") for k in audit.MASTER_KEYS)
+    assert m == {"verifier/master_key_fpr": pytest.approx(colons / len(audit.MASTER_KEYS))}
 
 
 def test_the_cpu_demo_recipe_is_the_main_job_written_out():
