@@ -10,8 +10,8 @@ weights: each model loaded as the policy (float32 master weights) and as a froze
 (bf16), recording in OUT/weights_rank{R}.json whether the gathered weights and the buffers equal
 from_pretrained's, whether tied embeddings stayed tied, how often this rank read a checkpoint, and its
 bytes of parameters. rl: train_rl.train() with the old path, then the same with load_sharded.
-rss: the peak resident memory of a rank that loads MODEL_DIR as the policy (the README's figure; never
-asserted in a test: RSS depends on the allocator and the machine).
+rss: the peak resident memory of a rank that loads MODEL_DIR as the policy, and on a GPU its peak GPU
+memory (the README's figures; never asserted in a test: RSS depends on the allocator and the machine).
 """
 import json
 import os
@@ -127,13 +127,14 @@ def rl(out: Path, argv: list[str]) -> None:
 def rss(out: Path, model_dir: str, path: str) -> None:
     rank, world, device = distributed.init()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    load = old_load if path == "old" else model.load_sharded
+    load = {"old": old_load, "new": model.load_sharded}[path]
     lm = load(model_dir, device, torch.float32, compute_dtype=model.compute_dtype(), mixed_precision=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     mine, _, total = local_bytes(lm)
+    gpu = f", GPU peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.type == "cuda" else ""
     distributed.shutdown()
-    line = (f"rank {rank}/{world} {path}: peak RSS {peak / 2**20:.2f} GiB ({before / 2**20:.2f} GiB before the load), "
-            f"model {total / 2**30:.2f} GiB float32, this rank's shard {mine / 2**30:.2f} GiB")
+    line = (f"rank {rank}/{world} {path}: peak RSS {peak / 2**20:.2f} GiB ({before / 2**20:.2f} GiB before the load)"
+            f"{gpu}, model {total / 2**30:.2f} GiB float32, this rank's shard {mine / 2**30:.2f} GiB")
     print(line, flush=True)
     (out / f"rss_{path}_rank{rank}.txt").write_text(line + "\n")
 
