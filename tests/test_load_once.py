@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_architectures import build
+from test_architectures import ARCHITECTURES, build
 from test_gpu_path import TORCHRUN, rl_flags, run, two_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,22 +16,22 @@ pytestmark = two_ranks
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory):
-    """An untied Qwen2 whose generation_config.json stops at one more token than its config says (a
-    state dict leaves it out), Gemma3 (tied, a non-persistent embed_scale, sliding-window rotary
-    buffers) and GPT-2 (tied, absolute positions, no rotary)."""
+    """The architectures of tests/test_architectures.py (tied embeddings), Qwen2 untied and with a
+    generation_config.json that stops at one more token than its config says (a state dict leaves it
+    out). Their buffers: rotary inv_freq (GPT-2: none, absolute positions), Gemma's embed_scale."""
     from transformers import GenerationConfig
 
     root = tmp_path_factory.mktemp("load_once")
     qwen = build("qwen2", root / "qwen2_untied", tie_word_embeddings=False)
     GenerationConfig(eos_token_id=[2, 5]).save_pretrained(qwen)
-    return [qwen, build("gemma3", root / "gemma3"), build("gpt2", root / "gpt2")]
+    return [qwen] + [build(arch, root / arch) for arch in ARCHITECTURES if arch != "qwen2"]
 
 
 def test_shards_hold_exactly_the_checkpoint_and_only_rank_0_reads_it(model_dirs, tmp_path):
     run(TORCHRUN + [str(WORKER), "weights", str(tmp_path), *model_dirs])
     ranks = [json.loads((tmp_path / f"weights_rank{r}.json").read_text()) for r in (0, 1)]
-    assert set(ranks[0]) == {f"{name}/{role}" for name in ("qwen2_untied", "gemma3", "gpt2")
-                             for role in ("policy", "frozen")}
+    names = ["qwen2_untied"] + [arch for arch in ARCHITECTURES if arch != "qwen2"]
+    assert set(ranks[0]) == {f"{name}/{role}" for name in names for role in ("policy", "frozen")}
     for key, f in ranks[0].items():
         # Loading is a copy (a broadcast, then each rank's slice), no arithmetic: the gathered weights and
         # the buffers equal from_pretrained's bit for bit, in float32 (policy) and in bf16 (reference, verifier).
@@ -48,8 +48,10 @@ def test_shards_hold_exactly_the_checkpoint_and_only_rank_0_reads_it(model_dirs,
             assert f["local_bytes"] == f["expected_local_bytes"], (rank, key)
             assert 0.45 * f["total_bytes"] < f["local_bytes"] < 0.55 * f["total_bytes"], (rank, key)
     assert ranks[0]["qwen2_untied/policy"]["ref_eos"] == [2, 5]  # the generation config's, not the model config's
-    assert any("inv_freq" in b for b in ranks[0]["gemma3/policy"]["buffers"])
-    assert "model.embed_tokens.embed_scale" in ranks[0]["gemma3/policy"]["buffers"]
+    for name in names:  # what the broadcast had to carry
+        assert any("inv_freq" in b for b in ranks[0][f"{name}/policy"]["buffers"]) == (name != "gpt2"), name
+    for name in ("gemma2", "gemma3"):
+        assert "model.embed_tokens.embed_scale" in ranks[0][f"{name}/policy"]["buffers"]
     for key, f in ranks[1].items():  # rank 1 never reads the checkpoint: it never holds the whole model
         assert f["from_pretrained"] == 0 and f["safe_open"] == 0, key
 
