@@ -191,7 +191,9 @@ def load_sharded(name_or_path: str, device: torch.device | str, dtype: torch.dty
     if frozen:
         lm.requires_grad_(False)
     lm = shard_model(lm, mixed_precision, activation_checkpointing)
-    lm.to_empty(device=device)  # uninitialised memory for this rank's shards and for the buffers
+    # uninitialised memory for this rank's shards and for the buffers. Tied embeddings stay one parameter:
+    # FSDP2 shards it once, and to_empty swaps a DTensor parameter in place (tests/test_load_once.py).
+    lm.to_empty(device=device)
     full = load_model(name_or_path, "cpu", dtype, trust_remote_code, compute_dtype) if distributed.rank() == 0 else None
     # a copy, not arithmetic: each rank's shard holds exactly the checkpoint's numbers
     set_model_state_dict(lm, full.state_dict() if full is not None else {},
