@@ -126,32 +126,88 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, prompt_fo
     return tok
 
 
+def _model_config(name_or_path: str, device, dtype: torch.dtype, trust_remote_code: bool,
+                  compute_dtype: torch.dtype | None):
+    """(config, attention kernel) of a causal LM, as every load builds it: dropout off, the kernel chosen
+    for the dtype the forward runs in."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    with _load_error(name_or_path):
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    # dropout off (TRL's disable_dropout): the update's forward must be the policy that sampled (ratio 1
+    # on-policy), and a log-prob must not be noise. GPT-2's checkpoints ship 0.1.
+    for name, value in vars(config).items():
+        if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
+            setattr(config, name, 0.0)
+    return config, attn_implementation(device, compute_dtype or dtype, model_class)
+
+
+@contextlib.contextmanager
+def _load_error(name_or_path: str):
+    try:
+        yield
+    except OSError as e:
+        raise OSError(f"cannot load model '{name_or_path}': {e}\n(no hub access here? build a tiny "
+                      f"offline model with `python toy.py tiny --out DIR`)") from e
+
+
 def load_model(name_or_path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                trust_remote_code: bool = False, compute_dtype: torch.dtype | None = None):
     """A Hugging Face causal LM from a hub name or a local directory, safetensors weights only, in
     `dtype`. The attention kernel is chosen for `compute_dtype` (default: dtype), the dtype the forward
     runs in: bf16 for float32 weights that FSDP2 mixed precision casts (shard_model)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one bar per weight file drowns the training log
-    try:
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-        model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
-        # dropout off (TRL's disable_dropout): the update's forward must be the policy that sampled (ratio 1
-        # on-policy), and a log-prob must not be noise. GPT-2's checkpoints ship 0.1.
-        for name, value in vars(config).items():
-            if ("dropout" in name or "pdrop" in name) and isinstance(value, float):
-                setattr(config, name, 0.0)
-        model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, config=config, dtype=dtype,
-            attn_implementation=attn_implementation(device, compute_dtype or dtype, model_class),
-            trust_remote_code=trust_remote_code, use_safetensors=True)
-    except OSError as e:
-        raise OSError(f"cannot load model '{name_or_path}': {e}\n(no hub access here? build a tiny "
-                      f"offline model with `python toy.py tiny --out DIR`)") from e
+    config, attn = _model_config(name_or_path, device, dtype, trust_remote_code, compute_dtype)
+    with _load_error(name_or_path):
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, dtype=dtype, attn_implementation=attn,
+                                                     trust_remote_code=trust_remote_code, use_safetensors=True)
     return model.to(device)
+
+
+def load_sharded(name_or_path: str, device: torch.device | str, dtype: torch.dtype, trust_remote_code: bool = False,
+                 compute_dtype: torch.dtype | None = None, *, mixed_precision: bool, frozen: bool = False,
+                 activation_checkpointing: bool = False):
+    """load_model, then shard_model (`frozen`: eval mode, no gradients), with the weights read once: under a
+    process group every rank builds the model on the meta device (no memory), shards it, allocates its
+    own shard (1/world of the weights) on `device`, and rank 0 alone reads the checkpoint (on the CPU)
+    and broadcasts it tensor by tensor into the shards. So no GPU ever holds the whole float32 model (a
+    7B policy: 28 GB), as torchtitan loads. Without a group: the plain load."""
+    if not distributed.is_initialized():
+        lm = load_model(name_or_path, device, dtype, trust_remote_code, compute_dtype)
+        return shard_model(lm.eval().requires_grad_(False) if frozen else lm, mixed_precision, activation_checkpointing)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    config, attn = _model_config(name_or_path, device, dtype, trust_remote_code, compute_dtype)
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn,
+                                              trust_remote_code=trust_remote_code)
+    lm.eval()  # as from_pretrained returns it
+    if frozen:
+        lm.requires_grad_(False)
+    lm = shard_model(lm, mixed_precision, activation_checkpointing)
+    # uninitialised memory for this rank's shards and for the buffers. Tied embeddings stay one parameter:
+    # FSDP2 shards it once, and to_empty swaps a DTensor parameter in place (tests/test_load_once.py).
+    lm.to_empty(device=device)
+    full = load_model(name_or_path, "cpu", dtype, trust_remote_code, compute_dtype) if distributed.rank() == 0 else None
+    # a copy, not arithmetic: each rank's shard holds exactly the checkpoint's numbers
+    set_model_state_dict(lm, full.state_dict() if full is not None else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # What a state dict leaves out, as rank 0's from_pretrained made it: the non-persistent buffers
+    # (rotary inv_freq, Gemma's embed_scale; computed from the config, small) and the generation config
+    # (generation_config.json's end-of-sequence ids, which generate() stops at).
+    buffers, generation_config = distributed.broadcast_object(
+        (dict(full.named_non_persistent_buffers()), full.generation_config) if full is not None else None)
+    for name, value in buffers.items():
+        lm.get_buffer(name).copy_(value)
+    lm.generation_config = generation_config
+    del full
+    return lm
 
 
 # ----------------------------------------------------------------------------------------------

@@ -585,9 +585,12 @@ def build_verifier(spec: str, options: VerifierOptions | None = None, *, setting
     saved = load_settings(spec)
     require_settings(saved, spec, o.verifier_paper_defaults, "template" in overrides)
     settings = resolve_settings(saved, overrides, o.verifier_force_settings, spec)
-    m = model.load_model(spec, device, dtype or model.compute_dtype(), trust_remote_code).eval().requires_grad_(False)
-    return LocalVerifier(model.shard_model(m, mixed_precision=False) if shard else m,
-                         model.load_tokenizer(spec, trust_remote_code=trust_remote_code), settings, name=spec,
+    dtype = dtype or model.compute_dtype()
+    if shard:  # every rank of the group calls this: the weights are read once, by rank 0, into the shards
+        m = model.load_sharded(spec, device, dtype, trust_remote_code, mixed_precision=False, frozen=True)
+    else:
+        m = model.load_model(spec, device, dtype, trust_remote_code).eval().requires_grad_(False)
+    return LocalVerifier(m, model.load_tokenizer(spec, trust_remote_code=trust_remote_code), settings, name=spec,
                          batch_size=o.verifier_batch_size, max_unjudged=o.verifier_max_unjudged, seed=seed, **reading)
 
 

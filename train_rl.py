@@ -399,13 +399,12 @@ def load_models(cfg: Config, policy_path: str, device):
     """The policy (float32 master weights; FSDP2 computes in bf16 on the GPU path) and, only when a KL
     term is on, a frozen reference (in the compute dtype)."""
     gpu = distributed.gpu_path()
-    policy = model.shard_model(model.load_model(policy_path, device, torch.float32, cfg.trust_remote_code,
-                                                model.compute_dtype()),
-                               mixed_precision=gpu, activation_checkpointing=cfg.activation_checkpointing)
+    policy = model.load_sharded(policy_path, device, torch.float32, cfg.trust_remote_code, model.compute_dtype(),
+                                mixed_precision=gpu, activation_checkpointing=cfg.activation_checkpointing)
     ref = None
     if cfg.kl_mode != "none":
-        ref = model.load_model(policy_path, device, model.compute_dtype(), cfg.trust_remote_code)
-        ref = model.shard_model(ref.eval().requires_grad_(False), mixed_precision=False)
+        ref = model.load_sharded(policy_path, device, model.compute_dtype(), cfg.trust_remote_code,
+                                 mixed_precision=False, frozen=True)
     return policy, ref
 
 

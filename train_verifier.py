@@ -609,9 +609,9 @@ def sft(cfg: SftConfig, vopts: reward.VerifierOptions) -> dict:
     pool, weights = balanced_pool([r.label for r in train_rows], cfg.balance, cfg.seed)
     steps = max(1, math.ceil(cfg.epochs * len(pool) / cfg.batch_size))
 
-    student = model.shard_model(model.load_model(student_path, device, torch.float32, cfg.trust_remote_code,
-                                                 model.compute_dtype()),
-                                distributed.gpu_path(), cfg.activation_checkpointing)
+    student = model.load_sharded(student_path, device, torch.float32, cfg.trust_remote_code, model.compute_dtype(),
+                                 mixed_precision=distributed.gpu_path(),
+                                 activation_checkpointing=cfg.activation_checkpointing)
     optimizer, scheduler = model.build_optimizer(student, cfg.lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.weight_decay,
                                                  steps, cfg.warmup_ratio, cfg.lr_schedule, cfg.min_lr_ratio)
     sampler = data.PromptSampler(len(pool), cfg.batch_size, cfg.seed, rank, world)

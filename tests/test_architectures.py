@@ -27,13 +27,13 @@ ARCHITECTURES = {
 }
 
 
-def build(arch: str, out_dir) -> str:
+def build(arch: str, out_dir, **overrides) -> str:
     import transformers
 
     config_name, model_name, extra = ARCHITECTURES[arch]
     tok = toy.build_tokenizer(1024)
     sizes = {} if arch == "gpt2" else SMALL
-    config = getattr(transformers, config_name)(vocab_size=(len(tok) + 63) // 64 * 64, **sizes, **extra,
+    config = getattr(transformers, config_name)(vocab_size=(len(tok) + 63) // 64 * 64, **(sizes | extra | overrides),
                                                 bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
                                                 pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
