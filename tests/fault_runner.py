@@ -29,12 +29,34 @@ import rollout  # noqa: E402
 import train_rl  # noqa: E402
 
 
-def kill_in_update(original):
-    def update(policy, optimizer, scheduler, batch, cfg, step, device):
-        if step + 1 == AT:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return original(policy, optimizer, scheduler, batch, cfg, step, device)
-    return update
+def in_update(fault):
+    """policy_update that runs `fault(cfg)` first at step AT."""
+    def wrap(original):
+        def update(policy, optimizer, scheduler, batch, cfg, step, device):
+            if step + 1 == AT:
+                fault(cfg)
+            return original(policy, optimizer, scheduler, batch, cfg, step, device)
+        return update
+    return wrap
+
+
+def kill_self(cfg):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def second_run(cfg):
+    other = subprocess.run([sys.executable, train_rl.__file__] + sys.argv[1:], capture_output=True, text=True)
+    Path(os.environ["FAULT_OUT"]).write_text(f"{os.getpid()}\n{other.returncode}\n{other.stderr}")
+
+
+def disk_full(cfg):
+    link = Path(cfg.out_dir) / "rollouts.jsonl"
+    link.unlink()
+    link.symlink_to("/dev/full")
+
+
+def kill_launcher(cfg):
+    os.kill(os.getppid(), signal.SIGKILL)
 
 
 def kill_in_checkpoint(original):
@@ -56,41 +78,10 @@ def sigterm_group_in_reward(original):
     return judge
 
 
-def second_run_in_update(original):
-    def update(policy, optimizer, scheduler, batch, cfg, step, device):
-        if step + 1 == AT:
-            other = subprocess.run([sys.executable, train_rl.__file__] + sys.argv[1:], capture_output=True, text=True)
-            Path(os.environ["FAULT_OUT"]).write_text(f"{os.getpid()}\n{other.returncode}\n{other.stderr}")
-        return original(policy, optimizer, scheduler, batch, cfg, step, device)
-    return update
-
-
-def disk_full_in_update(original):
-    def update(policy, optimizer, scheduler, batch, cfg, step, device):
-        if step + 1 == AT:
-            link = Path(cfg.out_dir) / "rollouts.jsonl"
-            link.unlink()
-            link.symlink_to("/dev/full")
-        return original(policy, optimizer, scheduler, batch, cfg, step, device)
-    return update
-
-
-def launcher_dies(original):
-    def update(policy, optimizer, scheduler, batch, cfg, step, device):
-        if step + 1 == AT:
-            os.kill(os.getppid(), signal.SIGKILL)
-        return original(policy, optimizer, scheduler, batch, cfg, step, device)
-    return update
-
-
-if FAULT == "kill_in_update":
-    train_rl.policy_update = kill_in_update(train_rl.policy_update)
-elif FAULT == "second_run_in_update":
-    train_rl.policy_update = second_run_in_update(train_rl.policy_update)
-elif FAULT == "disk_full_in_update":
-    train_rl.policy_update = disk_full_in_update(train_rl.policy_update)
-elif FAULT == "launcher_dies":
-    train_rl.policy_update = launcher_dies(train_rl.policy_update)
+IN_UPDATE = {"kill_in_update": kill_self, "second_run_in_update": second_run, "disk_full_in_update": disk_full,
+             "launcher_dies": kill_launcher}
+if FAULT in IN_UPDATE:
+    train_rl.policy_update = in_update(IN_UPDATE[FAULT])(train_rl.policy_update)
 elif FAULT == "kill_in_checkpoint":
     checkpoint._commit = kill_in_checkpoint(checkpoint._commit)
 elif FAULT == "sigterm_group_in_reward":
