@@ -177,7 +177,8 @@ def first_token(probs: Tensor, seeds: list[int] | None = None) -> Tensor:
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
 
 
-def token_class(tokens: Tensor, positive_ids: list[int], negative_ids: list[int], invalid_ids: list[int] = ()) -> Tensor:
+def token_class(tokens: Tensor, positive_ids: list[int], negative_ids: list[int],
+                invalid_ids: list[int] = ()) -> Tensor:
     """+1 for a positive token, -1 for a negative one, INVALID for a family's invalid one, 0 for anything else."""
     c = torch.isin(tokens, torch.tensor(positive_ids)).long() - torch.isin(tokens, torch.tensor(negative_ids)).long()
     return c + INVALID * torch.isin(tokens, torch.tensor(list(invalid_ids), dtype=torch.long)).long()
@@ -255,8 +256,9 @@ def load_settings(name_or_path: str) -> VerifierSettings | None:
 
 def require_settings(saved: VerifierSettings | None, name: str, paper_defaults: bool, template_given: bool) -> None:
     """A model verifier without saved settings is asked with the paper's template only when the user says
-    so (template_given: a template file or a --verifier_family names the prompt): asked with a prompt it did not learn, a distilled verifier judges something else (a reward mean of
-    0.54 fell to 0.007, without a word, when its settings file was missing)."""
+    so (template_given: a template file or a --verifier_family names the prompt): asked with a prompt it
+    did not learn, a distilled verifier judges something else (a reward mean of 0.54 fell to 0.007,
+    without a word, when its settings file was missing)."""
     if saved is None and not (paper_defaults or template_given):
         raise config.ConfigError(
             f"verifier {name}: no {SETTINGS_FILE} (the prompt it was trained with); name its template with "
@@ -342,7 +344,8 @@ class VerifierPrompt:
         self.negative_ids = judgement_token_ids(tokenizer, settings.negative, settings.sum_variants, name)
         self.invalid_ids = judgement_token_ids(tokenizer, self.family.invalid, settings.sum_variants, name) \
             if self.family.invalid else []
-        if set(self.positive_ids) & set(self.negative_ids) or set(self.invalid_ids) & set(self.positive_ids + self.negative_ids):
+        pos_neg = set(self.positive_ids + self.negative_ids)
+        if set(self.positive_ids) & set(self.negative_ids) or set(self.invalid_ids) & pos_neg:
             raise ValueError(f"positive {settings.positive!r} and negative {settings.negative!r}"
                              + (f" and invalid {self.family.invalid!r}" if self.family.invalid else "")
                              + f" share token ids for {name}")

@@ -135,7 +135,7 @@ class Samples:
     truncated: list = field(default_factory=list)
     logp: list = field(default_factory=list)     # float32 tensors (the sampler's log-probs) or None
     reward: list = field(default_factory=list)   # (binary, soft, p_yes, judged, invalid, tokens) of the reward verifier
-    logged: list = field(default_factory=list)   # {name: (binary, soft, p_yes, judged, invalid, tokens)} of log-only ones
+    logged: list = field(default_factory=list)   # {name: (the same tuple)} of the log-only verifiers
 
     def take(self, rows) -> Samples:
         rows = list(rows)

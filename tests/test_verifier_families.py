@@ -80,7 +80,7 @@ def test_compass_braces_reach_the_verifier_as_the_notebook_sends_them():
 def test_the_paper_family_is_the_default_and_old_settings_files_load_as_it(tmp_path):
     assert reward.family_settings("rm") == VerifierSettings() and VerifierSettings().family == "rm"
     assert reward.family_settings("master-rm") == VerifierSettings(family="master-rm")  # same prompt, see its note
-    old = {f.name: getattr(VerifierSettings(), f.name) for f in dataclasses.fields(VerifierSettings) if f.name != "family"}
+    old = {k: v for k, v in dataclasses.asdict(VerifierSettings()).items() if k != "family"}
     (tmp_path / reward.SETTINGS_FILE).write_text(json.dumps(old))  # a settings file from before families
     assert reward.load_settings(str(tmp_path)) == VerifierSettings()
     (tmp_path / reward.SETTINGS_FILE).write_text(json.dumps({**old, "family": "omni"}))
@@ -147,7 +147,7 @@ def test_two_judgement_families_read_eq4_as_the_paper(family):
 
 def test_judgement_rewards_counts_invalid_and_keeps_old_callers():
     c = torch.tensor([1, -1, reward.INVALID, 0])
-    p_yes, p_no, p_inv = torch.tensor([.7, .1, .2, .3]), torch.tensor([.2, .8, .1, .1]), torch.tensor([.05, .05, .6, 0.])
+    p_yes, p_no, p_inv = torch.tensor([.7, .1, .2, .3]), torch.tensor([.2, .8, .1, .1]), torch.tensor([.05, .05, .6, 0])
     j = judgement_rewards(p_yes, p_no, c, "renorm", p_inv)
     torch.testing.assert_close(j.soft, torch.tensor([.7 / .95, .1 / .95, .2 / .9, .3 / .4]), atol=1e-6, rtol=0)
     assert j.invalid.tolist() == [False, False, True, False] and j.judged.tolist() == [True, True, True, False]
@@ -228,7 +228,8 @@ def test_the_toy_tokenizer_splits_incorrect_and_says_so(tiny_model_dir):
     tok = model.load_tokenizer(tiny_model_dir)  # the toy's own tokenizer: "Incorrect" is several tokens
     with pytest.raises(ValueError, match=r"judgement token 'Incorrect' is \d+ tokens"):
         reward.VerifierPrompt(tok, reward.family_settings("xverify"))
-    assert reward.VerifierPrompt(tok, reward.family_settings("compass")).invalid_ids == tok.encode("C", add_special_tokens=False)
+    compass = reward.VerifierPrompt(tok, reward.family_settings("compass"))
+    assert compass.invalid_ids == tok.encode("C", add_special_tokens=False)
 
 
 # ---------------------------------------------------------------------------------------------- cot
@@ -377,3 +378,32 @@ def test_sft_distils_a_student_into_the_compass_format(tmp_path, tiny_model_dir)
         reward.build_verifier(result["final"], VerifierOptions(verifier_family="rm"))
     with pytest.raises(config.ConfigError, match="^--verifier_family 'cot': sft distils a first-token judgement"):
         TV.run(args[:-2] + ["--verifier_family", "cot", "--wandb_mode", "disabled"])
+
+
+# ---------------------------------------------------------------------------------------------- logging
+
+
+def test_invalid_judgements_and_verifier_tokens_reach_the_step_metrics():
+    """The Judgement's invalid flags and generated lengths survive the rollout's row packing and are
+    reduced over ranks into verifier/invalid_rate and verifier/tokens_mean (sums / responses)."""
+    import data
+    import rl_config
+    import rollout
+    import train_rl
+
+    def part(invalid, tokens):
+        n = len(invalid)
+        j = reward.Judgement(torch.zeros(n), torch.zeros(n), torch.zeros(n), torch.ones(n, dtype=torch.bool),
+                             torch.tensor(invalid), torch.tensor(tokens))
+        j = rollout._judgement(rollout._entries(j))  # as the rollout source packs and unpacks rows
+        assert j.invalid.tolist() == invalid and j.tokens.tolist() == tokens
+        ro = rollout.Rollout([data.Record("id", [], "q", "r", {})] * n, [[1]] * n, [[2, 3]] * n, ["t"] * n,
+                             [False] * n, list(range(n)))
+        keys = ("loss", "entropy", "entropy_tokens", "clip_low", "clip_high", "tokens", "ratio", "skipped",
+                "engine_gap", "is_ratio", "is_corrected")
+        update = {k: 0.0 for k in keys} | {"grad_norm": 0.0, "engine_gap_max": 0.0, "is_ratio_max": 0.0}
+        return train_rl.step_record(ro, j, torch.zeros(n), {}, update, step=1)
+
+    parts = [part([True, False, False], [10.0, 0.0, 5.0]), part([True, False], [3.0, 2.0])]  # two ranks
+    m = train_rl.reduce_step(parts, torch.zeros(5), [], 1, rl_config.Config())
+    assert m["verifier/invalid_rate"] == pytest.approx(2 / 5) and m["verifier/tokens_mean"] == pytest.approx(20 / 5)
