@@ -413,6 +413,28 @@ def _seeds_for(seeds: list[int] | None, n: int, sample: bool, base: int, call: i
     return list(seeds)
 
 
+def judge_decisions(prompt: VerifierPrompt, seqs: list[list[int]], generated: list[list[int]], probs,
+                    soft_mode: SoftMode, pad_id: int) -> tuple[Judgement, object]:
+    """Eq. 3 / Eq. 4 of a generating family (cot), the local and the remote verifier alike: c is the token
+    the verifier wrote right after its decision marker, p(positive) and p(negative) that position's
+    probabilities, `probs(prefixes)` -> [rows, 2], each prefix the prompt and the reasoning before c (the
+    same softmax over the whole vocabulary as a first token). No marker: unjudged. Returns the Judgement,
+    its `tokens` the generated lengths (the verifier's cost), and a function listing c per row."""
+    at = [verifier_families.decision_position(prompt.tokenizer, g, prompt.family.decision) for g in generated]
+    found = [i for i, a in enumerate(at) if a is not None]
+    p = torch.zeros(len(seqs), 2, dtype=torch.float64)
+    c = torch.zeros(len(seqs), dtype=torch.long)
+    at_decision = probs([seqs[i] + generated[i][:at[i]] for i in found])
+    if found:
+        p[found] = at_decision.double()
+        c[found] = token_class(torch.tensor([generated[i][at[i]] for i in found]), prompt.positive_ids,
+                               prompt.negative_ids)
+    j = judgement_rewards(p[:, 0], p[:, 1], c, soft_mode)
+    j.tokens = torch.tensor([float(len(g)) for g in generated])
+    decided = [g[a] if a is not None else (g[-1] if g else pad_id) for g, a in zip(generated, at)]
+    return j, lambda: decided
+
+
 def _check_lengths(questions, references, responses):
     if not (len(questions) == len(references) == len(responses)):
         raise ValueError(f"verifier: got {len(questions)} questions, {len(references)} references and "
@@ -468,26 +490,16 @@ class LocalVerifier:
         return j
 
     def judge_after_reasoning(self, seqs: list[list[int]], seeds: list[int] | None) -> tuple[Judgement, object]:
-        """A generated family (cot): the verifier writes its reasoning (greedy, or sampled with `seeds`),
-        then c is the token it wrote right after its decision marker, and p(positive), p(negative) are
-        that position's probabilities, from one forward pass over the prompt and the reasoning before it
-        (the same softmax over the whole vocabulary as a first token). No marker: unjudged. Returns the
-        Judgement, its `tokens` the generated lengths (the verifier's cost), and what c was per row."""
-        tok, pos, neg = self.prompt.tokenizer, self.prompt.positive_ids, self.prompt.negative_ids
-        gen = model.generate(self.model, tok, seqs, self.max_new_tokens, row_seeds=seeds)[0] if seqs else []
-        at = [verifier_families.decision_position(tok, g, self.prompt.family.decision) for g in gen]
-        found = [i for i, a in enumerate(at) if a is not None]
-        logits = self.last_logits([seqs[i] + gen[i][:at[i]] for i in found])
-        p_yes, p_no, c = torch.zeros(len(seqs), dtype=torch.float64), torch.zeros(len(seqs), dtype=torch.float64), \
-            torch.zeros(len(seqs), dtype=torch.long)
-        if found:
-            probs = logits.double().softmax(-1)
-            p_yes[found], p_no[found] = probs[:, pos].sum(-1), probs[:, neg].sum(-1)
-            c[found] = token_class(torch.tensor([gen[i][at[i]] for i in found]), pos, neg)
-        j = judgement_rewards(p_yes, p_no, c, self.soft_mode)
-        j.tokens = torch.tensor([float(len(g)) for g in gen])
-        decided = [g[a] if a is not None else (g[-1] if g else self.pad_id) for g, a in zip(gen, at)]
-        return j, lambda: decided
+        """A generating family (cot): the reasoning from model.generate, the decision's probabilities from
+        one forward pass over the prompt and the reasoning before it (judge_decisions)."""
+        gen = model.generate(self.model, self.prompt.tokenizer, seqs, self.max_new_tokens, row_seeds=seeds)[0] \
+            if seqs else []
+        pos, neg = self.prompt.positive_ids, self.prompt.negative_ids
+
+        def probs(prefixes):  # every rank calls last_logits, with or without rows (a sharded verifier)
+            p = self.last_logits(prefixes).double().softmax(-1)
+            return torch.stack([p[:, pos].sum(-1), p[:, neg].sum(-1)], -1) if prefixes else torch.zeros(0, 2)
+        return judge_decisions(self.prompt, seqs, gen, probs, self.soft_mode, self.pad_id)
 
     def _distributed(self) -> bool:
         return self.sharded and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
@@ -529,17 +541,17 @@ class LocalVerifier:
 class RemoteVerifier:
     """The same rewards from vLLM servers: the prompt rendered here as token ids (so local and remote
     see the same tokens), the first output token (greedy, or sampled with a seed per request) and the
-    exact log-probabilities of the judgement tokens (remote.CompletionsClient)."""
+    exact log-probabilities of the judgement tokens (remote.CompletionsClient). A generating family
+    (cot): the server writes the reasoning, then is asked once more at its decision (judge_decisions)."""
 
     def __init__(self, client: CompletionsClient, tokenizer, settings: VerifierSettings = VerifierSettings(),
-                 soft_mode: SoftMode = "eq4", sample: bool = False, max_unjudged: float = 0.1, seed: int = 0):
+                 soft_mode: SoftMode = "eq4", sample: bool = False, max_unjudged: float = 0.1, seed: int = 0,
+                 max_new_tokens: int = 1024):
         self.client, self.name = client, f"{client.model_id} at {','.join(client.endpoints)}"
         self.prompt = VerifierPrompt(tokenizer, settings, self.name, client.max_model_len)
-        if self.prompt.family.decision:
-            raise config.ConfigError(f"verifier {self.name}: family {settings.family!r} generates before it decides; "
-                                     "over http only first-token families are read (serve it, or load it locally)")
         self.soft_mode = "renorm" if self.prompt.family.renormalise else soft_mode  # the family's Eq. 4
         self.sample, self.max_unjudged, self.seed, self.calls = sample, max_unjudged, seed, 0
+        self.max_new_tokens = max_new_tokens  # a generating family's (cot) reasoning
 
     def __call__(self, questions: list[str], references: list[str], responses: list[str],
                  seeds: list[int] | None = None) -> Judgement:
@@ -550,7 +562,17 @@ class RemoteVerifier:
         self.calls += 1
         pos, neg, inv = self.prompt.positive_ids, self.prompt.negative_ids, self.prompt.invalid_ids
         prompts = self.prompt.batch_ids(questions, references, responses)
-        replies = self.client.first_token(prompts, pos + neg + inv, seeds and [s % 2 ** 31 for s in seeds])
+        seeds = seeds and [s % 2 ** 31 for s in seeds]
+        if self.prompt.family.decision:  # cot: the server writes the reasoning, then is asked at the decision
+            def probs(prefixes):
+                replies = self.client.first_token(prefixes, pos + neg, None)
+                return torch.tensor([[sum(math.exp(r["logprobs"][i]) for i in ids) for ids in (pos, neg)]
+                                     for r in replies], dtype=torch.float64).reshape(-1, 2)
+            gen = self.client.generate(prompts, self.max_new_tokens, seeds)
+            j, answered = judge_decisions(self.prompt, prompts, gen, probs, self.soft_mode, 0)
+            self.prompt.check_judged(j.judged, answered, self.max_unjudged)
+            return j
+        replies = self.client.first_token(prompts, pos + neg + inv, seeds)
         p = torch.tensor([[math.exp(r["logprobs"][i]) for i in pos + neg + inv] for r in replies], dtype=torch.float64)
         tokens = torch.tensor([r["token"] for r in replies])
         k = len(pos) + len(neg)
@@ -662,7 +684,8 @@ def build_verifier(spec: str, options: VerifierOptions | None = None, *, setting
                          "template" in overrides or "family" in overrides)
         settings = resolve_settings(saved, overrides, o.verifier_force_settings, spec)
         tokenizer = model.load_tokenizer(source, trust_remote_code=trust_remote_code)
-        return RemoteVerifier(client, tokenizer, settings, max_unjudged=o.verifier_max_unjudged, seed=seed, **reading)
+        return RemoteVerifier(client, tokenizer, settings, max_unjudged=o.verifier_max_unjudged, seed=seed,
+                              max_new_tokens=o.verifier_max_new_tokens, **reading)
     if not spec.strip():
         raise ValueError(f"empty verifier spec; give rule:{'|rule:'.join(RULES)}, an http(s):// endpoint, "
                          "a model directory or a hub name")

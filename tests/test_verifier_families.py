@@ -334,8 +334,54 @@ def test_the_fake_vllm_server_asked_in_the_compass_family(compass_server):
     assert j.binary.tolist() == [1.0, 0.0, 0.0] and j.invalid.tolist() == [False, False, True]
     assert j.judged.all()  # C is a judgement: counted invalid, not unjudged
     torch.testing.assert_close(j.soft, torch.tensor([.6 / .9, .1 / .9, .2 / .8]), atol=1e-6, rtol=0)
-    with pytest.raises(config.ConfigError, match="family 'cot' generates before it decides"):
-        reward.build_verifier(compass_server.url, VerifierOptions(verifier_family="cot"))
+
+
+@pytest.fixture
+def cot_server(family_model_dir):
+    """test_remote's fake vLLM server, writing scripted reasoning (max_tokens > 1) and answering the
+    judgement tokens' log-probabilities at a decision (max_tokens 1) from a table of prefixes."""
+    import model
+    from test_remote import FakeVLLM
+
+    tok = model.load_tokenizer(family_model_dir)
+    yes, no = (tok.encode(w, add_special_tokens=False)[0] for w in (" Yes", " No"))
+
+    class CotFake(FakeVLLM):
+        def reply(self, req, omit=False):
+            self.requests.append({k: v for k, v in req.items() if k != "prompt"})
+            if req["max_tokens"] > 1:
+                ids = self.written[tuple(req["prompt"])][:req["max_tokens"]]
+                return {"choices": [{"text": "", "logprobs": {"tokens": [f"token_id:{t}" for t in ids]}}]}
+            assert req["logprob_token_ids"] == [yes, no] and req["temperature"] == 0.0
+            p_yes, p_no = self.at_decision[tuple(req["prompt"])]
+            lp = {yes: math.log(p_yes), no: math.log(p_no)}
+            return {"choices": [{"text": "", "logprobs": {
+                "tokens": [f"token_id:{yes}"], "token_logprobs": [lp[yes]],
+                "top_logprobs": [{f"token_id:{t}": v for t, v in lp.items()}]}}]}
+
+    server = CotFake(family_model_dir, yes, no)
+    server.written, server.at_decision, server.requests = {}, {}, []  # prompt -> ids; prefix -> (p_yes, p_no)
+    yield server
+    server.close()
+
+
+def test_the_fake_vllm_server_asked_in_the_cot_family(cot_server):
+    v = reward.build_verifier(cot_server.url, VerifierOptions(verifier_family="cot", verifier_max_new_tokens=40,
+                                                              verifier_max_unjudged=1.0))
+    tok = v.prompt.tokenizer
+    enc = lambda t: tok.encode(t, add_special_tokens=False)  # noqa: E731
+    writes = ["Same.\nFinal Decision: Yes", "Differ.\nFinal Decision: No", "Unsure"]
+    prompts = [v.prompt.prompt_ids(*r) for r in zip(QS, REFS, RESP)]
+    for p, w, probs in zip(prompts, writes, ((0.8, 0.1), (0.3, 0.6), None)):
+        cot_server.written[tuple(p)] = enc(w)
+        if probs:  # asked at the prompt + the reasoning up to "Final Decision:"
+            cot_server.at_decision[tuple(p + enc(w.rsplit(" ", 1)[0]))] = probs
+    j = v(QS, REFS, RESP)
+    assert j.binary.tolist() == [1.0, 0.0, 0.0] and j.judged.tolist() == [True, True, False]
+    torch.testing.assert_close(j.soft, torch.tensor([0.8, 1 - 0.6, 0.0]), atol=1e-6, rtol=0)  # Eq. 4 by hand
+    assert j.tokens.tolist() == [float(len(enc(w))) for w in writes]
+    gen = [r for r in cot_server.requests if r["max_tokens"] > 1]
+    assert len(gen) == 3 and all(r["max_tokens"] == 40 and r["temperature"] == 0.0 for r in gen)
 
 
 # ---------------------------------------------------------------------------------------------- distillation
