@@ -6,7 +6,10 @@ audit) is audit.py's.
 Every verifier maps (questions, references, responses) to a Judgement, one entry per response:
     build_verifier("rule:substring" | "rule:exact" | "rule:jaccard" | "rule:math" | "path/or/hub-name" |
                    "http://host:8000" | "py:module:function", VerifierOptions(...))
-The transport (HTTP to vLLM, math-verify worker processes) is remote.py's. Imports model, remote, config.
+A model verifier is asked and read in a family's format (verifier_families.py: the paper's YES/NO by
+default, CompassVerifier's A/B/C, xVerify's Correct/Incorrect, a chain-of-thought verifier that generates).
+The transport (HTTP to vLLM, math-verify worker processes) is remote.py's. Imports model, remote, config,
+verifier_families.
 """
 from __future__ import annotations
 
@@ -492,8 +495,9 @@ class LocalVerifier:
     def judge_after_reasoning(self, seqs: list[list[int]], seeds: list[int] | None) -> tuple[Judgement, object]:
         """A generating family (cot): the reasoning from model.generate, the decision's probabilities from
         one forward pass over the prompt and the reasoning before it (judge_decisions)."""
-        gen = model.generate(self.model, self.prompt.tokenizer, seqs, self.max_new_tokens, row_seeds=seeds)[0] \
-            if seqs else []
+        # a rank without rows still generates (one token from a pad): a sharded verifier gathers its weights there
+        gen = model.generate(self.model, self.prompt.tokenizer, seqs or [[self.pad_id]],
+                             self.max_new_tokens if seqs else 1, row_seeds=seeds if seqs else None)[0][:len(seqs)]
         pos, neg = self.prompt.positive_ids, self.prompt.negative_ids
 
         def probs(prefixes):  # every rank calls last_logits, with or without rows (a sharded verifier)

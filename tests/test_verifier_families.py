@@ -292,6 +292,7 @@ def test_cot_with_the_real_generator_counts_its_cost(family_model_dir):
     j = v(QS[:2], REFS[:2], RESP[:2])
     assert v.prompt.settings.family == "cot" and v.max_new_tokens == 3
     assert ((j.tokens >= 1) & (j.tokens <= 3)).all() and not j.judged.any()  # 3 random tokens: no decision
+    assert v([], [], []).tokens.numel() == 0  # a rank without rows (it still runs one dummy generation)
     with pytest.raises(reward.VerifierError, match=r"2 of 2 first tokens \(100%\) were neither ' Yes' nor ' No'"):
         v.max_unjudged = 0.5
         v(QS[:2], REFS[:2], RESP[:2])
