@@ -109,7 +109,7 @@ class CompletionsClient:
             pool.shutdown(wait=False, cancel_futures=True)
 
     def _generate(self, prompt: list[int], max_tokens: int, seed: int | None, stop: threading.Event) -> list[int]:
-        payload = {"model": self.model_id, "prompt": prompt, "max_tokens": max_tokens, "logprobs": 0,
+        payload = {"model": self.model_id, "prompt": prompt, "max_tokens": max_tokens, "logprobs": 1,
                    "return_tokens_as_token_ids": True, "top_p": 1.0, "temperature": 0.0 if seed is None else 1.0}
         if seed is not None:
             payload["seed"] = seed

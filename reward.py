@@ -676,7 +676,9 @@ def build_verifier(spec: str, options: VerifierOptions | None = None, *, setting
     overrides = o.settings_overrides() if settings_from_flags else {}
     reading = dict(soft_mode=o.soft_mode, sample=o.verifier_sample) if settings_from_flags else {}
     if spec.startswith("rule:"):
-        return RuleVerifier(spec[len("rule:"):], resolve_settings(None, overrides), math_timeout=o.math_timeout)
+        # a family is how a model is asked: a rule reads the response as its own flags say
+        rule_overrides = {k: v for k, v in overrides.items() if k != "family"}
+        return RuleVerifier(spec[len("rule:"):], resolve_settings(None, rule_overrides), math_timeout=o.math_timeout)
     if spec.startswith("py:"):
         return PyVerifier(spec)
     if spec.startswith(("http://", "https://")):

@@ -101,6 +101,8 @@ def test_a_family_flag_that_contradicts_the_saved_one_is_one_line(tmp_path):
     assert reward.resolve_settings(compass, {"family": "xverify"}, force=True) == reward.family_settings("xverify")
     with pytest.raises(config.ConfigError, match="--verifier_family 'omni': must be one of rm, master-rm, compass"):
         VerifierOptions(verifier_family="omni").check()
+    # a rule verifier is not asked in a family: compass's whole-response reading does not reach it
+    assert reward.build_verifier("rule:exact", VerifierOptions(verifier_family="compass")).settings == VerifierSettings()
 
 
 # ---------------------------------------------------------------------------------------------- Eq. 3 / Eq. 4
