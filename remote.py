@@ -87,18 +87,38 @@ class CompletionsClient:
         "logprobs": {id: exact log-probability} for every id in token_ids, "top": every {id: logprob}
         the server returned}. A reply without the exact log-probability of a requested id is a
         VerifierError: guessing 0 for it would be a silent wrong reward."""
+        return self._each(prompts, seeds, lambda p, seed, stop: self._first_token(p, token_ids, seed, stop))
+
+    def generate(self, prompts: list[list[int]], max_tokens: int, seeds: list[int] | None) -> list[list[int]]:
+        """Per prompt: the token ids the server writes, up to max_tokens (greedy, or sampled with that
+        prompt's seed): a generating verifier's reasoning."""
+        return self._each(prompts, seeds, lambda p, seed, stop: self._generate(p, max_tokens, seed, stop))
+
+    def _each(self, prompts: list[list[int]], seeds: list[int] | None, request) -> list:
+        """request(prompt, seed, stop) for every prompt, `concurrency` at a time, in order."""
         if not prompts:
             return []
         if seeds is not None and len(seeds) != len(prompts):
-            raise ValueError(f"first_token: {len(seeds)} seeds for {len(prompts)} prompts")
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         stop = threading.Event()
         pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(prompts)))
         try:
-            return list(pool.map(lambda i: self._first_token(prompts[i], token_ids, seeds and seeds[i], stop),
-                                 range(len(prompts))))
+            return list(pool.map(lambda i: request(prompts[i], seeds and seeds[i], stop), range(len(prompts))))
         finally:  # on an error: drop queued requests and stop retries; requests in flight end by their timeout
             stop.set()
             pool.shutdown(wait=False, cancel_futures=True)
+
+    def _generate(self, prompt: list[int], max_tokens: int, seed: int | None, stop: threading.Event) -> list[int]:
+        payload = {"model": self.model_id, "prompt": prompt, "max_tokens": max_tokens, "logprobs": 1,
+                   "return_tokens_as_token_ids": True, "top_p": 1.0, "temperature": 0.0 if seed is None else 1.0}
+        if seed is not None:
+            payload["seed"] = seed
+        reply = self._request("POST", "/v1/completions", payload, stop)
+        try:
+            return [_token_id(t) for t in reply["choices"][0]["logprobs"]["tokens"]]
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            raise VerifierError(f"verifier {self.model_id} at {','.join(self.endpoints)}: unexpected completions "
+                                f"reply {str(reply)[:300]}") from e
 
     def _first_token(self, prompt: list[int], token_ids: list[int], seed: int | None, stop: threading.Event) -> dict:
         # logprob_token_ids: vLLM returns these ids' log-probabilities over the whole vocabulary (plus

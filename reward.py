@@ -6,7 +6,10 @@ audit) is audit.py's.
 Every verifier maps (questions, references, responses) to a Judgement, one entry per response:
     build_verifier("rule:substring" | "rule:exact" | "rule:jaccard" | "rule:math" | "path/or/hub-name" |
                    "http://host:8000" | "py:module:function", VerifierOptions(...))
-The transport (HTTP to vLLM, math-verify worker processes) is remote.py's. Imports model, remote, config.
+A model verifier is asked and read in a family's format (verifier_families.py: the paper's YES/NO by
+default, CompassVerifier's A/B/C, xVerify's Correct/Incorrect, a chain-of-thought verifier that generates).
+The transport (HTTP to vLLM, math-verify worker processes) is remote.py's. Imports model, remote, config,
+verifier_families.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from torch import Tensor
 
 import config
 import model
+import verifier_families
 from remote import TRAILING_PUNCT, CompletionsClient, MathPool, VerifierError  # noqa: F401 (re-exported)
 
 # ----------------------------------------------------------------------------------------------
@@ -104,10 +108,19 @@ class Judgement:
     soft: Tensor    # Eq. 4 (or the renormalised variant), [0, 1] float32
     p_yes: Tensor   # probability of the positive token(s), for logging and distillation, float32
     judged: Tensor  # bool: the first token c was the positive or the negative token (rules: all True)
+    invalid: Tensor | None = None  # bool: c was the family's "invalid" judgement (compass C); default all False
+    tokens: Tensor | None = None   # float32: tokens the verifier generated (cot's cost); default all 0
+
+    def __post_init__(self):
+        if self.invalid is None:
+            self.invalid = torch.zeros(len(self.binary), dtype=torch.bool)
+        if self.tokens is None:
+            self.tokens = torch.zeros(len(self.binary))
 
     def select(self, idx: list[int]) -> "Judgement":
         """The entries of responses `idx`, in that order."""
-        return Judgement(self.binary[idx], self.soft[idx], self.p_yes[idx], self.judged[idx])
+        return Judgement(self.binary[idx], self.soft[idx], self.p_yes[idx], self.judged[idx], self.invalid[idx],
+                         self.tokens[idx])
 
 
 class Verifier(Protocol):
@@ -118,31 +131,40 @@ class Verifier(Protocol):
     # seeds: one per response; used only by a verifier that samples c (Eq. 3 as the paper writes it)
 
 
-def judgement_rewards(p_yes: Tensor, p_no: Tensor, c_class: Tensor, soft_mode: SoftMode = "eq4") -> Judgement:
+INVALID = 2  # token_class of a family's third judgement (compass "C"): judged, never rewarded
+
+
+def judgement_rewards(p_yes: Tensor, p_no: Tensor, c_class: Tensor, soft_mode: SoftMode = "eq4",
+                      p_invalid: Tensor | None = None) -> Judgement:
     """Rewards from the judgement-token probabilities and the class of the first output token c
-    (+1 positive, -1 negative, 0 anything else), greedy or sampled: both equations read the same c.
+    (+1 positive, -1 negative, INVALID a family's invalid judgement, 0 anything else), greedy or
+    sampled: both equations read the same c.
     Eq. 3: binary = 1 if c is positive. Eq. 4: p(YES) if c = YES, 1 - p(NO) if c = NO, 0 otherwise.
-    soft_mode="renorm": p(YES) / (p(YES) + p(NO)), 0 when both are 0."""
+    soft_mode="renorm": p(YES) / (p(YES) + p(NO) [+ p(invalid)]), 0 when all are 0."""
     p_yes, p_no, c = p_yes.double().cpu(), p_no.double().cpu(), c_class.cpu()
     zero = torch.zeros_like(p_yes)
     if soft_mode == "eq4":
         soft = torch.where(c == 1, p_yes, torch.where(c == -1, 1.0 - p_no, zero))
     elif soft_mode == "renorm":
-        den = p_yes + p_no
+        den = p_yes + p_no + (zero if p_invalid is None else p_invalid.double().cpu())
         soft = torch.where(den > 0, p_yes / den.clamp_min(torch.finfo(torch.float64).tiny), zero)
     else:
         raise ValueError(f"soft_mode={soft_mode!r}: expected eq4 or renorm")
-    return Judgement(binary=(c == 1).float(), soft=soft.clamp(0.0, 1.0).float(), p_yes=p_yes.float(), judged=c != 0)
+    return Judgement(binary=(c == 1).float(), soft=soft.clamp(0.0, 1.0).float(), p_yes=p_yes.float(), judged=c != 0,
+                     invalid=c == INVALID)
 
 
 def rewards_from_logits(logits: Tensor, positive_ids: list[int], negative_ids: list[int],
-                        soft_mode: SoftMode = "eq4", seeds: list[int] | None = None) -> Judgement:
+                        soft_mode: SoftMode = "eq4", seeds: list[int] | None = None,
+                        invalid_ids: list[int] = ()) -> Judgement:
     """Eq. 3 and Eq. 4 from the [B, vocab] logits of the first output position. Probabilities are a
     softmax over the whole vocabulary; the ids of each side are summed (one id each unless spelling
-    variants are summed). c is the argmax, or with `seeds` a sample (first_token)."""
+    variants are summed). c is the argmax, or with `seeds` a sample (first_token). `invalid_ids`: a
+    family's third judgement (compass "C"), counted in Judgement.invalid and in renorm's denominator."""
     probs = logits.double().softmax(-1).cpu()
     p_yes, p_no = probs[:, positive_ids].sum(-1), probs[:, negative_ids].sum(-1)
-    return judgement_rewards(p_yes, p_no, token_class(first_token(probs, seeds), positive_ids, negative_ids), soft_mode)
+    c = token_class(first_token(probs, seeds), positive_ids, negative_ids, invalid_ids)
+    return judgement_rewards(p_yes, p_no, c, soft_mode, probs[:, list(invalid_ids)].sum(-1) if invalid_ids else None)
 
 
 def first_token(probs: Tensor, seeds: list[int] | None = None) -> Tensor:
@@ -158,9 +180,11 @@ def first_token(probs: Tensor, seeds: list[int] | None = None) -> Tensor:
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(probs.shape[-1] - 1)
 
 
-def token_class(tokens: Tensor, positive_ids: list[int], negative_ids: list[int]) -> Tensor:
-    """+1 for a positive token, -1 for a negative one, 0 for anything else."""
-    return torch.isin(tokens, torch.tensor(positive_ids)).long() - torch.isin(tokens, torch.tensor(negative_ids)).long()
+def token_class(tokens: Tensor, positive_ids: list[int], negative_ids: list[int],
+                invalid_ids: list[int] = ()) -> Tensor:
+    """+1 for a positive token, -1 for a negative one, INVALID for a family's invalid one, 0 for anything else."""
+    c = torch.isin(tokens, torch.tensor(positive_ids)).long() - torch.isin(tokens, torch.tensor(negative_ids)).long()
+    return c + INVALID * torch.isin(tokens, torch.tensor(list(invalid_ids), dtype=torch.long)).long()
 
 
 def _hash(*parts) -> int:
@@ -189,6 +213,12 @@ class VerifierSettings:
     full_response: bool = False  # the whole response instead of its last line
     strip_think: bool = True     # drop <think>...</think> before taking the last line
     sum_variants: bool = False   # sum p over "YES", " Yes", "yes"... (every one-token spelling)
+    family: str = "rm"           # verifier_families.FAMILIES: how it is asked and read (files without it: rm)
+
+
+def family_settings(name: str) -> VerifierSettings:
+    """The settings a verifier of family `name` is asked with by default (its published prompt)."""
+    return VerifierSettings(family=name, **verifier_families.family(name).settings)
 
 
 def save_settings(directory: str | os.PathLike, settings: VerifierSettings) -> str:
@@ -221,13 +251,17 @@ def load_settings(name_or_path: str) -> VerifierSettings | None:
         if not hasattr(defaults, key) or type(value) is not type(getattr(defaults, key)):
             raise ValueError(f"{path}: field {key!r} = {value!r} is not a verifier setting of that type; "
                              f"expected fields {[f.name for f in dataclasses.fields(defaults)]}")
+    if values.get("family", "rm") not in verifier_families.FAMILIES:
+        raise ValueError(f"{path}: field 'family' = {values['family']!r} is not a verifier family; "
+                         f"valid: {', '.join(verifier_families.FAMILIES)}")
     return dataclasses.replace(defaults, **values)
 
 
 def require_settings(saved: VerifierSettings | None, name: str, paper_defaults: bool, template_given: bool) -> None:
     """A model verifier without saved settings is asked with the paper's template only when the user says
-    so: asked with a prompt it did not learn, a distilled verifier judges something else (a reward mean of
-    0.54 fell to 0.007, without a word, when its settings file was missing)."""
+    so (template_given: a template file or a --verifier_family names the prompt): asked with a prompt it
+    did not learn, a distilled verifier judges something else (a reward mean of 0.54 fell to 0.007,
+    without a word, when its settings file was missing)."""
     if saved is None and not (paper_defaults or template_given):
         raise config.ConfigError(
             f"verifier {name}: no {SETTINGS_FILE} (the prompt it was trained with); name its template with "
@@ -243,7 +277,8 @@ def check_saved_settings(spec: str, options: "VerifierOptions", from_flags: bool
             saved = load_settings(spec)
         except ValueError as e:
             raise config.ConfigError(str(e)) from None
-        require_settings(saved, spec, options.verifier_paper_defaults, from_flags and bool(options.verifier_template))
+        require_settings(saved, spec, options.verifier_paper_defaults,
+                         from_flags and bool(options.verifier_template or options.verifier_family))
 
 
 def resolve_settings(saved: VerifierSettings | None, overrides: dict, force: bool = False,
@@ -257,7 +292,10 @@ def resolve_settings(saved: VerifierSettings | None, overrides: dict, force: boo
                 raise config.ConfigError(
                     f"--verifier_{key} {value!r:.60}: {name} was trained with {key} = {getattr(saved, key)!r:.60} "
                     f"({SETTINGS_FILE}); drop the flag to ask it as trained, or add --verifier_force_settings")
-    return dataclasses.replace(saved or VerifierSettings(), **overrides)
+    family = overrides.get("family", saved.family if saved else "rm")
+    # a family named by a flag starts from its own published prompt, not from what was saved for another one
+    base = saved if saved is not None and saved.family == family else family_settings(family)
+    return dataclasses.replace(base, **overrides)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,14 +339,19 @@ class VerifierPrompt:
         for f in ("{reference}", "{response}"):
             if f not in settings.template:
                 raise ValueError(f"verifier template of {name} has no {f} field")
-        if not getattr(tokenizer, "chat_template", None):
+        self.family = verifier_families.family(settings.family)
+        if self.family.chat and not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"tokenizer of {name} has no chat template; the verifier prompt is rendered through it")
         self.tokenizer, self.settings, self.name, self.max_len, self.cut = tokenizer, settings, name, max_len, 0
         self.positive_ids = judgement_token_ids(tokenizer, settings.positive, settings.sum_variants, name)
         self.negative_ids = judgement_token_ids(tokenizer, settings.negative, settings.sum_variants, name)
-        if set(self.positive_ids) & set(self.negative_ids):
-            raise ValueError(f"positive {settings.positive!r} and negative {settings.negative!r} share token ids "
-                             f"for {name}")
+        self.invalid_ids = judgement_token_ids(tokenizer, self.family.invalid, settings.sum_variants, name) \
+            if self.family.invalid else []
+        pos_neg = set(self.positive_ids + self.negative_ids)
+        if set(self.positive_ids) & set(self.negative_ids) or set(self.invalid_ids) & pos_neg:
+            raise ValueError(f"positive {settings.positive!r} and negative {settings.negative!r}"
+                             + (f" and invalid {self.family.invalid!r}" if self.family.invalid else "")
+                             + f" share token ids for {name}")
 
     def prompt_ids(self, question: str, reference: str, response: str) -> list[int]:
         """The prompt's ids; at most max_len - 1 of them (the judgement token needs a position)."""
@@ -329,6 +372,8 @@ class VerifierPrompt:
 
     def _render(self, question: str, reference: str, answer: str) -> list[int]:
         s = self.settings
+        if not self.family.chat:  # raw text, tokenised as the family's own code does (special tokens included)
+            return self.tokenizer.encode(fill_template(s.template, question, reference, answer))
         messages = [{"role": "user", "content": fill_template(s.template, question, reference, answer)}]
         if s.system_prompt:
             messages.insert(0, {"role": "system", "content": s.system_prompt})
@@ -354,7 +399,8 @@ class VerifierPrompt:
             others = Counter(self.tokenizer.decode([t]) for t, ok in zip(answered(), judged.tolist()) if not ok)
             raise VerifierError(
                 f"verifier {self.name}: {int(unjudged)} of {int(total)} first tokens ({unjudged / total:.0%}) were "
-                f"neither {self.settings.positive!r} nor {self.settings.negative!r} (--verifier_max_unjudged "
+                f"neither {self.settings.positive!r} nor {self.settings.negative!r}"
+                f"{f' nor {self.family.invalid!r}' if self.family.invalid else ''} (--verifier_max_unjudged "
                 f"{max_unjudged}); "
                 f"it answered instead: {dict(others.most_common(5))}. Is it asked with the prompt it was trained on?")
 
@@ -368,6 +414,28 @@ def _seeds_for(seeds: list[int] | None, n: int, sample: bool, base: int, call: i
     if len(seeds) != n:
         raise ValueError(f"verifier: {len(seeds)} seeds for {n} responses")
     return list(seeds)
+
+
+def judge_decisions(prompt: VerifierPrompt, seqs: list[list[int]], generated: list[list[int]], probs,
+                    soft_mode: SoftMode, pad_id: int) -> tuple[Judgement, object]:
+    """Eq. 3 / Eq. 4 of a generating family (cot), the local and the remote verifier alike: c is the token
+    the verifier wrote right after its decision marker, p(positive) and p(negative) that position's
+    probabilities, `probs(prefixes)` -> [rows, 2], each prefix the prompt and the reasoning before c (the
+    same softmax over the whole vocabulary as a first token). No marker: unjudged. Returns the Judgement,
+    its `tokens` the generated lengths (the verifier's cost), and a function listing c per row."""
+    at = [verifier_families.decision_position(prompt.tokenizer, g, prompt.family.decision) for g in generated]
+    found = [i for i, a in enumerate(at) if a is not None]
+    p = torch.zeros(len(seqs), 2, dtype=torch.float64)
+    c = torch.zeros(len(seqs), dtype=torch.long)
+    at_decision = probs([seqs[i] + generated[i][:at[i]] for i in found])
+    if found:
+        p[found] = at_decision.double()
+        c[found] = token_class(torch.tensor([generated[i][at[i]] for i in found]), prompt.positive_ids,
+                               prompt.negative_ids)
+    j = judgement_rewards(p[:, 0], p[:, 1], c, soft_mode)
+    j.tokens = torch.tensor([float(len(g)) for g in generated])
+    decided = [g[a] if a is not None else (g[-1] if g else pad_id) for g, a in zip(generated, at)]
+    return j, lambda: decided
 
 
 def _check_lengths(questions, references, responses):
@@ -388,13 +456,15 @@ def _empty_judgement() -> Judgement:
 class LocalVerifier:
     """A Hugging Face causal LM judged with one forward pass per batch and no generate(): the lm_head
     runs at the last position only (logits_to_keep=1), so no [B, T, vocab] tensor ever exists.
-    Rows are sorted by length into batches of `batch_size` so padding stays small."""
+    Rows are sorted by length into batches of `batch_size` so padding stays small. A generated family
+    (cot) generates up to `max_new_tokens` first (judge_after_reasoning)."""
 
     def __init__(self, lm, tokenizer, settings: VerifierSettings = VerifierSettings(), name: str = "local verifier",
                  batch_size: int = 8, soft_mode: SoftMode = "eq4", sample: bool = False, max_unjudged: float = 0.1,
-                 seed: int = 0):
+                 seed: int = 0, max_new_tokens: int = 1024):
         self.prompt = VerifierPrompt(tokenizer, settings, name, getattr(lm.config, "max_position_embeddings", None))
-        self.model, self.name, self.batch_size, self.soft_mode = lm, name, batch_size, soft_mode
+        self.model, self.name, self.batch_size, self.max_new_tokens = lm, name, batch_size, max_new_tokens
+        self.soft_mode = "renorm" if self.prompt.family.renormalise else soft_mode  # the family's Eq. 4
         self.sample, self.max_unjudged, self.seed, self.calls = sample, max_unjudged, seed, 0
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         from torch.distributed.tensor import DTensor
@@ -409,15 +479,31 @@ class LocalVerifier:
         seeds = _seeds_for(seeds, len(questions), self.sample, self.seed, self.calls)
         self.calls += 1
         seqs = self.prompt.batch_ids(questions, references, responses)
-        logits = self.last_logits(seqs)
-        j = rewards_from_logits(logits, self.prompt.positive_ids, self.prompt.negative_ids, self.soft_mode, seeds) \
-            if seqs else _empty_judgement()
+        if self.prompt.family.decision:
+            j, answered = self.judge_after_reasoning(seqs, seeds)
+        else:
+            logits = self.last_logits(seqs)
+            j = rewards_from_logits(logits, self.prompt.positive_ids, self.prompt.negative_ids, self.soft_mode, seeds,
+                                    self.prompt.invalid_ids) if seqs else _empty_judgement()
+            answered = lambda: first_token(logits.double().softmax(-1), seeds).tolist()  # noqa: E731
         counts = torch.tensor([(~j.judged).sum().item(), len(seqs)], device=self.device)
         if self._distributed():  # every rank raises, or none does: a lone raise would hang the others
             torch.distributed.all_reduce(counts)
-        self.prompt.check_judged(j.judged, lambda: first_token(logits.double().softmax(-1), seeds).tolist(),
-                                 self.max_unjudged, counts.cpu())
+        self.prompt.check_judged(j.judged, answered, self.max_unjudged, counts.cpu())
         return j
+
+    def judge_after_reasoning(self, seqs: list[list[int]], seeds: list[int] | None) -> tuple[Judgement, object]:
+        """A generating family (cot): the reasoning from model.generate, the decision's probabilities from
+        one forward pass over the prompt and the reasoning before it (judge_decisions)."""
+        # a rank without rows still generates (one token from a pad): a sharded verifier gathers its weights there
+        gen = model.generate(self.model, self.prompt.tokenizer, seqs or [[self.pad_id]],
+                             self.max_new_tokens if seqs else 1, row_seeds=seeds if seqs else None)[0][:len(seqs)]
+        pos, neg = self.prompt.positive_ids, self.prompt.negative_ids
+
+        def probs(prefixes):  # every rank calls last_logits, with or without rows (a sharded verifier)
+            p = self.last_logits(prefixes).double().softmax(-1)
+            return torch.stack([p[:, pos].sum(-1), p[:, neg].sum(-1)], -1) if prefixes else torch.zeros(0, 2)
+        return judge_decisions(self.prompt, seqs, gen, probs, self.soft_mode, self.pad_id)
 
     def _distributed(self) -> bool:
         return self.sharded and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
@@ -459,13 +545,17 @@ class LocalVerifier:
 class RemoteVerifier:
     """The same rewards from vLLM servers: the prompt rendered here as token ids (so local and remote
     see the same tokens), the first output token (greedy, or sampled with a seed per request) and the
-    exact log-probabilities of the judgement tokens (remote.CompletionsClient)."""
+    exact log-probabilities of the judgement tokens (remote.CompletionsClient). A generating family
+    (cot): the server writes the reasoning, then is asked once more at its decision (judge_decisions)."""
 
     def __init__(self, client: CompletionsClient, tokenizer, settings: VerifierSettings = VerifierSettings(),
-                 soft_mode: SoftMode = "eq4", sample: bool = False, max_unjudged: float = 0.1, seed: int = 0):
+                 soft_mode: SoftMode = "eq4", sample: bool = False, max_unjudged: float = 0.1, seed: int = 0,
+                 max_new_tokens: int = 1024):
         self.client, self.name = client, f"{client.model_id} at {','.join(client.endpoints)}"
         self.prompt = VerifierPrompt(tokenizer, settings, self.name, client.max_model_len)
-        self.soft_mode, self.sample, self.max_unjudged, self.seed, self.calls = soft_mode, sample, max_unjudged, seed, 0
+        self.soft_mode = "renorm" if self.prompt.family.renormalise else soft_mode  # the family's Eq. 4
+        self.sample, self.max_unjudged, self.seed, self.calls = sample, max_unjudged, seed, 0
+        self.max_new_tokens = max_new_tokens  # a generating family's (cot) reasoning
 
     def __call__(self, questions: list[str], references: list[str], responses: list[str],
                  seeds: list[int] | None = None) -> Judgement:
@@ -474,13 +564,24 @@ class RemoteVerifier:
             return _empty_judgement()
         seeds = _seeds_for(seeds, len(questions), self.sample, self.seed, self.calls)
         self.calls += 1
-        pos, neg = self.prompt.positive_ids, self.prompt.negative_ids
+        pos, neg, inv = self.prompt.positive_ids, self.prompt.negative_ids, self.prompt.invalid_ids
         prompts = self.prompt.batch_ids(questions, references, responses)
-        replies = self.client.first_token(prompts, pos + neg, seeds and [s % 2 ** 31 for s in seeds])
-        p = torch.tensor([[math.exp(r["logprobs"][i]) for i in pos + neg] for r in replies], dtype=torch.float64)
+        seeds = seeds and [s % 2 ** 31 for s in seeds]
+        if self.prompt.family.decision:  # cot: the server writes the reasoning, then is asked at the decision
+            def probs(prefixes):
+                replies = self.client.first_token(prefixes, pos + neg, None)
+                return torch.tensor([[sum(math.exp(r["logprobs"][i]) for i in ids) for ids in (pos, neg)]
+                                     for r in replies], dtype=torch.float64).reshape(-1, 2)
+            gen = self.client.generate(prompts, self.max_new_tokens, seeds)
+            j, answered = judge_decisions(self.prompt, prompts, gen, probs, self.soft_mode, 0)
+            self.prompt.check_judged(j.judged, answered, self.max_unjudged)
+            return j
+        replies = self.client.first_token(prompts, pos + neg + inv, seeds)
+        p = torch.tensor([[math.exp(r["logprobs"][i]) for i in pos + neg + inv] for r in replies], dtype=torch.float64)
         tokens = torch.tensor([r["token"] for r in replies])
-        j = judgement_rewards(p[:, :len(pos)].sum(-1), p[:, len(pos):].sum(-1), token_class(tokens, pos, neg),
-                              self.soft_mode)
+        k = len(pos) + len(neg)
+        j = judgement_rewards(p[:, :len(pos)].sum(-1), p[:, len(pos):k].sum(-1), token_class(tokens, pos, neg, inv),
+                              self.soft_mode, p[:, k:].sum(-1) if inv else None)
         self.prompt.check_judged(j.judged, tokens.tolist, self.max_unjudged)
         return j
 
@@ -508,6 +609,11 @@ class VerifierOptions:
                                                        "(default: saved, else true)")
     verifier_sum_variants: Optional[bool] = _flag(None, "sum p over one-token spellings (YES, Yes, ' yes'...) "
                                                         "(default: saved, else false)")
+    verifier_family: Optional[str] = _flag(None, "how the verifier is asked and read: "
+                                                 f"{' | '.join(verifier_families.FAMILIES)} (verifier_families.py; "
+                                                 "default: saved, else rm, the paper's)")
+    verifier_max_new_tokens: int = _flag(1024, "tokens a generating verifier (--verifier_family cot) may write before "
+                                               "its decision")
     verifier_force_settings: bool = _flag(False, "let the flags above override the verifier's saved settings")
     verifier_paper_defaults: bool = _flag(False, "ask model verifiers without verifier_settings.json (the released "
                                                  "RM-7B, a general judge) with the paper's template and YES/NO; "
@@ -533,6 +639,9 @@ class VerifierOptions:
         req(0 <= self.verifier_max_unjudged <= 1, "verifier_max_unjudged", self.verifier_max_unjudged,
             "must be in [0, 1]")
         req(self.math_timeout > 0, "math_timeout", self.math_timeout, "must be > 0")
+        req(self.verifier_family is None or self.verifier_family in verifier_families.FAMILIES, "verifier_family",
+            self.verifier_family, f"must be one of {', '.join(verifier_families.FAMILIES)}")
+        req(self.verifier_max_new_tokens >= 1, "verifier_max_new_tokens", self.verifier_max_new_tokens, "must be >= 1")
         for flag in ("verifier_positive", "verifier_negative"):
             req(getattr(self, flag) != "", flag, getattr(self, flag), "must not be empty")
         req(self.verifier_positive is None or self.verifier_positive != self.verifier_negative, "verifier_negative",
@@ -547,7 +656,7 @@ class VerifierOptions:
     def settings_overrides(self) -> dict:
         """{setting: value} for every prompt flag that was given."""
         out = {key: getattr(self, "verifier_" + key) for key in
-               ("system_prompt", "positive", "negative", "full_response", "strip_think", "sum_variants")}
+               ("system_prompt", "positive", "negative", "full_response", "strip_think", "sum_variants", "family")}
         if self.verifier_template:
             out["template"] = Path(self.verifier_template).read_text(encoding="utf-8")
         return {k: v for k, v in out.items() if v is not None}
@@ -567,7 +676,9 @@ def build_verifier(spec: str, options: VerifierOptions | None = None, *, setting
     overrides = o.settings_overrides() if settings_from_flags else {}
     reading = dict(soft_mode=o.soft_mode, sample=o.verifier_sample) if settings_from_flags else {}
     if spec.startswith("rule:"):
-        return RuleVerifier(spec[len("rule:"):], resolve_settings(None, overrides), math_timeout=o.math_timeout)
+        # a family is how a model is asked: a rule reads the response as its own flags say
+        rule_overrides = {k: v for k, v in overrides.items() if k != "family"}
+        return RuleVerifier(spec[len("rule:"):], resolve_settings(None, rule_overrides), math_timeout=o.math_timeout)
     if spec.startswith("py:"):
         return PyVerifier(spec)
     if spec.startswith(("http://", "https://")):
@@ -575,15 +686,17 @@ def build_verifier(spec: str, options: VerifierOptions | None = None, *, setting
                                    o.verifier_retries, o.verifier_concurrency)
         source = o.verifier_tokenizer or client.model_id
         saved = load_settings(source)
-        require_settings(saved, f"{spec} ({source})", o.verifier_paper_defaults, "template" in overrides)
+        require_settings(saved, f"{spec} ({source})", o.verifier_paper_defaults,
+                         "template" in overrides or "family" in overrides)
         settings = resolve_settings(saved, overrides, o.verifier_force_settings, spec)
         tokenizer = model.load_tokenizer(source, trust_remote_code=trust_remote_code)
-        return RemoteVerifier(client, tokenizer, settings, max_unjudged=o.verifier_max_unjudged, seed=seed, **reading)
+        return RemoteVerifier(client, tokenizer, settings, max_unjudged=o.verifier_max_unjudged, seed=seed,
+                              max_new_tokens=o.verifier_max_new_tokens, **reading)
     if not spec.strip():
         raise ValueError(f"empty verifier spec; give rule:{'|rule:'.join(RULES)}, an http(s):// endpoint, "
                          "a model directory or a hub name")
     saved = load_settings(spec)
-    require_settings(saved, spec, o.verifier_paper_defaults, "template" in overrides)
+    require_settings(saved, spec, o.verifier_paper_defaults, "template" in overrides or "family" in overrides)
     settings = resolve_settings(saved, overrides, o.verifier_force_settings, spec)
     dtype = dtype or model.compute_dtype()
     if shard:  # every rank of the group calls this: the weights are read once, by rank 0, into the shards
@@ -591,7 +704,8 @@ def build_verifier(spec: str, options: VerifierOptions | None = None, *, setting
     else:
         m = model.load_model(spec, device, dtype, trust_remote_code).eval().requires_grad_(False)
     return LocalVerifier(m, model.load_tokenizer(spec, trust_remote_code=trust_remote_code), settings, name=spec,
-                         batch_size=o.verifier_batch_size, max_unjudged=o.verifier_max_unjudged, seed=seed, **reading)
+                         batch_size=o.verifier_batch_size, max_unjudged=o.verifier_max_unjudged, seed=seed,
+                         max_new_tokens=o.verifier_max_new_tokens, **reading)
 
 
 # ----------------------------------------------------------------------------------------------

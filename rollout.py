@@ -134,8 +134,8 @@ class Samples:
     text: list = field(default_factory=list)
     truncated: list = field(default_factory=list)
     logp: list = field(default_factory=list)     # float32 tensors (the sampler's log-probs) or None
-    reward: list = field(default_factory=list)   # (binary, soft, p_yes, judged) of the reward verifier
-    logged: list = field(default_factory=list)   # {name: (binary, soft, p_yes, judged)} of log-only verifiers
+    reward: list = field(default_factory=list)   # (binary, soft, p_yes, judged, invalid, tokens) of the reward verifier
+    logged: list = field(default_factory=list)   # {name: (the same tuple)} of the log-only verifiers
 
     def take(self, rows) -> Samples:
         rows = list(rows)
@@ -155,14 +155,16 @@ def cat(parts: list[Samples]) -> Samples:
 
 
 def _entries(j: reward.Judgement) -> list[tuple]:
-    return list(zip(j.binary.tolist(), j.soft.tolist(), j.p_yes.tolist(), j.judged.tolist()))
+    return list(zip(j.binary.tolist(), j.soft.tolist(), j.p_yes.tolist(), j.judged.tolist(), j.invalid.tolist(),
+                    j.tokens.tolist()))
 
 
 def _judgement(entries: list[tuple]) -> reward.Judgement:
-    b, s, p, j = zip(*entries) if entries else ((), (), (), ())
+    b, s, p, j, v, t = zip(*entries) if entries else ((), (), (), (), (), ())
     f32 = torch.float32
     return reward.Judgement(torch.tensor(b, dtype=f32), torch.tensor(s, dtype=f32), torch.tensor(p, dtype=f32),
-                            torch.tensor(j, dtype=torch.bool))
+                            torch.tensor(j, dtype=torch.bool), torch.tensor(v, dtype=torch.bool),
+                            torch.tensor(t, dtype=f32))
 
 
 def _unpack(rows: Samples, train_set: list, logged_names) -> tuple[Rollout, reward.Judgement, dict]:

@@ -229,6 +229,7 @@ def step_record(ro: rollout.Rollout, judged: reward.Judgement, used: torch.Tenso
     """This rank's contribution to the step's metrics and files (reduced on every rank by log_step)."""
     sums = {"binary": judged.binary.sum().item(), "soft": judged.soft.sum().item(),
             "p_yes": judged.p_yes.sum().item(), "unjudged": (~judged.judged).sum().item(),
+            "invalid": judged.invalid.sum().item(), "verifier_tokens": judged.tokens.sum().item(),
             "truncated": float(sum(ro.truncated)), "length": float(sum(ro.lengths))}
     for name, j in logged.items():
         sums[f"{name}/binary"], sums[f"{name}/soft"] = j.binary.sum().item(), j.soft.sum().item()
@@ -248,6 +249,8 @@ def reduce_step(parts: list[dict], rewards: torch.Tensor, logged_names: list[str
     m = {"reward/mean": rewards.mean().item(), "reward/std": rewards.std(unbiased=False).item(),
          "reward/binary_mean": s["binary"] / n, "reward/soft_mean": s["soft"] / n, "reward/p_yes_mean": s["p_yes"] / n,
          "reward/unjudged_frac": s["unjudged"] / n, "response/length_mean": s["length"] / n,
+         # a verifier family's "invalid" judgements (compass C) and a generating verifier's cost (cot)
+         "verifier/invalid_rate": s["invalid"] / n, "verifier/tokens_mean": s["verifier_tokens"] / n,
          "response/length_max": max(p["length_max"] for p in parts), "response/truncated": s["truncated"] / n,
          "loss": s["update/loss"] / updates, "grad_norm": parts[0]["grad_norm"],
          "entropy": s["update/entropy"] / max(1.0, s["update/entropy_tokens"]),

@@ -19,6 +19,8 @@ eval read with no field flags.
 A verifier is its weights and its settings (template, system prompt, judgement tokens, what of the
 response it reads). `sft` trains the student on reward.py's prompt and saves the settings beside the
 weights, so reward.build_verifier(dir), train_rl.py, `eval` and `label` ask it exactly as it learned.
+`sft --verifier_family compass|xverify|master-rm` trains the teacher's label as that family's tokens
+(A / B, Correct / Incorrect, YES / NO) after its published prompt (verifier_families.py) and saves the family.
 `sft` can also add the negatives that make a student hard to fool (Master-RM, arXiv 2507.08794):
 content-free "master key" answers, truncated responses, and a policy's own responses judged by the
 teacher; it reports the student's master-key false-positive rate beside its held-out agreement.
@@ -52,6 +54,7 @@ import metrics
 import model
 import remote
 import reward
+import verifier_families
 import rl_config
 import rollout
 import rundir
@@ -193,6 +196,10 @@ def check_config(cfg, vopts: reward.VerifierOptions) -> None:
     # the eval verifier and label's teacher are asked with the prompt flags; sft's teacher is not
     reward.check_saved_settings(getattr(cfg, "verifier", ""), vopts, from_flags=True)
     reward.check_saved_settings(getattr(cfg, "teacher", ""), vopts, from_flags=not isinstance(cfg, SftConfig))
+    # sft trains one judgement token after the prompt (the teacher's label mapped to the family's tokens)
+    req(not (isinstance(cfg, SftConfig) and vopts.verifier_family and
+             verifier_families.family(vopts.verifier_family).decision), "verifier_family", vopts.verifier_family,
+        "sft distils a first-token judgement; a generating verifier would need the teacher's reasoning as targets")
     for name in FIELD_FLAGS:
         req(getattr(cfg, name).strip() != "", name, getattr(cfg, name), "must name a column")
     # label writes the judgement; sft and eval read it from a column of its own
