@@ -1,0 +1,156 @@
+"""verifier_free.py: RLPR's and VeriFree's rewards from the policy's own probability of the reference,
+by hand on small tensors and against a token-by-token implementation on the tiny model."""
+import math
+
+import pytest
+import torch
+
+import data
+import verifier_free as vf
+
+# float64 sums of a handful of terms: exact to ~1e-15; 1e-12 leaves room without hiding a wrong formula
+F64 = 1e-12
+
+
+def test_split_answer_takes_the_last_line_and_keeps_the_answer_prefix_in_the_reasoning():
+    assert vf.split_answer("Birch Ltd") == ("", "Birch Ltd")  # the free-form world: no reasoning
+    assert vf.split_answer("Let me see.\nTherefore, the answer is 7 kg  \n\n") == \
+        ("Let me see.\nTherefore, the answer is ", "7 kg")
+    assert vf.split_answer("a\r\nb\rthe answer is: x") == ("a\r\nb\rthe answer is: ", "x")
+    assert vf.split_answer("step one\n  Mount Kelo") == ("step one\n  ", "Mount Kelo")
+    assert vf.split_answer("") == ("", "")
+    assert vf.split_answer("  \n") == ("  \n", "")
+    # reasoning + answer is the response up to the answer's end: nothing but the answer is replaced
+    for r in ("x\ny", "one\n\nTherefore, the answer is 5\n", "just text"):
+        head, answer = vf.split_answer(r)
+        assert r.rstrip().startswith(head) and (head + answer) == r.rstrip()
+
+
+def test_continuation_ids_move_the_reasonings_trailing_spaces_to_the_reference(tiny_model_dir):
+    import model
+
+    tok = model.load_tokenizer(tiny_model_dir)
+    head, ref = vf.continuation_ids(tok, "so the answer is ", "7 kg")
+    assert head == tok.encode("so the answer is", add_special_tokens=False)
+    assert ref == tok.encode(" 7 kg", add_special_tokens=False)
+    assert vf.continuation_ids(tok, "", "7 kg") == ([], tok.encode("7 kg", add_special_tokens=False))
+
+
+def test_scores_by_hand():
+    lp = [torch.tensor([math.log(0.5), math.log(0.25)]), torch.tensor([math.log(0.8)]), torch.zeros(0)]
+    # RLPR: mean of probabilities (0.5 + 0.25) / 2; not exp(mean log) = sqrt(0.125) = 0.354
+    assert vf.rlpr_score(lp).tolist() == pytest.approx([0.375, 0.8, 0.0], abs=1e-7)  # float32 log inputs
+    # VeriFree: the product 0.5 * 0.25
+    assert vf.verifree_score(lp).tolist() == pytest.approx([0.125, 0.8, 0.0], abs=1e-7)
+    r, base = torch.tensor([0.6, 0.2, 0.9], dtype=torch.float64), torch.tensor([0.2, 0.6, 0.0], dtype=torch.float64)
+    assert vf.rlpr_debias(r, base).tolist() == pytest.approx([0.4, 0.0, 0.9], abs=F64)
+    flat = torch.arange(6.0)
+    assert [s.tolist() for s in vf.segments(flat, [2, 0, 4])] == [[0, 1], [], [2, 3, 4, 5]]
+    with pytest.raises(ValueError):
+        vf.segments(flat, [2, 2])
+
+
+def test_std_filter_by_hand():
+    rewards = torch.tensor([0.0, 1.0, 0.5, 0.5, 0.2, 0.4], dtype=torch.float64)
+    stds = vf.group_stds(rewards, 2)
+    # Bessel: two values a, b have std |a - b| / sqrt(2)
+    assert stds.tolist() == pytest.approx([1 / math.sqrt(2), 0.0, 0.2 / math.sqrt(2)], abs=F64)
+    f = vf.StdFilter(beta=0.5, ratio=0.9)
+    assert f(stds).tolist() == [True, True, True]  # no batch before: threshold 0
+    m1 = stds.mean().item()
+    assert f.ema == pytest.approx(m1, abs=F64) and f.threshold == pytest.approx(0.5 * m1, abs=F64)
+    s2 = torch.tensor([0.05, 0.2, 0.1], dtype=torch.float64)  # threshold 0.5 * 0.2828 = 0.141
+    assert f(s2).tolist() == [False, True, False]
+    assert f.ema == pytest.approx(0.9 * m1 + 0.1 * s2.mean().item(), abs=F64)
+    g = vf.StdFilter(0.5, 0.9)
+    g.load_state_dict(f.state_dict())
+    assert g.threshold == f.threshold
+
+
+class FakeTokenizer:
+    """One token per character; a chat template that writes the user message."""
+    chat_template = "x"
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) % 50 + 1 for c in text]
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return "".join(m["content"] for m in messages) + ">"
+
+
+def test_policy_reward_scores_the_reference_after_the_reasoning_and_debiases_by_the_start():
+    # a "policy" whose log-prob of every reference token is log(0.1 * (1 + len(its prompt) % 5)):
+    # the score depends on what precedes the reference, which is what the test checks
+    calls = []
+
+    def logprobs(prompts, conts):
+        calls.append(len(prompts))
+        return torch.cat([torch.full((len(c),), math.log(0.1 * (1 + len(p) % 5))) for p, c in zip(prompts, conts)])
+
+    recs = [data.make_record("Q1", "ab", [{"role": "user", "content": "Q1"}], {})]
+    tok = FakeTokenizer()
+    rlpr = vf.PolicyReward("rlpr", logprobs, tok, recs, max_prompt_len=100, batch_size=2)
+    # the rendered prompt "Q1>": 3 tokens -> p = 0.1 * (1 + 3 % 5) = 0.4 = r_base
+    assert rlpr.base[("Q1", "ab")] == pytest.approx(0.4, abs=1e-7)
+    j = rlpr(["Q1"] * 3, ["ab"] * 3, ["ab", "xy\nthe answer is zz", "abc\nab"])
+    # "ab": no reasoning, r = r_base -> 0. "xy\nthe answer is " (its trailing space goes with the
+    # reference " ab", 3 tokens): 3 + 16 = 19 tokens -> p = 0.5 -> 0.5 - 0.4. "abc\n": 3 + 4 = 7 -> 0.3,
+    # below r_base -> 0
+    assert j.soft.tolist() == pytest.approx([0.0, 0.1, 0.0], abs=1e-6)
+    verifree = vf.PolicyReward("verifree", logprobs, tok, recs, max_prompt_len=100, batch_size=2)
+    j = verifree(["Q1"] * 3, ["ab"] * 3, ["ab", "x\nab", "xyz\nab"])
+    # a 2-token reference: p^2; prompts 3, 5, 7 tokens -> p 0.4, 0.1, 0.3
+    assert j.soft.tolist() == pytest.approx([0.16, 0.01, 0.09], abs=1e-6)
+    assert j.binary.tolist() == [0.0, 0.0, 0.0] and bool(j.judged.all())
+    assert calls == [1, 2, 1, 2, 1]  # r_base of the record, then each call in batches of 2 rows
+    # a question outside the records: one user message; RLPR's base computed at first sight and kept
+    before = len(rlpr.base)
+    j = rlpr(["Q22?"], ["ab"], ["x\nab"])
+    assert len(rlpr.base) == before + 1
+    # prompt "Q22?>" 5 tokens: base p = 0.1; with "x\n" 7 tokens: p = 0.3 -> 0.3 - 0.1
+    assert j.soft.tolist() == pytest.approx([0.2], abs=1e-6)
+
+
+def straightforward(lm, prompt: list[int], reference: list[int], kind: str) -> float:
+    """The paper's formula token by token: a full forward per position, softmax, math.exp."""
+    probs = []
+    for t in range(len(reference)):
+        ids = torch.tensor([prompt + reference[:t]])
+        with torch.no_grad():
+            logits = lm(input_ids=ids).logits[0, -1].double()
+        probs.append(math.exp(logits[reference[t]].item() - torch.logsumexp(logits, -1).item()))
+    return sum(probs) / len(probs) if kind == "rlpr" else math.prod(probs)
+
+
+@pytest.mark.parametrize("kind", vf.KINDS)
+def test_against_a_token_by_token_implementation_on_the_tiny_model(tiny_model_dir, kind):
+    import model
+    import rl_config
+    import train_rl
+
+    tok, lm = model.load_tokenizer(tiny_model_dir), model.load_model(tiny_model_dir).eval()
+    cfg, _ = rl_config.parse_config(["--data", "toy"])
+    qs = ["What is 2 + 3?", "What is 7 - 4?"]
+    recs = [data.make_record(q, ref, [{"role": "user", "content": q}], {}) for q, ref in zip(qs, ["5 5", "3 + 0"])]
+
+    def logprobs(prompts, conts):
+        return train_rl.forward_logprobs(lm, prompts, conts, list(range(len(prompts))), cfg, "cpu")[0]
+
+    r = vf.PolicyReward(kind, logprobs, tok, recs, max_prompt_len=256, batch_size=3)
+    responses = ["7", "first 3 then 4\nthe answer is 12", "so\n3", "1 2 3\n4"]
+    questions, refs = [qs[0], qs[0], qs[1], qs[1]], ["5 5", "5 5", "3 + 0", "3 + 0"]
+    got = r(questions, refs, responses).soft
+    prompts, ref_ids, raw, base = [], [], [], []
+    for q, ref, resp in zip(questions, refs, responses):
+        prompt = data.tokenize_prompts(tok, [next(x for x in recs if x.question == q)], 256)[0]
+        head, ids = vf.continuation_ids(tok, vf.split_answer(resp)[0], ref)
+        prompts.append(prompt + head)
+        ref_ids.append(ids)
+        raw.append(straightforward(lm, prompt + head, ids, kind))
+        base.append(straightforward(lm, prompt, vf.continuation_ids(tok, "", ref)[1], kind))
+    assert all(len(ids) >= 2 for ids in ref_ids)  # a mean of probabilities is not their product
+    assert len(set(raw)) == len(raw)  # the rows differ: the comparison means something
+    # float32 forwards, packed vs one sequence at a time: log-probs agree to ~1e-6, so relative 1e-4
+    assert r.scores(prompts, ref_ids).tolist() == pytest.approx(raw, rel=1e-4, abs=1e-9)
+    want = [min(1.0, max(0.0, a - b)) for a, b in zip(raw, base)] if kind == "rlpr" else raw
+    assert got.tolist() == pytest.approx(want, rel=1e-4, abs=1e-6)
