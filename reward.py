@@ -570,6 +570,8 @@ def build_verifier(spec: str, options: VerifierOptions | None = None, *, setting
         return RuleVerifier(spec[len("rule:"):], resolve_settings(None, overrides), math_timeout=o.math_timeout)
     if spec.startswith("py:"):
         return PyVerifier(spec)
+    if spec.startswith("policy:"):  # verifier_free.PolicyReward: train_rl.load_verifiers builds it with the policy
+        raise ValueError(f"verifier {spec!r} scores the policy being trained: a reward source of train_rl.py --verifier only")
     if spec.startswith(("http://", "https://")):
         client = CompletionsClient([e.strip() for e in spec.split(",") if e.strip()], o.verifier_timeout,
                                    o.verifier_retries, o.verifier_concurrency)
@@ -595,6 +597,7 @@ def build_verifier(spec: str, options: VerifierOptions | None = None, *, setting
 # rule verifiers: the paper's baselines and a math-equivalence check
 
 RULES = ("substring", "exact", "jaccard", "math")
+POLICY_SOURCES = ("rlpr", "verifree")  # policy:<source>, verifier_free.py's rewards without a verifier
 # What a math rule can grade: a number, a fraction or expression, LaTeX, or an option letter. Prose
 # ("Western blot", "Concept Assimilation") is not: rule:math scores every answer to it 0.
 _OPTION = re.compile(r"^\(?[A-J]\)?$")
@@ -689,6 +692,11 @@ def check_spec(spec: str, flag: str) -> None:
     """A rule or py: spec that cannot run is a ConfigError naming `flag`, before any model loads
     (a py: function is imported and tried on one row)."""
     try:
+        if spec.startswith("policy:"):
+            if spec[len("policy:"):] not in POLICY_SOURCES:
+                raise ValueError(f"unknown reward source; valid: {', '.join('policy:' + k for k in POLICY_SOURCES)}")
+            if flag != "verifier":
+                raise ValueError("is a reward source of --verifier only: it scores the policy being trained, not a judge")
         if spec.startswith("rule:") and spec[len("rule:"):] not in RULES:
             raise ValueError(f"unknown rule verifier; valid: {', '.join('rule:' + r for r in RULES)}")
         if spec.startswith("py:"):

@@ -29,7 +29,8 @@ class Config:
     verifier: str = field(default="tiny", metadata={
         "help": "reward verifier: a model dir or hub name, http://host:port[,...] (vLLM servers), or "
                 "rule:substring|rule:exact|rule:jaccard|rule:math, py:module:function (a Python judge, e.g. "
-                "py:freeform:teacher); 'tiny': the tiny verifier distilled from the --data world's teacher "
+                "py:freeform:teacher), policy:rlpr|policy:verifree (no verifier: the policy's own probability of the "
+                "reference after its reasoning, verifier_free.py); 'tiny': the tiny verifier distilled from the --data world's teacher "
                 "(worlds.py; freeform: recipes/verifier_freeform.yaml; built once, cached)"})
     reward_type: Literal["binary", "soft"] = field(default="soft", metadata={"help": "binary (Eq. 3) or soft (Eq. 4)"})
     eval_verifier: str = field(default="auto", metadata={
@@ -231,6 +232,13 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
         for spec in getattr(cfg, name).split(",") if name == "log_verifiers" else [getattr(cfg, name)]:
             if spec.strip() not in ("auto", "self"):
                 reward.check_spec(spec.strip(), name)
+    if cfg.verifier.startswith("policy:"):  # verifier_free.PolicyReward: the policy scores its own rollouts
+        req(not cfg.async_steps, "async_steps", cfg.async_steps, f"with --verifier {cfg.verifier}: the worker's batch "
+            "would be scored by a policy in the middle of its update; use --async_steps 0")
+        req(not cfg.stream_judging, "stream_judging", cfg.stream_judging, f"with --verifier {cfg.verifier}: the policy "
+            "cannot score in a thread while it generates; use --stream_judging false")
+        req(cfg.eval_verifier != "self", "eval_verifier", cfg.eval_verifier, f"--verifier {cfg.verifier} is not a "
+            "grader of held-out answers; name a judge")
     ckpts = os.path.join(cfg.out_dir, "checkpoints")
     req(cfg.resume != "yes" or checkpoint.latest_checkpoint(ckpts) is not None, "resume", cfg.resume,
         f"no checkpoint in {ckpts}; --resume auto starts fresh when there is none")

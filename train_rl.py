@@ -34,6 +34,7 @@ import rl_math
 import rollout
 import rollout_async
 import rundir
+import verifier_free
 import worlds
 from rl_config import Config
 
@@ -409,10 +410,18 @@ def load_models(cfg: Config, policy_path: str, device):
     return policy, ref
 
 
-def load_verifiers(cfg: Config, vopts, spec: str, device) -> dict:
+def load_verifiers(cfg: Config, vopts, spec: str, device, policy=None, tokenizer=None, train_set=()) -> dict:
     """The reward verifier (asked with its saved settings and the verifier flags), and the judges that
-    only grade: eval, audit, log-only (their own settings; transport flags only)."""
+    only grade: eval, audit, log-only (their own settings; transport flags only). A policy: spec is
+    the policy's own probability of the reference (verifier_free.py), built on `policy` before any update."""
     def build(s, from_flags):
+        if s.startswith("policy:"):
+            from torch.distributed.tensor import DTensor
+
+            return verifier_free.PolicyReward(
+                s[len("policy:"):], lambda p, r: forward_logprobs(policy, p, r, range(len(p)), cfg, device)[0],
+                tokenizer, train_set, cfg.max_prompt_len, cfg.micro_batch_size,
+                sharded=any(isinstance(w, DTensor) for w in policy.parameters()))
         return reward.build_verifier(s, vopts, settings_from_flags=from_flags, device=device,
                                      shard=distributed.is_initialized(), seed=cfg.seed,
                                      trust_remote_code=cfg.trust_remote_code)
@@ -529,7 +538,7 @@ def train(cfg: Config, vopts: reward.VerifierOptions) -> dict:
     tokenizer = model.load_tokenizer(policy_path, cfg.trust_remote_code, cfg.prompt_format)
     train_set, heldout = drop_long_prompts(cfg, tokenizer, train_set, heldout)
     policy, ref = load_models(cfg, policy_path, device)
-    judges = load_verifiers(cfg, vopts, verifier_spec, device)
+    judges = load_verifiers(cfg, vopts, verifier_spec, device, policy, tokenizer, train_set)
     updates_per_step = cfg.ppo_epochs * cfg.minibatches
     optimizer, scheduler = model.build_optimizer(policy, cfg.lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.weight_decay,
                                                  cfg.steps * updates_per_step, cfg.warmup_ratio, cfg.lr_schedule,

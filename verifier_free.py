@@ -44,7 +44,7 @@ import data
 import distributed
 import reward
 
-KINDS = ("rlpr", "verifree")
+KINDS = reward.POLICY_SOURCES
 _LINE_END = re.compile(r"\r\n|\r|\n")
 
 

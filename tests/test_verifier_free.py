@@ -154,3 +154,78 @@ def test_against_a_token_by_token_implementation_on_the_tiny_model(tiny_model_di
     assert r.scores(prompts, ref_ids).tolist() == pytest.approx(raw, rel=1e-4, abs=1e-9)
     want = [min(1.0, max(0.0, a - b)) for a, b in zip(raw, base)] if kind == "rlpr" else raw
     assert got.tolist() == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", vf.KINDS)
+def test_two_rl_steps_log_the_formula_of_the_policy_that_sampled(kind, tmp_path, monkeypatch):
+    # 2 steps on the free-form world with the warm-started tiny policy; every call of the reward is recorded
+    # with a copy of the policy's weights at that moment, and each logged reward is recomputed token by
+    # token from those weights (r_base from the weights before any update). The world's answers are one
+    # line (no reasoning): RLPR's r equals r_base and its reward is 0 (the weights never move);
+    # VeriFree's is pi(reference | prompt), the same for a prompt's every response.
+    import json
+
+    import model
+    import rl_config
+    import train_rl
+
+    calls, seen = [], {}
+    load = train_rl.load_verifiers
+
+    def load_and_keep(cfg, vopts, spec, device, policy=None, *rest):
+        seen["policy"] = policy
+        return load(cfg, vopts, spec, device, policy, *rest)
+
+    score = vf.PolicyReward.__call__
+
+    def recorded(self, questions, references, responses, seeds=None):
+        weights = {k: v.detach().clone() for k, v in seen["policy"].state_dict().items()}
+        j = score(self, questions, references, responses, seeds)
+        calls.append((weights, list(questions), list(references), list(responses), j.soft.tolist()))
+        return j
+
+    monkeypatch.setattr(train_rl, "load_verifiers", load_and_keep)
+    monkeypatch.setattr(vf.PolicyReward, "__call__", recorded)
+    out = tmp_path / kind
+    cfg, vopts = rl_config.parse_config([
+        "--verifier", f"policy:{kind}", "--steps", "2", "--prompts_per_step", "4", "--samples_per_prompt", "4",
+        "--eval_every", "0", "--eval_prompts", "4", "--eval_samples", "0", "--audit_every", "0", "--log_verifiers", "",
+        "--out_dir", str(out), "--wandb_mode", "disabled", "--seed", "1"])
+    result = train_rl.train(cfg, vopts)
+    rows = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    steps = [c for c in calls if len(c[1]) == 16]  # the start's master-key probe asks 64 rows
+    assert len(steps) == 2 and len(rows) == 32
+    tok = model.load_tokenizer(result["policy"])
+    lm = model.load_model(result["policy"]).eval()
+    initial = {k: v.clone() for k, v in lm.state_dict().items()}
+    records = {r.question: r for r in train_rl.load_data(cfg)[0]}
+    for step, (weights, questions, refs, responses, _) in enumerate(steps, start=1):
+        logged = [r for r in rows if r["step"] == step]
+        assert [r["response"] for r in logged] == responses and [r["question"] for r in logged] == questions
+        for r in logged:
+            prompt = data.tokenize_prompts(tok, [records[r["question"]]], cfg.max_prompt_len)[0]
+            head, ref_ids = vf.continuation_ids(tok, vf.split_answer(r["response"])[0], r["reference"])
+            lm.load_state_dict(weights)
+            want = straightforward(lm, prompt + head, ref_ids, kind)
+            if kind == "rlpr":
+                lm.load_state_dict(initial)
+                want = min(1.0, max(0.0, want - straightforward(lm, prompt, vf.continuation_ids(tok, "", r["reference"])[1], kind)))
+            # the logged reward is float32; the forwards agree to ~1e-6 in log-prob
+            assert r["reward"] == pytest.approx(want, rel=1e-4, abs=1e-6)
+    if kind == "verifree":
+        assert len({r["reward"] for r in rows}) > 4  # prompts differ: the check is not of a constant
+        # the update moved the weights: step 2's rewards are the updated policy's, not the start's
+        assert any(not torch.equal(steps[0][0][k], steps[1][0][k]) for k in steps[0][0])
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--async_steps", "1"], "--async_steps"), (["--stream_judging", "true"], "--stream_judging"),
+    (["--eval_verifier", "self"], "--eval_verifier"), (["--log_verifiers", "policy:rlpr"], "--log_verifiers"),
+    (["--verifier", "policy:nope"], "--verifier")])
+def test_flags_a_policy_reward_cannot_run_with_are_refused_in_one_line(extra, flag):
+    import config
+    import rl_config
+
+    with pytest.raises(config.ConfigError) as e:
+        rl_config.parse_config(["--verifier", "policy:rlpr", *extra])
+    assert str(e.value).startswith(flag) and "\n" not in str(e.value)
