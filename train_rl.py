@@ -259,6 +259,9 @@ def reduce_step(parts: list[dict], rewards: torch.Tensor, logged_names: list[str
         m["kl/k3"] = s["update/kl_k3"] / max(1.0, s["update/tokens"])
     for name in logged_names:
         m[f"reward/{name}/binary_mean"], m[f"reward/{name}/soft_mean"] = s[f"{name}/binary"] / n, s[f"{name}/soft"] / n
+    if cfg.verifier.startswith("hybrid:"):  # the share of responses rule:math judged (reward.routes_to_math)
+        m["verifier/routed_math_share"] = sum(reward.routes_to_math(r["reference"], r["response"])
+                                               for p in parts for r in p["rows"]) / n
     if any(p["gap_max"] for p in parts) or s["update/engine_gap"]:  # a sampler other than the trainer
         m["rollout/engine_logprob_gap_mean"] = s["update/engine_gap"] / tokens
         m["rollout/engine_logprob_gap_max"] = max(p["gap_max"] for p in parts)
@@ -320,6 +323,8 @@ def resolve_paths(cfg: Config) -> tuple[str, str]:
     world = worlds.of(cfg.data)
     policy = world.tiny_policy(cfg.heldout_fraction) if cfg.policy == "tiny" else cfg.policy
     verifier = world.tiny_verifier() if cfg.verifier == "tiny" else cfg.verifier
+    if cfg.verifier == "hybrid:tiny":  # rule:math where it can grade, the tiny verifier elsewhere
+        verifier = "hybrid:" + world.tiny_verifier()
     return policy, verifier
 
 
