@@ -93,6 +93,10 @@ class Config:
     max_filter_rounds: int = field(default=3, metadata={
         "help": "extra rounds of --prompts_per_step prompts --filter_groups may draw per step; a batch still short "
                 "is filled with the first dropped groups (their advantage is 0 under --reward_norm group)"})
+    std_filter_beta: float = field(default=0.0, metadata={
+        "help": "RLPR's standard-deviation filter for --filter_groups: keep the groups whose reward std is >= this "
+                "x an EMA (0.99) of the steps' mean group std (RLPR: 0.5 for Qwen; verifier_free.StdFilter); "
+                "0: keep the groups whose rewards are not all equal (DAPO)"})
     filter_patience: int = field(default=3, metadata={
         "help": "--filter_groups: stop (after a checkpoint) when this many steps in a row keep no group (every "
                 "prompt's responses rewarded alike: nothing to learn, generation wasted)"})
@@ -198,6 +202,9 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
     req(cfg.rollout_correction == "none" or cfg.rollout_engine == "vllm" or cfg.async_steps, "rollout_correction",
         cfg.rollout_correction, "needs a sampler other than the trainer (--rollout_engine vllm or --async_steps 1)")
     rollout.check(cfg, world)
+    req(cfg.std_filter_beta >= 0, "std_filter_beta", cfg.std_filter_beta, "must be >= 0 (0: off)")
+    req(cfg.std_filter_beta == 0 or cfg.filter_groups, "std_filter_beta", cfg.std_filter_beta,
+        "filters the groups of --filter_groups: add --filter_groups true")
     req(0 <= cfg.warmup_ratio < 1, "warmup_ratio", cfg.warmup_ratio, "must be in [0, 1)")
     req(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", cfg.min_lr_ratio, "must be in [0, 1]")
     req(cfg.max_grad_norm > 0, "max_grad_norm", cfg.max_grad_norm, "must be > 0")

@@ -119,26 +119,33 @@ def std_filter_keep(stds: Tensor, threshold: float) -> Tensor:
 
 
 class StdFilter:
-    """RLPR's adaptive threshold: beta x an exponential moving average of each batch's mean group std
-    (ema <- ratio * ema + (1 - ratio) * mean, started at the first batch's mean). The threshold used on
-    a batch comes from the batches before it (0 before any: nothing is dropped on the first)."""
+    """RLPR's adaptive threshold (--std_filter_beta with --filter_groups): a step keeps the prompt groups
+    whose reward std is >= beta x an exponential moving average of the steps' mean group std (ema <-
+    ratio * ema + (1 - ratio) * mean, started at the first step's mean; ratio 0.99 as their recipes). The
+    threshold is fixed during a step (every refill round uses it) and moves at its end (end_step), with
+    the std of every group the step judged, as their score_std_list; the first step drops nothing
+    (their filter_start_step / filter_ema_start_step delays are left out). NaN/inf stds are skipped, as theirs."""
 
     def __init__(self, beta: float, ratio: float = 0.99):
-        self.beta, self.ratio, self.ema = beta, ratio, None
+        self.beta, self.ratio, self.ema, self.seen = beta, ratio, None, []
 
     @property
     def threshold(self) -> float:
         return 0.0 if self.ema is None else self.beta * self.ema
 
-    def __call__(self, stds: Tensor) -> Tensor:
-        """The keep mask of this batch's groups; then the EMA takes this batch's mean std (NaN/inf skipped,
-        as their code skips them)."""
-        keep = std_filter_keep(stds, self.threshold)
+    def keep(self, groups: Tensor) -> Tensor:
+        """The keep mask of [groups, samples] rewards; their stds count toward this step's mean."""
+        stds = group_stds(groups.flatten(), groups.shape[1])
+        self.seen.append(stds)
+        return std_filter_keep(stds, self.threshold)
+
+    def end_step(self) -> None:
+        stds = torch.cat(self.seen) if self.seen else torch.zeros(0)
+        self.seen = []
         finite = stds[torch.isfinite(stds)]
         if finite.numel():
             mean = finite.mean().item()
             self.ema = mean if self.ema is None else self.ratio * self.ema + (1 - self.ratio) * mean
-        return keep
 
     def state_dict(self) -> dict:
         return {"ema": self.ema}

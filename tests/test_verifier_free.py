@@ -56,12 +56,19 @@ def test_std_filter_by_hand():
     # Bessel: two values a, b have std |a - b| / sqrt(2)
     assert stds.tolist() == pytest.approx([1 / math.sqrt(2), 0.0, 0.2 / math.sqrt(2)], abs=F64)
     f = vf.StdFilter(beta=0.5, ratio=0.9)
-    assert f(stds).tolist() == [True, True, True]  # no batch before: threshold 0
+    groups = rewards.view(3, 2)
+    assert f.keep(groups).tolist() == [True, True, True]  # no step before: threshold 0
+    f.end_step()
     m1 = stds.mean().item()
     assert f.ema == pytest.approx(m1, abs=F64) and f.threshold == pytest.approx(0.5 * m1, abs=F64)
-    s2 = torch.tensor([0.05, 0.2, 0.1], dtype=torch.float64)  # threshold 0.5 * 0.2828 = 0.141
-    assert f(s2).tolist() == [False, True, False]
-    assert f.ema == pytest.approx(0.9 * m1 + 0.1 * s2.mean().item(), abs=F64)
+    # threshold 0.5 * (1 + 0.2) / (3 sqrt 2) = 0.2 / sqrt 2: stds 0.1, 0.3 and 0.2 - 1e-9 over sqrt 2
+    g2 = torch.tensor([[0.0, 0.1], [0.0, 0.3], [0.0, 0.2 - 1e-9]], dtype=torch.float64)
+    assert f.keep(g2).tolist() == [False, True, False]
+    g3 = torch.tensor([[0.5, 0.5]], dtype=torch.float64)  # a refill round of the same step: same threshold
+    assert f.keep(g3).tolist() == [False] and f.threshold == pytest.approx(0.5 * m1, abs=F64)
+    f.end_step()  # the step's mean over both rounds' four groups
+    s2 = torch.cat([vf.group_stds(g2.flatten(), 2), vf.group_stds(g3.flatten(), 2)]).mean().item()
+    assert f.ema == pytest.approx(0.9 * m1 + 0.1 * s2, abs=F64)
     g = vf.StdFilter(0.5, 0.9)
     g.load_state_dict(f.state_dict())
     assert g.threshold == f.threshold
@@ -221,7 +228,8 @@ def test_two_rl_steps_log_the_formula_of_the_policy_that_sampled(kind, tmp_path,
 @pytest.mark.parametrize("extra, flag", [
     (["--async_steps", "1"], "--async_steps"), (["--stream_judging", "true"], "--stream_judging"),
     (["--eval_verifier", "self"], "--eval_verifier"), (["--log_verifiers", "policy:rlpr"], "--log_verifiers"),
-    (["--verifier", "policy:nope"], "--verifier")])
+    (["--verifier", "policy:nope"], "--verifier"), (["--std_filter_beta", "0.5"], "--std_filter_beta"),
+    (["--filter_groups", "true", "--std_filter_beta", "-1"], "--std_filter_beta")])
 def test_flags_a_policy_reward_cannot_run_with_are_refused_in_one_line(extra, flag):
     import config
     import rl_config
@@ -229,3 +237,51 @@ def test_flags_a_policy_reward_cannot_run_with_are_refused_in_one_line(extra, fl
     with pytest.raises(config.ConfigError) as e:
         rl_config.parse_config(["--verifier", "policy:rlpr", *extra])
     assert str(e.value).startswith(flag) and "\n" not in str(e.value)
+
+
+def test_dynamic_sampling_with_rlprs_std_filter_keeps_the_groups_above_the_threshold():
+    from types import SimpleNamespace
+
+    import rollout
+    import rollout_filter
+
+    cfg = SimpleNamespace(samples_per_prompt=2, prompts_per_step=3, reward_type="soft", max_filter_rounds=1)
+
+    def round_rows(number, rewards):
+        n = len(rewards)
+        return rollout.Samples(index=list(range(n)), prompt=[[1]] * n, seed=[100 * number + i for i in range(n)],
+                               staleness=[0] * n, reward=[(0.0, r, r, True) for r in rewards])
+
+    rounds = {0: [0.0, 1.0, 0.5, 0.5, 0.2, 0.4], 1: [0.0, 0.6, 0.1, 0.1, 0.3, 0.9]}
+    f = vf.StdFilter(beta=0.5)
+    f.load_state_dict({"ema": 0.4})  # threshold 0.2: group stds (Bessel) 0.707, 0, 0.141 | 0.424, 0, 0.424
+    parts, info = rollout_filter.filter_groups(cfg, round_rows(0, rounds[0]), lambda r: round_rows(r, rounds[r]), f)
+    assert [p.seed for p in parts] == [[0, 1], [100, 101], [104, 105]]
+    assert info["rollout/std_filter_threshold"] == pytest.approx(0.2, abs=F64)
+    assert info["rollout/filter_rounds"] == 1.0 and info["rollout/groups_kept_frac"] == 0.5
+    mean = (math.sqrt(0.5) + 0.2 / math.sqrt(2) + 2 * 0.6 / math.sqrt(2)) / 6  # every group of the step
+    assert f.ema == pytest.approx(0.99 * 0.4 + 0.01 * mean, abs=F64)
+    # without it: DAPO's rule, groups whose rewards are not all equal (0.2 vs 0.4 is kept)
+    parts, _ = rollout_filter.filter_groups(cfg, round_rows(0, rounds[0]), lambda r: round_rows(r, rounds[r]))
+    assert [p.seed for p in parts] == [[0, 1], [4, 5], [100, 101]]
+
+
+def test_the_std_filters_threshold_is_resumed_from_a_checkpoint():
+    import reward
+    import rl_config
+    import rollout
+
+    cfg = rl_config.Config(filter_groups=True, std_filter_beta=0.5, prompts_per_step=2, samples_per_prompt=2)
+    new = lambda: rollout.RolloutSource(cfg, None, None, [], data.PromptSampler(10, 2, 0),  # noqa: E731
+                                        reward.build_verifier("rule:exact"))
+    src, resumed = new(), new()
+    src.std_filter.ema = 0.3
+    state = src.state_dict()
+    assert state["std_filter"] == {"ema": 0.3}
+    resumed.load_state_dict(state)
+    assert resumed.std_filter.threshold == pytest.approx(0.15, abs=F64)
+    off = rollout.RolloutSource(rl_config.Config(), None, None, [], data.PromptSampler(10, 2, 0),
+                                reward.build_verifier("rule:exact"))
+    assert off.std_filter is None and "std_filter" not in off.state_dict()  # checkpoints as before
+    for s in (src, resumed, off):
+        s.close()
