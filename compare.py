@@ -3,8 +3,8 @@ and budget) with each source of reward, and SFT on the references with as many o
 sequences, every run graded by the same teacher on the same held-out questions; then how far the
 judges agree on the runs' own responses.
 
-    python compare.py --seeds 0,1,2         # 7 sources x 3 seeds: each run a train_rl.py process (14 min at
-                                            # --steps 40 with OMP_NUM_THREADS=1 on 2 loaded cores)
+    python compare.py --seeds 0,1,2         # 10 sources x 3 seeds: each run a train_rl.py process (about a
+                                            # minute each at --steps 40, OMP_NUM_THREADS=1, 2 loaded cores)
     python compare.py --seeds 0,1,2 --sources rlpr,verifree,hybrid   # no verifier (verifier_free.py), hybrid routing
 
 Writes to out_dir: one run directory per source and seed, compare.json (every eval of every run, the
