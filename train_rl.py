@@ -543,11 +543,13 @@ def train(cfg: Config, vopts: reward.VerifierOptions) -> dict:
     tokenizer = model.load_tokenizer(policy_path, cfg.trust_remote_code, cfg.prompt_format)
     train_set, heldout = drop_long_prompts(cfg, tokenizer, train_set, heldout)
     policy, ref = load_models(cfg, policy_path, device)
-    judges = load_verifiers(cfg, vopts, verifier_spec, device, policy, tokenizer, train_set)
     updates_per_step = cfg.ppo_epochs * cfg.minibatches
     optimizer, scheduler = model.build_optimizer(policy, cfg.lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.weight_decay,
                                                  cfg.steps * updates_per_step, cfg.warmup_ratio, cfg.lr_schedule,
                                                  cfg.min_lr_ratio)
+    # after the optimizer: policy:rlpr runs the policy now, and a sharded policy's first forward (FSDP2's lazy
+    # init) before its optimizer exists leaves the optimizer with parameters the checkpoint cannot name
+    judges = load_verifiers(cfg, vopts, verifier_spec, device, policy, tokenizer, train_set)
     sampler = data.PromptSampler(len(train_set), cfg.prompts_per_step, cfg.seed, rank, world)
     state = resume(cfg, ckpt_dir, policy, optimizer, scheduler)
     start, streaks = state["step"], state["streaks"]

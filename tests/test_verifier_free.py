@@ -1,6 +1,7 @@
 """verifier_free.py: RLPR's and VeriFree's rewards from the policy's own probability of the reference,
 by hand on small tensors and against a token-by-token implementation on the tiny model."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -285,3 +286,31 @@ def test_the_std_filters_threshold_is_resumed_from_a_checkpoint():
     assert off.std_filter is None and "std_filter" not in off.state_dict()  # checkpoints as before
     for s in (src, resumed, off):
         s.close()
+
+
+@pytest.mark.parametrize("kind", vf.KINDS)
+def test_two_ranks_score_what_one_rank_scores(kind, tmp_path):
+    # the policy FSDP-sharded over 2 ranks (gloo): every forward all-gathers, so both ranks must run as
+    # many (RLPR's r_base of the union of their questions, dummy rows where a rank has fewer batches)
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    args = ["--verifier", f"policy:{kind}", "--steps", "2", "--prompts_per_step", "4", "--samples_per_prompt", "4",
+            "--micro_batch_size", "3", "--eval_every", "0", "--eval_prompts", "4", "--eval_samples", "0",
+            "--audit_every", "0", "--log_verifiers", "", "--wandb_mode", "disabled", "--seed", "2"]
+    rewards = []
+    for nproc in (None, 2):
+        out = tmp_path / f"ranks{nproc or 1}"
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+            if nproc else [sys.executable]
+        done = subprocess.run(launcher + [str(root / "train_rl.py"), *args, "--out_dir", str(out)], env=env, cwd=root,
+                              capture_output=True, text=True, timeout=1200)  # a hang detector: a loaded machine is slow
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        rewards.append([json.loads(line)["reward"] for line in (out / "rollouts.jsonl").read_text().splitlines()])
+    assert len(rewards[0]) == len(rewards[1]) == 32
+    # the same responses scored in other batches: float32 forwards agree to ~1e-6 in log-prob
+    assert rewards[1] == pytest.approx(rewards[0], rel=1e-4, abs=1e-6)
