@@ -577,7 +577,8 @@ def build_verifier(spec: str, options: VerifierOptions | None = None, *, setting
                                              device=device, dtype=dtype, shard=shard, seed=seed,
                                              trust_remote_code=trust_remote_code))
     if spec.startswith("policy:"):  # verifier_free.PolicyReward: train_rl.load_verifiers builds it with the policy
-        raise ValueError(f"verifier {spec!r} scores the policy being trained: a reward source of train_rl.py --verifier only")
+        raise ValueError(f"verifier {spec!r} scores the policy being trained: a reward source of train_rl.py "
+                         "--verifier only")
     if spec.startswith(("http://", "https://")):
         client = CompletionsClient([e.strip() for e in spec.split(",") if e.strip()], o.verifier_timeout,
                                    o.verifier_retries, o.verifier_concurrency)
@@ -746,7 +747,8 @@ def check_spec(spec: str, flag: str) -> None:
             if spec[len("policy:"):] not in POLICY_SOURCES:
                 raise ValueError(f"unknown reward source; valid: {', '.join('policy:' + k for k in POLICY_SOURCES)}")
             if flag != "verifier":
-                raise ValueError("is a reward source of --verifier only: it scores the policy being trained, not a judge")
+                raise ValueError("is a reward source of --verifier only: it scores the policy being trained, "
+                                 "not a judge")
         if spec.startswith("hybrid:"):
             inner = spec[len("hybrid:"):]
             if not inner.strip() or inner.startswith(("rule:", "hybrid:", "policy:")):

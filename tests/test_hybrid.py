@@ -56,7 +56,8 @@ def test_the_judgement_is_assembled_in_the_rows_order_and_master_keys_never_reac
 def test_a_built_hybrid_grades_math_rows_with_the_rule_and_the_rest_with_the_judge(monkeypatch):
     seen = []
     rule = reward.RuleVerifier.__call__
-    monkeypatch.setattr(reward.RuleVerifier, "__call__", lambda self, q, r, a, seeds=None: seen.extend(a) or rule(self, q, r, a, seeds))
+    monkeypatch.setattr(reward.RuleVerifier, "__call__",
+                        lambda self, q, r, a, seeds=None: seen.extend(a) or rule(self, q, r, a, seeds))
     h = reward.build_verifier("hybrid:py:freeform:teacher")
     try:
         refs = ["7 kg", "7 kg", "7", "Birch Limited", "1/2"]

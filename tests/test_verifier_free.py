@@ -217,7 +217,8 @@ def test_two_rl_steps_log_the_formula_of_the_policy_that_sampled(kind, tmp_path,
             want = straightforward(lm, prompt + head, ref_ids, kind)
             if kind == "rlpr":
                 lm.load_state_dict(initial)
-                want = min(1.0, max(0.0, want - straightforward(lm, prompt, vf.continuation_ids(tok, "", r["reference"])[1], kind)))
+                base = straightforward(lm, prompt, vf.continuation_ids(tok, "", r["reference"])[1], kind)
+                want = min(1.0, max(0.0, want - base))
             # the logged reward is float32; the forwards agree to ~1e-6 in log-prob
             assert r["reward"] == pytest.approx(want, rel=1e-4, abs=1e-6)
     if kind == "verifree":
