@@ -30,8 +30,9 @@ class Config:
         "help": "reward verifier: a model dir or hub name, http://host:port[,...] (vLLM servers), or "
                 "rule:substring|rule:exact|rule:jaccard|rule:math, py:module:function (a Python judge, e.g. "
                 "py:freeform:teacher), hybrid:<model, http, py: or tiny verifier> (rule:math on the rows that are "
-                "mathematics), policy:rlpr|policy:verifree (no verifier: the policy's own probability of the reference after its "
-                "reasoning, verifier_free.py); 'tiny': the tiny verifier distilled from the --data world's teacher "
+                "mathematics), policy:rlpr|policy:verifree (no verifier: the policy's own probability of the "
+                "reference after its reasoning, verifier_free.py); 'tiny': the tiny verifier distilled from the "
+                "--data world's teacher "
                 "(worlds.py; freeform: recipes/verifier_freeform.yaml; built once, cached)"})
     reward_type: Literal["binary", "soft"] = field(default="soft", metadata={"help": "binary (Eq. 3) or soft (Eq. 4)"})
     eval_verifier: str = field(default="auto", metadata={
