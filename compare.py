@@ -3,8 +3,9 @@ and budget) with each source of reward, and SFT on the references with as many o
 sequences, every run graded by the same teacher on the same held-out questions; then how far the
 judges agree on the runs' own responses.
 
-    python compare.py --seeds 0,1,2         # 7 sources x 3 seeds: each run a train_rl.py process (14 min at
-                                            # --steps 40 with OMP_NUM_THREADS=1 on 2 loaded cores)
+    python compare.py --seeds 0,1,2         # 10 sources x 3 seeds: each run a train_rl.py process (about a
+                                            # minute each at --steps 40, OMP_NUM_THREADS=1, 2 loaded cores)
+    python compare.py --seeds 0,1,2 --sources rlpr,verifree,hybrid   # no verifier (verifier_free.py), hybrid routing
 
 Writes to out_dir: one run directory per source and seed, compare.json (every eval of every run, the
 spread over seeds, the agreement figures, the paper's six claims), compare.png (the eval curves, mean
@@ -42,6 +43,14 @@ SOURCES = {
                        ["--verifier", "tiny", "--reward_type", "binary", *SAMPLED_C]),
     "student_soft": ("distilled student, soft (Eq. 4, sampled c)",
                      ["--verifier", "tiny", "--reward_type", "soft", *SAMPLED_C]),
+    # no verifier: the policy's own probability of the reference after its reasoning (verifier_free.py)
+    "rlpr": ("RLPR: policy's mean token probability of the reference, debiased", ["--verifier", "policy:rlpr",
+                                                                                   "--reward_type", "soft"]),
+    "verifree": ("VeriFree: policy's likelihood of the reference", ["--verifier", "policy:verifree",
+                                                                     "--reward_type", "soft"]),
+    # rule:math where reference and answer are mathematics, the student elsewhere (reward.HybridVerifier)
+    "hybrid": ("hybrid: rule:math on math rows, the student elsewhere, soft (sampled c)",
+               ["--verifier", "hybrid:tiny", "--reward_type", "soft", *SAMPLED_C]),
     "sft": ("SFT on the references", None),
 }
 RULE_SOURCES = ("rule_substring", "rule_exact", "rule_jaccard")

@@ -272,6 +272,7 @@ def require_settings(saved: VerifierSettings | None, name: str, paper_defaults: 
 def check_saved_settings(spec: str, options: "VerifierOptions", from_flags: bool) -> None:
     """require_settings for a verifier that is a local directory, before anything loads (a hub name or
     a server is checked when it is built). from_flags: the reward verifier (--verifier_template counts)."""
+    spec = spec.removeprefix("hybrid:")  # its model verifier
     if spec and Path(spec).is_dir():
         try:
             saved = load_settings(spec)
@@ -681,6 +682,14 @@ def build_verifier(spec: str, options: VerifierOptions | None = None, *, setting
         return RuleVerifier(spec[len("rule:"):], resolve_settings(None, rule_overrides), math_timeout=o.math_timeout)
     if spec.startswith("py:"):
         return PyVerifier(spec)
+    if spec.startswith("hybrid:"):
+        return HybridVerifier(RuleVerifier("math", resolve_settings(None, {}), math_timeout=o.math_timeout),
+                              build_verifier(spec[len("hybrid:"):], o, settings_from_flags=settings_from_flags,
+                                             device=device, dtype=dtype, shard=shard, seed=seed,
+                                             trust_remote_code=trust_remote_code))
+    if spec.startswith("policy:"):  # verifier_free.PolicyReward: train_rl.load_verifiers builds it with the policy
+        raise ValueError(f"verifier {spec!r} scores the policy being trained: a reward source of train_rl.py "
+                         "--verifier only")
     if spec.startswith(("http://", "https://")):
         client = CompletionsClient([e.strip() for e in spec.split(",") if e.strip()], o.verifier_timeout,
                                    o.verifier_retries, o.verifier_concurrency)
@@ -712,6 +721,7 @@ def build_verifier(spec: str, options: VerifierOptions | None = None, *, setting
 # rule verifiers: the paper's baselines and a math-equivalence check
 
 RULES = ("substring", "exact", "jaccard", "math")
+POLICY_SOURCES = ("rlpr", "verifree")  # policy:<source>, verifier_free.py's rewards without a verifier
 # What a math rule can grade: a number, a fraction or expression, LaTeX, or an option letter. Prose
 # ("Western blot", "Concept Assimilation") is not: rule:math scores every answer to it 0.
 _OPTION = re.compile(r"^\(?[A-J]\)?$")
@@ -802,10 +812,66 @@ class RuleVerifier:
                          judged=torch.ones(len(s), dtype=torch.bool))
 
 
+# ----------------------------------------------------------------------------------------------
+# hybrid routing: hybrid:<model verifier spec>
+
+
+def routes_to_math(reference: str, response: str) -> bool:
+    """Does hybrid routing send this row to rule:math? Both the reference and the final answer
+    (final_answer: the last line, "Therefore, the answer is" removed) must look mathematical
+    (looks_mathematical: digits or LaTeX, at most two words besides): "7 kg" vs "7000 g" goes to the rule;
+    "seven kilograms", prose and content-free master keys ("Thought process:", ":") go to the model."""
+    return looks_mathematical(reference) and looks_mathematical(final_answer(response))
+
+
+class HybridVerifier:
+    """hybrid:<spec>: rule:math for the rows where both the reference and the answer parse as mathematics
+    (routes_to_math), the model verifier <spec> for the others, per row; the Judgement is assembled in the
+    rows' order. Cheaper (the model reads fewer rows), and a math rule cannot be fooled by a master key.
+    The model verifier is called on every call, with no rows if none is routed to it (a sharded one
+    holds collectives in every call). train_rl.py logs the share routed to the rule,
+    verifier/routed_math_share."""
+
+    def __init__(self, math: "RuleVerifier", model_verifier: Verifier):
+        self.math, self.model, self.name = math, model_verifier, f"hybrid:{model_verifier.name}"
+        self.sharded = getattr(model_verifier, "sharded", False)  # rollout._thread_safe reads it
+
+    def __call__(self, questions: list[str], references: list[str], responses: list[str],
+                 seeds: list[int] | None = None) -> Judgement:
+        _check_lengths(questions, references, responses)
+        route = [routes_to_math(ref, r) for ref, r in zip(references, responses)]
+        parts = []
+        for verifier, rows in ((self.math, [i for i, m in enumerate(route) if m]),
+                               (self.model, [i for i, m in enumerate(route) if not m])):
+            if rows or verifier is self.model:
+                j = verifier([questions[i] for i in rows], [references[i] for i in rows],
+                             [responses[i] for i in rows], None if seeds is None else [seeds[i] for i in rows])
+                parts.append((rows, j))
+        out = Judgement(torch.zeros(len(route)), torch.zeros(len(route)), torch.zeros(len(route)),
+                        torch.zeros(len(route), dtype=torch.bool))
+        for rows, j in parts:
+            if rows:
+                for name in ("binary", "soft", "p_yes", "judged", "invalid", "tokens"):
+                    getattr(out, name)[rows] = getattr(j, name).to(getattr(out, name).dtype)
+        return out
+
+
 def check_spec(spec: str, flag: str) -> None:
     """A rule or py: spec that cannot run is a ConfigError naming `flag`, before any model loads
     (a py: function is imported and tried on one row)."""
     try:
+        if spec.startswith("policy:"):
+            if spec[len("policy:"):] not in POLICY_SOURCES:
+                raise ValueError(f"unknown reward source; valid: {', '.join('policy:' + k for k in POLICY_SOURCES)}")
+            if flag != "verifier":
+                raise ValueError("is a reward source of --verifier only: it scores the policy being trained, "
+                                 "not a judge")
+        if spec.startswith("hybrid:"):
+            inner = spec[len("hybrid:"):]
+            if not inner.strip() or inner.startswith(("rule:", "hybrid:", "policy:")):
+                raise ValueError("expected hybrid:<model verifier>: a model directory, hub name, http(s):// "
+                                 "endpoint, py:module:function or tiny (rule:math takes the math rows)")
+            check_spec(inner, flag)
         if spec.startswith("rule:") and spec[len("rule:"):] not in RULES:
             raise ValueError(f"unknown rule verifier; valid: {', '.join('rule:' + r for r in RULES)}")
         if spec.startswith("py:"):

@@ -29,7 +29,10 @@ class Config:
     verifier: str = field(default="tiny", metadata={
         "help": "reward verifier: a model dir or hub name, http://host:port[,...] (vLLM servers), or "
                 "rule:substring|rule:exact|rule:jaccard|rule:math, py:module:function (a Python judge, e.g. "
-                "py:freeform:teacher); 'tiny': the tiny verifier distilled from the --data world's teacher "
+                "py:freeform:teacher), hybrid:<model, http, py: or tiny verifier> (rule:math on the rows that are "
+                "mathematics), policy:rlpr|policy:verifree (no verifier: the policy's own probability of the "
+                "reference after its reasoning, verifier_free.py); 'tiny': the tiny verifier distilled from the "
+                "--data world's teacher "
                 "(worlds.py; freeform: recipes/verifier_freeform.yaml; built once, cached)"})
     reward_type: Literal["binary", "soft"] = field(default="soft", metadata={"help": "binary (Eq. 3) or soft (Eq. 4)"})
     eval_verifier: str = field(default="auto", metadata={
@@ -95,6 +98,10 @@ class Config:
     max_filter_rounds: int = field(default=3, metadata={
         "help": "extra rounds of --prompts_per_step prompts --filter_groups may draw per step; a batch still short "
                 "is filled with the first dropped groups (their advantage is 0 under --reward_norm group)"})
+    std_filter_beta: float = field(default=0.0, metadata={
+        "help": "RLPR's standard-deviation filter for --filter_groups: keep the groups whose reward std is >= this "
+                "x an EMA (0.99) of the steps' mean group std (RLPR: 0.5 for Qwen; verifier_free.StdFilter); "
+                "0: keep the groups whose rewards are not all equal (DAPO)"})
     filter_patience: int = field(default=3, metadata={
         "help": "--filter_groups: stop (after a checkpoint) when this many steps in a row keep no group (every "
                 "prompt's responses rewarded alike: nothing to learn, generation wasted)"})
@@ -200,6 +207,9 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
     req(cfg.rollout_correction == "none" or cfg.rollout_engine == "vllm" or cfg.async_steps, "rollout_correction",
         cfg.rollout_correction, "needs a sampler other than the trainer (--rollout_engine vllm or --async_steps 1)")
     rollout.check(cfg, world)
+    req(cfg.std_filter_beta >= 0, "std_filter_beta", cfg.std_filter_beta, "must be >= 0 (0: off)")
+    req(cfg.std_filter_beta == 0 or cfg.filter_groups, "std_filter_beta", cfg.std_filter_beta,
+        "filters the groups of --filter_groups: add --filter_groups true")
     req(0 <= cfg.warmup_ratio < 1, "warmup_ratio", cfg.warmup_ratio, "must be in [0, 1)")
     req(0 <= cfg.min_lr_ratio <= 1, "min_lr_ratio", cfg.min_lr_ratio, "must be in [0, 1]")
     req(cfg.max_grad_norm > 0, "max_grad_norm", cfg.max_grad_norm, "must be > 0")
@@ -235,6 +245,13 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
         for spec in getattr(cfg, name).split(",") if name == "log_verifiers" else [getattr(cfg, name)]:
             if spec.strip() not in ("auto", "self"):
                 reward.check_spec(spec.strip(), name)
+    if cfg.verifier.startswith("policy:"):  # verifier_free.PolicyReward: the policy scores its own rollouts
+        req(not cfg.async_steps, "async_steps", cfg.async_steps, f"with --verifier {cfg.verifier}: the worker's batch "
+            "would be scored by a policy in the middle of its update; use --async_steps 0")
+        req(not cfg.stream_judging, "stream_judging", cfg.stream_judging, f"with --verifier {cfg.verifier}: the policy "
+            "cannot score in a thread while it generates; use --stream_judging false")
+        req(cfg.eval_verifier != "self", "eval_verifier", cfg.eval_verifier, f"--verifier {cfg.verifier} is not a "
+            "grader of held-out answers; name a judge")
     ckpts = os.path.join(cfg.out_dir, "checkpoints")
     req(cfg.resume != "yes" or checkpoint.latest_checkpoint(ckpts) is not None, "resume", cfg.resume,
         f"no checkpoint in {ckpts}; --resume auto starts fresh when there is none")

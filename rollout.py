@@ -34,6 +34,7 @@ import model
 import reward
 import rollout_filter
 import rollout_stream
+import verifier_free
 
 
 def check(cfg, world: int = 1) -> None:
@@ -220,6 +221,9 @@ class RolloutSource:
         self.threaded = all(_thread_safe(v) for v in [verifier, *self.logged.values()])
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="rollout")  # judging, and reading the worker
         self.ready: tuple[int, Samples, dict] | None = None  # a finished batch (from a checkpoint, or state_dict)
+        # RLPR's standard-deviation filter (--std_filter_beta with --filter_groups); its threshold is resumed
+        beta = getattr(cfg, "std_filter_beta", 0.0)
+        self.std_filter = verifier_free.StdFilter(beta) if cfg.filter_groups and beta else None
 
     # -- the loop's calls
 
@@ -250,11 +254,16 @@ class RolloutSource:
         if self.ready is not None:
             step, rows, info = self.ready
             pending = {"step": step, "samples": asdict(cat(distributed.gather_objects(rows))), "info": dict(info)}
-        return {"sampler": self.sampler.state_dict(), "pending": pending}
+        state = {"sampler": self.sampler.state_dict(), "pending": pending}
+        if self.std_filter is not None:
+            state["std_filter"] = self.std_filter.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the sampler and this rank's slice of the pending batch (any world size)."""
         self.sampler.load_state_dict(state["sampler"])
+        if self.std_filter is not None and state.get("std_filter"):
+            self.std_filter.load_state_dict(state["std_filter"])
         if state["pending"] is not None:
             self.ready = _my_slice(state["pending"], self.cfg)
 
@@ -270,7 +279,8 @@ class RolloutSource:
         rows = self._judged(round0, step)
         if not self.cfg.filter_groups:
             return rows, {}
-        parts, info = rollout_filter.filter_groups(self.cfg, rows, lambda r: self._judged(self._start(step, r), step))
+        parts, info = rollout_filter.filter_groups(self.cfg, rows, lambda r: self._judged(self._start(step, r), step),
+                                                   self.std_filter)
         return cat(parts), info
 
     # -- one round: this rank's slice of a fresh global batch of prompts

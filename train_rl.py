@@ -34,6 +34,7 @@ import rl_math
 import rollout
 import rollout_async
 import rundir
+import verifier_free
 import worlds
 from rl_config import Config
 
@@ -261,6 +262,9 @@ def reduce_step(parts: list[dict], rewards: torch.Tensor, logged_names: list[str
         m["kl/k3"] = s["update/kl_k3"] / max(1.0, s["update/tokens"])
     for name in logged_names:
         m[f"reward/{name}/binary_mean"], m[f"reward/{name}/soft_mean"] = s[f"{name}/binary"] / n, s[f"{name}/soft"] / n
+    if cfg.verifier.startswith("hybrid:"):  # the share of responses rule:math judged (reward.routes_to_math)
+        m["verifier/routed_math_share"] = sum(reward.routes_to_math(r["reference"], r["response"])
+                                               for p in parts for r in p["rows"]) / n
     if any(p["gap_max"] for p in parts) or s["update/engine_gap"]:  # a sampler other than the trainer
         m["rollout/engine_logprob_gap_mean"] = s["update/engine_gap"] / tokens
         m["rollout/engine_logprob_gap_max"] = max(p["gap_max"] for p in parts)
@@ -322,6 +326,8 @@ def resolve_paths(cfg: Config) -> tuple[str, str]:
     world = worlds.of(cfg.data)
     policy = world.tiny_policy(cfg.heldout_fraction) if cfg.policy == "tiny" else cfg.policy
     verifier = world.tiny_verifier() if cfg.verifier == "tiny" else cfg.verifier
+    if cfg.verifier == "hybrid:tiny":  # rule:math where it can grade, the tiny verifier elsewhere
+        verifier = "hybrid:" + world.tiny_verifier()
     return policy, verifier
 
 
@@ -411,10 +417,18 @@ def load_models(cfg: Config, policy_path: str, device):
     return policy, ref
 
 
-def load_verifiers(cfg: Config, vopts, spec: str, device) -> dict:
+def load_verifiers(cfg: Config, vopts, spec: str, device, policy=None, tokenizer=None, train_set=()) -> dict:
     """The reward verifier (asked with its saved settings and the verifier flags), and the judges that
-    only grade: eval, audit, log-only (their own settings; transport flags only)."""
+    only grade: eval, audit, log-only (their own settings; transport flags only). A policy: spec is
+    the policy's own probability of the reference (verifier_free.py), built on `policy` before any update."""
     def build(s, from_flags):
+        if s.startswith("policy:"):
+            from torch.distributed.tensor import DTensor
+
+            return verifier_free.PolicyReward(
+                s[len("policy:"):], lambda p, r: forward_logprobs(policy, p, r, range(len(p)), cfg, device)[0],
+                tokenizer, train_set, cfg.max_prompt_len, cfg.micro_batch_size,
+                sharded=any(isinstance(w, DTensor) for w in policy.parameters()))
         return reward.build_verifier(s, vopts, settings_from_flags=from_flags, device=device,
                                      shard=distributed.is_initialized(), seed=cfg.seed,
                                      trust_remote_code=cfg.trust_remote_code)
@@ -532,11 +546,13 @@ def train(cfg: Config, vopts: reward.VerifierOptions) -> dict:
     tokenizer = model.load_tokenizer(policy_path, cfg.trust_remote_code, cfg.prompt_format)
     train_set, heldout = drop_long_prompts(cfg, tokenizer, train_set, heldout)
     policy, ref = load_models(cfg, policy_path, device)
-    judges = load_verifiers(cfg, vopts, verifier_spec, device)
     updates_per_step = cfg.ppo_epochs * cfg.minibatches
     optimizer, scheduler = model.build_optimizer(policy, cfg.lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.weight_decay,
                                                  cfg.steps * updates_per_step, cfg.warmup_ratio, cfg.lr_schedule,
                                                  cfg.min_lr_ratio)
+    # after the optimizer: policy:rlpr runs the policy now, and a sharded policy's first forward (FSDP2's lazy
+    # init) before its optimizer exists leaves the optimizer with parameters the checkpoint cannot name
+    judges = load_verifiers(cfg, vopts, verifier_spec, device, policy, tokenizer, train_set)
     sampler = data.PromptSampler(len(train_set), cfg.prompts_per_step, cfg.seed, rank, world)
     state = resume(cfg, ckpt_dir, policy, optimizer, scheduler)
     start, streaks = state["step"], state["streaks"]

@@ -42,10 +42,11 @@ def test_each_run_is_the_recipe_with_its_reward_graded_by_the_teacher(source, tm
     expected = {"rule_substring": ("rule:substring", "binary"), "rule_exact": ("rule:exact", "binary"),
                 "rule_jaccard": ("rule:jaccard", "soft"), "teacher_binary": (compare.TEACHER, "binary"),
                 "teacher_soft": (compare.TEACHER, "soft"), "student_binary": ("tiny", "binary"),
-                "student_soft": ("tiny", "soft")}[source]
+                "student_soft": ("tiny", "soft"), "rlpr": ("policy:rlpr", "soft"),
+                "verifree": ("policy:verifree", "soft"), "hybrid": ("hybrid:tiny", "soft")}[source]
     assert (run.verifier, run.reward_type) == expected
     # the paper samples c (Eq. 3 as written; Eq. 4 reads the same c): the student's runs do too
-    assert vopts.verifier_sample == source.startswith("student")
+    assert vopts.verifier_sample == (source.startswith("student") or source == "hybrid")
     # everything else is the recipe's
     recipe, _ = rl_config.parse_config(["--config", str(compare.ROOT / cfg.recipe)])
     for f in ("policy", "data", "lr", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "reward_norm",
@@ -239,3 +240,17 @@ def test_sft_baseline_trains_on_every_training_question_and_no_held_out_one():
     rl.data = "toy"
     with pytest.raises(config.ConfigError, match="--recipe 'toy': the SFT baseline knows the free-form world"):
         compare.sft_pairs(rl)
+
+
+def test_a_verifier_free_source_runs_and_has_its_row(tmp_path, monkeypatch, capsys):
+    # one train_rl.py process of 1 step, greedy evals: the source runs end to end and its row is printed and saved
+    monkeypatch.setattr("sys.argv", ["compare.py", "--sources", "verifree", "--seeds", "0", "--steps", "1",
+                                     "--eval_every", "1", "--eval_samples", "0", "--judges", "",
+                                     "--out_dir", str(tmp_path)])
+    compare.main()
+    printed = capsys.readouterr().out
+    assert f"| {compare.SOURCES['verifree'][0]} |" in printed
+    report = json.loads((tmp_path / "compare.json").read_text())
+    assert [e["step"] for e in report["results"]["verifree"][0]] == [0, 1]
+    run_config = json.loads((tmp_path / "verifree" / "seed0" / "config.json").read_text())
+    assert run_config["verifier"] == "policy:verifree"

@@ -1,0 +1,80 @@
+"""Hybrid routing (reward.HybridVerifier, --verifier hybrid:<spec>): rule:math where both the reference and
+the answer parse as mathematics, the model verifier elsewhere, per row."""
+import pytest
+import torch
+
+import config
+import reward
+
+ROWS = [  # (reference, response, routed to rule:math?)
+    ("7 kg", "7000 g", True),
+    ("7 kg", "seven kilograms", False),            # the answer is words: the model judges
+    ("Birch Limited", "Birch Ltd", False),          # the reference is prose
+    ("\\frac{1}{2}", "Let me see.\nTherefore, the answer is 0.5", True),
+    ("7", "Thought process:", False),               # master keys carry no mathematics
+    ("12", ":", False),
+    ("3", "Let's solve this step by step.", False),
+    ("(C)", "C", True),
+    ("Western blot", "7", False),
+]
+
+
+def test_routing_is_decided_per_row():
+    assert [reward.routes_to_math(ref, resp) for ref, resp, _ in ROWS] == [m for _, _, m in ROWS]
+
+
+class Fake:
+    """A verifier that scores row i of each call by a value of its own, and records what it read."""
+
+    def __init__(self, name, value):
+        self.name, self.value, self.calls = name, value, []
+
+    def __call__(self, questions, references, responses, seeds=None):
+        self.calls.append((list(references), list(responses), seeds))
+        s = torch.tensor([self.value + 0.01 * i for i in range(len(responses))])
+        return reward.Judgement((s >= 0.5).float(), s, s.clone(), torch.full((len(s),), self.value > 0.5))
+
+
+def test_the_judgement_is_assembled_in_the_rows_order_and_master_keys_never_reach_the_rule():
+    math, judge = Fake("rule:math", 0.9), Fake("model", 0.2)
+    h = reward.HybridVerifier(math, judge)
+    refs, resps = [r for r, _, _ in ROWS], [a for _, a, _ in ROWS]
+    j = h(["q"] * len(ROWS), refs, resps, seeds=list(range(100, 100 + len(ROWS))))
+    # math rows 0, 3, 7 get 0.90, 0.91, 0.92; model rows 1, 2, 4, 5, 6, 8 get 0.20 ... 0.25
+    want = [0.90, 0.20, 0.21, 0.91, 0.22, 0.23, 0.24, 0.92, 0.25]
+    assert j.soft.tolist() == pytest.approx(want, abs=1e-6)  # float32 of two-decimal values
+    assert j.binary.tolist() == [float(w >= 0.5) for w in want]
+    assert j.judged.tolist() == [w > 0.5 for w in want]
+    assert math.calls == [(["7 kg", "\\frac{1}{2}", "(C)"], [resps[0], resps[3], resps[7]], [100, 103, 107])]
+    assert judge.calls[0][2] == [101, 102, 104, 105, 106, 108]  # each row's own seed
+    assert not any(key in math.calls[0][1] for key in ("Thought process:", ":", "Let's solve this step by step."))
+    # no row for the model: it is still called (a sharded verifier holds collectives in every call)
+    j = h(["q"], ["7 kg"], ["7000 g"])
+    assert judge.calls[-1][:2] == ([], []) and j.soft.tolist() == pytest.approx([0.9], abs=1e-6)
+
+
+def test_a_built_hybrid_grades_math_rows_with_the_rule_and_the_rest_with_the_judge(monkeypatch):
+    seen = []
+    rule = reward.RuleVerifier.__call__
+    monkeypatch.setattr(reward.RuleVerifier, "__call__",
+                        lambda self, q, r, a, seeds=None: seen.extend(a) or rule(self, q, r, a, seeds))
+    h = reward.build_verifier("hybrid:py:freeform:teacher")
+    try:
+        refs = ["7 kg", "7 kg", "7", "Birch Limited", "1/2"]
+        resps = ["7 kg", "seven kilograms", "Thought process:", "Birch Ltd", "0.5"]
+        j = h(["q"] * 5, refs, resps)
+    finally:
+        h.math.math.close()
+    assert seen == ["7 kg", "0.5"]  # only the mathematical rows reached rule:math
+    # rule:math: 7 kg = 7 kg, 1/2 = 0.5; the teacher: seven kilograms = 7 kg, Birch Ltd = Birch Limited,
+    # "Thought process:" is no answer
+    assert j.binary.tolist() == [1.0, 1.0, 0.0, 1.0, 1.0]
+    assert h.name == "hybrid:py:freeform:teacher"
+
+
+@pytest.mark.parametrize("spec", ["hybrid:", "hybrid:rule:math", "hybrid:policy:rlpr", "hybrid:hybrid:tiny",
+                                  "hybrid:py:nomodule:f"])
+def test_a_hybrid_without_a_model_verifier_is_refused_in_one_line(spec):
+    with pytest.raises(config.ConfigError) as e:
+        reward.check_spec(spec, "verifier")
+    assert str(e.value).startswith(f"--verifier {spec!r}") and "\n" not in str(e.value)

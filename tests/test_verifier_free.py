@@ -1,0 +1,317 @@
+"""verifier_free.py: RLPR's and VeriFree's rewards from the policy's own probability of the reference,
+by hand on small tensors and against a token-by-token implementation on the tiny model."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import verifier_free as vf
+
+# float64 sums of a handful of terms: exact to ~1e-15; 1e-12 leaves room without hiding a wrong formula
+F64 = 1e-12
+
+
+def test_split_answer_takes_the_last_line_and_keeps_the_answer_prefix_in_the_reasoning():
+    assert vf.split_answer("Birch Ltd") == ("", "Birch Ltd")  # the free-form world: no reasoning
+    assert vf.split_answer("Let me see.\nTherefore, the answer is 7 kg  \n\n") == \
+        ("Let me see.\nTherefore, the answer is ", "7 kg")
+    assert vf.split_answer("a\r\nb\rthe answer is: x") == ("a\r\nb\rthe answer is: ", "x")
+    assert vf.split_answer("step one\n  Mount Kelo") == ("step one\n  ", "Mount Kelo")
+    assert vf.split_answer("") == ("", "")
+    assert vf.split_answer("  \n") == ("  \n", "")
+    # reasoning + answer is the response up to the answer's end: nothing but the answer is replaced
+    for r in ("x\ny", "one\n\nTherefore, the answer is 5\n", "just text"):
+        head, answer = vf.split_answer(r)
+        assert r.rstrip().startswith(head) and (head + answer) == r.rstrip()
+
+
+def test_continuation_ids_move_the_reasonings_trailing_spaces_to_the_reference(tiny_model_dir):
+    import model
+
+    tok = model.load_tokenizer(tiny_model_dir)
+    head, ref = vf.continuation_ids(tok, "so the answer is ", "7 kg")
+    assert head == tok.encode("so the answer is", add_special_tokens=False)
+    assert ref == tok.encode(" 7 kg", add_special_tokens=False)
+    assert vf.continuation_ids(tok, "", "7 kg") == ([], tok.encode("7 kg", add_special_tokens=False))
+
+
+def test_scores_by_hand():
+    lp = [torch.tensor([math.log(0.5), math.log(0.25)]), torch.tensor([math.log(0.8)]), torch.zeros(0)]
+    # RLPR: mean of probabilities (0.5 + 0.25) / 2; not exp(mean log) = sqrt(0.125) = 0.354
+    assert vf.rlpr_score(lp).tolist() == pytest.approx([0.375, 0.8, 0.0], abs=1e-7)  # float32 log inputs
+    # VeriFree: the product 0.5 * 0.25
+    assert vf.verifree_score(lp).tolist() == pytest.approx([0.125, 0.8, 0.0], abs=1e-7)
+    r, base = torch.tensor([0.6, 0.2, 0.9], dtype=torch.float64), torch.tensor([0.2, 0.6, 0.0], dtype=torch.float64)
+    assert vf.rlpr_debias(r, base).tolist() == pytest.approx([0.4, 0.0, 0.9], abs=F64)
+    flat = torch.arange(6.0)
+    assert [s.tolist() for s in vf.segments(flat, [2, 0, 4])] == [[0, 1], [], [2, 3, 4, 5]]
+    with pytest.raises(ValueError):
+        vf.segments(flat, [2, 2])
+
+
+def test_std_filter_by_hand():
+    rewards = torch.tensor([0.0, 1.0, 0.5, 0.5, 0.2, 0.4], dtype=torch.float64)
+    stds = vf.group_stds(rewards, 2)
+    # Bessel: two values a, b have std |a - b| / sqrt(2)
+    assert stds.tolist() == pytest.approx([1 / math.sqrt(2), 0.0, 0.2 / math.sqrt(2)], abs=F64)
+    f = vf.StdFilter(beta=0.5, ratio=0.9)
+    groups = rewards.view(3, 2)
+    assert f.keep(groups).tolist() == [True, True, True]  # no step before: threshold 0
+    f.end_step()
+    m1 = stds.mean().item()
+    assert f.ema == pytest.approx(m1, abs=F64) and f.threshold == pytest.approx(0.5 * m1, abs=F64)
+    # threshold 0.5 * (1 + 0.2) / (3 sqrt 2) = 0.2 / sqrt 2: stds 0.1, 0.3 and 0.2 - 1e-9 over sqrt 2
+    g2 = torch.tensor([[0.0, 0.1], [0.0, 0.3], [0.0, 0.2 - 1e-9]], dtype=torch.float64)
+    assert f.keep(g2).tolist() == [False, True, False]
+    g3 = torch.tensor([[0.5, 0.5]], dtype=torch.float64)  # a refill round of the same step: same threshold
+    assert f.keep(g3).tolist() == [False] and f.threshold == pytest.approx(0.5 * m1, abs=F64)
+    f.end_step()  # the step's mean over both rounds' four groups
+    s2 = torch.cat([vf.group_stds(g2.flatten(), 2), vf.group_stds(g3.flatten(), 2)]).mean().item()
+    assert f.ema == pytest.approx(0.9 * m1 + 0.1 * s2, abs=F64)
+    g = vf.StdFilter(0.5, 0.9)
+    g.load_state_dict(f.state_dict())
+    assert g.threshold == f.threshold
+
+
+class FakeTokenizer:
+    """One token per character; a chat template that writes the user message."""
+    chat_template = "x"
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) % 50 + 1 for c in text]
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+        return "".join(m["content"] for m in messages) + ">"
+
+
+def test_policy_reward_scores_the_reference_after_the_reasoning_and_debiases_by_the_start():
+    # a "policy" whose log-prob of every reference token is log(0.1 * (1 + len(its prompt) % 5)):
+    # the score depends on what precedes the reference, which is what the test checks
+    calls = []
+
+    def logprobs(prompts, conts):
+        calls.append(len(prompts))
+        return torch.cat([torch.full((len(c),), math.log(0.1 * (1 + len(p) % 5))) for p, c in zip(prompts, conts)])
+
+    recs = [data.make_record("Q1", "ab", [{"role": "user", "content": "Q1"}], {})]
+    tok = FakeTokenizer()
+    rlpr = vf.PolicyReward("rlpr", logprobs, tok, recs, max_prompt_len=100, batch_size=2)
+    # the rendered prompt "Q1>": 3 tokens -> p = 0.1 * (1 + 3 % 5) = 0.4 = r_base
+    assert rlpr.base[("Q1", "ab")] == pytest.approx(0.4, abs=1e-7)
+    j = rlpr(["Q1"] * 3, ["ab"] * 3, ["ab", "xy\nthe answer is zz", "abc\nab"])
+    # "ab": no reasoning, r = r_base -> 0. "xy\nthe answer is " (its trailing space goes with the
+    # reference " ab", 3 tokens): 3 + 16 = 19 tokens -> p = 0.5 -> 0.5 - 0.4. "abc\n": 3 + 4 = 7 -> 0.3,
+    # below r_base -> 0
+    assert j.soft.tolist() == pytest.approx([0.0, 0.1, 0.0], abs=1e-6)
+    verifree = vf.PolicyReward("verifree", logprobs, tok, recs, max_prompt_len=100, batch_size=2)
+    j = verifree(["Q1"] * 3, ["ab"] * 3, ["ab", "x\nab", "xyz\nab"])
+    # a 2-token reference: p^2; prompts 3, 5, 7 tokens -> p 0.4, 0.1, 0.3
+    assert j.soft.tolist() == pytest.approx([0.16, 0.01, 0.09], abs=1e-6)
+    assert j.binary.tolist() == [0.0, 0.0, 0.0] and bool(j.judged.all())
+    assert calls == [1, 2, 1, 2, 1]  # r_base of the record, then each call in batches of 2 rows
+    # a question outside the records: one user message; RLPR's base computed at first sight and kept
+    before = len(rlpr.base)
+    j = rlpr(["Q22?"], ["ab"], ["x\nab"])
+    assert len(rlpr.base) == before + 1
+    # prompt "Q22?>" 5 tokens: base p = 0.1; with "x\n" 7 tokens: p = 0.3 -> 0.3 - 0.1
+    assert j.soft.tolist() == pytest.approx([0.2], abs=1e-6)
+
+
+def straightforward(lm, prompt: list[int], reference: list[int], kind: str) -> float:
+    """The paper's formula token by token: a full forward per position, softmax, math.exp."""
+    probs = []
+    for t in range(len(reference)):
+        ids = torch.tensor([prompt + reference[:t]])
+        with torch.no_grad():
+            logits = lm(input_ids=ids).logits[0, -1].double()
+        probs.append(math.exp(logits[reference[t]].item() - torch.logsumexp(logits, -1).item()))
+    return sum(probs) / len(probs) if kind == "rlpr" else math.prod(probs)
+
+
+@pytest.mark.parametrize("kind", vf.KINDS)
+def test_against_a_token_by_token_implementation_on_the_tiny_model(tiny_model_dir, kind):
+    import model
+    import rl_config
+    import train_rl
+
+    tok, lm = model.load_tokenizer(tiny_model_dir), model.load_model(tiny_model_dir).eval()
+    cfg, _ = rl_config.parse_config(["--data", "toy"])
+    qs = ["What is 2 + 3?", "What is 7 - 4?"]
+    recs = [data.make_record(q, ref, [{"role": "user", "content": q}], {}) for q, ref in zip(qs, ["5 5", "3 + 0"])]
+
+    def logprobs(prompts, conts):
+        return train_rl.forward_logprobs(lm, prompts, conts, list(range(len(prompts))), cfg, "cpu")[0]
+
+    r = vf.PolicyReward(kind, logprobs, tok, recs, max_prompt_len=256, batch_size=3)
+    responses = ["7", "first 3 then 4\nthe answer is 12", "so\n3", "1 2 3\n4"]
+    questions, refs = [qs[0], qs[0], qs[1], qs[1]], ["5 5", "5 5", "3 + 0", "3 + 0"]
+    got = r(questions, refs, responses).soft
+    prompts, ref_ids, raw, base = [], [], [], []
+    for q, ref, resp in zip(questions, refs, responses):
+        prompt = data.tokenize_prompts(tok, [next(x for x in recs if x.question == q)], 256)[0]
+        head, ids = vf.continuation_ids(tok, vf.split_answer(resp)[0], ref)
+        prompts.append(prompt + head)
+        ref_ids.append(ids)
+        raw.append(straightforward(lm, prompt + head, ids, kind))
+        base.append(straightforward(lm, prompt, vf.continuation_ids(tok, "", ref)[1], kind))
+    assert all(len(ids) >= 2 for ids in ref_ids)  # a mean of probabilities is not their product
+    assert len(set(raw)) == len(raw)  # the rows differ: the comparison means something
+    # float32 forwards, packed vs one sequence at a time: log-probs agree to ~1e-6, so relative 1e-4
+    assert r.scores(prompts, ref_ids).tolist() == pytest.approx(raw, rel=1e-4, abs=1e-9)
+    want = [min(1.0, max(0.0, a - b)) for a, b in zip(raw, base)] if kind == "rlpr" else raw
+    assert got.tolist() == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", vf.KINDS)
+def test_two_rl_steps_log_the_formula_of_the_policy_that_sampled(kind, tmp_path, monkeypatch):
+    # 2 steps on the free-form world with the warm-started tiny policy; every call of the reward is recorded
+    # with a copy of the policy's weights at that moment, and each logged reward is recomputed token by
+    # token from those weights (r_base from the weights before any update). The world's answers are one
+    # line (no reasoning): RLPR's r equals r_base and its reward is 0 (the weights never move);
+    # VeriFree's is pi(reference | prompt), the same for a prompt's every response.
+    import json
+
+    import model
+    import rl_config
+    import train_rl
+
+    calls, seen = [], {}
+    load = train_rl.load_verifiers
+
+    def load_and_keep(cfg, vopts, spec, device, policy=None, *rest):
+        seen["policy"] = policy
+        return load(cfg, vopts, spec, device, policy, *rest)
+
+    score = vf.PolicyReward.__call__
+
+    def recorded(self, questions, references, responses, seeds=None):
+        weights = {k: v.detach().clone() for k, v in seen["policy"].state_dict().items()}
+        j = score(self, questions, references, responses, seeds)
+        calls.append((weights, list(questions), list(references), list(responses), j.soft.tolist()))
+        return j
+
+    monkeypatch.setattr(train_rl, "load_verifiers", load_and_keep)
+    monkeypatch.setattr(vf.PolicyReward, "__call__", recorded)
+    out = tmp_path / kind
+    cfg, vopts = rl_config.parse_config([
+        "--verifier", f"policy:{kind}", "--steps", "2", "--prompts_per_step", "4", "--samples_per_prompt", "4",
+        "--eval_every", "0", "--eval_prompts", "4", "--eval_samples", "0", "--audit_every", "0", "--log_verifiers", "",
+        "--out_dir", str(out), "--wandb_mode", "disabled", "--seed", "1"])
+    result = train_rl.train(cfg, vopts)
+    rows = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    steps = [c for c in calls if len(c[1]) == 16]  # the start's master-key probe asks 64 rows
+    assert len(steps) == 2 and len(rows) == 32
+    tok = model.load_tokenizer(result["policy"])
+    lm = model.load_model(result["policy"]).eval()
+    initial = {k: v.clone() for k, v in lm.state_dict().items()}
+    records = {r.question: r for r in train_rl.load_data(cfg)[0]}
+    for step, (weights, questions, refs, responses, _) in enumerate(steps, start=1):
+        logged = [r for r in rows if r["step"] == step]
+        assert [r["response"] for r in logged] == responses and [r["question"] for r in logged] == questions
+        for r in logged:
+            prompt = data.tokenize_prompts(tok, [records[r["question"]]], cfg.max_prompt_len)[0]
+            head, ref_ids = vf.continuation_ids(tok, vf.split_answer(r["response"])[0], r["reference"])
+            lm.load_state_dict(weights)
+            want = straightforward(lm, prompt + head, ref_ids, kind)
+            if kind == "rlpr":
+                lm.load_state_dict(initial)
+                base = straightforward(lm, prompt, vf.continuation_ids(tok, "", r["reference"])[1], kind)
+                want = min(1.0, max(0.0, want - base))
+            # the logged reward is float32; the forwards agree to ~1e-6 in log-prob
+            assert r["reward"] == pytest.approx(want, rel=1e-4, abs=1e-6)
+    if kind == "verifree":
+        assert len({r["reward"] for r in rows}) > 4  # prompts differ: the check is not of a constant
+        # the update moved the weights: step 2's rewards are the updated policy's, not the start's
+        assert any(not torch.equal(steps[0][0][k], steps[1][0][k]) for k in steps[0][0])
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--async_steps", "1"], "--async_steps"), (["--stream_judging", "true"], "--stream_judging"),
+    (["--eval_verifier", "self"], "--eval_verifier"), (["--log_verifiers", "policy:rlpr"], "--log_verifiers"),
+    (["--verifier", "policy:nope"], "--verifier"), (["--std_filter_beta", "0.5"], "--std_filter_beta"),
+    (["--filter_groups", "true", "--std_filter_beta", "-1"], "--std_filter_beta")])
+def test_flags_a_policy_reward_cannot_run_with_are_refused_in_one_line(extra, flag):
+    import config
+    import rl_config
+
+    with pytest.raises(config.ConfigError) as e:
+        rl_config.parse_config(["--verifier", "policy:rlpr", *extra])
+    assert str(e.value).startswith(flag) and "\n" not in str(e.value)
+
+
+def test_dynamic_sampling_with_rlprs_std_filter_keeps_the_groups_above_the_threshold():
+    from types import SimpleNamespace
+
+    import rollout
+    import rollout_filter
+
+    cfg = SimpleNamespace(samples_per_prompt=2, prompts_per_step=3, reward_type="soft", max_filter_rounds=1)
+
+    def round_rows(number, rewards):
+        n = len(rewards)
+        return rollout.Samples(index=list(range(n)), prompt=[[1]] * n, seed=[100 * number + i for i in range(n)],
+                               staleness=[0] * n, reward=[(0.0, r, r, True) for r in rewards])
+
+    rounds = {0: [0.0, 1.0, 0.5, 0.5, 0.2, 0.4], 1: [0.0, 0.6, 0.1, 0.1, 0.3, 0.9]}
+    f = vf.StdFilter(beta=0.5)
+    f.load_state_dict({"ema": 0.4})  # threshold 0.2: group stds (Bessel) 0.707, 0, 0.141 | 0.424, 0, 0.424
+    parts, info = rollout_filter.filter_groups(cfg, round_rows(0, rounds[0]), lambda r: round_rows(r, rounds[r]), f)
+    assert [p.seed for p in parts] == [[0, 1], [100, 101], [104, 105]]
+    assert info["rollout/std_filter_threshold"] == pytest.approx(0.2, abs=F64)
+    assert info["rollout/filter_rounds"] == 1.0 and info["rollout/groups_kept_frac"] == 0.5
+    mean = (math.sqrt(0.5) + 0.2 / math.sqrt(2) + 2 * 0.6 / math.sqrt(2)) / 6  # every group of the step
+    assert f.ema == pytest.approx(0.99 * 0.4 + 0.01 * mean, abs=F64)
+    # without it: DAPO's rule, groups whose rewards are not all equal (0.2 vs 0.4 is kept)
+    parts, _ = rollout_filter.filter_groups(cfg, round_rows(0, rounds[0]), lambda r: round_rows(r, rounds[r]))
+    assert [p.seed for p in parts] == [[0, 1], [4, 5], [100, 101]]
+
+
+def test_the_std_filters_threshold_is_resumed_from_a_checkpoint():
+    import reward
+    import rl_config
+    import rollout
+
+    cfg = rl_config.Config(filter_groups=True, std_filter_beta=0.5, prompts_per_step=2, samples_per_prompt=2)
+    new = lambda: rollout.RolloutSource(cfg, None, None, [], data.PromptSampler(10, 2, 0),  # noqa: E731
+                                        reward.build_verifier("rule:exact"))
+    src, resumed = new(), new()
+    src.std_filter.ema = 0.3
+    state = src.state_dict()
+    assert state["std_filter"] == {"ema": 0.3}
+    resumed.load_state_dict(state)
+    assert resumed.std_filter.threshold == pytest.approx(0.15, abs=F64)
+    off = rollout.RolloutSource(rl_config.Config(), None, None, [], data.PromptSampler(10, 2, 0),
+                                reward.build_verifier("rule:exact"))
+    assert off.std_filter is None and "std_filter" not in off.state_dict()  # checkpoints as before
+    for s in (src, resumed, off):
+        s.close()
+
+
+@pytest.mark.parametrize("kind", vf.KINDS)
+def test_two_ranks_score_what_one_rank_scores(kind, tmp_path):
+    # the policy FSDP-sharded over 2 ranks (gloo): every forward all-gathers, so both ranks must run as
+    # many (RLPR's r_base of the union of their questions, dummy rows where a rank has fewer batches)
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    args = ["--verifier", f"policy:{kind}", "--steps", "2", "--prompts_per_step", "4", "--samples_per_prompt", "4",
+            "--micro_batch_size", "3", "--eval_every", "0", "--eval_prompts", "4", "--eval_samples", "0",
+            "--audit_every", "0", "--log_verifiers", "", "--wandb_mode", "disabled", "--seed", "2"]
+    rewards = []
+    for nproc in (None, 2):
+        out = tmp_path / f"ranks{nproc or 1}"
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+            if nproc else [sys.executable]
+        done = subprocess.run(launcher + [str(root / "train_rl.py"), *args, "--out_dir", str(out)], env=env, cwd=root,
+                              capture_output=True, text=True, timeout=1200)  # a hang detector: a loaded machine is slow
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        rewards.append([json.loads(line)["reward"] for line in (out / "rollouts.jsonl").read_text().splitlines()])
+    assert len(rewards[0]) == len(rewards[1]) == 32
+    # the same responses scored in other batches: float32 forwards agree to ~1e-6 in log-prob
+    assert rewards[1] == pytest.approx(rewards[0], rel=1e-4, abs=1e-6)

@@ -1,0 +1,232 @@
+"""Rewards without a verifier: the policy's own probability of the reference answer after its reasoning.
+
+    train_rl.py --verifier policy:rlpr       # RLPR: mean token probability of the reference, debiased
+    train_rl.py --verifier policy:verifree   # VeriFree: the reference's likelihood
+
+Both read a response as (reasoning, final answer) (split_answer), replace the final answer with the
+reference y*, and score the reference's tokens under the current policy pi_theta:
+
+  RLPR (Yu et al. 2025, "RLPR: Extrapolating RLVR to General Domains without Verifiers", arXiv 2506.18254,
+  Eq. for f_seq and the debiased reward): r = (1/|y*|) sum_i pi_theta(y*_i | x, z, y*_<i), the mean token
+  PROBABILITY (not log-probability); debiased r_hat = clip(r - r_base, 0, 1), where r_base is the same
+  score of the reference right after the prompt, no reasoning: r_base = (1/|y*|) sum_i pi(y*_i | x, y*_<i).
+  Their code (github.com/OpenBMB/RLPR at 8490fca326c625a1697a09ac1a1476a4f6f76325):
+  verl/workers/reward_manager/prob.py compute_scoreB ('mean_exp_log_softmax': torch.mean(torch.exp(logp)))
+  and the shaping 'threshold_0' (0 below 0) of examples/RLPR/reproduce_qwen.sh; r_base ("scoreA") is
+  computed ONCE, before any update, for every training prompt (verl/trainer/ppo/ray_trainer.py
+  compute_promptgt2scoreA(0), get_scoreA: prompt + ' ' + reference). Here too: for every training record
+  when the reward is built (before any update and before a resume loads a checkpoint), and for any other
+  question the first time it is scored. Their 0.1 x format reward (<think>/<answer> tags) is left out:
+  this recipe's responses have no tags.
+  Standard-deviation filter (same file, ray_trainer.py fit(): filter_mode=EMA, filter_target=
+  final_reward_std): a prompt group is kept when the (Bessel) std of its rewards is >= beta x an
+  exponential moving average (ratio 0.99) of the batches' mean group std: std_filter_keep, StdFilter.
+
+  VeriFree (Zhou et al. 2025, "Reinforcing General Reasoning without Verifiers", arXiv 2505.21493):
+  R = pi_theta(y* | x, z) = exp(sum_i log pi_theta(y*_i | x, z, y*_<i)), the reference's likelihood.
+  Their code (github.com/sail-sg/VeriFree at 718b3636161b03e02acc4f511ca5ea3c209e600e), verifree.py:
+  logp_reward = logps[answer span].sum(), then --reward_source p: torch.exp; the reasoning is tokenised
+  apart from the reference (think ids + answer ids), as here. Their second gradient term (a supervised
+  term on y* weighted by R) is not part of a reward and is left out.
+
+binary (Eq. 3's slot, --reward_type binary) is score >= 0.5, as for py: judges.
+z-score normalisation is the loop's, as for every reward (rl_math.shape_advantages).
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import Tensor
+
+import data
+import distributed
+import reward
+
+KINDS = reward.POLICY_SOURCES
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# a response as reasoning, then its final answer
+
+
+def split_answer(response: str) -> tuple[str, str]:
+    """(reasoning, final answer): the final answer is what reward.final_answer reads (the last non-empty
+    line, a leading "Therefore, the answer is" removed); the reasoning is everything before it, the
+    answer prefix included ("...\\nTherefore, the answer is "), so the reference takes the answer's place
+    and nothing else changes. A one-line response ("Birch Ltd", the free-form world's) has no reasoning:
+    ("", "Birch Ltd"). The answer's trailing whitespace is dropped."""
+    starts = [0] + [m.end() for m in _LINE_END.finditer(response)]
+    for start in reversed(starts):
+        end = _LINE_END.search(response, start)
+        line = response[start:end.start() if end else len(response)]
+        if line.strip():
+            text = line.lstrip()
+            prefix = reward._ANSWER_PREFIX.match(text)
+            at = start + len(line) - len(text) + (prefix.end() if prefix else 0)
+            return response[:at], response[at:start + len(line)].rstrip()
+    return response, ""
+
+
+def continuation_ids(tokenizer, reasoning: str, reference: str) -> tuple[list[int], list[int]]:
+    """(reasoning ids, reference ids), each tokenised on its own (as VeriFree does), so the reference's
+    tokens are the same whatever precedes them. Spaces that end the reasoning ("the answer is ") go with
+    the reference (" 7 kg"), as RLPR keeps the answer's leading whitespace before the reference."""
+    head = reasoning.rstrip(" \t")
+    enc = lambda s: tokenizer.encode(reward.encodable(s), add_special_tokens=False) if s else []  # noqa: E731
+    return enc(head), enc(reasoning[len(head):] + reference)
+
+
+# ----------------------------------------------------------------------------------------------
+# the formulas, on each reference's token log-probs
+
+
+def segments(flat: Tensor, lengths: list[int]) -> list[Tensor]:
+    """Flat per-token values cut into one tensor per sequence."""
+    if sum(lengths) != flat.numel():
+        raise ValueError(f"segments: {flat.numel()} values for lengths summing to {sum(lengths)}")
+    return list(torch.split(flat, lengths))
+
+
+def rlpr_score(logp: list[Tensor]) -> Tensor:
+    """RLPR's f_seq: the mean over the reference's tokens of exp(log-prob), per sequence; 0 for an empty
+    reference (their compute_scoreB: ground_truth_mask.sum() == 0 -> 0). float64."""
+    return torch.tensor([lp.double().exp().mean().item() if lp.numel() else 0.0 for lp in logp], dtype=torch.float64)
+
+
+def verifree_score(logp: list[Tensor]) -> Tensor:
+    """VeriFree's R: exp of the sum of the reference's token log-probs, per sequence; 0 for an empty
+    reference (their logp_reward = -inf). float64."""
+    return torch.tensor([lp.double().sum().exp().item() if lp.numel() else 0.0 for lp in logp], dtype=torch.float64)
+
+
+def rlpr_debias(score: Tensor, base: Tensor) -> Tensor:
+    """RLPR's debiased reward clip(r - r_base, 0, 1)."""
+    return (score - base).clamp(0.0, 1.0)
+
+
+def group_stds(rewards: Tensor, group_size: int) -> Tensor:
+    """The sample (Bessel) std of each prompt group's rewards (rows in groups of `group_size`), as RLPR's
+    verl computes final_reward_stds (torch.std)."""
+    return rewards.double().view(-1, group_size).std(dim=1, unbiased=True)
+
+
+def std_filter_keep(stds: Tensor, threshold: float) -> Tensor:
+    """RLPR's filter: keep the groups whose reward std is >= threshold (acc_tensor >= accuracy_lower_bound)."""
+    return stds >= threshold
+
+
+class StdFilter:
+    """RLPR's adaptive threshold (--std_filter_beta with --filter_groups): a step keeps the prompt groups
+    whose reward std is >= beta x an exponential moving average of the steps' mean group std (ema <-
+    ratio * ema + (1 - ratio) * mean, started at the first step's mean; ratio 0.99 as their recipes). The
+    threshold is fixed during a step (every refill round uses it) and moves at its end (end_step), with
+    the std of every group the step judged, as their score_std_list; the first step drops nothing
+    (their filter_start_step / filter_ema_start_step delays are left out). NaN/inf stds are skipped, as theirs."""
+
+    def __init__(self, beta: float, ratio: float = 0.99):
+        self.beta, self.ratio, self.ema, self.seen = beta, ratio, None, []
+
+    @property
+    def threshold(self) -> float:
+        return 0.0 if self.ema is None else self.beta * self.ema
+
+    def keep(self, groups: Tensor) -> Tensor:
+        """The keep mask of [groups, samples] rewards; their stds count toward this step's mean."""
+        stds = group_stds(groups.flatten(), groups.shape[1])
+        self.seen.append(stds)
+        return std_filter_keep(stds, self.threshold)
+
+    def end_step(self) -> None:
+        stds = torch.cat(self.seen) if self.seen else torch.zeros(0)
+        self.seen = []
+        finite = stds[torch.isfinite(stds)]
+        if finite.numel():
+            mean = finite.mean().item()
+            self.ema = mean if self.ema is None else self.ratio * self.ema + (1 - self.ratio) * mean
+
+    def state_dict(self) -> dict:
+        return {"ema": self.ema}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema = state["ema"]
+
+
+# ----------------------------------------------------------------------------------------------
+# the reward source
+
+
+class PolicyReward:
+    """policy:rlpr | policy:verifree, a reward source of the Verifier shape: (questions, references,
+    responses) -> Judgement, scored by the policy being trained. `logprobs(prompts, continuations)` ->
+    the flat log-probs of each continuation's tokens after its prompt (train_rl.forward_logprobs on the
+    policy: the one log-prob path). Prompts are the records' own (system prompt and chat template, as
+    rollout renders them); a question outside `records` is asked as one user message.
+    Called under no_grad (not inference_mode: an FSDP2-sharded policy cannot all-gather there). A policy
+    sharded over several ranks runs collectives in every forward: `sharded` tells rollout._thread_safe to
+    judge in the main thread, and every call runs as many forwards on every rank."""
+
+    def __init__(self, kind: str, logprobs, tokenizer, records: list, max_prompt_len: int, batch_size: int,
+                 sharded: bool = False):
+        if kind not in KINDS:
+            raise ValueError(f"unknown reward source 'policy:{kind}'; valid: {', '.join('policy:' + k for k in KINDS)}")
+        self.kind, self.name, self.logprobs, self.tokenizer = kind, f"policy:{kind}", logprobs, tokenizer
+        self.max_prompt_len, self.batch_size, self.sharded = max_prompt_len, batch_size, sharded
+        self.records = {r.question: r for r in records}
+        self.base: dict[tuple[str, str], float] = {}  # RLPR's r_base per (question, reference)
+        if kind == "rlpr":
+            self.base_scores([r.question for r in records], [r.reference for r in records])
+
+    def prompt_ids(self, questions: list[str]) -> list[list[int]]:
+        recs = [self.records.get(q) or data.make_record(q, "", [{"role": "user", "content": q}], {}) for q in questions]
+        return data.tokenize_prompts(self.tokenizer, recs, self.max_prompt_len)
+
+    @torch.no_grad()
+    def reference_logprobs(self, prompts: list[list[int]], continuations: list[list[int]]) -> Tensor:
+        """Flat log-probs of every continuation's tokens, in batches of batch_size; a sharded policy on
+        several ranks runs as many forwards on each (a dummy one-token row where a rank has none left)."""
+        rows = [i for i, c in enumerate(continuations) if c]  # an empty reference scores 0: nothing to run
+        calls = math.ceil(len(rows) / self.batch_size)
+        if self.sharded and distributed.world_size() > 1:
+            calls = int(distributed.all_max(torch.tensor([calls]))[0])
+        out = []
+        for b in range(calls):
+            idx = rows[b * self.batch_size:(b + 1) * self.batch_size]
+            if idx:
+                out.append(self.logprobs([prompts[i] for i in idx], [continuations[i] for i in idx]).float().cpu())
+            else:
+                self.logprobs([[0]], [[0]])  # keeps the ranks' collectives in step
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def scores(self, prompts: list[list[int]], references: list[list[int]]) -> Tensor:
+        """The kind's score of each reference's tokens after its prompt."""
+        logp = segments(self.reference_logprobs(prompts, references), [len(r) for r in references])
+        return rlpr_score(logp) if self.kind == "rlpr" else verifree_score(logp)
+
+    def base_scores(self, questions: list[str], references: list[str]) -> Tensor:
+        """RLPR's r_base of each (question, reference): cached; the missing ones scored now, in one pass."""
+        missing = list(dict.fromkeys(k for k in zip(questions, references) if k not in self.base))
+        if self.sharded and distributed.world_size() > 1:  # every rank scores the union: equal forward counts
+            missing = list(dict.fromkeys(k for part in distributed.gather_objects(missing) for k in part))
+        if missing:
+            prompts = self.prompt_ids([q for q, _ in missing])
+            refs = [continuation_ids(self.tokenizer, "", r)[1] for _, r in missing]
+            self.base.update(zip(missing, self.scores(prompts, refs).tolist()))
+        return torch.tensor([self.base[k] for k in zip(questions, references)], dtype=torch.float64)
+
+    def __call__(self, questions: list[str], references: list[str], responses: list[str],
+                 seeds: list[int] | None = None) -> reward.Judgement:
+        reward._check_lengths(questions, references, responses)
+        prompts, refs = [], []
+        for p, ref, resp in zip(self.prompt_ids(questions), references, responses):
+            head, ref_ids = continuation_ids(self.tokenizer, split_answer(resp)[0], ref)
+            prompts.append(p + head)  # prompt + reasoning, then the reference in the answer's place
+            refs.append(ref_ids)
+        score = self.scores(prompts, refs)
+        if self.kind == "rlpr":
+            score = rlpr_debias(score, self.base_scores(questions, references))
+        s = score.clamp(0.0, 1.0).float()
+        return reward.Judgement(binary=(s >= 0.5).float(), soft=s, p_yes=s.clone(),
+                                judged=torch.ones(len(s), dtype=torch.bool))
