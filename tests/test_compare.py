@@ -242,15 +242,20 @@ def test_sft_baseline_trains_on_every_training_question_and_no_held_out_one():
         compare.sft_pairs(rl)
 
 
-def test_a_verifier_free_source_runs_and_has_its_row(tmp_path, monkeypatch, capsys):
-    # one train_rl.py process of 1 step, greedy evals: the source runs end to end and its row is printed and saved
-    monkeypatch.setattr("sys.argv", ["compare.py", "--sources", "verifree", "--seeds", "0", "--steps", "1",
-                                     "--eval_every", "1", "--eval_samples", "0", "--judges", "",
-                                     "--out_dir", str(tmp_path)])
+def test_a_verifier_free_source_runs_and_has_its_row(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    # one train_rl.py process of 1 step, greedy evals: the source runs end to end and its row is printed and saved.
+    # The recipe's policy is the session's tiny model: the world's warm-started one is a 45 s build in a cold cache.
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text((compare.ROOT / "recipes" / "cpu_demo.yaml").read_text().replace(
+        "\npolicy: tiny\n", f"\npolicy: {tiny_model_dir}\n"))
+    assert f"policy: {tiny_model_dir}" in recipe.read_text()
+    monkeypatch.setattr("sys.argv", ["compare.py", "--recipe", str(recipe), "--sources", "verifree", "--seeds", "0",
+                                     "--steps", "1", "--eval_every", "1", "--eval_samples", "0", "--judges", "",
+                                     "--out_dir", str(tmp_path / "out")])
     compare.main()
     printed = capsys.readouterr().out
     assert f"| {compare.SOURCES['verifree'][0]} |" in printed
-    report = json.loads((tmp_path / "compare.json").read_text())
+    report = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert [e["step"] for e in report["results"]["verifree"][0]] == [0, 1]
-    run_config = json.loads((tmp_path / "verifree" / "seed0" / "config.json").read_text())
+    run_config = json.loads((tmp_path / "out" / "verifree" / "seed0" / "config.json").read_text())
     assert run_config["verifier"] == "policy:verifree"
