@@ -13,6 +13,14 @@ VLLM_PYTHON = os.environ.get("RLVR_VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin"
 requires_vllm = pytest.mark.skipif(not Path(VLLM_PYTHON).exists(),
                                    reason=f"no vLLM interpreter at {VLLM_PYTHON} (see .ci/run or set RLVR_VLLM_PYTHON)")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` (the README's command): two workers on two cores, one torch thread each (and in the
+    # runs they launch). More threads than free cores make every op wait: a step ran 17-35x slower with
+    # 2 threads on 2 busy cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
