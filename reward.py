@@ -265,21 +265,31 @@ def require_settings(saved: VerifierSettings | None, name: str, paper_defaults: 
     if saved is None and not (paper_defaults or template_given):
         raise config.ConfigError(
             f"verifier {name}: no {SETTINGS_FILE} (the prompt it was trained with); name its template with "
-            "--verifier_template FILE, or pass --verifier_paper_defaults to ask it with the paper's template and "
+            "--verifier_template FILE or a family (--verifier_family, or <family>:<model> for a judge), or pass "
+            "--verifier_paper_defaults to ask it with the paper's template and "
             "YES/NO (right for the released RM-7B, virtuoussy/Qwen2.5-7B-Instruct-RLVR, and for a general judge)")
+
+
+def split_family(spec: str) -> tuple[str | None, str]:
+    """("compass", "org/CompassVerifier-7B") for "compass:org/CompassVerifier-7B": a model verifier asked in
+    a named family's format (verifier_families.py) in any role. Eval, audit and log-only judges take no
+    prompt flags, so a released judge without verifier_settings.json (CompassVerifier, xVerify) is named
+    this way, not asked with the paper's prompt. (None, spec) for any other spec."""
+    head, sep, rest = spec.partition(":")
+    return (head, rest) if sep and head in verifier_families.FAMILIES else (None, spec)
 
 
 def check_saved_settings(spec: str, options: "VerifierOptions", from_flags: bool) -> None:
     """require_settings for a verifier that is a local directory, before anything loads (a hub name or
     a server is checked when it is built). from_flags: the reward verifier (--verifier_template counts)."""
-    spec = spec.removeprefix("hybrid:")  # its model verifier
+    family, spec = split_family(spec.removeprefix("hybrid:"))  # its model verifier
     if spec and Path(spec).is_dir():
         try:
             saved = load_settings(spec)
         except ValueError as e:
             raise config.ConfigError(str(e)) from None
-        require_settings(saved, spec, options.verifier_paper_defaults,
-                         from_flags and bool(options.verifier_template or options.verifier_family))
+        require_settings(saved, spec, options.verifier_paper_defaults, family is not None
+                         or from_flags and bool(options.verifier_template or options.verifier_family))
 
 
 def resolve_settings(saved: VerifierSettings | None, overrides: dict, force: bool = False,
@@ -675,6 +685,12 @@ def build_verifier(spec: str, options: VerifierOptions | None = None, *, setting
     o = options or VerifierOptions()
     o.check()
     overrides = o.settings_overrides() if settings_from_flags else {}
+    family, spec = split_family(spec)
+    if family is not None:  # "<family>:<model>": asked in that family's format, whatever the role
+        if overrides.get("family", family) != family:
+            raise config.ConfigError(f"--verifier_family {overrides['family']!r} contradicts the verifier "
+                                     f"{family}:{spec}; name the family once")
+        overrides["family"] = family
     reading = dict(soft_mode=o.soft_mode, sample=o.verifier_sample) if settings_from_flags else {}
     if spec.startswith("rule:"):
         # a family is how a model is asked: a rule reads the response as its own flags say
@@ -860,6 +876,11 @@ def check_spec(spec: str, flag: str) -> None:
     """A rule or py: spec that cannot run is a ConfigError naming `flag`, before any model loads
     (a py: function is imported and tried on one row)."""
     try:
+        family, inner = split_family(spec)
+        if family is not None and (not inner.strip() or inner.startswith(("rule:", "py:", "policy:", "hybrid:"))
+                                   or split_family(inner)[0] is not None):
+            raise ValueError(f"expected {family}:<model verifier> (a model directory, hub name or http(s):// "
+                             "endpoint): a family says how a model is asked")
         if spec.startswith("policy:"):
             if spec[len("policy:"):] not in POLICY_SOURCES:
                 raise ValueError(f"unknown reward source; valid: {', '.join('policy:' + k for k in POLICY_SOURCES)}")

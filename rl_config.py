@@ -17,6 +17,7 @@ import reward
 import rl_math
 import rollout
 import rundir
+import verifier_families
 from config import resume_field
 
 
@@ -237,10 +238,11 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
         problem = model.source_problem(cfg.policy, cfg.prompt_format == "chat", cfg.trust_remote_code)
         req(problem is None, "policy", cfg.policy, str(problem))
     for name in ("verifier", "eval_verifier", "audit_verifier"):
-        spec = getattr(cfg, name)
+        family, spec = reward.split_family(getattr(cfg, name).removeprefix("hybrid:"))  # compass:<model>'s model
         if spec and spec != "tiny" and ":" not in spec.split("/")[0]:  # not rule:, http(s)://, py: (a model)
-            problem = model.source_problem(spec, True, cfg.trust_remote_code)
-            req(problem is None, name, spec, str(problem))
+            chat = verifier_families.family(family).chat if family else True  # cot is sent as raw text
+            problem = model.source_problem(spec, chat, cfg.trust_remote_code)
+            req(problem is None, name, getattr(cfg, name), str(problem))
     for name in ("verifier", "eval_verifier", "audit_verifier", "log_verifiers"):
         for spec in getattr(cfg, name).split(",") if name == "log_verifiers" else [getattr(cfg, name)]:
             if spec.strip() not in ("auto", "self"):

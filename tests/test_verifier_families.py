@@ -456,3 +456,26 @@ def test_invalid_judgements_and_verifier_tokens_reach_the_step_metrics():
     parts = [part([True, False, False], [10.0, 0.0, 5.0]), part([True, False], [3.0, 2.0])]  # two ranks
     m = train_rl.reduce_step(parts, torch.zeros(5), [], 1, rl_config.Config())
     assert m["verifier/invalid_rate"] == pytest.approx(2 / 5) and m["verifier/tokens_mean"] == pytest.approx(20 / 5)
+
+
+def test_a_judge_is_named_with_its_family_and_never_falls_back_to_the_paper_prompt(family_model_dir, tmp_path):
+    # An eval / audit judge takes no prompt flags: a released CompassVerifier (no verifier_settings.json) is
+    # named "compass:<model>"; without the family it is refused, not asked with the paper's YES/NO prompt.
+    judge = reward.build_verifier(f"compass:{family_model_dir}", VerifierOptions(), settings_from_flags=False)
+    assert judge.prompt.settings == reward.family_settings("compass") and judge.prompt.invalid_ids
+    with pytest.raises(config.ConfigError, match=r"no verifier_settings.json .*<family>:<model> for a judge"):
+        reward.build_verifier(family_model_dir, VerifierOptions(), settings_from_flags=False)
+    with pytest.raises(config.ConfigError, match=r"no verifier_settings.json"):  # the same, before any model loads
+        reward.check_saved_settings(family_model_dir, VerifierOptions(), from_flags=False)
+    reward.check_saved_settings(f"xverify:{family_model_dir}", VerifierOptions(), from_flags=False)
+    # the reward verifier: the flag and the spec name the family once; a contradiction is one line
+    with pytest.raises(config.ConfigError, match="--verifier_family 'xverify' contradicts the verifier compass:"):
+        reward.build_verifier(f"compass:{family_model_dir}", VerifierOptions(verifier_family="xverify"))
+    # a family is how a model is asked: not of a rule, a py: judge, a policy reward or another family
+    for inner in ("rule:exact", "py:freeform:teacher", "policy:rlpr", f"xverify:{family_model_dir}", ""):
+        with pytest.raises(config.ConfigError, match=r"^--eval_verifier 'compass:.*expected compass:<model verifier>"):
+            reward.check_spec(f"compass:{inner}", "eval_verifier")
+    # a hub name, a path and a server keep their meaning: only a family's name before the colon is one
+    assert reward.split_family("org/CompassVerifier-7B") == (None, "org/CompassVerifier-7B")
+    assert reward.split_family("http://host:8000") == (None, "http://host:8000")
+    assert reward.split_family("cot:http://host:8000") == ("cot", "http://host:8000")
