@@ -256,7 +256,8 @@ def test_a_verifier_without_settings_is_refused_unless_named(tiny_model_dir, tmp
     assert out.returncode == 2
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith(f"train_rl.py: error: verifier {tiny_model_dir}: no verifier_settings.json") and \
-        "--verifier_template FILE, or pass --verifier_paper_defaults" in last, last
+        "--verifier_template FILE or a family (--verifier_family, or <family>:<model> for a judge), or pass " \
+        "--verifier_paper_defaults" in last, last
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
 
 

@@ -193,7 +193,7 @@ def test_http_verifier_takes_the_settings_saved_beside_its_tokenizer(fakes, tiny
         reward.build_verifier(fakes[0].url, VerifierOptions(verifier_tokenizer=str(student), verifier_system_prompt=""))
     # the served id has no settings file: refused, unless the user names the template or the paper's defaults
     with pytest.raises(config.ConfigError, match=f"verifier {fakes[0].url} .*no verifier_settings.json.*"
-                                                 "--verifier_template FILE, or pass --verifier_paper_defaults"):
+                                                 "--verifier_template FILE or a family .*or pass --verifier_paper_defaults"):
         reward.build_verifier(fakes[0].url)
     paper = VerifierOptions(verifier_paper_defaults=True)
     assert reward.build_verifier(fakes[0].url, paper).prompt.settings == reward.VerifierSettings()
