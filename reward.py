@@ -110,17 +110,20 @@ class Judgement:
     judged: Tensor  # bool: the first token c was the positive or the negative token (rules: all True)
     invalid: Tensor | None = None  # bool: c was the family's "invalid" judgement (compass C); default all False
     tokens: Tensor | None = None   # float32: tokens the verifier generated (cot's cost); default all 0
+    cut: Tensor | None = None      # bool: the answer was longer than the verifier's positions, cut to its end
 
     def __post_init__(self):
         if self.invalid is None:
             self.invalid = torch.zeros(len(self.binary), dtype=torch.bool)
         if self.tokens is None:
             self.tokens = torch.zeros(len(self.binary))
+        if self.cut is None:
+            self.cut = torch.zeros(len(self.binary), dtype=torch.bool)
 
     def select(self, idx: list[int]) -> "Judgement":
         """The entries of responses `idx`, in that order."""
         return Judgement(self.binary[idx], self.soft[idx], self.p_yes[idx], self.judged[idx], self.invalid[idx],
-                         self.tokens[idx])
+                         self.tokens[idx], self.cut[idx])
 
 
 class Verifier(Protocol):
@@ -392,9 +395,13 @@ class VerifierPrompt:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def batch_ids(self, questions: list[str], references: list[str], responses: list[str]) -> list[list[int]]:
-        """prompt_ids of each row; one line on stderr when some answers had to be cut."""
-        before = self.cut
-        out = [self.prompt_ids(q, r, a) for q, r, a in zip(questions, references, responses)]
+        """prompt_ids of each row; one line on stderr when some answers had to be cut, and which ones in
+        `last_cut` (the verifiers put it in Judgement.cut, logged as verifier/cut_frac)."""
+        before, out, self.last_cut = self.cut, [], []
+        for q, r, a in zip(questions, references, responses):
+            row = self.cut
+            out.append(self.prompt_ids(q, r, a))
+            self.last_cut.append(self.cut > row)
         if self.cut > before:
             print(f"[verifier] {self.name}: {self.cut - before} of {len(out)} answers were longer than its "
                   f"{self.max_len} positions and were cut to their end ({self.cut} so far)", file=sys.stderr, flush=True)
@@ -501,6 +508,7 @@ class LocalVerifier:
         if self._distributed():  # every rank raises, or none does: a lone raise would hang the others
             torch.distributed.all_reduce(counts)
         self.prompt.check_judged(j.judged, answered, self.max_unjudged, counts.cpu())
+        j.cut = torch.tensor(self.prompt.last_cut, dtype=torch.bool)
         return j
 
     def judge_after_reasoning(self, seqs: list[list[int]], seeds: list[int] | None) -> tuple[Judgement, object]:
@@ -586,6 +594,7 @@ class RemoteVerifier:
             gen = self.client.generate(prompts, self.max_new_tokens, seeds)
             j, answered = judge_decisions(self.prompt, prompts, gen, probs, self.soft_mode, 0)
             self.prompt.check_judged(j.judged, answered, self.max_unjudged)
+            j.cut = torch.tensor(self.prompt.last_cut, dtype=torch.bool)
             return j
         replies = self.client.first_token(prompts, pos + neg + inv, seeds)
         p = torch.tensor([[math.exp(r["logprobs"][i]) for i in pos + neg + inv] for r in replies], dtype=torch.float64)
@@ -594,6 +603,7 @@ class RemoteVerifier:
         j = judgement_rewards(p[:, :len(pos)].sum(-1), p[:, len(pos):k].sum(-1), token_class(tokens, pos, neg, inv),
                               self.soft_mode, p[:, k:].sum(-1) if inv else None)
         self.prompt.check_judged(j.judged, tokens.tolist, self.max_unjudged)
+        j.cut = torch.tensor(self.prompt.last_cut, dtype=torch.bool)
         return j
 
 
@@ -864,10 +874,10 @@ class HybridVerifier:
                              [responses[i] for i in rows], None if seeds is None else [seeds[i] for i in rows])
                 parts.append((rows, j))
         out = Judgement(torch.zeros(len(route)), torch.zeros(len(route)), torch.zeros(len(route)),
-                        torch.zeros(len(route), dtype=torch.bool))
+                        torch.zeros(len(route), dtype=torch.bool))  # invalid, tokens, cut: zeros until filled
         for rows, j in parts:
             if rows:
-                for name in ("binary", "soft", "p_yes", "judged", "invalid", "tokens"):
+                for name in ("binary", "soft", "p_yes", "judged", "invalid", "tokens", "cut"):
                     getattr(out, name)[rows] = getattr(j, name).to(getattr(out, name).dtype)
         return out
 

@@ -157,15 +157,15 @@ def cat(parts: list[Samples]) -> Samples:
 
 def _entries(j: reward.Judgement) -> list[tuple]:
     return list(zip(j.binary.tolist(), j.soft.tolist(), j.p_yes.tolist(), j.judged.tolist(), j.invalid.tolist(),
-                    j.tokens.tolist()))
+                    j.tokens.tolist(), j.cut.tolist()))
 
 
 def _judgement(entries: list[tuple]) -> reward.Judgement:
-    b, s, p, j, v, t = zip(*entries) if entries else ((), (), (), (), (), ())
+    b, s, p, j, v, t, c = zip(*entries) if entries else ((), (), (), (), (), (), ())
     f32 = torch.float32
     return reward.Judgement(torch.tensor(b, dtype=f32), torch.tensor(s, dtype=f32), torch.tensor(p, dtype=f32),
                             torch.tensor(j, dtype=torch.bool), torch.tensor(v, dtype=torch.bool),
-                            torch.tensor(t, dtype=f32))
+                            torch.tensor(t, dtype=f32), torch.tensor(c, dtype=torch.bool))
 
 
 def _unpack(rows: Samples, train_set: list, logged_names) -> tuple[Rollout, reward.Judgement, dict]:

@@ -231,6 +231,7 @@ def step_record(ro: rollout.Rollout, judged: reward.Judgement, used: torch.Tenso
     sums = {"binary": judged.binary.sum().item(), "soft": judged.soft.sum().item(),
             "p_yes": judged.p_yes.sum().item(), "unjudged": (~judged.judged).sum().item(),
             "invalid": judged.invalid.sum().item(), "verifier_tokens": judged.tokens.sum().item(),
+            "cut": judged.cut.sum().item(),
             "truncated": float(sum(ro.truncated)), "length": float(sum(ro.lengths))}
     for name, j in logged.items():
         sums[f"{name}/binary"], sums[f"{name}/soft"] = j.binary.sum().item(), j.soft.sum().item()
@@ -252,6 +253,8 @@ def reduce_step(parts: list[dict], rewards: torch.Tensor, logged_names: list[str
          "reward/unjudged_frac": s["unjudged"] / n, "response/length_mean": s["length"] / n,
          # a verifier family's "invalid" judgements (compass C) and a generating verifier's cost (cot)
          "verifier/invalid_rate": s["invalid"] / n, "verifier/tokens_mean": s["verifier_tokens"] / n,
+         # answers longer than the verifier's positions, judged on their end (reward.VerifierPrompt)
+         "verifier/cut_frac": s["cut"] / n,
          "response/length_max": max(p["length_max"] for p in parts), "response/truncated": s["truncated"] / n,
          "loss": s["update/loss"] / updates, "grad_norm": parts[0]["grad_norm"],
          "entropy": s["update/entropy"] / max(1.0, s["update/entropy_tokens"]),

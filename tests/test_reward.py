@@ -484,9 +484,10 @@ def test_lone_surrogates_are_replaced_not_a_crash(tiny_model_dir):
 def test_a_20000_token_answer_is_judged_within_the_verifier_positions(tiny_model_dir, capsys):
     v = _tiny_local(tiny_model_dir, max_unjudged=1.0)[0]
     assert v.prompt.max_len == 4096  # the tiny model's max_position_embeddings
-    j = v(["q"], ["7"], [" ".join(str(i % 10) for i in range(20000))])
-    assert j.p_yes.shape == (1,) and torch.isfinite(j.p_yes).all() and v.prompt.cut == 1
-    assert "were cut to their end" in capsys.readouterr().err
+    j = v(["q", "q"], ["7", "7"], [" ".join(str(i % 10) for i in range(20000)), "7"])
+    assert j.p_yes.shape == (2,) and torch.isfinite(j.p_yes).all() and v.prompt.cut == 1
+    assert j.cut.tolist() == [True, False]  # which one: train_rl logs the share as verifier/cut_frac
+    assert "1 of 2 answers were longer than its 4096 positions" in capsys.readouterr().err
 
 
 def test_a_verifier_directory_without_settings_is_refused_before_anything_loads(tiny_model_dir, tmp_path):

@@ -433,19 +433,19 @@ def test_sft_distils_a_student_into_the_compass_format(tmp_path, tiny_model_dir)
 
 
 def test_invalid_judgements_and_verifier_tokens_reach_the_step_metrics():
-    """The Judgement's invalid flags and generated lengths survive the rollout's row packing and are
-    reduced over ranks into verifier/invalid_rate and verifier/tokens_mean (sums / responses)."""
+    """The Judgement's invalid flags, generated lengths and cut answers survive the rollout's row packing
+    and are reduced over ranks into verifier/invalid_rate, verifier/tokens_mean and verifier/cut_frac."""
     import data
     import rl_config
     import rollout
     import train_rl
 
-    def part(invalid, tokens):
+    def part(invalid, tokens, cut):
         n = len(invalid)
         j = reward.Judgement(torch.zeros(n), torch.zeros(n), torch.zeros(n), torch.ones(n, dtype=torch.bool),
-                             torch.tensor(invalid), torch.tensor(tokens))
+                             torch.tensor(invalid), torch.tensor(tokens), torch.tensor(cut))
         j = rollout._judgement(rollout._entries(j))  # as the rollout source packs and unpacks rows
-        assert j.invalid.tolist() == invalid and j.tokens.tolist() == tokens
+        assert j.invalid.tolist() == invalid and j.tokens.tolist() == tokens and j.cut.tolist() == cut
         ro = rollout.Rollout([data.Record("id", [], "q", "r", {})] * n, [[1]] * n, [[2, 3]] * n, ["t"] * n,
                              [False] * n, list(range(n)))
         keys = ("loss", "entropy", "entropy_tokens", "clip_low", "clip_high", "tokens", "ratio", "skipped",
@@ -453,9 +453,11 @@ def test_invalid_judgements_and_verifier_tokens_reach_the_step_metrics():
         update = {k: 0.0 for k in keys} | {"grad_norm": 0.0, "engine_gap_max": 0.0, "is_ratio_max": 0.0}
         return train_rl.step_record(ro, j, torch.zeros(n), {}, update, step=1)
 
-    parts = [part([True, False, False], [10.0, 0.0, 5.0]), part([True, False], [3.0, 2.0])]  # two ranks
+    parts = [part([True, False, False], [10.0, 0.0, 5.0], [False, False, True]),
+             part([True, False], [3.0, 2.0], [False, False])]  # two ranks
     m = train_rl.reduce_step(parts, torch.zeros(5), [], 1, rl_config.Config())
     assert m["verifier/invalid_rate"] == pytest.approx(2 / 5) and m["verifier/tokens_mean"] == pytest.approx(20 / 5)
+    assert m["verifier/cut_frac"] == pytest.approx(1 / 5)
 
 
 def test_a_judge_is_named_with_its_family_and_never_falls_back_to_the_paper_prompt(family_model_dir, tmp_path):
