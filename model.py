@@ -214,6 +214,13 @@ def load_sharded(name_or_path: str, device: torch.device | str, dtype: torch.dty
 # FSDP2
 
 
+def is_sharded(model) -> bool:
+    """FSDP2-sharded: every forward all-gathers, so all ranks must run as many forwards."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def shard_model(model, mixed_precision: bool, activation_checkpointing: bool = False):
     """fully_shard each decoder layer, then the root. No-op without a process group.
 

@@ -485,10 +485,7 @@ class LocalVerifier:
         self.soft_mode = "renorm" if self.prompt.family.renormalise else soft_mode  # the family's Eq. 4
         self.sample, self.max_unjudged, self.seed, self.calls = sample, max_unjudged, seed, 0
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        from torch.distributed.tensor import DTensor
-
-        # A sharded (FSDP2) verifier all-gathers inside every forward: all ranks must run as many.
-        self.sharded = any(isinstance(p, DTensor) for p in lm.parameters())
+        self.sharded = model.is_sharded(lm)
         self.device = next(lm.parameters()).device
 
     def __call__(self, questions: list[str], references: list[str], responses: list[str],

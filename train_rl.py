@@ -426,12 +426,10 @@ def load_verifiers(cfg: Config, vopts, spec: str, device, policy=None, tokenizer
     the policy's own probability of the reference (verifier_free.py), built on `policy` before any update."""
     def build(s, from_flags):
         if s.startswith("policy:"):
-            from torch.distributed.tensor import DTensor
-
             return verifier_free.PolicyReward(
                 s[len("policy:"):], lambda p, r: forward_logprobs(policy, p, r, range(len(p)), cfg, device)[0],
                 tokenizer, train_set, cfg.max_prompt_len, cfg.micro_batch_size,
-                sharded=any(isinstance(w, DTensor) for w in policy.parameters()))
+                sharded=model.is_sharded(policy))
         return reward.build_verifier(s, vopts, settings_from_flags=from_flags, device=device,
                                      shard=distributed.is_initialized(), seed=cfg.seed,
                                      trust_remote_code=cfg.trust_remote_code)
