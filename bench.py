@@ -110,8 +110,8 @@ def _setup(threads: int):
 
 def _train(argv: list[str], async_steps: int, stream: bool) -> tuple[list[dict], float]:
     """train_rl.train() with these flags: (metrics.jsonl rows of steps 0..N, peak GB)."""
-    import metrics
-    import rl_config
+    from rlvr import metrics
+    from rlvr import rl_config
     import train_rl
 
     cfg, vopts = rl_config.parse_config(argv + [f"--async_steps={async_steps}", f"--stream_judging={stream}"])
@@ -142,10 +142,10 @@ def worker_trl(a: dict) -> dict:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    import model as M
+    from rlvr import model as M
     import reward
-    import toy
-    from metrics import peak_memory_gb
+    from worlds import toy
+    from rlvr.metrics import peak_memory_gb
 
     options = reward.VerifierOptions(soft_mode="renorm", verifier_max_unjudged=1.0, verifier_paper_defaults=True)
     verifier = reward.build_verifier(a["verifier"], options)
@@ -192,8 +192,8 @@ def worker_logprob_mem(a: dict) -> dict:
     torch = _setup(a["threads"])
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    import model as M
-    from metrics import peak_memory_gb, reset_peak_memory
+    from rlvr import model as M
+    from rlvr.metrics import peak_memory_gb, reset_peak_memory
 
     torch.manual_seed(0)
     cfg = Qwen2Config(vocab_size=a["vocab"], hidden_size=128, intermediate_size=512, num_hidden_layers=2,
@@ -231,8 +231,8 @@ def worker_packing(a: dict) -> dict:
     alternating the two arms `repeats` times."""
     torch = _setup(a["threads"])
     import data
-    import model as M
-    import toy
+    from rlvr import model as M
+    from worlds import toy
 
     policy = M.load_model(a["policy"], dtype=torch.float32).train()
     tok = M.load_tokenizer(a["policy"])
@@ -272,9 +272,9 @@ def worker_verifier(a: dict) -> dict:
     """Judgements/s of reward.LocalVerifier (one forward, lm_head at the last position, length-sorted
     batches) vs the common generate()-based judge (generate 1 token with scores, batches in data order)."""
     torch = _setup(a["threads"])
-    import model as M
+    from rlvr import model as M
     import reward
-    import toy
+    from worlds import toy
 
     m = M.load_model(a["policy"]).eval()
     tok = M.load_tokenizer(a["policy"])
@@ -325,7 +325,7 @@ def worker_lm_head(a: dict) -> dict:
     torch = _setup(a["threads"])
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    import model as M
+    from rlvr import model as M
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -402,7 +402,7 @@ def bench_model(out: Path, length: int, uneven: bool) -> str:
     """The tiny random model with a generation_config that sets the response lengths for every arm: all
     exactly `length` (end-of-sequence suppressed until then), or uneven: an end-of-sequence bias that makes
     lengths roughly geometric with median ~length/4 (about 1 in 16 runs to `length`), at least length/16."""
-    import toy
+    from worlds import toy
 
     src = toy.build_tiny_model()
     shutil.copytree(src, out)
@@ -470,7 +470,7 @@ def section_curves(cfg: BenchConfig, tmp: Path) -> dict:
         argv = ["--config", str(ROOT / "recipes" / "cpu_demo.yaml"), f"--steps={cfg.curve_steps}",
                 f"--out_dir={tmp / ('curve-' + arm)}", "--wandb_mode=disabled"]
         out[arm] = spawn("ours", dict(threads=cfg.threads, arm=arm, argv=argv, responses=16 * 8))
-    import metrics
+    from rlvr import metrics
 
     steps = list(range(1, cfg.curve_steps + 1))
     out["plot"] = metrics.plot_curves(Path(cfg.out).with_suffix(".curves.png"),
@@ -497,7 +497,7 @@ def run_all(cfg: BenchConfig) -> dict:
         if "curves" in sections:
             res["sections"]["curves"] = section_curves(cfg, tmp)
         if "verifier" in sections:
-            import toy
+            from worlds import toy
 
             print("local verifier vs generate()-based judge", flush=True)
             res["sections"]["verifier"] = spawn("verifier", {"threads": cfg.threads, "rows": cfg.verifier_rows,
@@ -512,7 +512,7 @@ def run_all(cfg: BenchConfig) -> dict:
                 name: spawn("logprob_mem", {**kw, "threads": cfg.threads, "vocab": cfg.logprob_vocab,
                                             "tokens": cfg.logprob_tokens}) for name, kw in arms.items()}
         if "packing" in sections:
-            import toy
+            from worlds import toy
 
             print("packed vs padded training", flush=True)
             res["sections"]["packing"] = spawn("packing", {

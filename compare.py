@@ -22,14 +22,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import audit
-import config
-import metrics
 import reward
-import rl_config
+from rlvr import audit, config, metrics, rl_config
 
 ROOT = Path(__file__).resolve().parent
-TEACHER = "py:freeform:teacher"
+TEACHER = "py:worlds.freeform:teacher"
 SAMPLED_C = ["--verifier_sample", "true"]  # the paper samples the verifier's first token c (Eq. 3 and Eq. 4 read it)
 # name -> (table label, train_rl.py flags on top of the recipe; None: the SFT baseline): the paper's Table 3 rows
 SOURCES = {
@@ -57,7 +54,7 @@ RULE_SOURCES = ("rule_substring", "rule_exact", "rule_jaccard")
 # judges of the agreement table: name -> (verifier spec, threshold on its soft score; None: its binary)
 JUDGES = {
     "teacher": (TEACHER, None),
-    "noisy teacher": ("py:freeform:teacher_noisy10", None),  # 10% of the teacher's labels flipped
+    "noisy teacher": ("py:worlds.freeform:teacher_noisy10", None),  # 10% of the teacher's labels flipped
     "student": ("tiny", None),
     "rule:substring": ("rule:substring", None),
     "rule:exact": ("rule:exact", None),
@@ -157,7 +154,7 @@ def run_rl(cfg: CompareConfig, rl: rl_config.Config, source: str, seed: int) -> 
 def sft_pairs(rl: rl_config.Config) -> list[tuple[list[dict], str]]:
     """(messages, reference) for every training question of the free-form world, split as train_rl.py
     splits it (never a held-out question): the SFT baseline learns the expert's answers."""
-    import freeform
+    from worlds import freeform
 
     config.require(rl.data == "freeform" and not rl.eval_data and not rl.exclude_hashes, "recipe", rl.data,
                    "the SFT baseline knows the free-form world's split only (--data freeform, no --eval_data "
@@ -172,8 +169,8 @@ def run_sft(cfg: CompareConfig, rl: rl_config.Config, seed: int) -> list[dict]:
     steps x batch) on the references, save it, evaluate it the same way: [start eval, end eval]."""
     import torch
 
-    import model
-    import toy
+    from rlvr import model
+    from worlds import toy
 
     out = Path(cfg.out_dir).resolve() / "sft" / f"seed{seed}"
     grader = ["--verifier", TEACHER]  # --eval_only loads the reward verifier too: the teacher costs nothing

@@ -28,10 +28,8 @@ from typing import Literal, Optional, Protocol
 import torch
 from torch import Tensor
 
-import config
-import model
-import verifier_families
-from remote import TRAILING_PUNCT, CompletionsClient, MathPool, VerifierError  # noqa: F401 (re-exported)
+from rlvr import config, model, verifier_families
+from rlvr.remote import TRAILING_PUNCT, CompletionsClient, MathPool, VerifierError  # noqa: F401 (re-exported)
 
 # ----------------------------------------------------------------------------------------------
 # the verifier's input
@@ -914,7 +912,7 @@ def check_spec(spec: str, flag: str) -> None:
 
 class PyVerifier:
     """"py:module.path:function": function(questions, references, responses) -> one score in [0, 1] per
-    response (0/1 judgements or probabilities), e.g. py:freeform:teacher, a demo world's judge that
+    response (0/1 judgements or probabilities), e.g. py:worlds.freeform:teacher, a demo world's judge that
     knows its equivalences. binary = score >= 0.5; soft and p_yes = the score; every response counts as
     judged. The module is imported from the working directory or sys.path; the function is checked on
     one row when built, and its answer on every call: a missing module or function, a wrong length or

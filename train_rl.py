@@ -21,22 +21,12 @@ from pathlib import Path
 
 import torch
 
-import audit
-import checkpoint
-import config
 import data
-import distributed
-import metrics
-import model
 import reward
-import rl_config
-import rl_math
-import rollout
-import rollout_async
-import rundir
-import verifier_free
 import worlds
-from rl_config import Config
+from rlvr import (audit, checkpoint, config, distributed, metrics, model, rl_config, rl_math, rollout,
+                   rollout_async, rundir, verifier_free)
+from rlvr.rl_config import Config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -515,7 +505,7 @@ def start_engine(cfg: Config, policy_path: str, policy, device, resumed: bool):
     its KV cache around them."""
     if cfg.rollout_engine != "vllm":
         return None
-    from vllm_engine import VLLMEngine
+    from rlvr.vllm_engine import VLLMEngine
     engine = VLLMEngine(policy_path, seed=cfg.seed, max_model_len=cfg.max_prompt_len + cfg.max_new_tokens,
                         gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
                         dtype="auto" if device.type == "cuda" else "float32")

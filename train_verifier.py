@@ -45,21 +45,12 @@ from typing import Literal, Optional
 
 import torch
 
-import audit
-import checkpoint
-import config
 import data
-import distributed
-import metrics
-import model
-import remote
 import reward
-import verifier_families
-import rl_config
-import rollout
-import rundir
 import worlds
-from config import resume_field
+from rlvr import (audit, checkpoint, config, distributed, metrics, model, remote, rl_config, rollout, rundir,
+                   verifier_families)
+from rlvr.config import resume_field
 
 def _help(text: str) -> dict:
     return {"help": text}

@@ -26,7 +26,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """The tiny offline model (random weights), built once per test session."""
-    import toy
+    from worlds import toy
 
     return toy.build_tiny_model(str(tmp_path_factory.mktemp("tiny") / "model"), seed=0)
 

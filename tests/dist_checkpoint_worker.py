@@ -74,7 +74,7 @@ def assert_equal(a: dict, b: dict, what: str):
 
 
 def save_fails(root: str, model, optimizer, scheduler, says: str):
-    import checkpoint
+    from rlvr import checkpoint
 
     try:
         checkpoint.save_checkpoint(root, 4, model, optimizer, scheduler)
@@ -88,7 +88,7 @@ def check_failures(root: str, model, optimizer, scheduler):
     """What goes wrong on one rank goes wrong, in the same words, on every rank."""
     import torch.distributed as dist
 
-    import checkpoint
+    from rlvr import checkpoint
 
     rank = dist.get_rank()
     for step in (1, 2, 3):
@@ -142,7 +142,7 @@ def main():
                                                          get_optimizer_state_dict)
     from torch.distributed.fsdp import fully_shard
 
-    import checkpoint
+    from rlvr import checkpoint
 
     out = sys.argv[1]
     dist.init_process_group("gloo")

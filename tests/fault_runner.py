@@ -24,8 +24,8 @@ if FAULT == "launcher_dies":  # before torch is imported: fork a process without
         os.wait()
         sys.exit(0)  # not reached: the child kills this process
 
-import checkpoint  # noqa: E402
-import rollout  # noqa: E402
+from rlvr import checkpoint  # noqa: E402
+from rlvr import rollout  # noqa: E402
 import train_rl  # noqa: E402
 
 

@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import distributed  # noqa: E402
-import model  # noqa: E402
+from rlvr import distributed  # noqa: E402
+from rlvr import model  # noqa: E402
 
 
 def layer_dtypes(lm) -> set:
@@ -36,7 +36,7 @@ def rl(out: Path, argv: list[str]) -> None:
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    import rl_config
+    from rlvr import rl_config
     import train_rl
 
     facts = {}

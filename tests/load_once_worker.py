@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import distributed  # noqa: E402
-import model  # noqa: E402
+from rlvr import distributed  # noqa: E402
+from rlvr import model  # noqa: E402
 
 
 def old_load(name_or_path, device, dtype, trust_remote_code=False, compute_dtype=None, *, mixed_precision,
@@ -110,7 +110,7 @@ def length_score(questions, references, responses) -> list[float]:
 
 
 def rl(out: Path, argv: list[str]) -> None:
-    import rl_config
+    from rlvr import rl_config
     import train_rl
 
     results, new_load = {}, model.load_sharded

@@ -18,15 +18,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import checkpoint  # noqa: E402
+from rlvr import checkpoint  # noqa: E402
 import data  # noqa: E402
-import distributed  # noqa: E402
-import model  # noqa: E402
+from rlvr import distributed  # noqa: E402
+from rlvr import model  # noqa: E402
 import reward  # noqa: E402
-import rl_config  # noqa: E402
-import rollout  # noqa: E402
-import rollout_async  # noqa: E402
-import toy  # noqa: E402
+from rlvr import rl_config  # noqa: E402
+from rlvr import rollout  # noqa: E402
+from rlvr import rollout_async  # noqa: E402
+from worlds import toy  # noqa: E402
 
 
 class ParityVerifier:

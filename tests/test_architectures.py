@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import data
-import model
-import rl_config
-import toy
+from rlvr import model, rl_config
+from worlds import toy
 
 # tiny sizes: 2 layers, hidden 64, 2 heads of 32 (GQA where the architecture has it)
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
@@ -96,7 +95,7 @@ def test_two_rl_steps_with_packing_on_and_off(arch_dir, tmp_path):
 
 
 def test_a_base_model_without_a_chat_template_runs_with_the_plain_prompt_format(tmp_path):
-    import config
+    from rlvr import config
     import train_rl
 
     path = build("gpt2", tmp_path / "base")  # GPT-2 as released: a base model, no chat template

@@ -2,8 +2,8 @@
 and the live audit's sample and metrics."""
 import pytest
 
-import audit
 import reward
+from rlvr import audit
 
 
 def test_agreement_by_hand():

@@ -6,9 +6,7 @@ import json
 import pytest
 
 import compare
-import config
-import metrics
-import rl_config
+from rlvr import config, metrics, rl_config
 
 
 def test_every_default_source_and_judge_is_accepted_and_a_typo_is_not():
@@ -187,8 +185,8 @@ def test_sample_rollouts_is_seeded_and_draws_without_replacement(tmp_path):
 def test_sft_baseline_gets_the_rl_runs_budget_and_the_start_and_end_evals(tmp_path, monkeypatch):
     """run_sft: as many optimizer steps x sequences as the RL run, from the policy the warm-start eval
     resolved, on sft_pairs; its table rows are that eval and the SFT model's, graded the same way."""
-    import model
-    import toy
+    from rlvr import model
+    from worlds import toy
 
     cfg = compare.CompareConfig(steps=6, out_dir=str(tmp_path))
     rl = compare.recipe_config(cfg)

@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 
-import config
-import rl_config
+from rlvr import config, rl_config
 import train_verifier as TV
 
 ROOT = Path(__file__).resolve().parents[1]

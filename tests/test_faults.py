@@ -88,7 +88,7 @@ def test_sigterm_to_the_process_group_in_the_reward_phase(tiny_model_dir, straig
 @pytest.mark.parametrize("mode, message", [("omit", "no valid log-probability for judgement token"),
                                            ("hang", "timed out"), ("cut", "IncompleteRead")])
 def test_a_failing_verifier_server_stops_the_run_with_a_clear_error(mode, message, tiny_model_dir, tmp_path):
-    import model
+    from rlvr import model
 
     tok = model.load_tokenizer(tiny_model_dir)
     yes, no = (tok.encode(w, add_special_tokens=False)[0] for w in ("YES", "NO"))
@@ -124,7 +124,7 @@ def test_a_fooled_verifier_shows_in_the_audit_and_stops_the_run(tiny_model_dir, 
     # a reward verifier that says YES to everything (the worst hack: every answer passes); the rule:math
     # judge re-grades 8 rollouts a step. Each audit must find every answer it judges wrong judged YES,
     # write those rows to audit.jsonl, and two such audits in a row must stop the run after a checkpoint.
-    import model
+    from rlvr import model
     import reward
 
     tok = model.load_tokenizer(tiny_model_dir)
@@ -225,7 +225,7 @@ def test_no_heldout_prompts_skips_the_eval_and_finishes(tiny_model_dir, tmp_path
 
 def yes_server(tiny_model_dir):
     """A fake vLLM verifier that says YES (p 0.7) to everything: every response gets the same reward."""
-    import model
+    from rlvr import model
 
     tok = model.load_tokenizer(tiny_model_dir)
     server = FakeVLLM(tiny_model_dir, *(tok.encode(w, add_special_tokens=False)[0] for w in ("YES", "NO")))
@@ -263,7 +263,7 @@ def test_a_verifier_without_settings_is_refused_unless_named(tiny_model_dir, tmp
 
 def test_the_api_key_comes_from_the_environment_and_no_credential_reaches_any_output(tiny_model_dir, tmp_path,
                                                                                      monkeypatch):
-    import remote
+    from rlvr import remote
 
     key, password = "sk-e2e-key-0123456789", "hunter2pass"
     server = yes_server(tiny_model_dir)

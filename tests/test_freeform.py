@@ -4,11 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import config
 import data
-import freeform
 import reward
-import rl_config
+from rlvr import config, rl_config
+from worlds import freeform
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +49,7 @@ def test_teacher_by_hand_names_aliases_abbreviations_word_order_articles():
 
 
 def test_teacher_spec_noise_and_check():
-    t = reward.build_verifier("py:freeform:teacher")
+    t = reward.build_verifier("py:worlds.freeform:teacher")
     j = t(["q"] * 4, ["7 kg", "7 kg", "Birch Limited", "Tarnium"], ["7000 g", "7 g", "Birch", "tarnium oxide"])
     assert j.binary.tolist() == [1.0, 0.0, 1.0, 0.0] and torch.equal(j.soft, j.binary) and j.judged.all()
     # the noisy teacher flips ~10% of labels, the same ones every call (a hash of the row), none in common state
@@ -181,9 +180,9 @@ def test_the_main_job_runs_this_world_and_the_numeric_toy_is_a_recipe():
         ("freeform", "tiny", "tiny", "auto", "auto")
     train, heldout = train_rl.load_data(default)
     graders = train_rl.choose_graders(default, [r.reference for r in train + heldout])  # auto: the world's teacher
-    assert (graders.eval_verifier, graders.audit_verifier) == ("py:freeform:teacher", "py:freeform:teacher")
+    assert (graders.eval_verifier, graders.audit_verifier) == ("py:worlds.freeform:teacher", "py:worlds.freeform:teacher")
     assert worlds.of("freeform").tiny_policy is freeform.tiny_policy and worlds.of("freeform").teacher == graders.eval_verifier
-    assert worlds.of("toy").tiny_verifier.__module__ == "toy" and worlds.of("some.jsonl") is worlds.WORLDS["toy"]
+    assert worlds.of("toy").tiny_verifier.__module__ == "worlds.toy" and worlds.of("some.jsonl") is worlds.WORLDS["toy"]
     assert (train, heldout) == freeform.split(freeform.records(), default.heldout_fraction)
     toy_cfg, _ = rl_config.parse_config(["--config", str(ROOT / "recipes" / "cpu_numeric_toy.yaml")])
     assert (toy_cfg.data, toy_cfg.eval_verifier) == ("toy", "rule:math")

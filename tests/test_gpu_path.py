@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import distributed
-import model
 import reward
-import toy
+from rlvr import distributed, model
+from worlds import toy
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "gpu_path_worker.py"
@@ -281,7 +280,7 @@ def test_logprob_chunk_is_honoured_at_a_large_vocabulary(monkeypatch):
 
 
 def test_peak_memory_reports_allocated_reserved_and_the_whole_device(monkeypatch):
-    import metrics
+    from rlvr import metrics
 
     gib = 2 ** 30
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 30 * gib)

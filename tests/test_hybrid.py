@@ -3,8 +3,8 @@ the answer parse as mathematics, the model verifier elsewhere, per row."""
 import pytest
 import torch
 
-import config
 import reward
+from rlvr import config
 
 ROWS = [  # (reference, response, routed to rule:math?)
     ("7 kg", "7000 g", True),
@@ -58,7 +58,7 @@ def test_a_built_hybrid_grades_math_rows_with_the_rule_and_the_rest_with_the_jud
     rule = reward.RuleVerifier.__call__
     monkeypatch.setattr(reward.RuleVerifier, "__call__",
                         lambda self, q, r, a, seeds=None: seen.extend(a) or rule(self, q, r, a, seeds))
-    h = reward.build_verifier("hybrid:py:freeform:teacher")
+    h = reward.build_verifier("hybrid:py:worlds.freeform:teacher")
     try:
         refs = ["7 kg", "7 kg", "7", "Birch Limited", "1/2"]
         resps = ["7 kg", "seven kilograms", "Thought process:", "Birch Ltd", "0.5"]
@@ -69,7 +69,7 @@ def test_a_built_hybrid_grades_math_rows_with_the_rule_and_the_rest_with_the_jud
     # rule:math: 7 kg = 7 kg, 1/2 = 0.5; the teacher: seven kilograms = 7 kg, Birch Ltd = Birch Limited,
     # "Thought process:" is no answer
     assert j.binary.tolist() == [1.0, 1.0, 0.0, 1.0, 1.0]
-    assert h.name == "hybrid:py:freeform:teacher"
+    assert h.name == "hybrid:py:worlds.freeform:teacher"
 
 
 @pytest.mark.parametrize("spec", ["hybrid:", "hybrid:rule:math", "hybrid:policy:rlpr", "hybrid:hybrid:tiny",

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-import metrics
-from metrics import (Metrics, PhaseTimer, append_jsonl, peak_memory_gb, plot_curves, read_jsonl, reliability_plot,
+from rlvr import metrics
+from rlvr.metrics import (Metrics, PhaseTimer, append_jsonl, peak_memory_gb, plot_curves, read_jsonl, reliability_plot,
                      reset_peak_memory, rewind_jsonl, wandb_mode)
 
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-import model
+from rlvr import model
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
-import model as M
 import train_rl
+from rlvr import model as M
 
 # uneven prompts and responses, one response of a single token
 PROMPT_LENS, RESPONSE_LENS = [5, 9, 3, 14], [7, 1, 12, 4]

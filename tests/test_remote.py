@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import remote
 import reward
+from rlvr import remote
 from reward import VerifierError, VerifierOptions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +124,7 @@ class FakeVLLM:
 
 @pytest.fixture
 def fakes(tiny_model_dir):
-    import model
+    from rlvr import model
 
     tok = model.load_tokenizer(tiny_model_dir)
     yes, no = tok.encode("YES", add_special_tokens=False)[0], tok.encode("NO", add_special_tokens=False)[0]
@@ -181,7 +181,7 @@ def test_remote_sampled_c_uses_one_seed_per_request_and_eq4_reads_it(fakes):
 def test_http_verifier_takes_the_settings_saved_beside_its_tokenizer(fakes, tiny_model_dir, tmp_path):
     import shutil
 
-    import config
+    from rlvr import config
 
     student = tmp_path / "student"
     shutil.copytree(tiny_model_dir, student)
@@ -314,7 +314,7 @@ def test_dead_worker_is_restarted_and_its_item_retried():
 SIGTERM_CHILD = textwrap.dedent("""
     import signal, sys, time
     sys.path.insert(0, sys.argv[1])
-    import remote
+    from rlvr import remote
     got = []
     signal.signal(signal.SIGTERM, lambda s, f: got.append(s))  # like checkpoint.StopSignal: finish the step
     pool = remote.MathPool(workers=2, timeout=30.0)
@@ -352,7 +352,7 @@ def test_sigterm_to_the_trainers_process_group_does_not_reach_the_workers():
 ORPHAN_CHILD = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[1])
-    import remote
+    from rlvr import remote
     pool = remote.MathPool(workers=1, timeout=1.0)
     pool([("1", "1")])
     print(pool.procs[0].pid, flush=True)
@@ -431,7 +431,7 @@ def test_credentials_in_a_url_are_refused_and_never_shown(fakes):
 
 
 def test_metrics_config_holds_no_url_credentials(tmp_path):
-    import metrics
+    from rlvr import metrics
 
     m = metrics.Metrics(str(tmp_path), {"verifier": "http://u:hunter2secret@h:8000", "n": 1}, "p", None, "disabled")
     m.close()

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import audit
-import config
 import reward
+from rlvr import audit, config
 from reward import (Judgement, VerifierError, VerifierOptions, VerifierSettings, judgement_rewards, last_line,
                     rewards_from_logits)
 
@@ -99,7 +98,7 @@ def test_think_blocks_go_before_the_last_line(text, expected):
 
 
 def test_prompt_renders_settings_through_the_chat_template(tiny_model_dir):
-    import model
+    from rlvr import model
 
     tok = model.load_tokenizer(tiny_model_dir)
     ids = reward.VerifierPrompt(tok).prompt_ids("What is 3 + 4?", "7", "<think>7?</think>step 1\nThe answer is 7.\n\n")
@@ -224,7 +223,7 @@ def test_saved_settings_travel_with_the_verifier(tiny_model_dir, tmp_path):
     no flags; a contradicting flag is refused unless forced."""
     import shutil
 
-    import model
+    from rlvr import model
 
     student = tmp_path / "student"
     shutil.copytree(tiny_model_dir, student)
@@ -254,7 +253,7 @@ def test_saved_settings_travel_with_the_verifier(tiny_model_dir, tmp_path):
 
 
 def test_judgement_token_resolution(tiny_model_dir):
-    import model
+    from rlvr import model
 
     tok = model.load_tokenizer(tiny_model_dir)
     yes = tok.encode("YES", add_special_tokens=False)
@@ -276,7 +275,7 @@ RESP = ["work\nTherefore, the answer is 7.", "NO", "", "Paris\r\n\r\n", "5", "lo
 def _tiny_local(tiny_model_dir, **kw):
     """The random tiny model says neither YES nor NO: its most common argmax becomes "positive" and
     another argmax "negative", so c takes more than one class."""
-    import model
+    from rlvr import model
 
     m = model.load_model(tiny_model_dir).eval()
     v = reward.LocalVerifier(m, model.load_tokenizer(tiny_model_dir), name="tiny", **kw)
@@ -319,7 +318,7 @@ def test_local_sampled_c_depends_on_the_seed_alone(tiny_model_dir):
 
 
 def test_unjudged_share_above_the_bound_is_an_error_naming_the_tokens(tiny_model_dir):
-    import model
+    from rlvr import model
 
     v = reward.LocalVerifier(model.load_model(tiny_model_dir).eval(), model.load_tokenizer(tiny_model_dir), name="tiny")
     with pytest.raises(VerifierError, match=r"verifier tiny: 7 of 7 first tokens \(100%\) were neither 'YES' nor "
@@ -453,7 +452,7 @@ def test_judgement_is_the_interface_of_every_verifier():
 
 
 def test_an_answer_longer_than_the_verifier_reads_is_cut_to_its_end_and_counted(tiny_model_dir, capsys):
-    import model
+    from rlvr import model
 
     tok = model.load_tokenizer(tiny_model_dir)
     short = reward.VerifierPrompt(tok, VerifierSettings(full_response=True)).prompt_ids("q", "7", "so 7")

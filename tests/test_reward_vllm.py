@@ -90,7 +90,7 @@ def _spellings(local, tok):
 
 @pytest.mark.parametrize("soft_mode", ["eq4", "renorm"])
 def test_remote_matches_local_verifier(server, tiny_model_dir, soft_mode):
-    import model
+    from rlvr import model
 
     _, url = server
     tok = model.load_tokenizer(tiny_model_dir)
@@ -110,7 +110,7 @@ def test_remote_matches_local_verifier(server, tiny_model_dir, soft_mode):
 def test_remote_sampled_c_is_seeded_per_request_with_exact_logprobs(server, tiny_model_dir):
     """vLLM honours logprob_token_ids (the judgement tokens' exact log-probabilities, so p_yes equals
     the local verifier's whatever c was drawn) and the per-request seed (same seeds, same c)."""
-    import model
+    from rlvr import model
 
     _, url = server
     tok = model.load_tokenizer(tiny_model_dir)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import rl_math as R
+from rlvr import rl_math as R
 
 
 def close(a, b):

@@ -16,13 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
-import config
 import data
-import model
-import rl_config
-import rollout
-import rollout_stream
+from rlvr import checkpoint, config, model, rl_config, rollout, rollout_stream
 import rollout_worker as W
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -338,7 +333,7 @@ def test_the_rollout_settings_are_the_trainer_configs_fields():
     import ast
 
     fields, read, repeated = set(rl_config.Config.__dataclass_fields__), {}, []
-    for path in sorted(ROOT.glob("rollout*.py")):
+    for path in sorted(ROOT.glob("rlvr/rollout*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             owner = getattr(node, "value", None)
             if isinstance(node, ast.Attribute) and (isinstance(owner, ast.Name) and owner.id == "cfg" or

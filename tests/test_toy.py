@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import data
-import model
-import toy
+from rlvr import model
+from worlds import toy
 
 
 # ----------------------------------------------------------------------------------------- models

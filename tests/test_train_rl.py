@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import config
-import rl_config
+from rlvr import config, rl_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -195,7 +194,7 @@ def test_the_policy_learns_what_a_stronger_judge_grades(tmp_path):
 
 
 def test_the_master_key_probe_asks_n_pairs_with_every_key():
-    import audit
+    from rlvr import audit
     import data
     import reward
     import train_rl
@@ -228,7 +227,7 @@ def test_the_cpu_demo_recipe_is_the_main_job_written_out():
     ("none", 1, 1, "none", "sampler"), ("none", 1, 2, "reward", "sampler"),
     ("tis", 1, 1, "none", "trainer"), ("mask", 1, 1, "none", "trainer"), ("tis", 0, 1, "none", "update")])
 def test_old_logprobs_source_is_what_each_mode_promises(correction, staleness, epochs, kl, want):
-    import rollout
+    from rlvr import rollout
     import train_rl
 
     cfg = train_rl.Config(rollout_correction=correction, ppo_epochs=epochs, kl_mode=kl, async_steps=1)
@@ -325,7 +324,7 @@ def test_the_closing_lines_are_runnable_commands_and_the_run_has_a_picture(tiny_
     # then the two commands its closing lines print, run as printed with small settings added to the first
     import shlex
 
-    import metrics
+    from rlvr import metrics
     import train_rl
     import worlds
 

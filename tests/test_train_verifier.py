@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import audit
-import config
 import data
 import reward
-import toy
+from rlvr import audit, config
+from worlds import toy
 import train_verifier as TV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -338,7 +337,7 @@ def test_balanced_pool():
 
 @pytest.mark.parametrize("pack", [True, False])
 def test_micro_loss_is_the_weighted_nll_of_judgement_and_end_of_turn(tiny_model_dir, pack):
-    import model
+    from rlvr import model
 
     lm = model.load_model(tiny_model_dir)
     seqs = [([5, 6, 7, 8, 9, 10], 4), ([11, 12, 13, 14], 2)]  # (ids, prompt length): targets are the last two
@@ -459,7 +458,7 @@ def test_distilled_student_agrees_with_the_teacher_on_heldout_questions(tmp_path
 
 
 def test_sft_and_eval_claim_their_out_dir(tmp_path, tiny_model_dir):
-    import rundir
+    from rlvr import rundir
 
     labels = write_jsonl(tmp_path / "labels.jsonl", labelled_rows(40, seed=5))
     args = ["sft", "--student", tiny_model_dir, "--data", str(labels), "--out_dir", str(tmp_path / "run"),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import reward
-import toy
+from worlds import toy
 import train_verifier as TV
 from test_reward_vllm import pytestmark, server  # noqa: F401  (fixture and skip condition reused)
 

@@ -8,9 +8,8 @@ import random
 import pytest
 import torch
 
-import model as M
-import rl_math
 import train_rl
+from rlvr import model as M, rl_math
 
 PROMPT_LENS, RESPONSE_LENS = [5, 9, 3, 14, 6, 2], [7, 1, 12, 4, 9, 3]
 

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import config
 import reward
-import verifier_families as vf
+from rlvr import config, verifier_families as vf
 from reward import VerifierOptions, VerifierSettings, judgement_rewards, rewards_from_logits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,9 +66,9 @@ def test_templates_are_the_official_bytes(fixture, blob, name, fields, family):
     if family == "compass":
         src = raw.decode("utf-8")
         start = src.index('CV_PROMPT = """')
-        assert src[start:src.index('"""', start + 15) + 3] in (ROOT / "verifier_families.py").read_text("utf-8")
+        assert src[start:src.index('"""', start + 15) + 3] in (ROOT / "rlvr" / "verifier_families.py").read_text("utf-8")
     if family == "xverify":
-        assert raw.decode("utf-8") in (ROOT / "verifier_families.py").read_text("utf-8")
+        assert raw.decode("utf-8") in (ROOT / "rlvr" / "verifier_families.py").read_text("utf-8")
 
 
 def test_compass_braces_reach_the_verifier_as_the_notebook_sends_them():
@@ -162,14 +161,14 @@ def test_judgement_rewards_counts_invalid_and_keeps_old_callers():
 
 @pytest.fixture(scope="module")
 def family_model_dir(tmp_path_factory):
-    import toy
+    from worlds import toy
 
     return toy.build_tiny_model(str(tmp_path_factory.mktemp("fam") / "model"), seed=0, corpus=FAMILY_CORPUS)
 
 
 @pytest.fixture(scope="module")
 def lm_tok(family_model_dir):
-    import model
+    from rlvr import model
 
     return model.load_model(family_model_dir).eval(), model.load_tokenizer(family_model_dir)
 
@@ -225,7 +224,7 @@ def test_a_tiny_local_model_asked_in_each_first_token_family(lm_tok, family):
 
 
 def test_the_toy_tokenizer_splits_incorrect_and_says_so(tiny_model_dir):
-    import model
+    from rlvr import model
 
     tok = model.load_tokenizer(tiny_model_dir)  # the toy's own tokenizer: "Incorrect" is several tokens
     with pytest.raises(ValueError, match=r"judgement token 'Incorrect' is \d+ tokens"):
@@ -253,7 +252,7 @@ def test_cot_generates_then_reads_the_decision_token(lm_tok, monkeypatch):
     """The verifier's reasoning is scripted (generation itself is model.generate, tested in test_model);
     Eq. 3 / Eq. 4 must come from the model's own probabilities at the position after "Final Decision:",
     c from the token it wrote there, and the generated lengths are the cost."""
-    import model
+    from rlvr import model
 
     lm, tok = lm_tok
     v = reward.LocalVerifier(lm, tok, reward.family_settings("cot"), name="cot", max_unjudged=1.0, max_new_tokens=64)
@@ -306,7 +305,7 @@ def test_cot_with_the_real_generator_counts_its_cost(family_model_dir):
 @pytest.fixture
 def compass_server(family_model_dir):
     """test_remote's fake vLLM server, answering for the three compass tokens."""
-    import model
+    from rlvr import model
     from test_remote import FakeVLLM
 
     tok = model.load_tokenizer(family_model_dir)
@@ -343,7 +342,7 @@ def test_the_fake_vllm_server_asked_in_the_compass_family(compass_server):
 def cot_server(family_model_dir):
     """test_remote's fake vLLM server, writing scripted reasoning (max_tokens > 1) and answering the
     judgement tokens' log-probabilities at a decision (max_tokens 1) from a table of prefixes."""
-    import model
+    from rlvr import model
     from test_remote import FakeVLLM
 
     tok = model.load_tokenizer(family_model_dir)
@@ -391,7 +390,7 @@ def test_the_fake_vllm_server_asked_in_the_cot_family(cot_server):
 
 
 def test_sft_distils_a_student_into_the_compass_format(tmp_path, tiny_model_dir):
-    import toy
+    from worlds import toy
     import train_verifier as TV
 
     rows = [r.to_json() for r in toy.judge_rows("near:24", 3)]
@@ -436,8 +435,8 @@ def test_invalid_judgements_and_verifier_tokens_reach_the_step_metrics():
     """The Judgement's invalid flags, generated lengths and cut answers survive the rollout's row packing
     and are reduced over ranks into verifier/invalid_rate, verifier/tokens_mean and verifier/cut_frac."""
     import data
-    import rl_config
-    import rollout
+    from rlvr import rl_config
+    from rlvr import rollout
     import train_rl
 
     def part(invalid, tokens, cut):
@@ -474,7 +473,7 @@ def test_a_judge_is_named_with_its_family_and_never_falls_back_to_the_paper_prom
     with pytest.raises(config.ConfigError, match="--verifier_family 'xverify' contradicts the verifier compass:"):
         reward.build_verifier(f"compass:{family_model_dir}", VerifierOptions(verifier_family="xverify"))
     # a family is how a model is asked: not of a rule, a py: judge, a policy reward or another family
-    for inner in ("rule:exact", "py:freeform:teacher", "policy:rlpr", f"xverify:{family_model_dir}", ""):
+    for inner in ("rule:exact", "py:worlds.freeform:teacher", "policy:rlpr", f"xverify:{family_model_dir}", ""):
         with pytest.raises(config.ConfigError, match=r"^--eval_verifier 'compass:.*expected compass:<model verifier>"):
             reward.check_spec(f"compass:{inner}", "eval_verifier")
     # a hub name, a path and a server keep their meaning: only a family's name before the colon is one

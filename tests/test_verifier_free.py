@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import data
-import verifier_free as vf
+from rlvr import verifier_free as vf
 
 # float64 sums of a handful of terms: exact to ~1e-15; 1e-12 leaves room without hiding a wrong formula
 F64 = 1e-12
@@ -28,7 +28,7 @@ def test_split_answer_takes_the_last_line_and_keeps_the_answer_prefix_in_the_rea
 
 
 def test_continuation_ids_move_the_reasonings_trailing_spaces_to_the_reference(tiny_model_dir):
-    import model
+    from rlvr import model
 
     tok = model.load_tokenizer(tiny_model_dir)
     head, ref = vf.continuation_ids(tok, "so the answer is ", "7 kg")
@@ -132,8 +132,8 @@ def straightforward(lm, prompt: list[int], reference: list[int], kind: str) -> f
 
 @pytest.mark.parametrize("kind", vf.KINDS)
 def test_against_a_token_by_token_implementation_on_the_tiny_model(tiny_model_dir, kind):
-    import model
-    import rl_config
+    from rlvr import model
+    from rlvr import rl_config
     import train_rl
 
     tok, lm = model.load_tokenizer(tiny_model_dir), model.load_model(tiny_model_dir).eval()
@@ -173,8 +173,8 @@ def test_two_rl_steps_log_the_formula_of_the_policy_that_sampled(kind, tmp_path,
     # VeriFree's is pi(reference | prompt), the same for a prompt's every response.
     import json
 
-    import model
-    import rl_config
+    from rlvr import model
+    from rlvr import rl_config
     import train_rl
 
     calls, seen = [], {}
@@ -233,8 +233,8 @@ def test_two_rl_steps_log_the_formula_of_the_policy_that_sampled(kind, tmp_path,
     (["--verifier", "policy:nope"], "--verifier"), (["--std_filter_beta", "0.5"], "--std_filter_beta"),
     (["--filter_groups", "true", "--std_filter_beta", "-1"], "--std_filter_beta")])
 def test_flags_a_policy_reward_cannot_run_with_are_refused_in_one_line(extra, flag):
-    import config
-    import rl_config
+    from rlvr import config
+    from rlvr import rl_config
 
     with pytest.raises(config.ConfigError) as e:
         rl_config.parse_config(["--verifier", "policy:rlpr", *extra])
@@ -244,8 +244,8 @@ def test_flags_a_policy_reward_cannot_run_with_are_refused_in_one_line(extra, fl
 def test_dynamic_sampling_with_rlprs_std_filter_keeps_the_groups_above_the_threshold():
     from types import SimpleNamespace
 
-    import rollout
-    import rollout_filter
+    from rlvr import rollout
+    from rlvr import rollout_filter
 
     cfg = SimpleNamespace(samples_per_prompt=2, prompts_per_step=3, reward_type="soft", max_filter_rounds=1)
 
@@ -270,8 +270,8 @@ def test_dynamic_sampling_with_rlprs_std_filter_keeps_the_groups_above_the_thres
 
 def test_the_std_filters_threshold_is_resumed_from_a_checkpoint():
     import reward
-    import rl_config
-    import rollout
+    from rlvr import rl_config
+    from rlvr import rollout
 
     cfg = rl_config.Config(filter_groups=True, std_filter_beta=0.5, prompts_per_step=2, samples_per_prompt=2)
     new = lambda: rollout.RolloutSource(cfg, None, None, [], data.PromptSampler(10, 2, 0),  # noqa: E731

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import model as M
+from rlvr import model as M
 
 from conftest import VLLM_PYTHON, requires_vllm
 

@@ -22,9 +22,9 @@ SAMPLES = 3  # per prompt, with distinct seeds
 
 
 def main(model_dir: str, out_dir: str) -> None:
-    import model as M
-    import toy
-    from vllm_engine import VLLMEngine
+    from rlvr import model as M
+    from worlds import toy
+    from rlvr.vllm_engine import VLLMEngine
 
     tok = M.load_tokenizer(model_dir)
     chats = [[{"role": "user", "content": q}] for q in QUESTIONS]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-import model
+from rlvr import model
 
 
 class _Scores:

@@ -12,10 +12,10 @@ API for compare.py: records(n, seed) -> RL questions (data.Record with meta["sub
 split(records, heldout_fraction) -> (train, held-out) as train_rl.py splits them; RL_QUESTIONS;
 tiny_policy(heldout_fraction=0.1) -> the warm-started policy's directory; sft_pairs(records) ->
 (messages, reference) pairs on the references; teacher / teacher_noisy10 / teacher_noisy20 (verifier specs
-py:freeform:teacher, py:freeform:teacher_noisy10, ...); SUBJECTS.
+py:worlds.freeform:teacher, py:worlds.freeform:teacher_noisy10, ...); SUBJECTS.
 
-    python freeform.py rules      # each rule verifier's false-positive / false-negative rate against the teacher
-    python freeform.py examples   # a few questions, references, right and wrong answers per subject
+    python -m worlds freeform rules      # each rule verifier's false-positive / false-negative rate against the teacher
+    python -m worlds freeform examples   # a few questions, references, right and wrong answers per subject
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ import re
 from pathlib import Path
 
 import data
-import distributed
-import toy
+from rlvr import distributed
+from worlds import toy
 
 SUBJECTS = ("physics", "chemistry", "economics", "geography", "biology")
 SYSTEM_PROMPT = ""  # no system prompt: the cost of the demo is its prompt length
@@ -274,7 +274,7 @@ def judge(reference: str, response: str) -> int:
 
 
 def teacher(questions: list[str], references: list[str], responses: list[str]) -> list[float]:
-    """The free-form world's judge (verifier spec py:freeform:teacher): 0/1 per response."""
+    """The free-form world's judge (verifier spec py:worlds.freeform:teacher): 0/1 per response."""
     return [float(judge(ref, resp)) for ref, resp in zip(references, responses)]
 
 
@@ -292,8 +292,8 @@ def noisy_teacher(rate: float):
     return judge_noisy
 
 
-teacher_noisy10 = noisy_teacher(0.10)  # py:freeform:teacher_noisy10
-teacher_noisy20 = noisy_teacher(0.20)  # py:freeform:teacher_noisy20
+teacher_noisy10 = noisy_teacher(0.10)  # py:worlds.freeform:teacher_noisy10
+teacher_noisy20 = noisy_teacher(0.20)  # py:worlds.freeform:teacher_noisy20
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,7 +338,7 @@ def tiny_policy(heldout_fraction: float = 0.1) -> str:
     return distributed.broadcast_object(path)
 
 
-VERIFIER_RECIPES = [Path(__file__).resolve().parent / "recipes" / "verifier_freeform.yaml"]
+VERIFIER_RECIPES = [Path(__file__).resolve().parents[1] / "recipes" / "verifier_freeform.yaml"]
 
 
 def tiny_verifier() -> str:
@@ -434,8 +434,8 @@ def policy_rollouts(n_questions: int, samples: int, seed: int = 0, max_new_token
     sampled at temperature 1 as train_rl.py samples them."""
     from types import SimpleNamespace
 
-    import model
-    import rollout
+    from rlvr import model
+    from rlvr import rollout
 
     path = tiny_policy()
     tokenizer, policy = model.load_tokenizer(path), model.load_model(path)
@@ -462,7 +462,7 @@ def print_rule_table(title: str, errors: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m worlds freeform", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("rules", help="each rule's false-positive / false-negative rate against the teacher, per subject")
     r.add_argument("--questions", type=int, default=200, help="RL training questions the warm-started policy answers")
@@ -489,7 +489,3 @@ def subject_of(question: str) -> str:
         if word in question:
             return subject
     return "geography"
-
-
-if __name__ == "__main__":
-    main()

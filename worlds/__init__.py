@@ -3,7 +3,7 @@ what `tiny` (the policy, the distilled verifier) is in each. The trainers ask he
 
     toy       the numeric toy (toy.py): "Which is larger, 3 or 7?", graded by rule:math
     freeform  the free-form world (freeform.py): five subjects, answers a rule cannot grade, graded by
-              its teacher py:freeform:teacher
+              its teacher py:worlds.freeform:teacher
 
 Imports toy and freeform.
 """
@@ -12,8 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import freeform
-import toy
+from worlds import freeform, toy
 
 
 @dataclass(frozen=True)
@@ -33,7 +32,7 @@ WORLDS = {
                  toy.tiny_policy, toy.tiny_verifier, "rule:math", "recipes/verifier_cpu_demo.yaml"),
     # one fixed data set whatever the run's seed, like a released one: every seed holds out the same questions
     "freeform": World(lambda seed: freeform.records(), freeform.SYSTEM_PROMPT, freeform.judge_rows, freeform.parse_mix,
-                      freeform.tiny_policy, freeform.tiny_verifier, "py:freeform:teacher",
+                      freeform.tiny_policy, freeform.tiny_verifier, "py:worlds.freeform:teacher",
                       "recipes/verifier_freeform.yaml"),
 }
 

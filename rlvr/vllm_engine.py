@@ -26,7 +26,7 @@ import time
 
 import torch
 
-import distributed
+from rlvr import distributed
 
 
 class VLLMEngine:

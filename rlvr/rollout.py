@@ -27,14 +27,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-import config
 import data
-import distributed
-import model
 import reward
-import rollout_filter
-import rollout_stream
-import verifier_free
+from rlvr import config, distributed, model, rollout_filter, rollout_stream, verifier_free
 
 
 def check(cfg, world: int = 1) -> None:

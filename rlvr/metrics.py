@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 import torch
 
-import remote
+from rlvr import remote
 
 
 def _plain(value, where: str):

@@ -9,16 +9,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-import checkpoint
-import config
-import model
-import remote
 import reward
-import rl_math
-import rollout
-import rundir
-import verifier_families
-from config import resume_field
+from rlvr import checkpoint, config, model, remote, rl_math, rollout, rundir, verifier_families
+from rlvr.config import resume_field
 
 
 @dataclass
@@ -30,7 +23,7 @@ class Config:
     verifier: str = field(default="tiny", metadata={
         "help": "reward verifier: a model dir or hub name, http://host:port[,...] (vLLM servers), or "
                 "rule:substring|rule:exact|rule:jaccard|rule:math, py:module:function (a Python judge, e.g. "
-                "py:freeform:teacher), hybrid:<model, http, py: or tiny verifier> (rule:math on the rows that are "
+                "py:worlds.freeform:teacher), hybrid:<model, http, py: or tiny verifier> (rule:math on the rows that are "
                 "mathematics), policy:rlpr|policy:verifree (no verifier: the policy's own probability of the "
                 "reference after its reasoning, verifier_free.py); 'tiny': the tiny verifier distilled from the "
                 "--data world's teacher "

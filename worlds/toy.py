@@ -2,7 +2,7 @@
 from code, a supervised warm start, and the toy task they learn on a CPU in minutes (prompts for RL,
 warm-start pairs, and judged rows for verifier distillation).
 
-Imports data, model and distributed. `python toy.py tiny --out DIR` builds a tiny model.
+Imports data, model and distributed. `python -m worlds toy tiny --out DIR` builds a tiny model.
 """
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 import data
-import distributed
-from model import rows, token_logprobs
+from rlvr import distributed
+from rlvr.model import rows, token_logprobs
 
 # ----------------------------------------------------------------------------------------------
 # tiny offline models: a random Qwen2-architecture LM and a byte-level BPE tokenizer, from code
@@ -335,7 +335,7 @@ def tiny_policy(heldout_fraction: float) -> str:
 
 # The main job's verifier, distilled in two stages (a curriculum: the tiny student fed the whole mix at
 # once stays at "any digit is right"); stage 2 fine-tunes stage 1's student, which keeps its settings.
-VERIFIER_RECIPES = [Path(__file__).resolve().parent / "recipes" / name
+VERIFIER_RECIPES = [Path(__file__).resolve().parents[1] / "recipes" / name
                     for name in ("verifier_toy_digits.yaml", "verifier_cpu_demo.yaml")]
 VERIFIER_DATA_VERSION = 1  # bump when judge_rows or the training keys change: the cache key holds only the files
 _LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
@@ -351,7 +351,7 @@ def tiny_verifier(recipes: list[Path] | None = None, extra: str = "") -> str:
     on every rank: rank 0 builds, the others wait. Another world passes its own `recipes`."""
     path = None
     if distributed.rank() == 0:
-        repo = Path(__file__).resolve().parent
+        repo = Path(__file__).resolve().parents[1]
         recipes = recipes or VERIFIER_RECIPES
         text = "".join(p.read_text() for p in recipes + [repo / "recipes" / "toy_verifier_template.txt"])
         text += f"data-version={VERIFIER_DATA_VERSION}" + extra
@@ -376,13 +376,14 @@ def tiny_verifier(recipes: list[Path] | None = None, extra: str = "") -> str:
     return distributed.broadcast_object(path)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    ap = argparse.ArgumentParser(description="Build the tiny offline model (Qwen2 architecture + tokenizer).")
+    ap = argparse.ArgumentParser(prog="python -m worlds toy",
+                                 description="Build the tiny offline model (Qwen2 architecture + tokenizer).")
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("tiny", help="random-initialised tiny model, saved in Hugging Face format")
     t.add_argument("--out", default=None, help="directory (default: a cache dir keyed by the settings)")
     t.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     print(build_tiny_model(args.out, seed=args.seed))

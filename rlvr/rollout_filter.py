@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-import distributed
+from rlvr import distributed
 
 
 def filter_groups(cfg, rows, more, std_filter=None) -> tuple[list, dict]:

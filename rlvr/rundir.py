@@ -14,7 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
-import config
+from rlvr import config
 
 LOCK_FILE = ".lock"
 # what a run writes into its out_dir: --overwrite removes these and refuses to touch anything else, so

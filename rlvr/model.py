@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-import distributed
+from rlvr import distributed
 
 # ----------------------------------------------------------------------------------------------
 # loading
@@ -150,7 +150,7 @@ def _load_error(name_or_path: str):
         yield
     except OSError as e:
         raise OSError(f"cannot load model '{name_or_path}': {e}\n(no hub access here? build a tiny "
-                      f"offline model with `python toy.py tiny --out DIR`)") from e
+                      f"offline model with `python -m worlds toy tiny --out DIR`)") from e
 
 
 def load_model(name_or_path: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

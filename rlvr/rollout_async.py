@@ -17,10 +17,7 @@ from concurrent.futures import Future
 
 import torch
 
-import distributed
-import model
-import rollout
-import rollout_stream
+from rlvr import distributed, model, rollout, rollout_stream
 
 
 class AsyncSource(rollout.RolloutSource):

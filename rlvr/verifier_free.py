@@ -41,8 +41,8 @@ import torch
 from torch import Tensor
 
 import data
-import distributed
 import reward
+from rlvr import distributed
 
 KINDS = reward.POLICY_SOURCES
 _LINE_END = re.compile(r"\r\n|\r|\n")

@@ -51,7 +51,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
-import distributed
+from rlvr import distributed
 
 _STEP_DIR = re.compile(r"step_(\d{8})")
 _TMP_DIR = re.compile(r"step_\d{8}\.tmp")
