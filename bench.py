@@ -143,12 +143,12 @@ def worker_trl(a: dict) -> dict:
     from trl import GRPOConfig, GRPOTrainer
 
     from rlvr import model as M
-    import reward
+    from rlvr import verifiers
     from worlds import toy
     from rlvr.metrics import peak_memory_gb
 
-    options = reward.VerifierOptions(soft_mode="renorm", verifier_max_unjudged=1.0, verifier_paper_defaults=True)
-    verifier = reward.build_verifier(a["verifier"], options)
+    options = verifiers.VerifierOptions(soft_mode="renorm", verifier_max_unjudged=1.0, verifier_paper_defaults=True)
+    verifier = verifiers.build_verifier(a["verifier"], options)
     tokens: list[int] = []
 
     def judge(prompts, completions, completion_ids, question, reference, **kwargs):
@@ -269,16 +269,16 @@ def worker_packing(a: dict) -> dict:
 
 
 def worker_verifier(a: dict) -> dict:
-    """Judgements/s of reward.LocalVerifier (one forward, lm_head at the last position, length-sorted
+    """Judgements/s of verifiers.LocalVerifier (one forward, lm_head at the last position, length-sorted
     batches) vs the common generate()-based judge (generate 1 token with scores, batches in data order)."""
     torch = _setup(a["threads"])
     from rlvr import model as M
-    import reward
+    from rlvr import verifiers
     from worlds import toy
 
     m = M.load_model(a["policy"]).eval()
     tok = M.load_tokenizer(a["policy"])
-    v = reward.LocalVerifier(m, tok, batch_size=a["batch"], max_unjudged=1.0)
+    v = verifiers.LocalVerifier(m, tok, batch_size=a["batch"], max_unjudged=1.0)
     rng = random.Random(0)
     recs = toy.records(toy.PROBLEMS, seed=0)
     rows = [recs[i % len(recs)] for i in range(a["rows"])]

@@ -22,8 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import reward
-from rlvr import audit, config, metrics, rl_config
+from rlvr import audit, config, metrics, rl_config, verifiers
 
 ROOT = Path(__file__).resolve().parent
 TEACHER = "py:worlds.freeform:teacher"
@@ -45,7 +44,7 @@ SOURCES = {
                                                                                    "--reward_type", "soft"]),
     "verifree": ("VeriFree: policy's likelihood of the reference", ["--verifier", "policy:verifree",
                                                                      "--reward_type", "soft"]),
-    # rule:math where reference and answer are mathematics, the student elsewhere (reward.HybridVerifier)
+    # rule:math where reference and answer are mathematics, the student elsewhere (verifiers.HybridVerifier)
     "hybrid": ("hybrid: rule:math on math rows, the student elsewhere, soft (sampled c)",
                ["--verifier", "hybrid:tiny", "--reward_type", "soft", *SAMPLED_C]),
     "sft": ("SFT on the references", None),
@@ -274,7 +273,7 @@ def judge_all(judges: dict[str, tuple], rows: list[dict], student: str) -> dict[
     qs, refs, texts = [r["question"] for r in rows], [r["reference"] for r in rows], [r["response"] for r in rows]
     out = {}
     for name, (spec, threshold) in judges.items():
-        v = reward.build_verifier(student if spec == "tiny" else spec, settings_from_flags=False)
+        v = verifiers.build_verifier(student if spec == "tiny" else spec, settings_from_flags=False)
         j = v(qs, refs, texts)
         out[name] = [int(x) for x in ((j.soft >= threshold) if threshold is not None else j.binary.bool()).tolist()]
     return out

@@ -24,8 +24,8 @@ import torch
 import data
 import reward
 import worlds
-from rlvr import (audit, checkpoint, config, distributed, metrics, model, rl_config, rl_math, rollout,
-                   rollout_async, rundir, verifier_free)
+from rlvr import (audit, checkpoint, config, distributed, metrics, model, remote, rl_config, rl_math, rollout,
+                  rollout_async, rules, rundir, verifier_free, verifier_spec, verifiers)
 from rlvr.rl_config import Config
 
 
@@ -123,10 +123,6 @@ def advantages(policy, ref, ro: rollout.Rollout, rewards: torch.Tensor, cfg: Con
 # 4. policy update: clipped ratio loss over epochs x minibatches x micro-batches
 
 
-class NonFiniteError(RuntimeError):
-    """Loss or gradients stayed NaN/inf: the run stops rather than train on (or save) garbage."""
-
-
 def plan_update(batch: Batch, cfg: Config, step: int) -> tuple[list[list[list[int]]], torch.Tensor]:
     """The step's minibatches (--ppo_epochs x --minibatches, in a seeded order), each cut into
     micro-batches, and every minibatch's global token and sequence counts (the loss denominators, in
@@ -220,7 +216,7 @@ def step_record(ro: rollout.Rollout, judged: reward.Judgement, used: torch.Tenso
     """This rank's contribution to the step's metrics and files (reduced on every rank by log_step)."""
     sums = {"binary": judged.binary.sum().item(), "soft": judged.soft.sum().item(),
             "p_yes": judged.p_yes.sum().item(), "unjudged": (~judged.judged).sum().item(),
-            "invalid": judged.invalid.sum().item(), "verifier_tokens": judged.tokens.sum().item(),
+            "invalid": judged.invalid.sum().item(), "verifier_tokens": judged.verifier_tokens.sum().item(),
             "cut": judged.cut.sum().item(),
             "truncated": float(sum(ro.truncated)), "length": float(sum(ro.lengths))}
     for name, j in logged.items():
@@ -243,7 +239,7 @@ def reduce_step(parts: list[dict], rewards: torch.Tensor, logged_names: list[str
          "reward/unjudged_frac": s["unjudged"] / n, "response/length_mean": s["length"] / n,
          # a verifier family's "invalid" judgements (compass C) and a generating verifier's cost (cot)
          "verifier/invalid_rate": s["invalid"] / n, "verifier/tokens_mean": s["verifier_tokens"] / n,
-         # answers longer than the verifier's positions, judged on their end (reward.VerifierPrompt)
+         # answers longer than the verifier's positions, judged on their end (verifier_prompt.VerifierPrompt)
          "verifier/cut_frac": s["cut"] / n,
          "response/length_max": max(p["length_max"] for p in parts), "response/truncated": s["truncated"] / n,
          "loss": s["update/loss"] / updates, "grad_norm": parts[0]["grad_norm"],
@@ -255,8 +251,8 @@ def reduce_step(parts: list[dict], rewards: torch.Tensor, logged_names: list[str
         m["kl/k3"] = s["update/kl_k3"] / max(1.0, s["update/tokens"])
     for name in logged_names:
         m[f"reward/{name}/binary_mean"], m[f"reward/{name}/soft_mean"] = s[f"{name}/binary"] / n, s[f"{name}/soft"] / n
-    if cfg.verifier.startswith("hybrid:"):  # the share of responses rule:math judged (reward.routes_to_math)
-        m["verifier/routed_math_share"] = sum(reward.routes_to_math(r["reference"], r["response"])
+    if verifier_spec.parse(cfg.verifier).kind == "hybrid":  # the share of responses rule:math judged (rules.routes_to_math)
+        m["verifier/routed_math_share"] = sum(rules.routes_to_math(r["reference"], r["response"])
                                                for p in parts for r in p["rows"]) / n
     if any(p["gap_max"] for p in parts) or s["update/engine_gap"]:  # a sampler other than the trainer
         m["rollout/engine_logprob_gap_mean"] = s["update/engine_gap"] / tokens
@@ -318,8 +314,9 @@ def resolve_paths(cfg: Config) -> tuple[str, str]:
     rank 0 once (cached)."""
     world = worlds.of(cfg.data)
     policy = world.tiny_policy(cfg.heldout_fraction) if cfg.policy == "tiny" else cfg.policy
-    verifier = world.tiny_verifier() if cfg.verifier == "tiny" else cfg.verifier
-    if cfg.verifier == "hybrid:tiny":  # rule:math where it can grade, the tiny verifier elsewhere
+    spec = verifier_spec.parse(cfg.verifier)
+    verifier = world.tiny_verifier() if spec.kind == "tiny" else cfg.verifier
+    if spec.kind == "hybrid" and spec.inner.kind == "tiny":  # rule:math where it can grade, the tiny verifier elsewhere
         verifier = "hybrid:" + world.tiny_verifier()
     return policy, verifier
 
@@ -365,7 +362,7 @@ def choose_graders(cfg: Config, references: list[str]) -> Config:
     free-form answers with a rule (eval) or turns the audit off, saying so. Any role given rule:math on
     data whose references are mostly not numbers is refused: it would score every correct answer 0 (and
     count every YES as a false positive)."""
-    share = reward.math_reference_share(references)
+    share = rules.math_reference_share(references)
     numeric = share >= 0.5
     say = print if distributed.rank() == 0 else (lambda *a, **k: None)
     why = f"{share:.0%} of --data {cfg.data}'s references are numbers or math"
@@ -415,12 +412,13 @@ def load_verifiers(cfg: Config, vopts, spec: str, device, policy=None, tokenizer
     only grade: eval, audit, log-only (their own settings; transport flags only). A policy: spec is
     the policy's own probability of the reference (verifier_free.py), built on `policy` before any update."""
     def build(s, from_flags):
-        if s.startswith("policy:"):
+        parsed = verifier_spec.parse(s)
+        if parsed.kind == "policy":
             return verifier_free.PolicyReward(
-                s[len("policy:"):], lambda p, r: forward_logprobs(policy, p, r, range(len(p)), cfg, device)[0],
+                parsed.target, lambda p, r: forward_logprobs(policy, p, r, range(len(p)), cfg, device)[0],
                 tokenizer, train_set, cfg.max_prompt_len, cfg.micro_batch_size,
                 sharded=model.is_sharded(policy))
-        return reward.build_verifier(s, vopts, settings_from_flags=from_flags, device=device,
+        return verifiers.build_verifier(parsed, vopts, settings_from_flags=from_flags, device=device,
                                      shard=distributed.is_initialized(), seed=cfg.seed,
                                      trust_remote_code=cfg.trust_remote_code)
     reward_verifier = build(spec, True)
@@ -428,7 +426,7 @@ def load_verifiers(cfg: Config, vopts, spec: str, device, policy=None, tokenizer
     # self-grading asks the reward verifier as it was trained (its prompt flags) but greedily; a second
     # object too when the rollout source judges in a thread meanwhile
     if cfg.eval_verifier == "self" and (cfg.async_steps or vopts.verifier_sample):
-        eval_verifier = reward.build_verifier(spec, dataclasses.replace(vopts, verifier_sample=False),
+        eval_verifier = verifiers.build_verifier(spec, dataclasses.replace(vopts, verifier_sample=False),
                                               device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
                                               shard=distributed.is_initialized(), seed=cfg.seed,
                                               trust_remote_code=cfg.trust_remote_code)
@@ -479,7 +477,7 @@ def check_streaks(m: dict, streaks: dict, step: int, cfg: Config, out_dir: Path)
     """Update the runs of bad steps; return why the run must stop (after a checkpoint), if it must."""
     streaks["nonfinite"] = streaks["nonfinite"] + 1 if m["update/skipped"] else 0
     if streaks["nonfinite"] >= cfg.max_nonfinite_steps:
-        raise NonFiniteError(f"step {step}: the loss or gradients were NaN/inf in {streaks['nonfinite']} steps in a "
+        raise model.NonFiniteError(f"step {step}: the loss or gradients were NaN/inf in {streaks['nonfinite']} steps in a "
                              f"row; those updates were not applied. Last checkpoint: "
                              f"{checkpoint.latest_checkpoint(str(out_dir / 'checkpoints'))}. Lower --lr or check rewards.")
     if "audit/rows" in m:
@@ -527,7 +525,7 @@ def audit_rollout(judge, ro: rollout.Rollout, judged: reward.Judgement, step: in
 # the algorithm
 
 
-def train(cfg: Config, vopts: reward.VerifierOptions) -> dict:
+def train(cfg: Config, vopts: verifiers.VerifierOptions) -> dict:
     rank, world, device = distributed.init()
     torch.manual_seed(cfg.seed)
     out_dir, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
@@ -614,7 +612,7 @@ def train(cfg: Config, vopts: reward.VerifierOptions) -> dict:
                                            {"rollout": source.state_dict(), "streaks": dict(streaks)},
                                            keep=cfg.keep_checkpoints)
             if halt:
-                raise reward.VerifierError(halt + f" Checkpoint: {ckpt_dir}.")
+                raise remote.VerifierError(halt + f" Checkpoint: {ckpt_dir}.")
             if stopping:
                 stopped = stop.received
                 break
@@ -712,8 +710,8 @@ def main() -> None:
     except config.ConfigError as e:
         config.exit_on_error("train_rl.py", e)
     try:
-        with config.one_line_errors("train_rl.py", (reward.VerifierError, data.DataError, checkpoint.CheckpointError,
-                                                    NonFiniteError)):
+        with config.one_line_errors("train_rl.py", (remote.VerifierError, data.DataError, checkpoint.CheckpointError,
+                                                    model.NonFiniteError)):
             result = train(cfg, vopts)
     finally:
         distributed.shutdown()

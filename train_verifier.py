@@ -18,7 +18,7 @@ eval read with no field flags.
 
 A verifier is its weights and its settings (template, system prompt, judgement tokens, what of the
 response it reads). `sft` trains the student on reward.py's prompt and saves the settings beside the
-weights, so reward.build_verifier(dir), train_rl.py, `eval` and `label` ask it exactly as it learned.
+weights, so verifiers.build_verifier(dir), train_rl.py, `eval` and `label` ask it exactly as it learned.
 `sft --verifier_family compass|xverify|master-rm` trains the teacher's label as that family's tokens
 (A / B, Correct / Incorrect, YES / NO) after its published prompt (verifier_families.py) and saves the family.
 `sft` can also add the negatives that make a student hard to fool (Master-RM, arXiv 2507.08794):
@@ -46,10 +46,9 @@ from typing import Literal, Optional
 import torch
 
 import data
-import reward
 import worlds
 from rlvr import (audit, checkpoint, config, distributed, metrics, model, remote, rl_config, rollout, rundir,
-                   verifier_families)
+                  verifier_families, verifier_prompt, verifiers)
 from rlvr.config import resume_field
 
 def _help(text: str) -> dict:
@@ -172,7 +171,7 @@ class EvalConfig(Logged):
     overwrite: bool = rundir.overwrite_field()
 
 
-def check_config(cfg, vopts: reward.VerifierOptions) -> None:
+def check_config(cfg, vopts: verifiers.VerifierOptions) -> None:
     """Every range and relation, before any model loads: a bad value is one line naming its flag."""
     req = config.require
     vopts.check()
@@ -185,8 +184,8 @@ def check_config(cfg, vopts: reward.VerifierOptions) -> None:
         refused = remote.url_credentials(getattr(cfg, name, ""))
         req(refused is None, name, remote.redact(getattr(cfg, name, "")), refused)
     # the eval verifier and label's teacher are asked with the prompt flags; sft's teacher is not
-    reward.check_saved_settings(getattr(cfg, "verifier", ""), vopts, from_flags=True)
-    reward.check_saved_settings(getattr(cfg, "teacher", ""), vopts, from_flags=not isinstance(cfg, SftConfig))
+    verifiers.check_saved_settings(getattr(cfg, "verifier", ""), vopts, from_flags=True)
+    verifiers.check_saved_settings(getattr(cfg, "teacher", ""), vopts, from_flags=not isinstance(cfg, SftConfig))
     # sft trains one judgement token after the prompt (the teacher's label mapped to the family's tokens)
     req(not (isinstance(cfg, SftConfig) and vopts.verifier_family and
              verifier_families.family(vopts.verifier_family).decision), "verifier_family", vopts.verifier_family,
@@ -278,7 +277,7 @@ def label_rows(get_teacher, rows: list[data.JudgedRow], out: Path, rows_per_writ
                                 teacher_p_yes=known[r.id].get("teacher_p_yes")) for r in distinct]
 
 
-def label(cfg: LabelConfig, vopts: reward.VerifierOptions) -> dict:
+def label(cfg: LabelConfig, vopts: verifiers.VerifierOptions) -> dict:
     """The `label` command: the teacher (asked with the --verifier_* flags) judges every row of --data, or,
     with --policy, the policy's sampled responses to the --data questions."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -294,7 +293,7 @@ def label(cfg: LabelConfig, vopts: reward.VerifierOptions) -> dict:
                 raise
             raise data.DataError(f"{e}: to judge a policy's answers to these questions, add --policy DIR "
                                  "--policy_samples N") from None
-    get_teacher = functools.cache(lambda: reward.build_verifier(cfg.teacher, vopts, device=device,
+    get_teacher = functools.cache(lambda: verifiers.build_verifier(cfg.teacher, vopts, device=device,
                                                                 trust_remote_code=cfg.trust_remote_code))
     start = time.perf_counter()
     labelled = label_rows(get_teacher, rows, Path(cfg.out), cfg.rows_per_write)
@@ -332,11 +331,11 @@ def master_key_rate(verifier, rows: list[data.JudgedRow], n: int, seed: int) -> 
     return audit.master_key_probe(verifier, [q for q, _ in pairs], [a for _, a in pairs], n=n, seed=seed)
 
 
-def eval_verifier(cfg: EvalConfig, vopts: reward.VerifierOptions) -> dict:
+def eval_verifier(cfg: EvalConfig, vopts: verifiers.VerifierOptions) -> dict:
     """The `eval` command. A saved verifier is asked with its saved settings (a contradicting flag is an
     error unless --verifier_force_settings), as train_rl.py asks it."""
     rows = read_rows(cfg, cfg.data, cfg.split, labelled=True)
-    verifier = reward.build_verifier(cfg.verifier, vopts, device="cuda" if torch.cuda.is_available() else "cpu",
+    verifier = verifiers.build_verifier(cfg.verifier, vopts, device="cuda" if torch.cuda.is_available() else "cpu",
                                      trust_remote_code=cfg.trust_remote_code)
     report = {"verifier": cfg.verifier, "data": cfg.data, **score(verifier, rows)}
     probe = master_key_rate(verifier, rows, cfg.master_key_prompts, cfg.seed)
@@ -463,11 +462,11 @@ def policy_rows(cfg: SftConfig, path: str, train: list[data.JudgedRow], get_teac
     return label_rows(get_teacher, rows, Path(cfg.out_dir) / "policy_labels.jsonl", 256)
 
 
-def training_rows(cfg: SftConfig, vopts: reward.VerifierOptions, device) -> tuple[list, list, dict]:
+def training_rows(cfg: SftConfig, vopts: verifiers.VerifierOptions, device) -> tuple[list, list, dict]:
     """(labelled training rows, held-out rows, {kind: rows added to training}). Rank 0 does what needs
     the teacher (asked with its own settings: the prompt flags are the student's); every rank gets the
     same rows. Added rows come from training questions only, so held-out figures stay honest."""
-    get_teacher = functools.cache(lambda: reward.build_verifier(cfg.teacher, vopts, settings_from_flags=False,
+    get_teacher = functools.cache(lambda: verifiers.build_verifier(cfg.teacher, vopts, settings_from_flags=False,
                                                                 device=device, trust_remote_code=cfg.trust_remote_code))
     source = cfg.data
     if cfg.data in worlds.WORLDS:
@@ -491,7 +490,7 @@ def training_rows(cfg: SftConfig, vopts: reward.VerifierOptions, device) -> tupl
 # sft: the student learns prompt -> judgement token (+ end of turn)
 
 
-def encode(prompt: reward.VerifierPrompt, eos_id: int, rows: list, max_len: int) -> tuple[list, list]:
+def encode(prompt: verifier_prompt.VerifierPrompt, eos_id: int, rows: list, max_len: int) -> tuple[list, list]:
     """(sequence ids, prompt length) per row: prompt + [judgement token, end of turn], and the rows kept;
     rows longer than max_len are dropped rather than cut (a cut prompt loses the answer or the header)."""
     out, kept = [], []
@@ -552,7 +551,7 @@ def train_step(student, optimizer, scheduler, batch: list, weights: list[float],
     grad_norm = float(distributed.full_tensor(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.max_grad_norm)))
     totals = distributed.all_sum(totals)
     if not (math.isfinite(grad_norm) and math.isfinite(totals[0].item())):
-        raise FloatingPointError(f"sft step {step}: loss {totals[0].item()}, gradient norm {grad_norm}; the update was "
+        raise model.NonFiniteError(f"sft step {step}: loss {totals[0].item()}, gradient norm {grad_norm}; the update was "
                                  f"not applied. Lower --lr (now {cfg.lr}) or check the data")
     optimizer.step()
     scheduler.step()
@@ -578,7 +577,7 @@ def heldout_eval(student, judge, rows: list[data.JudgedRow], probe_keys: int = 0
                   "master_key/questions": probe["n"]}, probe["per_key"]
 
 
-def sft(cfg: SftConfig, vopts: reward.VerifierOptions) -> dict:
+def sft(cfg: SftConfig, vopts: verifiers.VerifierOptions) -> dict:
     """The `sft` command: distil the teacher's labels into the student, export it with its settings."""
     rank, world, device = distributed.init()
     torch.manual_seed(cfg.seed)
@@ -588,11 +587,11 @@ def sft(cfg: SftConfig, vopts: reward.VerifierOptions) -> dict:
                                  "is none")
     student_path = worlds.of(cfg.data).tiny_policy(cfg.heldout_fraction) if cfg.student == "tiny" else cfg.student
     # what the student reads and answers: a verifier fine-tuned again keeps its saved settings
-    settings = reward.resolve_settings(reward.load_settings(student_path), vopts.settings_overrides(),
+    settings = verifier_prompt.resolve_settings(verifier_prompt.load_settings(student_path), vopts.settings_overrides(),
                                        vopts.verifier_force_settings, student_path)
     labelled, heldout, added = training_rows(cfg, vopts, device)
     tokenizer = model.load_tokenizer(student_path, cfg.trust_remote_code)
-    prompt = reward.VerifierPrompt(tokenizer, settings, student_path)
+    prompt = verifier_prompt.VerifierPrompt(tokenizer, settings, student_path)
     seqs, train_rows = encode(prompt, tokenizer.eos_token_id, labelled + sum(added.values(), []), cfg.max_len)
     heldout_rows = encode(prompt, tokenizer.eos_token_id, heldout, cfg.max_len)[1]
     counts = {"data/train_rows": len(labelled), "data/train_yes": sum(r.label for r in labelled),
@@ -623,7 +622,7 @@ def sft(cfg: SftConfig, vopts: reward.VerifierOptions) -> dict:
                                          "settings": asdict(settings)}, cfg.wandb_project, cfg.wandb_run_name or None,
                           cfg.wandb_mode, rank, resume_step=start)
     # max_unjudged 1: an untrained student's first token is anything; its share is a figure here (eval/unjudged)
-    judge = reward.LocalVerifier(student, tokenizer, settings, name="student", batch_size=vopts.verifier_batch_size,
+    judge = verifiers.LocalVerifier(student, tokenizer, settings, name="student", batch_size=vopts.verifier_batch_size,
                                  max_unjudged=1.0)
     if before is None:  # the untrained student: the baseline the distillation must beat
         before = heldout_eval(student, judge, heldout_rows)[0] if heldout_rows else {}
@@ -664,7 +663,7 @@ def sft(cfg: SftConfig, vopts: reward.VerifierOptions) -> dict:
         after, per_key = heldout_eval(student, judge, heldout_rows, cfg.master_key_prompts, cfg.seed)
     final = checkpoint.export_hf(student, tokenizer, str(out_dir / "final"))
     if rank == 0:
-        reward.save_settings(final, settings)
+        verifier_prompt.save_settings(final, settings)
         print(summary(before, after, len(heldout_rows), steps - start, time.time() - t_start, final))
     log.close()
     return {"before": before, "after": after, "master_key_per_key": per_key, "rows": counts, "steps": steps,
@@ -674,7 +673,7 @@ def sft(cfg: SftConfig, vopts: reward.VerifierOptions) -> dict:
 def summary(before: dict, after: dict, n_heldout: int, steps: int, seconds: float, final: str) -> str:
     def fmt(m: dict, key: str) -> str:
         return "n/a" if m.get(key) is None else f"{m[key]:.3f}"
-    text = f"[sft] {steps} steps in {seconds:.0f}s; verifier: {final}, with its settings ({reward.SETTINGS_FILE})"
+    text = f"[sft] {steps} steps in {seconds:.0f}s; verifier: {final}, with its settings ({verifier_prompt.SETTINGS_FILE})"
     if after:
         text += (f"\n[sft] held-out vs the teacher ({n_heldout} rows): kappa {fmt(before, 'eval/kappa')} -> "
                  f"{fmt(after, 'eval/kappa')}, accuracy {fmt(before, 'eval/accuracy')} -> {fmt(after, 'eval/accuracy')}"
@@ -694,8 +693,8 @@ USAGE = f"usage: python train_verifier.py {{{','.join(COMMANDS)}}} [--help] [fla
 
 
 def parse_config(command: str, argv: list[str]) -> tuple:
-    """(the command's config, reward.VerifierOptions), checked: dataclass fields are the flags."""
-    cfg, vopts = config.parse_config((COMMANDS[command][0], reward.VerifierOptions), argv,
+    """(the command's config, verifiers.VerifierOptions), checked: dataclass fields are the flags."""
+    cfg, vopts = config.parse_config((COMMANDS[command][0], verifiers.VerifierOptions), argv,
                                      prog=f"train_verifier.py {command}")
     check_config(cfg, vopts)
     return cfg, vopts
@@ -734,8 +733,8 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{USAGE}\n{__doc__}")
         sys.exit(0 if argv else 2)
     prog = f"train_verifier.py {argv[0]}" if argv[0] in COMMANDS else "train_verifier.py"
-    with config.one_line_errors(prog, (data.DataError, reward.VerifierError, checkpoint.CheckpointError,
-                                       FloatingPointError)):
+    with config.one_line_errors(prog, (data.DataError, remote.VerifierError, checkpoint.CheckpointError,
+                                       model.NonFiniteError)):
         result = run(argv)
     if result.get("stopped"):
         sys.exit(128 + result["stopped"])

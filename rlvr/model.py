@@ -21,6 +21,11 @@ from rlvr import distributed
 # loading
 
 
+class NonFiniteError(FloatingPointError):
+    """Loss or gradients stayed NaN/inf: the run stops rather than train on (or save) garbage, in both
+    trainers (train_rl.py after a streak of skipped updates, train_verifier.py sft at once)."""
+
+
 def compute_dtype() -> torch.dtype:
     """The dtype models compute in: bf16 on the GPU path (distributed.gpu_path(): FSDP2 mixed precision,
     frozen models loaded in it, as flash-attention requires), float32 on the plain CPU path."""

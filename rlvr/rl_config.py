@@ -1,6 +1,6 @@
 """train_rl.py's flags: the Config dataclass (every field is a flag; `--help` shows its default;
 `--config FILE` sets fields) and check_config, which checks every range and relation before any model
-loads, so a bad value is one line naming its flag. The verifier's own flags are reward.VerifierOptions.
+loads, so a bad value is one line naming its flag. The verifier's own flags are verifiers.VerifierOptions.
 Imports config, checkpoint, model, remote, reward, rl_math, rollout and rundir (for their checks), never train_rl.
 """
 from __future__ import annotations
@@ -9,8 +9,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-import reward
-from rlvr import checkpoint, config, model, remote, rl_math, rollout, rundir, verifier_families
+from rlvr import (checkpoint, config, model, remote, rl_math, rollout, rundir, verifier_families,
+                  verifier_spec, verifiers)
 from rlvr.config import resume_field
 
 
@@ -167,7 +167,7 @@ class Config:
     log_samples: int = field(default=8, metadata={"help": "samples per step in the wandb table"})
 
 
-def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
+def check_config(cfg: Config, vopts: verifiers.VerifierOptions) -> None:
     """Every range and relation, before any model loads: a bad value is one line naming its flag."""
     req = config.require
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -225,22 +225,22 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
         req(refused is None, name, remote.redact(getattr(cfg, name)), refused)
     for name, spec in [(n, getattr(cfg, n)) for n in ("verifier", "eval_verifier", "audit_verifier")] + \
             [("log_verifiers", s.strip()) for s in cfg.log_verifiers.split(",")]:
-        reward.check_saved_settings(spec, vopts, from_flags=name == "verifier")
+        verifiers.check_saved_settings(spec, vopts, from_flags=name == "verifier")
     # a mistyped path, a run directory, an encoder-decoder or a base model: one line now, not a traceback later
     if cfg.policy != "tiny":
         problem = model.source_problem(cfg.policy, cfg.prompt_format == "chat", cfg.trust_remote_code)
         req(problem is None, "policy", cfg.policy, str(problem))
     for name in ("verifier", "eval_verifier", "audit_verifier"):
-        family, spec = reward.split_family(getattr(cfg, name).removeprefix("hybrid:"))  # compass:<model>'s model
-        if spec and spec != "tiny" and ":" not in spec.split("/")[0]:  # not rule:, http(s)://, py: (a model)
-            chat = verifier_families.family(family).chat if family else True  # cot is sent as raw text
-            problem = model.source_problem(spec, chat, cfg.trust_remote_code)
+        asked = verifier_spec.parse(getattr(cfg, name)).model_verifier  # hybrid's, compass:<model>'s model
+        if asked.kind == "model" and asked.target:  # a model directory or hub name
+            chat = verifier_families.family(asked.family).chat if asked.family else True  # cot is sent as raw text
+            problem = model.source_problem(asked.target, chat, cfg.trust_remote_code)
             req(problem is None, name, getattr(cfg, name), str(problem))
     for name in ("verifier", "eval_verifier", "audit_verifier", "log_verifiers"):
         for spec in getattr(cfg, name).split(",") if name == "log_verifiers" else [getattr(cfg, name)]:
             if spec.strip() not in ("auto", "self"):
-                reward.check_spec(spec.strip(), name)
-    if cfg.verifier.startswith("policy:"):  # verifier_free.PolicyReward: the policy scores its own rollouts
+                verifiers.check_spec(spec.strip(), name)
+    if verifier_spec.parse(cfg.verifier).kind == "policy":  # verifier_free.PolicyReward: the policy scores its own rollouts
         req(not cfg.async_steps, "async_steps", cfg.async_steps, f"with --verifier {cfg.verifier}: the worker's batch "
             "would be scored by a policy in the middle of its update; use --async_steps 0")
         req(not cfg.stream_judging, "stream_judging", cfg.stream_judging, f"with --verifier {cfg.verifier}: the policy "
@@ -255,7 +255,7 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
     vopts.check()
 
 
-def parse_config(argv: list[str] | None = None) -> tuple[Config, reward.VerifierOptions]:
-    cfg, vopts = config.parse_config((Config, reward.VerifierOptions), argv, prog="train_rl.py")
+def parse_config(argv: list[str] | None = None) -> tuple[Config, verifiers.VerifierOptions]:
+    cfg, vopts = config.parse_config((Config, verifiers.VerifierOptions), argv, prog="train_rl.py")
     check_config(cfg, vopts)
     return cfg, vopts

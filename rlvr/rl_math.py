@@ -7,7 +7,7 @@ are [N]; per-token values (log-probs, KL, advantages, losses) are [sum(lengths)]
     rewards [N] --shape_advantages (normalise, then reinforce | grpo | dr_grpo | rloo | reinforce_pp | ...)-->
     advantages per token --policy_loss (clipped ratio x correction weight + kl_coef x k3, aggregated)--> loss
 
-Sources: Su et al. 2025 (METHOD.md) for the z-score and the KL in the reward; OpenRLHF 0.6.0
+Sources: Su et al. 2025 (docs/method.md) for the z-score and the KL in the reward; OpenRLHF 0.6.0
 (the framework the paper ran; commit e13ba176, March 2025, openrlhf/models/utils.py compute_reward,
 experience_maker.py, replay_buffer.py normalize, models/loss.py PolicyLoss) for the per-token
 REINFORCE++ and RLOO, reward clipping and the per-sequence loss mean. Imports none of the project's files.

@@ -152,7 +152,7 @@ def cat(parts: list[Samples]) -> Samples:
 
 def _entries(j: reward.Judgement) -> list[tuple]:
     return list(zip(j.binary.tolist(), j.soft.tolist(), j.p_yes.tolist(), j.judged.tolist(), j.invalid.tolist(),
-                    j.tokens.tolist(), j.cut.tolist()))
+                    j.verifier_tokens.tolist(), j.cut.tolist()))
 
 
 def _judgement(entries: list[tuple]) -> reward.Judgement:

@@ -17,8 +17,8 @@ the token after its decision marker; its generated length is its cost and is log
 of a family's judgements is unjudged (reward 0), as for the paper's verifier. --soft_mode renorm
 renormalises every family over its judgements (for compass that is its Eq. 4 already).
 
-The numbers (reward.judgement_rewards) and the prompt (reward.VerifierPrompt) are reward.py's; this
-file is the table. A family is saved with a verifier's settings (reward.VerifierSettings.family), so
+The numbers (reward.judgement_rewards) and the prompt (verifier_prompt.VerifierPrompt) are reward.py's; this
+file is the table. A family is saved with a verifier's settings (verifier_prompt.VerifierSettings.family), so
 a student distilled into a family's format (train_verifier.py sft --verifier_family) is asked the same
 way. Imports no project file.
 """
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class Family:
-    """How a family's verifier is asked and read. `settings`: the reward.VerifierSettings fields in
+    """How a family's verifier is asked and read. `settings`: the verifier_prompt.VerifierSettings fields in
     which it differs from the paper's (template, system prompt, judgement spellings, what of the
     response it reads)."""
     name: str
@@ -121,8 +121,8 @@ COT_TEMPLATE = VERIFIER_PROMPT_TEMPLATE.format(question="{question}", ground_tru
                                                student_answer="{response}")
 
 FAMILIES = {f.name: f for f in (
-    # The paper's RM-7B (virtuoussy/Qwen2.5-7B-Instruct-RLVR): reward.TEMPLATE (METHOD.md), YES / NO.
-    Family("rm", source="the paper (METHOD.md); reward.TEMPLATE"),
+    # The paper's RM-7B (virtuoussy/Qwen2.5-7B-Instruct-RLVR): verifier_prompt.TEMPLATE (docs/method.md), YES / NO.
+    Family("rm", source="the paper (docs/method.md); verifier_prompt.TEMPLATE"),
     # Master-RM (Zhao et al. 2025, "One Token to Fool LLM-as-a-Judge", arXiv 2507.08794; sarosavo/Master-RM):
     # RM-7B's task retrained with "master key" negatives, asked in the same YES / NO form. Its model card
     # (huggingface.co/sarosavo/Master-RM) and its GitHub repository (Yulai-Zhao/Robust-Reward-Model) could

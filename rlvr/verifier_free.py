@@ -42,9 +42,9 @@ from torch import Tensor
 
 import data
 import reward
-from rlvr import distributed
+from rlvr import distributed, rules, verifier_prompt, verifier_spec
 
-KINDS = reward.POLICY_SOURCES
+KINDS = verifier_spec.POLICY_SOURCES
 _LINE_END = re.compile(r"\r\n|\r|\n")
 
 
@@ -53,7 +53,7 @@ _LINE_END = re.compile(r"\r\n|\r|\n")
 
 
 def split_answer(response: str) -> tuple[str, str]:
-    """(reasoning, final answer): the final answer is what reward.final_answer reads (the last non-empty
+    """(reasoning, final answer): the final answer is what rules.final_answer reads (the last non-empty
     line, a leading "Therefore, the answer is" removed); the reasoning is everything before it, the
     answer prefix included ("...\\nTherefore, the answer is "), so the reference takes the answer's place
     and nothing else changes. A one-line response ("Birch Ltd", the free-form world's) has no reasoning:
@@ -64,7 +64,7 @@ def split_answer(response: str) -> tuple[str, str]:
         line = response[start:end.start() if end else len(response)]
         if line.strip():
             text = line.lstrip()
-            prefix = reward._ANSWER_PREFIX.match(text)
+            prefix = rules._ANSWER_PREFIX.match(text)
             at = start + len(line) - len(text) + (prefix.end() if prefix else 0)
             return response[:at], response[at:start + len(line)].rstrip()
     return response, ""
@@ -75,7 +75,7 @@ def continuation_ids(tokenizer, reasoning: str, reference: str) -> tuple[list[in
     tokens are the same whatever precedes them. Spaces that end the reasoning ("the answer is ") go with
     the reference (" 7 kg"), as RLPR keeps the answer's leading whitespace before the reference."""
     head = reasoning.rstrip(" \t")
-    enc = lambda s: tokenizer.encode(reward.encodable(s), add_special_tokens=False) if s else []  # noqa: E731
+    enc = lambda s: tokenizer.encode(verifier_prompt.encodable(s), add_special_tokens=False) if s else []  # noqa: E731
     return enc(head), enc(reasoning[len(head):] + reference)
 
 
@@ -218,7 +218,7 @@ class PolicyReward:
 
     def __call__(self, questions: list[str], references: list[str], responses: list[str],
                  seeds: list[int] | None = None) -> reward.Judgement:
-        reward._check_lengths(questions, references, responses)
+        reward.check_lengths(questions, references, responses)
         prompts, refs = [], []
         for p, ref, resp in zip(self.prompt_ids(questions), references, responses):
             head, ref_ids = continuation_ids(self.tokenizer, split_answer(resp)[0], ref)

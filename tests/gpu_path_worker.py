@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rlvr import distributed  # noqa: E402
+from rlvr import distributed, model, rl_config  # noqa: E402, model, rl_config
 from rlvr import model  # noqa: E402
 
 

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rlvr import checkpoint  # noqa: E402
+from rlvr import checkpoint, distributed, model, rl_config, rollout, rollout_async, verifiers
 import data  # noqa: E402
 from rlvr import distributed  # noqa: E402
 from rlvr import model  # noqa: E402
@@ -62,7 +62,7 @@ def source(cfg, model_dir, policy, verifier, sampler=None):
     tok = model.load_tokenizer(model_dir)
     sampler = sampler or data.PromptSampler(len(records()), cfg.prompts_per_step, cfg.seed, distributed.rank(),
                                             distributed.world_size())
-    common = (cfg, policy, tok, records(), sampler, verifier, {"rule:substring": reward.build_verifier("rule:substring")})
+    common = (cfg, policy, tok, records(), sampler, verifier, {"rule:substring": verifiers.build_verifier("rule:substring")})
     return rollout_async.AsyncSource(*common, model_dir) if cfg.async_steps else rollout.RolloutSource(*common)
 
 

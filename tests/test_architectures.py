@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import data
-from rlvr import model, rl_config
+from rlvr import config, model, rl_config
 from worlds import toy
 
 # tiny sizes: 2 layers, hidden 64, 2 heads of 32 (GQA where the architecture has it)

@@ -2,8 +2,7 @@
 and the live audit's sample and metrics."""
 import pytest
 
-import reward
-from rlvr import audit
+from rlvr import audit, verifiers
 
 
 def test_agreement_by_hand():
@@ -64,11 +63,11 @@ def test_fleiss_of_two_judges_is_scotts_pi_not_cohens_kappa():
 def test_master_key_probe_on_substring_rule():
     # substring is fooled by keys that contain the reference letter: "a" in "answer:", "the answer is"...
     qs, refs = ["q1", "q2"], ["A", "7"]
-    res = audit.master_key_probe(reward.build_verifier("rule:substring"), qs, refs, n=2,
+    res = audit.master_key_probe(verifiers.build_verifier("rule:substring"), qs, refs, n=2,
                                   keys=[":", "Answer:", "Solution", "解"])
     assert res["per_key"] == {":": 0.0, "Answer:": 0.5, "Solution": 0.0, "解": 0.0}
     assert res["fpr"] == pytest.approx(1 / 8) and res["n"] == 2 and res["warn"]
-    clean = audit.master_key_probe(reward.build_verifier("rule:substring"), qs, refs, n=2, keys=["Solution"])
+    clean = audit.master_key_probe(verifiers.build_verifier("rule:substring"), qs, refs, n=2, keys=["Solution"])
     assert clean["fpr"] == 0.0 and not clean["warn"]
     assert {":", "Thought process:", "解", "答案是"} <= set(audit.MASTER_KEYS)
 
@@ -89,8 +88,8 @@ def test_audit_sample_is_seeded_and_independent_of_ranks():
 
 
 def test_regrade_rows_are_in_the_labelled_format_with_both_verdicts():
-    judge = reward.build_verifier("rule:substring")
-    fooled = reward.build_verifier("rule:jaccard")(["q", "q"], ["7", "7"], ["17", "7"])  # 'reward verifier'
+    judge = verifiers.build_verifier("rule:substring")
+    fooled = verifiers.build_verifier("rule:jaccard")(["q", "q"], ["7", "7"], ["17", "7"])  # 'reward verifier'
     rows = audit.regrade(judge, ["q", "q"], ["7", "7"], ["17", "7"], fooled, step=3)
     assert [(r["label"], r["reward_label"], r["step"]) for r in rows] == [(1, 0, 3), (1, 1, 3)]
     assert {"id", "question", "reference", "response", "label", "teacher_p_yes"} <= set(rows[0])

@@ -125,7 +125,7 @@ def test_a_fooled_verifier_shows_in_the_audit_and_stops_the_run(tiny_model_dir, 
     # judge re-grades 8 rollouts a step. Each audit must find every answer it judges wrong judged YES,
     # write those rows to audit.jsonl, and two such audits in a row must stop the run after a checkpoint.
     from rlvr import model
-    import reward
+    from rlvr import verifiers
 
     tok = model.load_tokenizer(tiny_model_dir)
     yes, no = (tok.encode(w, add_special_tokens=False)[0] for w in ("YES", "NO"))
@@ -143,7 +143,7 @@ def test_a_fooled_verifier_shows_in_the_audit_and_stops_the_run(tiny_model_dir, 
     rows = step_rows(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
     audited = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
-    judge = reward.build_verifier("rule:math")
+    judge = verifiers.build_verifier("rule:math")
     truth = judge([r["question"] for r in audited], [r["reference"] for r in audited],
                   [r["response"] for r in audited]).binary.tolist()
     assert audited and truth == [0.0] * len(audited)  # the judge's NO, recomputed independently

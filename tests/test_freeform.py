@@ -5,8 +5,7 @@ import pytest
 import torch
 
 import data
-import reward
-from rlvr import config, rl_config
+from rlvr import config, remote, rl_config, verifiers
 from worlds import freeform
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +48,7 @@ def test_teacher_by_hand_names_aliases_abbreviations_word_order_articles():
 
 
 def test_teacher_spec_noise_and_check():
-    t = reward.build_verifier("py:worlds.freeform:teacher")
+    t = verifiers.build_verifier("py:worlds.freeform:teacher")
     j = t(["q"] * 4, ["7 kg", "7 kg", "Birch Limited", "Tarnium"], ["7000 g", "7 g", "Birch", "tarnium oxide"])
     assert j.binary.tolist() == [1.0, 0.0, 1.0, 0.0] and torch.equal(j.soft, j.binary) and j.judged.all()
     # the noisy teacher flips ~10% of labels, the same ones every call (a hash of the row), none in common state
@@ -132,7 +131,7 @@ def test_py_spec_loads_and_its_errors_are_one_line(tmp_path, monkeypatch):
         "def nan(q, r, a):\n    return [float('nan')] * len(a)\n"
         "def text(q, r, a):\n    return ['yes'] * len(a)\n"
         "def flip(q, r, a):\n    return [float(x != y) for x, y in zip(r, a)]\n")
-    v = reward.build_verifier("py:myjudge:half")
+    v = verifiers.build_verifier("py:myjudge:half")
     j = v(["q", "q"], ["a", "b"], ["a", "c"])
     assert v.name == "py:myjudge:half" and j.soft.tolist() == [0.5, 0.5] and j.binary.tolist() == [1.0, 1.0]
     for spec, message in [("py:nomodule:f", "cannot import module 'nomodule'"),
@@ -141,10 +140,10 @@ def test_py_spec_loads_and_its_errors_are_one_line(tmp_path, monkeypatch):
                           ("py:myjudge:big", r"returned 2.0; scores must be in \[0, 1\]"),
                           ("py:myjudge:nan", r"scores must be in \[0, 1\]"),
                           ("py:myjudge:text", "not a list of numbers")]:
-        with pytest.raises((ValueError, reward.VerifierError), match=message):
-            reward.build_verifier(spec)
-    short = reward.build_verifier("py:myjudge:short")  # right on the one-row check, wrong on a batch
-    with pytest.raises(reward.VerifierError, match=r"returned shape \(1,\) for 3 responses"):
+        with pytest.raises((ValueError, remote.VerifierError), match=message):
+            verifiers.build_verifier(spec)
+    short = verifiers.build_verifier("py:myjudge:short")  # right on the one-row check, wrong on a batch
+    with pytest.raises(remote.VerifierError, match=r"returned shape \(1,\) for 3 responses"):
         short(["q"] * 3, ["a"] * 3, ["a"] * 3)
     # a flag naming a bad spec stops before any model loads, naming the flag
     for flag in ("verifier", "eval_verifier", "audit_verifier", "log_verifiers"):
@@ -153,7 +152,7 @@ def test_py_spec_loads_and_its_errors_are_one_line(tmp_path, monkeypatch):
 
 
 def test_exact_rule_by_hand():
-    v = reward.build_verifier("rule:exact")
+    v = verifiers.build_verifier("rule:exact")
     j = v(["q"] * 6, ["Birch Limited", "7 kg", "7 kg", "Paris", "", "B"],
           ["Therefore, the answer is birch  limited.", "7 kg or 3 kg", "7 kilograms", "paris!", "", "b"])
     assert j.binary.tolist() == [1.0, 0.0, 0.0, 1.0, 0.0, 1.0] and torch.equal(j.soft, j.binary) and j.judged.all()

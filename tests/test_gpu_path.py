@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import reward
-from rlvr import distributed, model
+from rlvr import distributed, metrics, model, verifier_prompt, verifiers
 from worlds import toy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +100,7 @@ def test_sft_heldout_eval_then_training_steps(tiny_model_dir, tmp_path, nproc):
     # each eval reads the weights as trained so far: the Brier score moves with every step
     briers = [r["eval/brier"] for r in rows]
     assert briers[0] != briers[1] != briers[2]
-    assert (tmp_path / "run" / "final" / reward.SETTINGS_FILE).exists()
+    assert (tmp_path / "run" / "final" / verifier_prompt.SETTINGS_FILE).exists()
 
 
 def test_root_keeps_its_parameters_from_forward_to_backward_after_generate(tiny_model_dir, tmp_path):
@@ -121,10 +120,10 @@ def test_local_verifiers_load_in_the_compute_dtype(tiny_model_dir, monkeypatch):
     """label, eval and the sft teacher build verifiers with no dtype: the GPU path's is bf16 (what
     flash-attention needs), the CPU path's float32."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU path, also on a GPU machine
-    lm = reward.build_verifier(tiny_model_dir, reward.VerifierOptions(verifier_paper_defaults=True)).model
+    lm = verifiers.build_verifier(tiny_model_dir, verifiers.VerifierOptions(verifier_paper_defaults=True)).model
     assert next(lm.parameters()).dtype == torch.float32
     monkeypatch.setenv(distributed.GPU_PATH_ENV, "1")
-    lm = reward.build_verifier(tiny_model_dir, reward.VerifierOptions(verifier_paper_defaults=True)).model
+    lm = verifiers.build_verifier(tiny_model_dir, verifiers.VerifierOptions(verifier_paper_defaults=True)).model
     assert next(lm.parameters()).dtype == torch.bfloat16 and lm.config._attn_implementation == "sdpa"
 
 

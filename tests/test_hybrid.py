@@ -1,10 +1,10 @@
-"""Hybrid routing (reward.HybridVerifier, --verifier hybrid:<spec>): rule:math where both the reference and
+"""Hybrid routing (verifiers.HybridVerifier, --verifier hybrid:<spec>): rule:math where both the reference and
 the answer parse as mathematics, the model verifier elsewhere, per row."""
 import pytest
 import torch
 
 import reward
-from rlvr import config
+from rlvr import config, rules, verifiers
 
 ROWS = [  # (reference, response, routed to rule:math?)
     ("7 kg", "7000 g", True),
@@ -20,7 +20,7 @@ ROWS = [  # (reference, response, routed to rule:math?)
 
 
 def test_routing_is_decided_per_row():
-    assert [reward.routes_to_math(ref, resp) for ref, resp, _ in ROWS] == [m for _, _, m in ROWS]
+    assert [rules.routes_to_math(ref, resp) for ref, resp, _ in ROWS] == [m for _, _, m in ROWS]
 
 
 class Fake:
@@ -37,7 +37,7 @@ class Fake:
 
 def test_the_judgement_is_assembled_in_the_rows_order_and_master_keys_never_reach_the_rule():
     math, judge = Fake("rule:math", 0.9), Fake("model", 0.2)
-    h = reward.HybridVerifier(math, judge)
+    h = verifiers.HybridVerifier(math, judge)
     refs, resps = [r for r, _, _ in ROWS], [a for _, a, _ in ROWS]
     j = h(["q"] * len(ROWS), refs, resps, seeds=list(range(100, 100 + len(ROWS))))
     # math rows 0, 3, 7 get 0.90, 0.91, 0.92; model rows 1, 2, 4, 5, 6, 8 get 0.20 ... 0.25
@@ -55,10 +55,10 @@ def test_the_judgement_is_assembled_in_the_rows_order_and_master_keys_never_reac
 
 def test_a_built_hybrid_grades_math_rows_with_the_rule_and_the_rest_with_the_judge(monkeypatch):
     seen = []
-    rule = reward.RuleVerifier.__call__
-    monkeypatch.setattr(reward.RuleVerifier, "__call__",
+    rule = rules.RuleVerifier.__call__
+    monkeypatch.setattr(rules.RuleVerifier, "__call__",
                         lambda self, q, r, a, seeds=None: seen.extend(a) or rule(self, q, r, a, seeds))
-    h = reward.build_verifier("hybrid:py:worlds.freeform:teacher")
+    h = verifiers.build_verifier("hybrid:py:worlds.freeform:teacher")
     try:
         refs = ["7 kg", "7 kg", "7", "Birch Limited", "1/2"]
         resps = ["7 kg", "seven kilograms", "Thought process:", "Birch Ltd", "0.5"]
@@ -76,5 +76,5 @@ def test_a_built_hybrid_grades_math_rows_with_the_rule_and_the_rest_with_the_jud
                                   "hybrid:py:nomodule:f"])
 def test_a_hybrid_without_a_model_verifier_is_refused_in_one_line(spec):
     with pytest.raises(config.ConfigError) as e:
-        reward.check_spec(spec, "verifier")
+        verifiers.check_spec(spec, "verifier")
     assert str(e.value).startswith(f"--verifier {spec!r}") and "\n" not in str(e.value)

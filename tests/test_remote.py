@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import reward
-from rlvr import remote
-from reward import VerifierError, VerifierOptions
+from rlvr import config, metrics, model, remote, verifier_prompt, verifiers
+from rlvr.remote import VerifierError
+from rlvr.verifiers import VerifierOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 OTHER = 5  # a token id that is neither judgement token
@@ -139,7 +139,7 @@ KINDS = ["yes", "no", "other", "yes"]
 
 
 def _remote(servers, backoff=0.5, **options):
-    v = reward.build_verifier(",".join(s.url for s in servers), VerifierOptions(**{"verifier_paper_defaults": True,
+    v = verifiers.build_verifier(",".join(s.url for s in servers), VerifierOptions(**{"verifier_paper_defaults": True,
                                                                                   **options}))
     v.client.backoff = backoff
     for q, r, a, k in zip(*ROWS, KINDS):
@@ -185,27 +185,27 @@ def test_http_verifier_takes_the_settings_saved_beside_its_tokenizer(fakes, tiny
 
     student = tmp_path / "student"
     shutil.copytree(tiny_model_dir, student)
-    saved = reward.VerifierSettings(system_prompt="You grade arithmetic.", template="{reference} vs {response}")
-    reward.save_settings(student, saved)
-    v = reward.build_verifier(fakes[0].url, VerifierOptions(verifier_tokenizer=str(student)))
+    saved = verifier_prompt.VerifierSettings(system_prompt="You grade arithmetic.", template="{reference} vs {response}")
+    verifier_prompt.save_settings(student, saved)
+    v = verifiers.build_verifier(fakes[0].url, VerifierOptions(verifier_tokenizer=str(student)))
     assert v.prompt.settings == saved
     with pytest.raises(config.ConfigError, match="--verifier_system_prompt ''.*You grade arithmetic"):
-        reward.build_verifier(fakes[0].url, VerifierOptions(verifier_tokenizer=str(student), verifier_system_prompt=""))
+        verifiers.build_verifier(fakes[0].url, VerifierOptions(verifier_tokenizer=str(student), verifier_system_prompt=""))
     # the served id has no settings file: refused, unless the user names the template or the paper's defaults
     with pytest.raises(config.ConfigError, match=f"verifier {fakes[0].url} .*no verifier_settings.json.*"
                                                  "--verifier_template FILE or a family .*or pass --verifier_paper_defaults"):
-        reward.build_verifier(fakes[0].url)
+        verifiers.build_verifier(fakes[0].url)
     paper = VerifierOptions(verifier_paper_defaults=True)
-    assert reward.build_verifier(fakes[0].url, paper).prompt.settings == reward.VerifierSettings()
+    assert verifiers.build_verifier(fakes[0].url, paper).prompt.settings == verifier_prompt.VerifierSettings()
     template = tmp_path / "t.txt"
     template.write_text("{question} {reference} {response}")
-    named = reward.build_verifier(fakes[0].url, VerifierOptions(verifier_template=str(template)))
+    named = verifiers.build_verifier(fakes[0].url, VerifierOptions(verifier_template=str(template)))
     assert named.prompt.settings.template == template.read_text()
     # the judges that only grade (eval, audit, log) take no prompt flags: only --verifier_paper_defaults
     with pytest.raises(config.ConfigError, match="no verifier_settings.json"):
-        reward.build_verifier(fakes[0].url, VerifierOptions(verifier_template=str(template)), settings_from_flags=False)
-    assert reward.build_verifier(fakes[0].url, paper, settings_from_flags=False).prompt.settings == \
-        reward.VerifierSettings()
+        verifiers.build_verifier(fakes[0].url, VerifierOptions(verifier_template=str(template)), settings_from_flags=False)
+    assert verifiers.build_verifier(fakes[0].url, paper, settings_from_flags=False).prompt.settings == \
+        verifier_prompt.VerifierSettings()
 
 
 def test_remote_retries_with_backoff_then_succeeds(fakes):
@@ -240,7 +240,7 @@ def test_remote_clear_error_when_down(fakes):
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
     with pytest.raises(VerifierError, match=re.escape(dead) + ".*refused"):
-        reward.build_verifier(dead, VerifierOptions(verifier_retries=1, verifier_timeout=1))
+        verifiers.build_verifier(dead, VerifierOptions(verifier_retries=1, verifier_timeout=1))
 
 
 def test_hung_server_is_reported_within_timeout_times_tries(fakes):
@@ -424,7 +424,7 @@ def test_credentials_in_a_url_are_refused_and_never_shown(fakes):
     host = fakes[0].url.removeprefix("http://")
     for url in (f"http://user:hunter2secret@{host}", f"http://{fakes[1].url[7:]},https://hunter2secret@{host}"):
         with pytest.raises(VerifierError) as e:
-            reward.build_verifier(url)
+            verifiers.build_verifier(url)
         assert "hunter2secret" not in str(e.value) and "***@" in str(e.value) and remote.API_KEY_ENV in str(e.value)
     assert remote.redact("at http://u:p@h:1/v1 and https://k@h2") == "at http://***@h:1/v1 and https://***@h2"
     assert fakes[0].calls == 0 and fakes[1].calls == 0  # refused before any request

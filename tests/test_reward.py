@@ -12,12 +12,14 @@ import pytest
 import torch
 
 import reward
-from rlvr import audit, config
-from reward import (Judgement, VerifierError, VerifierOptions, VerifierSettings, judgement_rewards, last_line,
-                    rewards_from_logits)
+from rlvr import audit, config, model, rules, verifier_prompt, verifiers
+from rlvr.remote import VerifierError
+from reward import Judgement, judgement_rewards, rewards_from_logits
+from rlvr.verifier_prompt import VerifierSettings, last_line
+from rlvr.verifiers import VerifierOptions
 
 ROOT = Path(__file__).resolve().parents[1]
-METHOD = ROOT.parent / "shared" / "METHOD.md"
+METHOD = ROOT / "docs" / "method.md"
 FINAL_LINES = ROOT / "tests" / "data" / "math_final_lines.jsonl"
 
 # A hard-coded copy of the paper's prompt (two trailing spaces on every non-empty line but "---").
@@ -52,20 +54,18 @@ Your output must be strictly **'YES'** or **'NO'**, with no additional words, pu
 
 
 def test_template_bytes_match_the_hard_copy():
-    assert reward.TEMPLATE.encode() == PAPER_TEMPLATE.encode()
-    assert reward.TEMPLATE.count("  \n") == 16 and reward.TEMPLATE.endswith("**Output:**  \n")
-    assert reward.SYSTEM_PROMPT == "You are a helpful assistant."
+    assert verifier_prompt.TEMPLATE.encode() == PAPER_TEMPLATE.encode()
+    assert verifier_prompt.TEMPLATE.count("  \n") == 16 and verifier_prompt.TEMPLATE.endswith("**Output:**  \n")
+    assert verifier_prompt.SYSTEM_PROMPT == "You are a helpful assistant."
 
 
 def test_template_bytes_match_method_md():
-    if not METHOD.exists():
-        pytest.skip(f"{METHOD} not found (the repo's ../shared); the hard copy above is still checked")
     block = re.search(r"\n```\n(Given a problem.*?\n)```\n", METHOD.read_text(encoding="utf-8"), re.S).group(1)
-    assert reward.TEMPLATE.encode() == block.encode()
+    assert verifier_prompt.TEMPLATE.encode() == block.encode()
 
 
 def test_fill_template_keeps_braces_in_values_literal():
-    out = reward.fill_template("Q={question}|R={reference}|A={response}", "a {response} {x}", "7", "z")
+    out = verifier_prompt.fill_template("Q={question}|R={reference}|A={response}", "a {response} {x}", "7", "z")
     assert out == "Q=a {response} {x}|R=7|A=z"
 
 
@@ -93,21 +93,21 @@ def test_last_line(text, expected):
     ("plain\nanswer 3", "answer 3"),
 ])
 def test_think_blocks_go_before_the_last_line(text, expected):
-    assert reward.answer_text(text) == expected
-    assert reward.answer_text(text, think=False) == last_line(text)  # strip_think off: as before
+    assert verifier_prompt.answer_text(text) == expected
+    assert verifier_prompt.answer_text(text, think=False) == last_line(text)  # strip_think off: as before
 
 
 def test_prompt_renders_settings_through_the_chat_template(tiny_model_dir):
     from rlvr import model
 
     tok = model.load_tokenizer(tiny_model_dir)
-    ids = reward.VerifierPrompt(tok).prompt_ids("What is 3 + 4?", "7", "<think>7?</think>step 1\nThe answer is 7.\n\n")
+    ids = verifier_prompt.VerifierPrompt(tok).prompt_ids("What is 3 + 4?", "7", "<think>7?</think>step 1\nThe answer is 7.\n\n")
     expected = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-                + reward.fill_template(reward.TEMPLATE, "What is 3 + 4?", "7", "The answer is 7.")
+                + verifier_prompt.fill_template(verifier_prompt.TEMPLATE, "What is 3 + 4?", "7", "The answer is 7.")
                 + "<|im_end|>\n<|im_start|>assistant\n")
     assert tok.decode(ids) == expected
     bare = VerifierSettings(system_prompt="", full_response=True, template="{reference}|{response}")
-    text = tok.decode(reward.VerifierPrompt(tok, bare).prompt_ids("q", "r", "step 1\nlast"))
+    text = tok.decode(verifier_prompt.VerifierPrompt(tok, bare).prompt_ids("q", "r", "step 1\nlast"))
     assert text == "<|im_start|>user\nr|step 1\nlast<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -186,23 +186,23 @@ CUSTOM = VerifierSettings(template="Q: {question}\nA: {response}\nRef: {referenc
 
 
 def test_settings_round_trip_and_errors(tmp_path):
-    assert reward.load_settings(str(tmp_path)) is None  # no file: the paper's defaults apply
-    reward.save_settings(tmp_path, CUSTOM)
-    assert reward.load_settings(str(tmp_path)) == CUSTOM
-    (tmp_path / reward.SETTINGS_FILE).write_text(json.dumps({"positive": "YES", "temprature": "x"}))
+    assert verifier_prompt.load_settings(str(tmp_path)) is None  # no file: the paper's defaults apply
+    verifier_prompt.save_settings(tmp_path, CUSTOM)
+    assert verifier_prompt.load_settings(str(tmp_path)) == CUSTOM
+    (tmp_path / verifier_prompt.SETTINGS_FILE).write_text(json.dumps({"positive": "YES", "temprature": "x"}))
     with pytest.raises(ValueError, match=r"verifier_settings.json: field 'temprature'"):
-        reward.load_settings(str(tmp_path))
+        verifier_prompt.load_settings(str(tmp_path))
 
 
 def test_resolve_settings_refuses_a_flag_that_contradicts_the_saved_value():
-    default = reward.resolve_settings(None, {"system_prompt": ""})
+    default = verifier_prompt.resolve_settings(None, {"system_prompt": ""})
     assert default == VerifierSettings(system_prompt="")  # nothing saved: flags apply
-    assert reward.resolve_settings(CUSTOM, {"full_response": True}) == CUSTOM  # agreeing flags are fine
+    assert verifier_prompt.resolve_settings(CUSTOM, {"full_response": True}) == CUSTOM  # agreeing flags are fine
     with pytest.raises(config.ConfigError, match=r"--verifier_system_prompt 'You are a helpful assistant.'.*"
                                                  r"trained with system_prompt = 'You grade arithmetic.'"):
-        reward.resolve_settings(CUSTOM, {"system_prompt": reward.SYSTEM_PROMPT}, name="student")
-    forced = reward.resolve_settings(CUSTOM, {"system_prompt": reward.SYSTEM_PROMPT}, force=True)
-    assert forced.system_prompt == reward.SYSTEM_PROMPT and forced.template == CUSTOM.template
+        verifier_prompt.resolve_settings(CUSTOM, {"system_prompt": verifier_prompt.SYSTEM_PROMPT}, name="student")
+    forced = verifier_prompt.resolve_settings(CUSTOM, {"system_prompt": verifier_prompt.SYSTEM_PROMPT}, force=True)
+    assert forced.system_prompt == verifier_prompt.SYSTEM_PROMPT and forced.template == CUSTOM.template
 
 
 def test_verifier_options_check_names_the_flag(tmp_path):
@@ -227,10 +227,10 @@ def test_saved_settings_travel_with_the_verifier(tiny_model_dir, tmp_path):
 
     student = tmp_path / "student"
     shutil.copytree(tiny_model_dir, student)
-    reward.save_settings(student, CUSTOM)
+    verifier_prompt.save_settings(student, CUSTOM)
     opts = dict(verifier_max_unjudged=1.0)  # the random tiny model answers anything
-    built = reward.build_verifier(str(student), VerifierOptions(**opts))
-    explicit = reward.LocalVerifier(model.load_model(str(student)).eval(), model.load_tokenizer(str(student)), CUSTOM,
+    built = verifiers.build_verifier(str(student), VerifierOptions(**opts))
+    explicit = verifiers.LocalVerifier(model.load_model(str(student)).eval(), model.load_tokenizer(str(student)), CUSTOM,
                                     max_unjudged=1.0)
     rows = (["What is 3 + 4?", "2+2"], ["7", "4"], ["work\nTherefore, the answer is 7.", "<think>x</think>5"])
     assert built.prompt.settings == CUSTOM
@@ -239,12 +239,12 @@ def test_saved_settings_travel_with_the_verifier(tiny_model_dir, tmp_path):
     for name in ("binary", "soft", "p_yes", "judged"):
         assert torch.equal(getattr(jb, name), getattr(je, name)), name
     with pytest.raises(config.ConfigError, match="--verifier_system_prompt ''.*You grade arithmetic"):
-        reward.build_verifier(str(student), VerifierOptions(verifier_system_prompt="", **opts))
-    forced = reward.build_verifier(str(student),
+        verifiers.build_verifier(str(student), VerifierOptions(verifier_system_prompt="", **opts))
+    forced = verifiers.build_verifier(str(student),
                                    VerifierOptions(verifier_system_prompt="", verifier_force_settings=True, **opts))
     assert forced.prompt.settings.system_prompt == "" and forced.prompt.settings.template == CUSTOM.template
     # a judge built with settings_from_flags=False ignores the prompt flags and keeps the saved settings
-    judge = reward.build_verifier(str(student), VerifierOptions(verifier_system_prompt="", **opts),
+    judge = verifiers.build_verifier(str(student), VerifierOptions(verifier_system_prompt="", **opts),
                                   settings_from_flags=False)
     assert judge.prompt.settings == CUSTOM
 
@@ -257,14 +257,14 @@ def test_judgement_token_resolution(tiny_model_dir):
 
     tok = model.load_tokenizer(tiny_model_dir)
     yes = tok.encode("YES", add_special_tokens=False)
-    assert reward.judgement_token_ids(tok, "YES") == yes
-    variants = reward.judgement_token_ids(tok, "YES", sum_variants=True)
+    assert verifier_prompt.judgement_token_ids(tok, "YES") == yes
+    variants = verifier_prompt.judgement_token_ids(tok, "YES", sum_variants=True)
     assert variants[0] == yes[0] and tok.encode(" YES", add_special_tokens=False)[0] in variants
     assert all(len(tok.decode([i]).strip()) == 3 for i in variants)
     with pytest.raises(ValueError, match=r"'Affirmative!' is \d+ tokens .* tiny"):
-        reward.judgement_token_ids(tok, "Affirmative!", name="tiny")
+        verifier_prompt.judgement_token_ids(tok, "Affirmative!", name="tiny")
     with pytest.raises(ValueError, match="share token ids"):
-        reward.VerifierPrompt(tok, VerifierSettings(positive="YES", negative="YES"))
+        verifier_prompt.VerifierPrompt(tok, VerifierSettings(positive="YES", negative="YES"))
 
 
 QS = ["What is 3 + 4?", "What is 9 - 5? " * 6, "Q", "Name the capital of France.", "2+2", "x" * 40, "y"]
@@ -278,7 +278,7 @@ def _tiny_local(tiny_model_dir, **kw):
     from rlvr import model
 
     m = model.load_model(tiny_model_dir).eval()
-    v = reward.LocalVerifier(m, model.load_tokenizer(tiny_model_dir), name="tiny", **kw)
+    v = verifiers.LocalVerifier(m, model.load_tokenizer(tiny_model_dir), name="tiny", **kw)
     seqs = [v.prompt.prompt_ids(q, r, a) for q, r, a in zip(QS, REFS, RESP)]
     with torch.no_grad():
         plain = torch.cat([m(torch.tensor([s])).logits[:, -1] for s in seqs])
@@ -312,7 +312,7 @@ def test_local_sampled_c_depends_on_the_seed_alone(tiny_model_dir):
     alone = v(QS[3:4], REFS[3:4], RESP[3:4], seeds=seeds[3:4])
     assert alone.binary.item() == j.binary[3].item() and alone.soft.item() == pytest.approx(j.soft[3].item(), abs=1e-5)
     # no seeds: fresh ones per call, so two calls draw differently (7 rows x 3 classes)
-    draws = {tuple(reward.first_token(plain.softmax(-1), reward._seeds_for(None, 7, True, 0, k)).tolist())
+    draws = {tuple(reward.first_token(plain.softmax(-1), verifiers._seeds_for(None, 7, True, 0, k)).tolist())
              for k in range(3)}
     assert len(draws) > 1
 
@@ -320,7 +320,7 @@ def test_local_sampled_c_depends_on_the_seed_alone(tiny_model_dir):
 def test_unjudged_share_above_the_bound_is_an_error_naming_the_tokens(tiny_model_dir):
     from rlvr import model
 
-    v = reward.LocalVerifier(model.load_model(tiny_model_dir).eval(), model.load_tokenizer(tiny_model_dir), name="tiny")
+    v = verifiers.LocalVerifier(model.load_model(tiny_model_dir).eval(), model.load_tokenizer(tiny_model_dir), name="tiny")
     with pytest.raises(VerifierError, match=r"verifier tiny: 7 of 7 first tokens \(100%\) were neither 'YES' nor "
                                             r"'NO'.*answered instead: \{"):
         v(QS, REFS, RESP)
@@ -334,15 +334,15 @@ def test_unjudged_share_above_the_bound_is_an_error_naming_the_tokens(tiny_model
 
 
 def test_final_answer_and_normalize():
-    assert reward.final_answer("work\nTherefore, the answer is 42.\n") == "42."
-    assert reward.final_answer("THE ANSWER IS: B") == "B"
-    assert reward.final_answer("so the answer is 3") == "so the answer is 3"  # only a leading phrase
-    assert reward.final_answer("<think>the answer is 3</think>\nThe answer is 4") == "4"
-    assert reward.normalize("  Paris\t\n  France!?。 ") == "paris france"
+    assert rules.final_answer("work\nTherefore, the answer is 42.\n") == "42."
+    assert rules.final_answer("THE ANSWER IS: B") == "B"
+    assert rules.final_answer("so the answer is 3") == "so the answer is 3"  # only a leading phrase
+    assert rules.final_answer("<think>the answer is 3</think>\nThe answer is 4") == "4"
+    assert rules.normalize_answer("  Paris\t\n  France!?。 ") == "paris france"
 
 
 def test_substring_rule_by_hand():
-    v = reward.build_verifier("rule:substring")
+    v = verifiers.build_verifier("rule:substring")
     j = v(["q"] * 5, ["Paris", "B", "mitochondria", "7", ""],
           ["...\nTherefore, the answer is paris.", "Therefore, the answer is C", "It is the  MITOCHONDRIA.",
            "x\n\n", "a"])
@@ -351,9 +351,9 @@ def test_substring_rule_by_hand():
 
 
 def test_jaccard_rule_by_hand_including_cjk():
-    assert reward.tokens("Hello, WORLD hello") == {"hello", "world"}
-    assert reward.tokens("细胞膜 cell 2") == {"细", "胞", "膜", "cell", "2"}
-    v = reward.build_verifier("rule:jaccard")
+    assert rules.word_set("Hello, WORLD hello") == {"hello", "world"}
+    assert rules.word_set("细胞膜 cell 2") == {"细", "胞", "膜", "cell", "2"}
+    v = verifiers.build_verifier("rule:jaccard")
     j = v(["q"] * 4, ["the cell membrane", "细胞膜", "A B", "x"],
           ["Therefore, the answer is the membrane", "答案：细胞壁", "b a", ""])
     # {the, membrane} vs {the, cell, membrane}: 2/3;  {答,案,细,胞,壁} vs {细,胞,膜}: 2/6;  equal sets: 1
@@ -363,11 +363,11 @@ def test_jaccard_rule_by_hand_including_cjk():
 
 def test_unknown_rule_lists_valid_ones():
     with pytest.raises(ValueError, match="rule:substring, rule:exact, rule:jaccard, rule:math"):
-        reward.build_verifier("rule:xyz")
+        verifiers.build_verifier("rule:xyz")
 
 
 def test_math_rule_reads_prose_latex_and_boxed_answers():
-    v = reward.build_verifier("rule:math", VerifierOptions(math_timeout=10.0))
+    v = verifiers.build_verifier("rule:math", VerifierOptions(math_timeout=10.0))
     try:
         cases = [  # (reference, response, correct)
             ("\\frac{1}{2}", "Therefore, the answer is 0.5.", 1), ("x+1", "1+x", 1), ("7", "so $\\boxed{7}$", 1),
@@ -389,7 +389,7 @@ def test_math_rule_time_bound_scores_zero_and_counts():
     # clock starts only once a worker holds the answer, not while it imports sympy); 9^(9^9) has 370 million
     # digits: sympy hangs in C far longer. The worker is killed at the bound, the answer scores 0 and is
     # counted, and the next one is judged by a fresh worker.
-    v = reward.build_verifier("rule:math", VerifierOptions(math_timeout=5.0))
+    v = verifiers.build_verifier("rule:math", VerifierOptions(math_timeout=5.0))
     try:
         out = {}
         th = threading.Thread(target=lambda: out.setdefault("j", v(["q"] * 2, ["1", "7"], ["$9^{9^{9}}$", "7"])),
@@ -403,7 +403,7 @@ def test_math_rule_time_bound_scores_zero_and_counts():
 
 
 def test_math_rule_works_from_a_thread():
-    v = reward.build_verifier("rule:math")
+    v = verifiers.build_verifier("rule:math")
     out = {}
     th = threading.Thread(target=lambda: out.setdefault("j", v(["q"], ["12"], ["The answer is 12"])))
     th.start()
@@ -421,7 +421,7 @@ def test_math_rule_agrees_with_public_labels_at_least_as_well_as_plain_math_veri
     from math_verify import parse, verify
 
     rows = [json.loads(line) for line in FINAL_LINES.read_text(encoding="utf-8").splitlines()]
-    v = reward.build_verifier("rule:math", VerifierOptions(math_timeout=10.0))
+    v = verifiers.build_verifier("rule:math", VerifierOptions(math_timeout=10.0))
     try:
         ours = v(["q"] * len(rows), [r["reference"] for r in rows], [r["final_line"] for r in rows]).binary.tolist()
     finally:
@@ -442,9 +442,9 @@ def test_math_rule_agrees_with_public_labels_at_least_as_well_as_plain_math_veri
 
 
 def test_judgement_is_the_interface_of_every_verifier():
-    j = reward.build_verifier("rule:jaccard")(["q"], ["a b"], ["a"])
+    j = verifiers.build_verifier("rule:jaccard")(["q"], ["a b"], ["a"])
     assert isinstance(j, Judgement) and j.judged.dtype == torch.bool
-    assert reward.build_verifier("rule:math").name == "rule:math"
+    assert verifiers.build_verifier("rule:math").name == "rule:math"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -455,9 +455,9 @@ def test_an_answer_longer_than_the_verifier_reads_is_cut_to_its_end_and_counted(
     from rlvr import model
 
     tok = model.load_tokenizer(tiny_model_dir)
-    short = reward.VerifierPrompt(tok, VerifierSettings(full_response=True)).prompt_ids("q", "7", "so 7")
+    short = verifier_prompt.VerifierPrompt(tok, VerifierSettings(full_response=True)).prompt_ids("q", "7", "so 7")
     n = len(short) + 40  # the positions: room for 40 tokens more than a short answer
-    p = reward.VerifierPrompt(tok, VerifierSettings(full_response=True), "v", max_len=n)
+    p = verifier_prompt.VerifierPrompt(tok, VerifierSettings(full_response=True), "v", max_len=n)
     assert p.prompt_ids("q", "7", "so 7") == short and p.cut == 0
     long_answer = "BEGINNING " + "blah " * 2000 + "so the answer is 7"
     ids = p.batch_ids(["q", "q"], ["7", "7"], [long_answer, "so 7"])
@@ -475,7 +475,7 @@ def test_an_answer_longer_than_the_verifier_reads_is_cut_to_its_end_and_counted(
 def test_lone_surrogates_are_replaced_not_a_crash(tiny_model_dir):
     v = _tiny_local(tiny_model_dir, max_unjudged=1.0)[0]
     bad, clean = "The answer is 7 \ud800 \udfff", "The answer is 7 ? ?"
-    assert reward.encodable(bad) == clean and reward.encodable("7 ✓ 中") == "7 ✓ 中"
+    assert verifier_prompt.encodable(bad) == clean and verifier_prompt.encodable("7 ✓ 中") == "7 ✓ 中"
     got, want = v(["q \ud83d"], ["7"], [bad]), v(["q ?"], ["7"], [clean])
     assert torch.equal(got.p_yes, want.p_yes)
 
@@ -493,13 +493,13 @@ def test_a_verifier_directory_without_settings_is_refused_before_anything_loads(
     template = tmp_path / "t.txt"
     template.write_text("{question} {reference} {response}")
     with pytest.raises(config.ConfigError, match=f"verifier {tiny_model_dir}: no verifier_settings.json"):
-        reward.check_saved_settings(tiny_model_dir, VerifierOptions(), from_flags=True)
-    reward.check_saved_settings(tiny_model_dir, VerifierOptions(verifier_paper_defaults=True), from_flags=False)
-    reward.check_saved_settings(tiny_model_dir, VerifierOptions(verifier_template=str(template)), from_flags=True)
+        verifiers.check_saved_settings(tiny_model_dir, VerifierOptions(), from_flags=True)
+    verifiers.check_saved_settings(tiny_model_dir, VerifierOptions(verifier_paper_defaults=True), from_flags=False)
+    verifiers.check_saved_settings(tiny_model_dir, VerifierOptions(verifier_template=str(template)), from_flags=True)
     with pytest.raises(config.ConfigError):  # a judge that is not asked with the prompt flags: the template is not its
-        reward.check_saved_settings(tiny_model_dir, VerifierOptions(verifier_template=str(template)), from_flags=False)
-    reward.check_saved_settings("rule:math", VerifierOptions(), from_flags=True)  # not a directory: checked when built
+        verifiers.check_saved_settings(tiny_model_dir, VerifierOptions(verifier_template=str(template)), from_flags=False)
+    verifiers.check_saved_settings("rule:math", VerifierOptions(), from_flags=True)  # not a directory: checked when built
     (tmp_path / "v").mkdir()
     (tmp_path / "v" / "verifier_settings.json").write_text("{not json")
     with pytest.raises(config.ConfigError, match="unreadable verifier settings"):
-        reward.check_saved_settings(str(tmp_path / "v"), VerifierOptions(), from_flags=True)
+        verifiers.check_saved_settings(str(tmp_path / "v"), VerifierOptions(), from_flags=True)

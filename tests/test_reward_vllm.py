@@ -14,8 +14,8 @@ import urllib.request
 import pytest
 import torch
 
-import reward
-from reward import VerifierOptions
+from rlvr import model, remote, verifiers
+from rlvr.verifiers import VerifierOptions
 
 from conftest import VLLM_PYTHON, requires_vllm
 START_TIMEOUT = 300  # seconds; a cold start on 2 CPU cores takes 60-90
@@ -94,12 +94,12 @@ def test_remote_matches_local_verifier(server, tiny_model_dir, soft_mode):
 
     _, url = server
     tok = model.load_tokenizer(tiny_model_dir)
-    probe = reward.LocalVerifier(model.load_model(tiny_model_dir), tok, name="tiny")
+    probe = verifiers.LocalVerifier(model.load_model(tiny_model_dir), tok, name="tiny")
     pos, neg = _spellings(probe, tok)
     opts = dict(verifier_positive=pos, verifier_negative=neg, soft_mode=soft_mode, verifier_max_unjudged=1.0,
                 verifier_paper_defaults=True)
-    local = reward.build_verifier(tiny_model_dir, VerifierOptions(verifier_batch_size=3, **opts))
-    remote = reward.build_verifier(url, VerifierOptions(verifier_concurrency=4, verifier_timeout=60, **opts))
+    local = verifiers.build_verifier(tiny_model_dir, VerifierOptions(verifier_batch_size=3, **opts))
+    remote = verifiers.build_verifier(url, VerifierOptions(verifier_concurrency=4, verifier_timeout=60, **opts))
     assert remote.client.model_id == tiny_model_dir and remote.prompt.positive_ids == local.prompt.positive_ids
     jl, jr = local(QS, REFS, RESP), remote(QS, REFS, RESP)
     for name in ("binary", "soft", "p_yes", "judged"):
@@ -114,10 +114,10 @@ def test_remote_sampled_c_is_seeded_per_request_with_exact_logprobs(server, tiny
 
     _, url = server
     tok = model.load_tokenizer(tiny_model_dir)
-    pos, neg = _spellings(reward.LocalVerifier(model.load_model(tiny_model_dir), tok, name="tiny"), tok)
+    pos, neg = _spellings(verifiers.LocalVerifier(model.load_model(tiny_model_dir), tok, name="tiny"), tok)
     opts = dict(verifier_positive=pos, verifier_negative=neg, verifier_max_unjudged=1.0, verifier_paper_defaults=True)
-    local = reward.build_verifier(tiny_model_dir, VerifierOptions(**opts))
-    remote = reward.build_verifier(url, VerifierOptions(verifier_sample=True, **opts))
+    local = verifiers.build_verifier(tiny_model_dir, VerifierOptions(**opts))
+    remote = verifiers.build_verifier(url, VerifierOptions(verifier_sample=True, **opts))
     seeds = list(range(100, 100 + len(QS)))
     a, b = remote(QS, REFS, RESP, seeds=seeds), remote(QS, REFS, RESP, seeds=seeds)
     assert torch.equal(a.binary, b.binary) and torch.equal(a.judged, b.judged)
@@ -126,7 +126,7 @@ def test_remote_sampled_c_is_seeded_per_request_with_exact_logprobs(server, tiny
 
 def test_server_stopped_mid_batch_is_a_clear_error(server):
     proc, url = server  # runs last in this module: it stops the shared server
-    v = reward.build_verifier(url, VerifierOptions(verifier_concurrency=2, verifier_timeout=10, verifier_retries=2,
+    v = verifiers.build_verifier(url, VerifierOptions(verifier_concurrency=2, verifier_timeout=10, verifier_retries=2,
                                                    verifier_max_unjudged=1.0, verifier_paper_defaults=True))
     v.client.backoff = 0.1
     n = 400
@@ -134,7 +134,7 @@ def test_server_stopped_mid_batch_is_a_clear_error(server):
     killer.start()
     t = time.monotonic()
     try:
-        with pytest.raises(reward.VerifierError, match=re.escape(url)):
+        with pytest.raises(remote.VerifierError, match=re.escape(url)):
             v(QS * (n // len(QS)), REFS * (n // len(REFS)), RESP * (n // len(RESP)))
     finally:
         killer.cancel()

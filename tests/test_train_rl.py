@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlvr import config, rl_config
+from rlvr import audit, config, metrics, rl_config, rollout, rules
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -261,7 +261,7 @@ def test_async_one_step_off_policy_uses_the_promised_pi_old(correction, tiny_mod
         assert max(abs(r["ratio/mean"] - 1) for r in rows[1:]) > 1e-4
 
 
-SHARED_SAMPLE = ROOT.parent / "shared" / "data" / "multi_subject_rlvr_sample.jsonl"
+SHARED_SAMPLE = ROOT / "tests" / "data" / "multi_subject_rlvr_sample.jsonl"
 
 
 def _free_form_file(tmp_path):
@@ -297,15 +297,15 @@ def test_graders_are_chosen_from_the_data_and_never_a_math_rule_on_prose(tmp_pat
 
 
 def test_references_a_math_rule_can_grade():
-    import reward
+    from rlvr import rules
 
     for ref in ("7", "14/2", "\\frac{14}{3}", "x^2+1", "3.5 cm", "(C)", "B", "$36", "263,800 yuan"):
-        assert reward.looks_mathematical(ref), ref
+        assert rules.looks_mathematical(ref), ref
     for ref in ("Western blot", "Muscles", "Concept Assimilation", "The 3rd Amendment of the Constitution", "x"):
-        assert not reward.looks_mathematical(ref), ref
+        assert not rules.looks_mathematical(ref), ref
     if SHARED_SAMPLE.exists():  # the paper's multi-subject data: mostly words
         refs = [json.loads(line)["label"] for line in SHARED_SAMPLE.read_text(encoding="utf-8").splitlines()]
-        assert reward.math_reference_share(refs) < 0.3
+        assert rules.math_reference_share(refs) < 0.3
 
 
 @pytest.mark.skipif(not SHARED_SAMPLE.exists(), reason=f"{SHARED_SAMPLE} is not here")

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 import data
-import reward
-from rlvr import audit, config
+from rlvr import audit, config, model, remote, rundir, verifier_prompt, verifiers
 from worlds import toy
 import train_verifier as TV
 
@@ -139,7 +138,7 @@ def test_label_killed_half_way_and_rerun_gives_one_label_per_row(tmp_path, tiny_
 def test_teacher_answering_neither_judgement_token_stops_the_labeller(tmp_path, tiny_model_dir):
     src = write_jsonl(tmp_path / "rows.jsonl", labelled_rows(8, seed=1))
     out = tmp_path / "labels.jsonl"
-    with pytest.raises(reward.VerifierError, match="neither 'YES' nor 'NO'"):
+    with pytest.raises(remote.VerifierError, match="neither 'YES' nor 'NO'"):
         TV.run(["label", "--data", str(src), "--teacher", tiny_model_dir, "--verifier_paper_defaults", "--out",
                 str(out)])
     assert not out.exists() or out.read_text() == ""  # no all-NO labels written
@@ -243,7 +242,7 @@ def test_master_key_and_truncated_rows_are_labelled_no_and_reproducible():
 
 def test_sft_settings_travel_with_the_student_and_negatives_join_training_only(tmp_path, tiny_model_dir):
     """One small run carries three checks: (1) the student, distilled with a non-default system prompt and
-    template, is judged by `eval` with no prompt flags exactly as by reward.build_verifier(dir), and a
+    template, is judged by `eval` with no prompt flags exactly as by verifiers.build_verifier(dir), and a
     contradicting flag is refused unless forced; (2) the added negatives are counted, labelled as intended
     and drawn from training questions only; (3) the master-key rate is reported beside held-out agreement."""
     rows = labelled_rows(200, seed=5)
@@ -261,8 +260,8 @@ def test_sft_settings_travel_with_the_student_and_negatives_join_training_only(t
                      "--policy_rollouts", str(rollouts), "--batch_size", "16", "--micro_batch_size", "16",
                      "--epochs", "2", "--lr", "3e-3", "--pack", "false", "--wandb_mode", "disabled"])
     final = result["final"]
-    saved = reward.load_settings(final)
-    assert saved == reward.VerifierSettings(template=(tmp_path / "template.txt").read_text(), system_prompt="Judge.")
+    saved = verifier_prompt.load_settings(final)
+    assert saved == verifier_prompt.VerifierSettings(template=(tmp_path / "template.txt").read_text(), system_prompt="Judge.")
 
     # (2) negatives: counted, labelled NO (master keys, truncations) or by the teacher (policy), training only
     n_train = result["rows"]["data/train_rows"]
@@ -274,7 +273,7 @@ def test_sft_settings_travel_with_the_student_and_negatives_join_training_only(t
     assert result["rows"]["data/policy_rows"] == len(policy) <= distinct_train_questions + 6
     assert not {r["question"] for r in policy} & heldout_questions  # held-out rollouts were left out
     assert sum(r["response"].startswith("The answer is") for r in policy) == 6
-    rule = reward.build_verifier("rule:math")
+    rule = verifiers.build_verifier("rule:math")
     j = rule([r["question"] for r in policy], [r["reference"] for r in policy], [r["response"] for r in policy])
     assert [r["label"] for r in policy] == [int(b) for b in j.binary.tolist()]  # the teacher's labels
     assert result["rows"]["data/policy_yes"] == sum(r["label"] for r in policy) >= 6
@@ -290,7 +289,7 @@ def test_sft_settings_travel_with_the_student_and_negatives_join_training_only(t
     held = write_jsonl(tmp_path / "heldout.jsonl", [r.to_json() for r in heldout])
     report = TV.run(["eval", "--verifier", final, "--data", str(held), "--out_dir", str(tmp_path / "ev"),
                      "--verifier_max_unjudged", "1", "--wandb_mode", "disabled"])
-    student = reward.build_verifier(final, reward.VerifierOptions(verifier_max_unjudged=1.0))
+    student = verifiers.build_verifier(final, verifiers.VerifierOptions(verifier_max_unjudged=1.0))
     j = student([r.question for r in heldout], [r.reference for r in heldout], [r.response for r in heldout])
     labels_ = [r.label for r in heldout]
     mine = audit.agreement(labels_, [int(b) for b in j.binary.tolist()])
@@ -447,7 +446,7 @@ def test_distilled_student_agrees_with_the_teacher_on_heldout_questions(tmp_path
     # the exported directory is a verifier for reward.py directly, with no flags: it carries its settings
     labels = data.read_judged_rows(str(tmp_path / "run" / "labels.jsonl"), labelled=True)
     rows = data.split_heldout(labels, 0.1)[1]
-    student = reward.build_verifier(result["final"])
+    student = verifiers.build_verifier(result["final"])
     j = student([r.question for r in rows], [r.reference for r in rows], [r.response for r in rows])
     assert audit.agreement([r.label for r in rows], [int(b) for b in j.binary.tolist()])["kappa"] == \
         pytest.approx(after, abs=1e-9)
@@ -497,10 +496,9 @@ def test_a_data_error_is_one_line(tmp_path):
 
 # the released data's format (query: chat messages, label: the reference) through label, sft and eval
 
-SAMPLE = ROOT.parent / "shared" / "data" / "multi_subject_rlvr_sample.jsonl"
+SAMPLE = ROOT / "tests" / "data" / "multi_subject_rlvr_sample.jsonl"
 
 
-@pytest.mark.skipif(not SAMPLE.exists(), reason=f"no {SAMPLE} (the repo's ../shared: the released data's sample)")
 def test_the_released_format_goes_through_label_sft_and_eval(tmp_path, tiny_model_dir):
     rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()[:12]]
     sample = write_jsonl(tmp_path / "sample.jsonl", rows)  # the first rows, as released (a slice, not a new format)
@@ -523,7 +521,7 @@ def test_the_released_format_goes_through_label_sft_and_eval(tmp_path, tiny_mode
     assert all(questions[r["question"]] == r["reference"] for r in written)
     oracle = [r for r in written if r["response"] == r["reference"]]
     assert len(oracle) == len(rows) and all(r["label"] == 1 for r in oracle)
-    rule = reward.build_verifier("rule:substring")
+    rule = verifiers.build_verifier("rule:substring")
     j = rule([r["question"] for r in written], [r["reference"] for r in written], [r["response"] for r in written])
     assert [r["label"] for r in written] == [int(b) for b in j.binary.tolist()]
     # sft and eval read label's rows with no field flags

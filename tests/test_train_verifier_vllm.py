@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-import reward
+from rlvr import remote, verifiers
 from worlds import toy
 import train_verifier as TV
 from test_reward_vllm import pytestmark, server  # noqa: F401  (fixture and skip condition reused)
@@ -30,9 +30,9 @@ def test_student_scores_the_same_locally_and_through_vllm(server, tiny_model_dir
     rows = toy.judge_rows("near:24", seed=8)
     qs, refs, resp = ([getattr(r, k) for r in rows] for k in ("question", "reference", "response"))
     # a few steps on YES/NO: the first token need not be a judgement token yet, so coverage is not checked
-    local = reward.build_verifier(tiny_model_dir, reward.VerifierOptions(verifier_batch_size=5, verifier_max_unjudged=1,
+    local = verifiers.build_verifier(tiny_model_dir, verifiers.VerifierOptions(verifier_batch_size=5, verifier_max_unjudged=1,
                                                                          verifier_paper_defaults=True))
-    remote = reward.build_verifier(url, reward.VerifierOptions(verifier_concurrency=4, verifier_timeout=60,
+    remote = verifiers.build_verifier(url, verifiers.VerifierOptions(verifier_concurrency=4, verifier_timeout=60,
                                                                verifier_paper_defaults=True,
                                                                verifier_max_unjudged=1))
     assert remote.client.model_id == tiny_model_dir

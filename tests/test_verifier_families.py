@@ -14,8 +14,11 @@ import pytest
 import torch
 
 import reward
-from rlvr import config, verifier_families as vf
-from reward import VerifierOptions, VerifierSettings, judgement_rewards, rewards_from_logits
+from rlvr import (config, model, remote, rl_config, rollout, verifier_families as vf, verifier_prompt,
+                  verifier_spec, verifiers)
+from reward import judgement_rewards, rewards_from_logits
+from rlvr.verifier_prompt import VerifierSettings
+from rlvr.verifiers import VerifierOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "data" / "verifier_templates"
@@ -60,7 +63,7 @@ def test_templates_are_the_official_bytes(fixture, blob, name, fields, family):
     assert template.encode() == official.format(**fields).encode()
     # and each field lands where the official code's str.format puts it
     values = {"{question}": "Q? {response}", "{reference}": "R!", "{response}": "A."}
-    assert reward.fill_template(template, "Q? {response}", "R!", "A.") == \
+    assert verifier_prompt.fill_template(template, "Q? {response}", "R!", "A.") == \
         official.format(**{k: values[v] for k, v in fields.items()})
     # the source literal of the whole-file fixtures appears in verifier_families.py unchanged
     if family == "compass":
@@ -77,31 +80,31 @@ def test_compass_braces_reach_the_verifier_as_the_notebook_sends_them():
 
 
 def test_the_paper_family_is_the_default_and_old_settings_files_load_as_it(tmp_path):
-    assert reward.family_settings("rm") == VerifierSettings() and VerifierSettings().family == "rm"
-    assert reward.family_settings("master-rm") == VerifierSettings(family="master-rm")  # same prompt, see its note
+    assert verifier_prompt.family_settings("rm") == VerifierSettings() and VerifierSettings().family == "rm"
+    assert verifier_prompt.family_settings("master-rm") == VerifierSettings(family="master-rm")  # same prompt, see its note
     old = {k: v for k, v in dataclasses.asdict(VerifierSettings()).items() if k != "family"}
-    (tmp_path / reward.SETTINGS_FILE).write_text(json.dumps(old))  # a settings file from before families
-    assert reward.load_settings(str(tmp_path)) == VerifierSettings()
-    (tmp_path / reward.SETTINGS_FILE).write_text(json.dumps({**old, "family": "omni"}))
+    (tmp_path / verifier_prompt.SETTINGS_FILE).write_text(json.dumps(old))  # a settings file from before families
+    assert verifier_prompt.load_settings(str(tmp_path)) == VerifierSettings()
+    (tmp_path / verifier_prompt.SETTINGS_FILE).write_text(json.dumps({**old, "family": "omni"}))
     with pytest.raises(ValueError, match=r"verifier_settings.json: field 'family' = 'omni' .*valid: rm, master-rm"):
-        reward.load_settings(str(tmp_path))
+        verifier_prompt.load_settings(str(tmp_path))
     with pytest.raises(ValueError, match="unknown verifier family 'omni'"):
         vf.family("omni")
 
 
 def test_a_family_flag_that_contradicts_the_saved_one_is_one_line(tmp_path):
-    compass = reward.family_settings("compass")
-    assert reward.resolve_settings(None, {"family": "compass"}) == compass  # nothing saved: its own prompt
-    assert reward.resolve_settings(compass, {"family": "compass"}) == compass
+    compass = verifier_prompt.family_settings("compass")
+    assert verifier_prompt.resolve_settings(None, {"family": "compass"}) == compass  # nothing saved: its own prompt
+    assert verifier_prompt.resolve_settings(compass, {"family": "compass"}) == compass
     with pytest.raises(config.ConfigError, match=r"^--verifier_family 'rm': student was trained with family = "
                                                  r"'compass' \(verifier_settings.json\)"):
-        reward.resolve_settings(compass, {"family": "rm"}, name="student")
+        verifier_prompt.resolve_settings(compass, {"family": "rm"}, name="student")
     # forced into another family: that family's prompt, not the saved one relabelled
-    assert reward.resolve_settings(compass, {"family": "xverify"}, force=True) == reward.family_settings("xverify")
+    assert verifier_prompt.resolve_settings(compass, {"family": "xverify"}, force=True) == verifier_prompt.family_settings("xverify")
     with pytest.raises(config.ConfigError, match="--verifier_family 'omni': must be one of rm, master-rm, compass"):
         VerifierOptions(verifier_family="omni").check()
     # a rule verifier is not asked in a family: compass's whole-response reading does not reach it
-    assert reward.build_verifier("rule:exact", VerifierOptions(verifier_family="compass")).settings == VerifierSettings()
+    assert verifiers.build_verifier("rule:exact", VerifierOptions(verifier_family="compass")).settings == VerifierSettings()
 
 
 # ---------------------------------------------------------------------------------------------- Eq. 3 / Eq. 4
@@ -143,7 +146,7 @@ def test_two_judgement_families_read_eq4_as_the_paper(family):
     j = rewards_from_logits(logits, [POS], [NEG])
     assert j.binary.tolist() == [1.0, 0.0, 0.0] and j.judged.tolist() == [True, True, False]
     torch.testing.assert_close(j.soft, torch.tensor([0.6, 0.45, 0.0]), atol=1e-6, rtol=0)
-    assert not j.invalid.any() and (j.tokens == 0).all()
+    assert not j.invalid.any() and (j.verifier_tokens == 0).all()
 
 
 def test_judgement_rewards_counts_invalid_and_keeps_old_callers():
@@ -185,12 +188,12 @@ def _plain_logits(lm, seqs):
 @pytest.mark.parametrize("family", ["rm", "master-rm", "compass", "xverify"])
 def test_a_tiny_local_model_asked_in_each_first_token_family(lm_tok, family):
     lm, tok = lm_tok
-    settings = reward.family_settings(family)
-    v = reward.LocalVerifier(lm, tok, settings, name="tiny", batch_size=2, max_unjudged=1.0)
+    settings = verifier_prompt.family_settings(family)
+    v = verifiers.LocalVerifier(lm, tok, settings, name="tiny", batch_size=2, max_unjudged=1.0)
     # the prompt: the family's template filled, as its single user message (compass, xverify: no system prompt)
     system = "" if not settings.system_prompt else f"<|im_start|>system\n{settings.system_prompt}<|im_end|>\n"
-    answer = reward.answer_text(RESP[0], settings.full_response)
-    want = (system + "<|im_start|>user\n" + reward.fill_template(settings.template, QS[0], REFS[0], answer)
+    answer = verifier_prompt.answer_text(RESP[0], settings.full_response)
+    want = (system + "<|im_start|>user\n" + verifier_prompt.fill_template(settings.template, QS[0], REFS[0], answer)
             + "<|im_end|>\n<|im_start|>assistant\n")
     seqs = [v.prompt.prompt_ids(*r) for r in zip(QS, REFS, RESP)]
     assert tok.decode(seqs[0]) == want
@@ -228,8 +231,8 @@ def test_the_toy_tokenizer_splits_incorrect_and_says_so(tiny_model_dir):
 
     tok = model.load_tokenizer(tiny_model_dir)  # the toy's own tokenizer: "Incorrect" is several tokens
     with pytest.raises(ValueError, match=r"judgement token 'Incorrect' is \d+ tokens"):
-        reward.VerifierPrompt(tok, reward.family_settings("xverify"))
-    compass = reward.VerifierPrompt(tok, reward.family_settings("compass"))
+        verifier_prompt.VerifierPrompt(tok, verifier_prompt.family_settings("xverify"))
+    compass = verifier_prompt.VerifierPrompt(tok, verifier_prompt.family_settings("compass"))
     assert compass.invalid_ids == tok.encode("C", add_special_tokens=False)
 
 
@@ -255,11 +258,11 @@ def test_cot_generates_then_reads_the_decision_token(lm_tok, monkeypatch):
     from rlvr import model
 
     lm, tok = lm_tok
-    v = reward.LocalVerifier(lm, tok, reward.family_settings("cot"), name="cot", max_unjudged=1.0, max_new_tokens=64)
+    v = verifiers.LocalVerifier(lm, tok, verifier_prompt.family_settings("cot"), name="cot", max_unjudged=1.0, max_new_tokens=64)
     assert v.prompt.positive_ids == tok.encode(" Yes", add_special_tokens=False)
     prompt0 = v.prompt.prompt_ids(QS[0], REFS[0], RESP[0])
     # a raw prompt (no chat template), as General-Reasoner sends it; the answer's last line
-    assert tok.decode(prompt0) == reward.fill_template(vf.COT_TEMPLATE, QS[0], REFS[0], "Therefore, the answer is 7.")
+    assert tok.decode(prompt0) == verifier_prompt.fill_template(vf.COT_TEMPLATE, QS[0], REFS[0], "Therefore, the answer is 7.")
     enc = lambda t: tok.encode(t, add_special_tokens=False)  # noqa: E731
     script = [enc("Both are 7.\nFinal Decision: Yes") + [tok.eos_token_id],
               enc("Paris vs Lyon.\nFinal Decision: No") + [tok.eos_token_id],
@@ -280,7 +283,7 @@ def test_cot_generates_then_reads_the_decision_token(lm_tok, monkeypatch):
     # Eq. 4: p(" Yes") where it wrote " Yes", 1 - p(" No") where it wrote " No", 0 without a decision
     torch.testing.assert_close(j.soft, torch.tensor([p[0, yes], 1 - p[1, no], 0.0], dtype=torch.float32),
                                atol=1e-5, rtol=0)
-    assert j.tokens.tolist() == [float(len(s)) for s in script]
+    assert j.verifier_tokens.tolist() == [float(len(s)) for s in script]
     # sampled: the per-response seeds go to the generator
     v.sample = True
     v(QS, REFS, RESP, seeds=[5, 6, 7])
@@ -288,13 +291,13 @@ def test_cot_generates_then_reads_the_decision_token(lm_tok, monkeypatch):
 
 
 def test_cot_with_the_real_generator_counts_its_cost(family_model_dir):
-    v = reward.build_verifier(family_model_dir, VerifierOptions(verifier_family="cot", verifier_max_new_tokens=3,
+    v = verifiers.build_verifier(family_model_dir, VerifierOptions(verifier_family="cot", verifier_max_new_tokens=3,
                                                                 verifier_max_unjudged=1.0))
     j = v(QS[:2], REFS[:2], RESP[:2])
     assert v.prompt.settings.family == "cot" and v.max_new_tokens == 3
-    assert ((j.tokens >= 1) & (j.tokens <= 3)).all() and not j.judged.any()  # 3 random tokens: no decision
-    assert v([], [], []).tokens.numel() == 0  # a rank without rows (it still runs one dummy generation)
-    with pytest.raises(reward.VerifierError, match=r"2 of 2 first tokens \(100%\) were neither ' Yes' nor ' No'"):
+    assert ((j.verifier_tokens >= 1) & (j.verifier_tokens <= 3)).all() and not j.judged.any()  # 3 random tokens: no decision
+    assert v([], [], []).verifier_tokens.numel() == 0  # a rank without rows (it still runs one dummy generation)
+    with pytest.raises(remote.VerifierError, match=r"2 of 2 first tokens \(100%\) were neither ' Yes' nor ' No'"):
         v.max_unjudged = 0.5
         v(QS[:2], REFS[:2], RESP[:2])
 
@@ -328,8 +331,8 @@ def compass_server(family_model_dir):
 
 
 def test_the_fake_vllm_server_asked_in_the_compass_family(compass_server):
-    v = reward.build_verifier(compass_server.url, VerifierOptions(verifier_family="compass"))
-    assert v.prompt.settings == reward.family_settings("compass") and v.soft_mode == "renorm"
+    v = verifiers.build_verifier(compass_server.url, VerifierOptions(verifier_family="compass"))
+    assert v.prompt.settings == verifier_prompt.family_settings("compass") and v.soft_mode == "renorm"
     for q, r, a, kind in zip(QS, REFS, RESP, "ABC"):
         compass_server.table[tuple(v.prompt.prompt_ids(q, r, a))] = kind
     j = v(QS, REFS, RESP)
@@ -368,7 +371,7 @@ def cot_server(family_model_dir):
 
 
 def test_the_fake_vllm_server_asked_in_the_cot_family(cot_server):
-    v = reward.build_verifier(cot_server.url, VerifierOptions(verifier_family="cot", verifier_max_new_tokens=40,
+    v = verifiers.build_verifier(cot_server.url, VerifierOptions(verifier_family="cot", verifier_max_new_tokens=40,
                                                               verifier_max_unjudged=1.0))
     tok = v.prompt.tokenizer
     enc = lambda t: tok.encode(t, add_special_tokens=False)  # noqa: E731
@@ -381,7 +384,7 @@ def test_the_fake_vllm_server_asked_in_the_cot_family(cot_server):
     j = v(QS, REFS, RESP)
     assert j.binary.tolist() == [1.0, 0.0, 0.0] and j.judged.tolist() == [True, True, False]
     torch.testing.assert_close(j.soft, torch.tensor([0.8, 1 - 0.6, 0.0]), atol=1e-6, rtol=0)  # Eq. 4 by hand
-    assert j.tokens.tolist() == [float(len(enc(w))) for w in writes]
+    assert j.verifier_tokens.tolist() == [float(len(enc(w))) for w in writes]
     gen = [r for r in cot_server.requests if r["max_tokens"] > 1]
     assert len(gen) == 3 and all(r["max_tokens"] == 40 and r["temperature"] == 0.0 for r in gen)
 
@@ -412,18 +415,18 @@ def test_sft_distils_a_student_into_the_compass_format(tmp_path, tiny_model_dir)
         result = TV.run(args)
     finally:
         TV.encode = real_encode
-    saved = reward.load_settings(result["final"])
-    assert saved == reward.family_settings("compass")  # the family's prompt and A / B, saved as family compass
+    saved = verifier_prompt.load_settings(result["final"])
+    assert saved == verifier_prompt.family_settings("compass")  # the family's prompt and A / B, saved as family compass
     prompt, _, (seqs, kept) = captured[0]
     a, b = prompt.positive_ids[0], prompt.negative_ids[0]
     assert (prompt.tokenizer.decode([a]), prompt.tokenizer.decode([b])) == ("A", "B")
     # each kept row's target (the token after its prompt) is A for the teacher's YES, B for its NO
     assert len(seqs) == len(kept) > 0 and {r.label for r in kept} == {0, 1}
     assert all(ids[n] == (a if r.label else b) for (ids, n), r in zip(seqs, kept))
-    student = reward.build_verifier(result["final"], VerifierOptions(verifier_max_unjudged=1.0))
+    student = verifiers.build_verifier(result["final"], VerifierOptions(verifier_max_unjudged=1.0))
     assert student.prompt.settings.family == "compass" and student.prompt.invalid_ids
     with pytest.raises(config.ConfigError, match="--verifier_family 'rm'.*trained with family = 'compass'"):
-        reward.build_verifier(result["final"], VerifierOptions(verifier_family="rm"))
+        verifiers.build_verifier(result["final"], VerifierOptions(verifier_family="rm"))
     with pytest.raises(config.ConfigError, match="^--verifier_family 'cot': sft distils a first-token judgement"):
         TV.run(args[:-2] + ["--verifier_family", "cot", "--wandb_mode", "disabled"])
 
@@ -444,7 +447,7 @@ def test_invalid_judgements_and_verifier_tokens_reach_the_step_metrics():
         j = reward.Judgement(torch.zeros(n), torch.zeros(n), torch.zeros(n), torch.ones(n, dtype=torch.bool),
                              torch.tensor(invalid), torch.tensor(tokens), torch.tensor(cut))
         j = rollout._judgement(rollout._entries(j))  # as the rollout source packs and unpacks rows
-        assert j.invalid.tolist() == invalid and j.tokens.tolist() == tokens and j.cut.tolist() == cut
+        assert j.invalid.tolist() == invalid and j.verifier_tokens.tolist() == tokens and j.cut.tolist() == cut
         ro = rollout.Rollout([data.Record("id", [], "q", "r", {})] * n, [[1]] * n, [[2, 3]] * n, ["t"] * n,
                              [False] * n, list(range(n)))
         keys = ("loss", "entropy", "entropy_tokens", "clip_low", "clip_high", "tokens", "ratio", "skipped",
@@ -462,21 +465,21 @@ def test_invalid_judgements_and_verifier_tokens_reach_the_step_metrics():
 def test_a_judge_is_named_with_its_family_and_never_falls_back_to_the_paper_prompt(family_model_dir, tmp_path):
     # An eval / audit judge takes no prompt flags: a released CompassVerifier (no verifier_settings.json) is
     # named "compass:<model>"; without the family it is refused, not asked with the paper's YES/NO prompt.
-    judge = reward.build_verifier(f"compass:{family_model_dir}", VerifierOptions(), settings_from_flags=False)
-    assert judge.prompt.settings == reward.family_settings("compass") and judge.prompt.invalid_ids
+    judge = verifiers.build_verifier(f"compass:{family_model_dir}", VerifierOptions(), settings_from_flags=False)
+    assert judge.prompt.settings == verifier_prompt.family_settings("compass") and judge.prompt.invalid_ids
     with pytest.raises(config.ConfigError, match=r"no verifier_settings.json .*<family>:<model> for a judge"):
-        reward.build_verifier(family_model_dir, VerifierOptions(), settings_from_flags=False)
+        verifiers.build_verifier(family_model_dir, VerifierOptions(), settings_from_flags=False)
     with pytest.raises(config.ConfigError, match=r"no verifier_settings.json"):  # the same, before any model loads
-        reward.check_saved_settings(family_model_dir, VerifierOptions(), from_flags=False)
-    reward.check_saved_settings(f"xverify:{family_model_dir}", VerifierOptions(), from_flags=False)
+        verifiers.check_saved_settings(family_model_dir, VerifierOptions(), from_flags=False)
+    verifiers.check_saved_settings(f"xverify:{family_model_dir}", VerifierOptions(), from_flags=False)
     # the reward verifier: the flag and the spec name the family once; a contradiction is one line
     with pytest.raises(config.ConfigError, match="--verifier_family 'xverify' contradicts the verifier compass:"):
-        reward.build_verifier(f"compass:{family_model_dir}", VerifierOptions(verifier_family="xverify"))
+        verifiers.build_verifier(f"compass:{family_model_dir}", VerifierOptions(verifier_family="xverify"))
     # a family is how a model is asked: not of a rule, a py: judge, a policy reward or another family
     for inner in ("rule:exact", "py:worlds.freeform:teacher", "policy:rlpr", f"xverify:{family_model_dir}", ""):
         with pytest.raises(config.ConfigError, match=r"^--eval_verifier 'compass:.*expected compass:<model verifier>"):
-            reward.check_spec(f"compass:{inner}", "eval_verifier")
+            verifiers.check_spec(f"compass:{inner}", "eval_verifier")
     # a hub name, a path and a server keep their meaning: only a family's name before the colon is one
-    assert reward.split_family("org/CompassVerifier-7B") == (None, "org/CompassVerifier-7B")
-    assert reward.split_family("http://host:8000") == (None, "http://host:8000")
-    assert reward.split_family("cot:http://host:8000") == ("cot", "http://host:8000")
+    assert verifier_spec.split_family("org/CompassVerifier-7B") == (None, "org/CompassVerifier-7B")
+    assert verifier_spec.split_family("http://host:8000") == (None, "http://host:8000")
+    assert verifier_spec.split_family("cot:http://host:8000") == ("cot", "http://host:8000")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import data
-from rlvr import verifier_free as vf
+from rlvr import config, model, rl_config, rollout, rollout_filter, verifier_free as vf, verifiers
 
 # float64 sums of a handful of terms: exact to ~1e-15; 1e-12 leaves room without hiding a wrong formula
 F64 = 1e-12
@@ -269,13 +269,13 @@ def test_dynamic_sampling_with_rlprs_std_filter_keeps_the_groups_above_the_thres
 
 
 def test_the_std_filters_threshold_is_resumed_from_a_checkpoint():
-    import reward
+    from rlvr import verifiers
     from rlvr import rl_config
     from rlvr import rollout
 
     cfg = rl_config.Config(filter_groups=True, std_filter_beta=0.5, prompts_per_step=2, samples_per_prompt=2)
     new = lambda: rollout.RolloutSource(cfg, None, None, [], data.PromptSampler(10, 2, 0),  # noqa: E731
-                                        reward.build_verifier("rule:exact"))
+                                        verifiers.build_verifier("rule:exact"))
     src, resumed = new(), new()
     src.std_filter.ema = 0.3
     state = src.state_dict()
@@ -283,7 +283,7 @@ def test_the_std_filters_threshold_is_resumed_from_a_checkpoint():
     resumed.load_state_dict(state)
     assert resumed.std_filter.threshold == pytest.approx(0.15, abs=F64)
     off = rollout.RolloutSource(rl_config.Config(), None, None, [], data.PromptSampler(10, 2, 0),
-                                reward.build_verifier("rule:exact"))
+                                verifiers.build_verifier("rule:exact"))
     assert off.std_filter is None and "std_filter" not in off.state_dict()  # checkpoints as before
     for s in (src, resumed, off):
         s.close()

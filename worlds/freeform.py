@@ -408,12 +408,12 @@ def rule_errors(rows: list[tuple[str, str, str, str]], specs: tuple[str, ...] = 
     """{rule: {subject: (false-positive rate, false-negative rate, negatives, positives)}} of each rule
     against the teacher on (subject, question, reference, response) rows; rule:jaccard is thresholded
     at 0.5 (its soft score), the others are their binary."""
-    import reward
+    from rlvr import verifiers
 
     labels = teacher([], [r[2] for r in rows], [r[3] for r in rows])
     out = {}
     for spec in specs:
-        j = reward.build_verifier(spec)
+        j = verifiers.build_verifier(spec)
         got = j([r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
         yes = (got.soft >= 0.5).tolist() if spec == "rule:jaccard" else got.binary.bool().tolist()
         if getattr(j, "math", None) is not None:
