@@ -111,10 +111,9 @@ def _setup(threads: int):
 def _train(argv: list[str], async_steps: int, stream: bool) -> tuple[list[dict], float]:
     """train_rl.train() with these flags: (metrics.jsonl rows of steps 0..N, peak GB)."""
     from rlvr import metrics
-    from rlvr import rl_config
     import train_rl
 
-    cfg, vopts = rl_config.parse_config(argv + [f"--async_steps={async_steps}", f"--stream_judging={stream}"])
+    cfg, vopts = train_rl.parse_config(argv + [f"--async_steps={async_steps}", f"--stream_judging={stream}"])
     hist = train_rl.train(cfg, vopts)["history"]
     rows = metrics.read_jsonl(Path(cfg.out_dir) / "metrics.jsonl")
     return rows, max(h["memory/peak_gb"] for h in hist)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlvr import audit, config, metrics, rl_config, verifiers
+import train_rl
 
 ROOT = Path(__file__).resolve().parent
 TEACHER = "py:worlds.freeform:teacher"
@@ -111,7 +112,7 @@ def recipe_config(cfg: CompareConfig) -> rl_config.Config:
         args += ["--steps", str(cfg.steps)]
     if cfg.eval_samples >= 0:
         args += ["--eval_samples", str(cfg.eval_samples)]
-    rl, _ = rl_config.parse_config(args + ["--eval_every", str(cfg.eval_every)])
+    rl, _ = train_rl.parse_config(args + ["--eval_every", str(cfg.eval_every)])
     return rl
 
 

@@ -26,6 +26,7 @@ from rlvr.rl_math import normalize_rewards, znorm  # noqa: F401 (the z-score of 
 # the judgement: Eq. 3 and Eq. 4 from one first token c
 
 SoftMode = Literal["eq4", "renorm"]
+SoftModeFlag = Literal["auto", "eq4", "renorm"]  # --soft_mode: auto is the family's own Eq. 4
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Judgement:
     invalid: Tensor | None = None  # bool: c was the family's "invalid" judgement (compass C); default all False
     verifier_tokens: Tensor | None = None  # float32: tokens the verifier generated (cot's cost); default all 0
     cut: Tensor | None = None      # bool: the answer was longer than the verifier's positions, cut to its end
+    routed: Tensor | None = None   # bool: hybrid routing sent the row to rule:math (rules.routes_to_math)
 
     def __post_init__(self):
         if self.invalid is None:
@@ -46,11 +48,13 @@ class Judgement:
             self.verifier_tokens = torch.zeros(len(self.binary))
         if self.cut is None:
             self.cut = torch.zeros(len(self.binary), dtype=torch.bool)
+        if self.routed is None:
+            self.routed = torch.zeros(len(self.binary), dtype=torch.bool)
 
     def select(self, idx: list[int]) -> "Judgement":
         """The entries of responses `idx`, in that order."""
         return Judgement(self.binary[idx], self.soft[idx], self.p_yes[idx], self.judged[idx], self.invalid[idx],
-                         self.verifier_tokens[idx], self.cut[idx])
+                         self.verifier_tokens[idx], self.cut[idx], self.routed[idx])
 
 
 class Verifier(Protocol):
@@ -62,6 +66,18 @@ class Verifier(Protocol):
 
 
 INVALID = 2  # token_class of a family's third judgement (compass "C"): judged, never rewarded
+
+
+def family_soft_mode(flag: SoftModeFlag, renormalises: bool, family: str = "") -> SoftMode:
+    """The soft reward a verifier family gives: --soft_mode auto is the family's own Eq. 4 (eq4 for the
+    paper's RM-7B, renorm for a family whose Eq. 4 is renormalised over its judgements, CompassVerifier's
+    A / B / C); a flag that contradicts a renormalising family is refused, never silently overridden."""
+    if renormalises:
+        if flag == "eq4":
+            raise ValueError(f"--soft_mode eq4: the {family} family's soft reward is p(positive) renormalised over its "
+                             "judgements (its Eq. 4); use --soft_mode auto or renorm")
+        return "renorm"
+    return "eq4" if flag == "auto" else flag
 
 
 def judgement_rewards(p_yes: Tensor, p_no: Tensor, c_class: Tensor, soft_mode: SoftMode = "eq4",

@@ -217,7 +217,7 @@ def step_record(ro: rollout.Rollout, judged: reward.Judgement, used: torch.Tenso
     sums = {"binary": judged.binary.sum().item(), "soft": judged.soft.sum().item(),
             "p_yes": judged.p_yes.sum().item(), "unjudged": (~judged.judged).sum().item(),
             "invalid": judged.invalid.sum().item(), "verifier_tokens": judged.verifier_tokens.sum().item(),
-            "cut": judged.cut.sum().item(),
+            "cut": judged.cut.sum().item(), "routed": judged.routed.sum().item(),
             "truncated": float(sum(ro.truncated)), "length": float(sum(ro.lengths))}
     for name, j in logged.items():
         sums[f"{name}/binary"], sums[f"{name}/soft"] = j.binary.sum().item(), j.soft.sum().item()
@@ -251,9 +251,8 @@ def reduce_step(parts: list[dict], rewards: torch.Tensor, logged_names: list[str
         m["kl/k3"] = s["update/kl_k3"] / max(1.0, s["update/tokens"])
     for name in logged_names:
         m[f"reward/{name}/binary_mean"], m[f"reward/{name}/soft_mean"] = s[f"{name}/binary"] / n, s[f"{name}/soft"] / n
-    if verifier_spec.parse(cfg.verifier).kind == "hybrid":  # the share of responses rule:math judged (rules.routes_to_math)
-        m["verifier/routed_math_share"] = sum(rules.routes_to_math(r["reference"], r["response"])
-                                               for p in parts for r in p["rows"]) / n
+    if verifier_spec.parse(cfg.verifier).kind == "hybrid":  # the share of responses the router gave rule:math
+        m["verifier/routed_math_share"] = s["routed"] / n
     if any(p["gap_max"] for p in parts) or s["update/engine_gap"]:  # a sampler other than the trainer
         m["rollout/engine_logprob_gap_mean"] = s["update/engine_gap"] / tokens
         m["rollout/engine_logprob_gap_max"] = max(p["gap_max"] for p in parts)
@@ -702,10 +701,29 @@ def next_round_flags(argv: list[str]) -> list[str]:
     return out
 
 
+def check_config(cfg: Config, vopts: verifiers.VerifierOptions) -> None:
+    """Every flag before any model loads, each checked where its meaning lives: the flags' own ranges and
+    relations, the rollout's, the verifiers' specs and files, the policy's files, the checkpoint to resume.
+    A bad value is one line naming its flag (exit status 2)."""
+    rl_config.check_config(cfg)
+    rollout.check(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    verifiers.check_roles(cfg, vopts)
+    model.check_policy_source(cfg)
+    checkpoint.check_resume(cfg)
+    vopts.check()
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[Config, verifiers.VerifierOptions]:
+    """train_rl.py's flags (Config) and the verifier's (VerifierOptions), from argv and --config, checked."""
+    cfg, vopts = config.parse_config((Config, verifiers.VerifierOptions), argv, prog="train_rl.py")
+    check_config(cfg, vopts)
+    return cfg, vopts
+
+
 def main() -> None:
     argv = sys.argv[1:]
     try:
-        cfg, vopts = rl_config.parse_config(argv)
+        cfg, vopts = parse_config(argv)
         claim_out_dir(cfg)
     except config.ConfigError as e:
         config.exit_on_error("train_rl.py", e)

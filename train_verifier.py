@@ -47,9 +47,9 @@ import torch
 
 import data
 import worlds
-from rlvr import (audit, checkpoint, config, distributed, metrics, model, remote, rl_config, rollout, rundir,
+from rlvr import (audit, checkpoint, config, distributed, metrics, model, remote, rollout, rundir,
                   verifier_families, verifier_prompt, verifiers)
-from rlvr.config import resume_field
+from rlvr.config import overwrite_field, resume_field
 
 def _help(text: str) -> dict:
     return {"help": text}
@@ -153,7 +153,7 @@ class SftConfig(Logged, PolicySamples):
     save_every: int = field(default=0, metadata=_help("steps between checkpoints (0: at the end and on SIGTERM/INT)"))
     keep_checkpoints: int = 2
     resume: str = resume_field()
-    overwrite: bool = rundir.overwrite_field()
+    overwrite: bool = overwrite_field()
     out_dir: str = field(default="runs/verifier", metadata=_help(
         "labels (toy), policy_labels.jsonl, checkpoints, metrics.jsonl, final/ (weights + verifier_settings.json)"))
 
@@ -168,7 +168,7 @@ class EvalConfig(Logged):
     seed: int = field(default=0, metadata=_help("which pairs the master-key probe draws"))
     out_dir: str = field(default="runs/verifier_eval", metadata=_help("eval.json, reliability.png, metrics.jsonl"))
     out: str = field(default="", metadata=_help("write the JSON report here too (it always goes to stdout)"))
-    overwrite: bool = rundir.overwrite_field()
+    overwrite: bool = overwrite_field()
 
 
 def check_config(cfg, vopts: verifiers.VerifierOptions) -> None:
@@ -431,8 +431,8 @@ def sample_responses(cfg, path: str, records: list[data.Record], device) -> list
     if n_long:
         print(f"[policy] {n_long} prompts longer than --max_len {cfg.max_len} tokens dropped", flush=True)
     policy = model.load_model(path, device, model.compute_dtype(), cfg.trust_remote_code)
-    # rollout settings have one definition, train_rl's Config: the policy samples as an RL run draws rollouts
-    sampling = rl_config.Config(samples_per_prompt=cfg.policy_samples, max_prompt_len=cfg.max_len, seed=cfg.seed,
+    # the policy samples as an RL run draws rollouts (rollout.generate, a seed per sample)
+    sampling = rollout.Sampling(samples_per_prompt=cfg.policy_samples, max_prompt_len=cfg.max_len, seed=cfg.seed,
                                 max_new_tokens=cfg.policy_max_new_tokens, temperature=cfg.policy_temperature, top_p=1.0)
     rows = []
     for step, batch in enumerate(metrics.progress(list(chunks(records, 32)), desc="policy samples")):

@@ -51,7 +51,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
-from rlvr import distributed
+from rlvr import config, distributed
 
 _STEP_DIR = re.compile(r"step_(\d{8})")
 _TMP_DIR = re.compile(r"step_\d{8}\.tmp")
@@ -284,6 +284,13 @@ def latest_checkpoint(root: str) -> str | None:
             return path
         _warn(f"skipping damaged checkpoint {path}: {'; '.join(problems)}")
     return None
+
+
+def check_resume(cfg) -> None:
+    """A bare --resume needs a checkpoint in out_dir/checkpoints (--resume auto starts fresh without one)."""
+    ckpts = os.path.join(cfg.out_dir, "checkpoints")
+    config.require(cfg.resume != "yes" or latest_checkpoint(ckpts) is not None, "resume", cfg.resume,
+                   f"no checkpoint in {ckpts}; --resume auto starts fresh when there is none")
 
 
 # ----------------------------------------------------------------------------------------------

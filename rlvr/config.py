@@ -39,6 +39,12 @@ def resume_field():
                 "--resume auto: continue if there is one, else start fresh (for job scripts)"})
 
 
+def overwrite_field():
+    """The --overwrite flag of both trainers."""
+    return dataclasses.field(default=False, metadata={
+        "help": "start over in an out_dir that holds an earlier run's files: remove them first (they are listed)"})
+
+
 # Names other trainers give a setting -> ours: an unknown flag or config field named here is answered with
 # "did you mean --ours" (when the script has that flag). TRL (GRPOConfig, TrainingArguments), OpenRLHF
 # (train_ppo_ray / train_sft) and verl (ppo_trainer.yaml, last path component).

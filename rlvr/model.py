@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from rlvr import distributed
+from rlvr import config, distributed
 
 # ----------------------------------------------------------------------------------------------
 # loading
@@ -117,6 +117,14 @@ def source_problem(spec: str, chat_template: bool = True, trust_remote_code: boo
         return ("its tokenizer has no chat template (a base model?); --prompt_format plain prompts it with plain "
                 "text: the system message, 'Question: ...', then 'Answer:'")
     return None
+
+
+def check_policy_source(cfg) -> None:
+    """--policy before anything loads: a mistyped path, a run directory, an encoder-decoder or a base model
+    prompted as a chat model is one line naming the flag, not a traceback later ('tiny' is built)."""
+    if cfg.policy != "tiny":
+        problem = source_problem(cfg.policy, cfg.prompt_format == "chat", cfg.trust_remote_code)
+        config.require(problem is None, "policy", cfg.policy, str(problem))
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, prompt_format: str = "chat"):

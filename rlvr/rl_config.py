@@ -1,7 +1,9 @@
 """train_rl.py's flags: the Config dataclass (every field is a flag; `--help` shows its default;
 `--config FILE` sets fields) and check_config, which checks every range and relation before any model
-loads, so a bad value is one line naming its flag. The verifier's own flags are verifiers.VerifierOptions.
-Imports config, checkpoint, model, remote, reward, rl_math, rollout and rundir (for their checks), never train_rl.
+loads, so a bad value is one line naming its flag. The verifier's own flags are verifiers.VerifierOptions;
+what a flag means to another part (a verifier spec, the policy's files, the checkpoint to resume, the
+rollout's relations) is checked beside that part, and train_rl.check_config calls every check. Imports
+config and rl_math (the estimators' names) only.
 """
 from __future__ import annotations
 
@@ -9,9 +11,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from rlvr import (checkpoint, config, model, remote, rl_math, rollout, rundir, verifier_families,
-                  verifier_spec, verifiers)
-from rlvr.config import resume_field
+from rlvr import config, rl_math
+from rlvr.config import overwrite_field, resume_field
 
 
 @dataclass
@@ -158,7 +159,7 @@ class Config:
     save_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: at the end and on SIGTERM/SIGINT)"})
     keep_checkpoints: int = 2
     resume: str = resume_field()
-    overwrite: bool = rundir.overwrite_field()
+    overwrite: bool = overwrite_field()
     out_dir: str = field(default="runs/demo", metadata={"help": "checkpoints, metrics.jsonl, rollouts.jsonl, audit.jsonl, final/"})
     dump_rollouts: bool = field(default=True, metadata={"help": "append every judged response to out_dir/rollouts.jsonl"})
     wandb_project: str = "rlvr"
@@ -167,8 +168,9 @@ class Config:
     log_samples: int = field(default=8, metadata={"help": "samples per step in the wandb table"})
 
 
-def check_config(cfg: Config, vopts: verifiers.VerifierOptions) -> None:
-    """Every range and relation, before any model loads: a bad value is one line naming its flag."""
+def check_config(cfg: Config) -> None:
+    """The flags' own ranges and relations, before any model loads: a bad value is one line naming its flag.
+    What a flag means to another part is checked beside that part (train_rl.check_config calls them all)."""
     req = config.require
     world = int(os.environ.get("WORLD_SIZE", 1))
     for name in ("steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "ppo_epochs", "minibatches",
@@ -200,7 +202,6 @@ def check_config(cfg: Config, vopts: verifiers.VerifierOptions) -> None:
     req(cfg.correction_threshold > 1, "correction_threshold", cfg.correction_threshold, "must be > 1")
     req(cfg.rollout_correction == "none" or cfg.rollout_engine == "vllm" or cfg.async_steps, "rollout_correction",
         cfg.rollout_correction, "needs a sampler other than the trainer (--rollout_engine vllm or --async_steps 1)")
-    rollout.check(cfg, world)
     req(cfg.std_filter_beta >= 0, "std_filter_beta", cfg.std_filter_beta, "must be >= 0 (0: off)")
     req(cfg.std_filter_beta == 0 or cfg.filter_groups, "std_filter_beta", cfg.std_filter_beta,
         "filters the groups of --filter_groups: add --filter_groups true")
@@ -220,42 +221,5 @@ def check_config(cfg: Config, vopts: verifiers.VerifierOptions) -> None:
         "is required: a judge's spec, 'auto' (chosen from the data) or 'self' (the reward verifier grades itself)")
     req(cfg.audit_verifier != "self", "audit_verifier", cfg.audit_verifier,
         "cannot be the reward verifier: an audit needs another judge ('' for none)")
-    for name in ("verifier", "eval_verifier", "audit_verifier", "log_verifiers"):
-        refused = remote.url_credentials(getattr(cfg, name))
-        req(refused is None, name, remote.redact(getattr(cfg, name)), refused)
-    for name, spec in [(n, getattr(cfg, n)) for n in ("verifier", "eval_verifier", "audit_verifier")] + \
-            [("log_verifiers", s.strip()) for s in cfg.log_verifiers.split(",")]:
-        verifiers.check_saved_settings(spec, vopts, from_flags=name == "verifier")
-    # a mistyped path, a run directory, an encoder-decoder or a base model: one line now, not a traceback later
-    if cfg.policy != "tiny":
-        problem = model.source_problem(cfg.policy, cfg.prompt_format == "chat", cfg.trust_remote_code)
-        req(problem is None, "policy", cfg.policy, str(problem))
-    for name in ("verifier", "eval_verifier", "audit_verifier"):
-        asked = verifier_spec.parse(getattr(cfg, name)).model_verifier  # hybrid's, compass:<model>'s model
-        if asked.kind == "model" and asked.target:  # a model directory or hub name
-            chat = verifier_families.family(asked.family).chat if asked.family else True  # cot is sent as raw text
-            problem = model.source_problem(asked.target, chat, cfg.trust_remote_code)
-            req(problem is None, name, getattr(cfg, name), str(problem))
-    for name in ("verifier", "eval_verifier", "audit_verifier", "log_verifiers"):
-        for spec in getattr(cfg, name).split(",") if name == "log_verifiers" else [getattr(cfg, name)]:
-            if spec.strip() not in ("auto", "self"):
-                verifiers.check_spec(spec.strip(), name)
-    if verifier_spec.parse(cfg.verifier).kind == "policy":  # verifier_free.PolicyReward: the policy scores its own rollouts
-        req(not cfg.async_steps, "async_steps", cfg.async_steps, f"with --verifier {cfg.verifier}: the worker's batch "
-            "would be scored by a policy in the middle of its update; use --async_steps 0")
-        req(not cfg.stream_judging, "stream_judging", cfg.stream_judging, f"with --verifier {cfg.verifier}: the policy "
-            "cannot score in a thread while it generates; use --stream_judging false")
-        req(cfg.eval_verifier != "self", "eval_verifier", cfg.eval_verifier, f"--verifier {cfg.verifier} is not a "
-            "grader of held-out answers; name a judge")
-    ckpts = os.path.join(cfg.out_dir, "checkpoints")
-    req(cfg.resume != "yes" or checkpoint.latest_checkpoint(ckpts) is not None, "resume", cfg.resume,
-        f"no checkpoint in {ckpts}; --resume auto starts fresh when there is none")
     req(not cfg.overwrite or (cfg.resume == "no" and not cfg.eval_only), "overwrite", cfg.overwrite,
         "contradicts --resume and --eval_only (they keep the run's files)")
-    vopts.check()
-
-
-def parse_config(argv: list[str] | None = None) -> tuple[Config, verifiers.VerifierOptions]:
-    cfg, vopts = config.parse_config((Config, verifiers.VerifierOptions), argv, prog="train_rl.py")
-    check_config(cfg, vopts)
-    return cfg, vopts

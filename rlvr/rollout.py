@@ -33,7 +33,7 @@ from rlvr import config, distributed, model, rollout_filter, rollout_stream, ver
 
 
 def check(cfg, world: int = 1) -> None:
-    """The rollout flags' relations; raises config.ConfigError naming the flag (rl_config.check_config calls it)."""
+    """The rollout flags' relations; raises config.ConfigError naming the flag (train_rl.check_config calls it)."""
     req = config.require
     req(cfg.async_steps in (0, 1), "async_steps", cfg.async_steps,
         "must be 0 (on-policy) or 1 (batch t+1 generated while step t updates)")
@@ -80,7 +80,19 @@ def sample_seed(seed: int, step: int, slot: int, salt: str = "rollout") -> int:
     return int.from_bytes(digest[:6], "big") >> 1
 
 
-def generate(policy, engine, tokenizer, records, step: int, cfg) -> Rollout:
+@dataclass(frozen=True)
+class Sampling:
+    """What generate() reads to draw responses, for a caller without train_rl's Config (train_verifier.py
+    samples a policy's answers to label them); Config has the same fields, so an RL run passes its own."""
+    samples_per_prompt: int
+    max_prompt_len: int
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+
+
+def generate(policy, engine, tokenizer, records, step: int, cfg: "Sampling") -> Rollout:
     """This rank's responses for its slice of the global prompt batch, `cfg.samples_per_prompt` each, in
     one call (what RolloutSource does in sync mode without streaming or filtering)."""
     n = cfg.samples_per_prompt
@@ -130,7 +142,7 @@ class Samples:
     text: list = field(default_factory=list)
     truncated: list = field(default_factory=list)
     logp: list = field(default_factory=list)     # float32 tensors (the sampler's log-probs) or None
-    reward: list = field(default_factory=list)   # (binary, soft, p_yes, judged, invalid, tokens) of the reward verifier
+    reward: list = field(default_factory=list)   # (binary, soft, p_yes, judged, invalid, verifier_tokens, cut, routed)
     logged: list = field(default_factory=list)   # {name: (the same tuple)} of the log-only verifiers
 
     def take(self, rows) -> Samples:
@@ -152,15 +164,16 @@ def cat(parts: list[Samples]) -> Samples:
 
 def _entries(j: reward.Judgement) -> list[tuple]:
     return list(zip(j.binary.tolist(), j.soft.tolist(), j.p_yes.tolist(), j.judged.tolist(), j.invalid.tolist(),
-                    j.verifier_tokens.tolist(), j.cut.tolist()))
+                    j.verifier_tokens.tolist(), j.cut.tolist(), j.routed.tolist()))
 
 
 def _judgement(entries: list[tuple]) -> reward.Judgement:
-    b, s, p, j, v, t, c = zip(*entries) if entries else ((), (), (), (), (), (), ())
+    entries = [e + (False,) * (8 - len(e)) for e in entries]  # a checkpoint's batch from before `routed`
+    b, s, p, j, v, t, c, r = zip(*entries) if entries else ((), (), (), (), (), (), (), ())
     f32 = torch.float32
     return reward.Judgement(torch.tensor(b, dtype=f32), torch.tensor(s, dtype=f32), torch.tensor(p, dtype=f32),
                             torch.tensor(j, dtype=torch.bool), torch.tensor(v, dtype=torch.bool),
-                            torch.tensor(t, dtype=f32), torch.tensor(c, dtype=torch.bool))
+                            torch.tensor(t, dtype=f32), torch.tensor(c, dtype=torch.bool), torch.tensor(r, dtype=torch.bool))
 
 
 def _unpack(rows: Samples, train_set: list, logged_names) -> tuple[Rollout, reward.Judgement, dict]:

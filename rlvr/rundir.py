@@ -7,7 +7,6 @@ refused too, unless the run continues it (--resume, with a checkpoint there) or 
 """
 from __future__ import annotations
 
-import dataclasses
 import fcntl
 import os
 import re
@@ -21,12 +20,6 @@ LOCK_FILE = ".lock"
 # a mistyped --out_dir (the home directory, the repository) is never emptied
 _RUN_ENTRY = re.compile(r"[\w.-]+\.(jsonl|json|txt|png|tmp|part)|checkpoints|final|final\.(tmp|old)|wandb|eval_only|"
                         + re.escape(LOCK_FILE))
-
-
-def overwrite_field():
-    """The --overwrite flag of both trainers."""
-    return dataclasses.field(default=False, metadata={
-        "help": "start over in an out_dir that holds an earlier run's files: remove them first (they are listed)"})
 
 
 def entries(out_dir: str | os.PathLike) -> list[str]:

@@ -18,8 +18,9 @@ import torch
 from torch import Tensor
 
 import reward
-from reward import Judgement, SoftMode, Verifier, first_token, judgement_rewards, rewards_from_logits, token_class
-from rlvr import config, model, verifier_families
+from reward import (Judgement, SoftMode, SoftModeFlag, Verifier, family_soft_mode, first_token, judgement_rewards,
+                    rewards_from_logits, token_class)
+from rlvr import config, model, remote, verifier_families
 from rlvr.remote import CompletionsClient, VerifierError
 from rlvr.rules import RULES, RuleVerifier, routes_to_math
 from rlvr.verifier_prompt import VerifierPrompt, VerifierSettings, load_settings, require_settings, resolve_settings
@@ -75,11 +76,11 @@ class LocalVerifier:
     (cot) generates up to `max_new_tokens` first (judge_after_reasoning)."""
 
     def __init__(self, lm, tokenizer, settings: VerifierSettings = VerifierSettings(), name: str = "local verifier",
-                 batch_size: int = 8, soft_mode: SoftMode = "eq4", sample: bool = False, max_unjudged: float = 0.1,
+                 batch_size: int = 8, soft_mode: SoftModeFlag = "auto", sample: bool = False, max_unjudged: float = 0.1,
                  seed: int = 0, max_new_tokens: int = 1024):
         self.prompt = VerifierPrompt(tokenizer, settings, name, getattr(lm.config, "max_position_embeddings", None))
         self.model, self.name, self.batch_size, self.max_new_tokens = lm, name, batch_size, max_new_tokens
-        self.soft_mode = "renorm" if self.prompt.family.renormalise else soft_mode  # the family's Eq. 4
+        self.soft_mode = family_soft_mode(soft_mode, self.prompt.family.renormalise, self.prompt.family.name)
         self.sample, self.max_unjudged, self.seed, self.calls = sample, max_unjudged, seed, 0
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.sharded = model.is_sharded(lm)
@@ -162,11 +163,11 @@ class RemoteVerifier:
     (cot): the server writes the reasoning, then is asked once more at its decision (judge_decisions)."""
 
     def __init__(self, client: CompletionsClient, tokenizer, settings: VerifierSettings = VerifierSettings(),
-                 soft_mode: SoftMode = "eq4", sample: bool = False, max_unjudged: float = 0.1, seed: int = 0,
+                 soft_mode: SoftModeFlag = "auto", sample: bool = False, max_unjudged: float = 0.1, seed: int = 0,
                  max_new_tokens: int = 1024):
         self.client, self.name = client, f"{client.model_id} at {','.join(client.endpoints)}"
         self.prompt = VerifierPrompt(tokenizer, settings, self.name, client.max_model_len)
-        self.soft_mode = "renorm" if self.prompt.family.renormalise else soft_mode  # the family's Eq. 4
+        self.soft_mode = family_soft_mode(soft_mode, self.prompt.family.renormalise, self.prompt.family.name)
         self.sample, self.max_unjudged, self.seed, self.calls = sample, max_unjudged, seed, 0
         self.max_new_tokens = max_new_tokens  # a generating family's (cot) reasoning
 
@@ -233,7 +234,8 @@ class VerifierOptions:
     verifier_paper_defaults: bool = _flag(False, "ask model verifiers without verifier_settings.json (the released "
                                                  "RM-7B, a general judge) with the paper's template and YES/NO; "
                                                  "without it they are refused")
-    soft_mode: SoftMode = _flag("eq4", "Eq. 4 as the paper writes it, or renorm: p(YES) / (p(YES) + p(NO))")
+    soft_mode: SoftModeFlag = _flag("auto", "eq4: Eq. 4 as the paper writes it; renorm: p(YES) / (p(YES) + p(NO)); auto: "
+                                            "the family's own (eq4, renorm for compass)")
     verifier_sample: bool = _flag(False, "sample the first token c, seeded per response (Eq. 3 as the paper writes "
                                          "it); Eq. 4 reads the same c")
     verifier_batch_size: int = _flag(16, "rows per forward pass of a local verifier")
@@ -275,6 +277,15 @@ class VerifierOptions:
         if self.verifier_template:
             out["template"] = Path(self.verifier_template).read_text(encoding="utf-8")
         return {k: v for k, v in out.items() if v is not None}
+
+
+def _check_soft_mode(reading: dict, settings: VerifierSettings) -> None:
+    """--soft_mode against the verifier's family, before anything loads (a ConfigError naming the flag)."""
+    try:
+        family_soft_mode(reading.get("soft_mode", "auto"), verifier_families.family(settings.family).renormalise,
+                         settings.family)
+    except ValueError as e:
+        raise config.ConfigError(str(e)) from None
 
 
 def build_verifier(spec: str | VerifierSpec, options: VerifierOptions | None = None, *, settings_from_flags: bool = True,
@@ -319,6 +330,7 @@ def build_verifier(spec: str | VerifierSpec, options: VerifierOptions | None = N
         require_settings(saved, f"{spec} ({source})", o.verifier_paper_defaults,
                          "template" in overrides or "family" in overrides)
         settings = resolve_settings(saved, overrides, o.verifier_force_settings, spec)
+        _check_soft_mode(reading, settings)
         tokenizer = model.load_tokenizer(source, trust_remote_code=trust_remote_code)
         return RemoteVerifier(client, tokenizer, settings, max_unjudged=o.verifier_max_unjudged, seed=seed,
                               max_new_tokens=o.verifier_max_new_tokens, **reading)
@@ -328,6 +340,7 @@ def build_verifier(spec: str | VerifierSpec, options: VerifierOptions | None = N
     saved = load_settings(spec)
     require_settings(saved, spec, o.verifier_paper_defaults, "template" in overrides or "family" in overrides)
     settings = resolve_settings(saved, overrides, o.verifier_force_settings, spec)
+    _check_soft_mode(reading, settings)  # before the weights load
     dtype = dtype or model.compute_dtype()
     if shard:  # every rank of the group calls this: the weights are read once, by rank 0, into the shards
         m = model.load_sharded(spec, device, dtype, trust_remote_code, mixed_precision=False, frozen=True)
@@ -380,11 +393,42 @@ class HybridVerifier:
                 parts.append((rows, j))
         out = Judgement(torch.zeros(len(route)), torch.zeros(len(route)), torch.zeros(len(route)),
                         torch.zeros(len(route), dtype=torch.bool))  # invalid, verifier_tokens, cut: zeros until filled
+        out.routed = torch.tensor(route, dtype=torch.bool)
         for rows, j in parts:
             if rows:
                 for name in ("binary", "soft", "p_yes", "judged", "invalid", "verifier_tokens", "cut"):
                     getattr(out, name)[rows] = getattr(j, name).to(getattr(out, name).dtype)
         return out
+
+
+def check_roles(cfg, options: VerifierOptions) -> None:
+    """train_rl.py's verifier flags (--verifier, --eval_verifier, --audit_verifier, --log_verifiers), before
+    any model loads: no credentials in a URL, a model verifier's saved settings and files, every spec
+    buildable (check_spec), and what a policy: reward source rules out. One line naming the flag."""
+    req = config.require
+    for name in ("verifier", "eval_verifier", "audit_verifier", "log_verifiers"):
+        refused = remote.url_credentials(getattr(cfg, name))
+        req(refused is None, name, remote.redact(getattr(cfg, name)), refused)
+    for name, spec in [(n, getattr(cfg, n)) for n in ("verifier", "eval_verifier", "audit_verifier")] + \
+            [("log_verifiers", s.strip()) for s in cfg.log_verifiers.split(",")]:
+        check_saved_settings(spec, options, from_flags=name == "verifier")
+    for name in ("verifier", "eval_verifier", "audit_verifier"):
+        asked = parse(getattr(cfg, name)).model_verifier  # hybrid's, compass:<model>'s model
+        if asked.kind == "model" and asked.target:  # a model directory or hub name
+            chat = verifier_families.family(asked.family).chat if asked.family else True  # cot is sent as raw text
+            problem = model.source_problem(asked.target, chat, cfg.trust_remote_code)
+            req(problem is None, name, getattr(cfg, name), str(problem))
+    for name in ("verifier", "eval_verifier", "audit_verifier", "log_verifiers"):
+        for spec in getattr(cfg, name).split(",") if name == "log_verifiers" else [getattr(cfg, name)]:
+            if spec.strip() not in ("auto", "self"):
+                check_spec(spec.strip(), name)
+    if parse(cfg.verifier).kind == "policy":  # verifier_free.PolicyReward: the policy scores its own rollouts
+        req(not cfg.async_steps, "async_steps", cfg.async_steps, f"with --verifier {cfg.verifier}: the worker's batch "
+            "would be scored by a policy in the middle of its update; use --async_steps 0")
+        req(not cfg.stream_judging, "stream_judging", cfg.stream_judging, f"with --verifier {cfg.verifier}: the policy "
+            "cannot score in a thread while it generates; use --stream_judging false")
+        req(cfg.eval_verifier != "self", "eval_verifier", cfg.eval_verifier, f"--verifier {cfg.verifier} is not a "
+            "grader of held-out answers; name a judge")
 
 
 def check_spec(spec: str, flag: str) -> None:

@@ -24,8 +24,7 @@ if FAULT == "launcher_dies":  # before torch is imported: fork a process without
         os.wait()
         sys.exit(0)  # not reached: the child kills this process
 
-from rlvr import checkpoint, rollout  # noqa: E402, rollout
-from rlvr import rollout  # noqa: E402
+from rlvr import checkpoint, rollout  # noqa: E402
 import train_rl  # noqa: E402
 
 

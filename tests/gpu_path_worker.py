@@ -19,8 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rlvr import distributed, model, rl_config  # noqa: E402, model, rl_config
-from rlvr import model  # noqa: E402
+from rlvr import distributed, model  # noqa: E402
 
 
 def layer_dtypes(lm) -> set:
@@ -36,7 +35,6 @@ def rl(out: Path, argv: list[str]) -> None:
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    from rlvr import rl_config
     import train_rl
 
     facts = {}
@@ -57,7 +55,7 @@ def rl(out: Path, argv: list[str]) -> None:
         return judges
 
     train_rl.load_models, train_rl.load_verifiers = recorded_models, recorded_verifiers
-    cfg, vopts = rl_config.parse_config(argv)
+    cfg, vopts = train_rl.parse_config(argv)
     try:
         result = train_rl.train(cfg, vopts)
         facts.update(group=distributed.is_initialized(), world=distributed.world_size(),

@@ -23,8 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rlvr import distributed, model, rl_config  # noqa: E402, model, rl_config
-from rlvr import model  # noqa: E402
+from rlvr import distributed, model  # noqa: E402
 
 
 def old_load(name_or_path, device, dtype, trust_remote_code=False, compute_dtype=None, *, mixed_precision,
@@ -110,13 +109,12 @@ def length_score(questions, references, responses) -> list[float]:
 
 
 def rl(out: Path, argv: list[str]) -> None:
-    from rlvr import rl_config
     import train_rl
 
     results, new_load = {}, model.load_sharded
     for path, load in (("old", old_load), ("new", new_load)):
         model.load_sharded = load
-        cfg, vopts = rl_config.parse_config(argv + [f"--out_dir={out / path}"])
+        cfg, vopts = train_rl.parse_config(argv + [f"--out_dir={out / path}"])
         history = train_rl.train(cfg, vopts)["history"]
         results[path] = [{k: v for k, v in m.items() if isinstance(v, (int, float))} for m in history]
     rank = distributed.rank()

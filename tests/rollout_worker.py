@@ -18,14 +18,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rlvr import checkpoint, distributed, model, rl_config, rollout, rollout_async, verifiers
 import data  # noqa: E402
-from rlvr import distributed  # noqa: E402
-from rlvr import model  # noqa: E402
 import reward  # noqa: E402
-from rlvr import rl_config  # noqa: E402
-from rlvr import rollout  # noqa: E402
-from rlvr import rollout_async  # noqa: E402
+from rlvr import checkpoint, distributed, model, rl_config, rollout, rollout_async, verifiers  # noqa: E402
 from worlds import toy  # noqa: E402
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import data
-from rlvr import config, model, rl_config
+from rlvr import model
 from worlds import toy
 
 # tiny sizes: 2 layers, hidden 64, 2 heads of 32 (GQA where the architecture has it)
@@ -74,7 +74,7 @@ def test_two_rl_steps_with_packing_on_and_off(arch_dir, tmp_path):
     runs = {}
     for pack in (True, False):
         out = tmp_path / f"pack{pack}"
-        cfg, vopts = rl_config.parse_config([
+        cfg, vopts = train_rl.parse_config([
             # the policy judges itself (renormalised p(YES) of a random model): rewards differ per response, so
             # the update is not zero, and the local verifier runs on the architecture too
             "--policy", path, "--verifier", path, "--soft_mode", "renorm", "--verifier_max_unjudged", "1",
@@ -108,8 +108,8 @@ def test_a_base_model_without_a_chat_template_runs_with_the_plain_prompt_format(
             "--steps", "1", "--eval_every", "0", "--eval_prompts", "2", "--out_dir", str(tmp_path / "run"),
             "--wandb_mode", "disabled", "--log_samples", "0"]
     with pytest.raises(config.ConfigError, match="no chat template .*--prompt_format plain"):
-        rl_config.parse_config(argv)
-    cfg, vopts = rl_config.parse_config(argv + ["--prompt_format", "plain"])
+        train_rl.parse_config(argv)
+    cfg, vopts = train_rl.parse_config(argv + ["--prompt_format", "plain"])
     seen = []
     real = model.load_tokenizer
     with pytest.MonkeyPatch.context() as mp:

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from rlvr import checkpoint, model
+from rlvr import checkpoint
 from dist_checkpoint_worker import tiny_model, tiny_tokenizer, train_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))

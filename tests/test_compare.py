@@ -6,7 +6,8 @@ import json
 import pytest
 
 import compare
-from rlvr import config, metrics, rl_config
+from rlvr import config, metrics
+import train_rl
 
 
 def test_every_default_source_and_judge_is_accepted_and_a_typo_is_not():
@@ -33,7 +34,7 @@ def test_each_run_is_the_recipe_with_its_reward_graded_by_the_teacher(source, tm
     rl = compare.recipe_config(cfg)
     cmd = compare.train_rl_command(cfg, rl, compare.SOURCES[source][1], 5, tmp_path / "run")
     assert cmd[1].endswith("train_rl.py")
-    run, vopts = rl_config.parse_config(cmd[2:])
+    run, vopts = train_rl.parse_config(cmd[2:])
     assert (run.steps, run.eval_every, run.eval_samples, run.seed) == (7, 3, 2, 5)
     assert run.eval_verifier == compare.TEACHER and run.audit_verifier == compare.TEACHER
     assert run.out_dir == str(tmp_path / "run") and run.wandb_mode == "disabled"
@@ -46,14 +47,14 @@ def test_each_run_is_the_recipe_with_its_reward_graded_by_the_teacher(source, tm
     # the paper samples c (Eq. 3 as written; Eq. 4 reads the same c): the student's runs do too
     assert vopts.verifier_sample == (source.startswith("student") or source == "hybrid")
     # everything else is the recipe's
-    recipe, _ = rl_config.parse_config(["--config", str(compare.ROOT / cfg.recipe)])
+    recipe, _ = train_rl.parse_config(["--config", str(compare.ROOT / cfg.recipe)])
     for f in ("policy", "data", "lr", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "reward_norm",
               "advantage", "kl_mode", "temperature", "heldout_fraction"):
         assert getattr(run, f) == getattr(recipe, f), f
 
 
 def test_recipe_budget_is_the_recipes_unless_given():
-    recipe, _ = rl_config.parse_config(["--config", str(compare.ROOT / "recipes/cpu_demo.yaml")])
+    recipe, _ = train_rl.parse_config(["--config", str(compare.ROOT / "recipes/cpu_demo.yaml")])
     rl = compare.recipe_config(compare.CompareConfig())
     assert rl.steps == recipe.steps and rl.eval_samples == recipe.eval_samples and rl.eval_every == 10
     rl = compare.recipe_config(compare.CompareConfig(steps=4, eval_samples=0))
@@ -217,7 +218,7 @@ def test_sft_baseline_gets_the_rl_runs_budget_and_the_start_and_end_evals(tmp_pa
     assert trained == {"policy": "WARM", "pairs": [("m", "r")], "steps": 6,
                        "batch": rl.prompts_per_step * rl.samples_per_prompt, "lr": rl.lr}
     assert evals == [_eval(0, 0.5, x=0.5), _eval(6, 0.625, x=0.625)]
-    start, end = (rl_config.parse_config(c[2:])[0] for c in commands)
+    start, end = (train_rl.parse_config(c[2:])[0] for c in commands)
     assert start.eval_only and end.eval_only and end.policy == str(tmp_path / "sft" / "seed2" / "final")
     assert start.eval_verifier == end.eval_verifier == compare.TEACHER and start.seed == end.seed == 2
     assert start.eval_samples == end.eval_samples == rl.eval_samples
@@ -227,7 +228,7 @@ def test_sft_baseline_trains_on_every_training_question_and_no_held_out_one():
     """sft_pairs: the training questions of train_rl.py's own split, each with its expert reference."""
     import train_rl
 
-    rl, _ = rl_config.parse_config(["--config", str(compare.ROOT / "recipes/cpu_demo.yaml"), "--data", "freeform"])
+    rl, _ = train_rl.parse_config(["--config", str(compare.ROOT / "recipes/cpu_demo.yaml"), "--data", "freeform"])
     pairs = compare.sft_pairs(rl)
     train, heldout = train_rl.load_data(rl)
     asked = [messages[-1]["content"] for messages, _ in pairs]

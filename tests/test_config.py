@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from rlvr import config, rl_config
+import train_rl
 import train_verifier as TV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_a_config_file_value_of_the_wrong_type_is_refused(tmp_path, text, message):
     (tmp_path / "c.yaml").write_text(text + "\n")
     with pytest.raises(config.ConfigError) as e:
-        rl_config.parse_config(["--config", str(tmp_path / "c.yaml")])
+        train_rl.parse_config(["--config", str(tmp_path / "c.yaml")])
     assert message in str(e.value) and str(e.value).count("\n") == 0
 
 
@@ -39,13 +40,13 @@ def test_config_file_values_are_converted_as_flags_are(tmp_path):
     # YAML 1.1 reads 1e-5 (no dot) as text and `yes` as true: both mean what a flag would
     (tmp_path / "c.yaml").write_text("lr: 1e-5\nsteps: 7\ntemperature: 1\npack: 'false'\nresume: no\n"
                                      "verifier_system_prompt: null\nactivation_checkpointing: yes\n")
-    cfg, vopts = rl_config.parse_config(["--config", str(tmp_path / "c.yaml")])
+    cfg, vopts = train_rl.parse_config(["--config", str(tmp_path / "c.yaml")])
     assert (cfg.lr, cfg.steps, cfg.temperature, cfg.pack, cfg.resume) == (1e-5, 7, 1.0, False, "no")
     assert type(cfg.temperature) is float and cfg.activation_checkpointing is True
     assert vopts.verifier_system_prompt is None
     (tmp_path / "c.json").write_text('{"resume": true, "out_dir": "%s"}' % (tmp_path / "none"))
     with pytest.raises(config.ConfigError, match="--resume 'yes': no checkpoint"):  # true -> "yes", then checked
-        rl_config.parse_config(["--config", str(tmp_path / "c.json")])
+        train_rl.parse_config(["--config", str(tmp_path / "c.json")])
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -60,14 +61,14 @@ def test_config_file_values_are_converted_as_flags_are(tmp_path):
 ])
 def test_no_prefix_matching_and_did_you_mean(argv, message):
     with pytest.raises(config.ConfigError) as e:
-        rl_config.parse_config(argv)
+        train_rl.parse_config(argv)
     assert message in str(e.value)
 
 
 def test_foreign_names_map_to_the_scripts_own_flag():
     # OpenRLHF's max_epochs is the RL trainer's ppo_epochs and the SFT trainer's epochs
     with pytest.raises(config.ConfigError, match="did you mean --ppo_epochs"):
-        rl_config.parse_config(["--max_epochs", "2"])
+        train_rl.parse_config(["--max_epochs", "2"])
     with pytest.raises(config.ConfigError, match="did you mean --epochs"):
         TV.parse_config("sft", ["--max_epochs", "2"])
     with pytest.raises(config.ConfigError, match="did you mean --lr"):

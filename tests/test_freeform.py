@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import data
-from rlvr import config, remote, rl_config, verifiers
+from rlvr import config, remote, verifiers
 from worlds import freeform
+import train_rl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,7 +149,7 @@ def test_py_spec_loads_and_its_errors_are_one_line(tmp_path, monkeypatch):
     # a flag naming a bad spec stops before any model loads, naming the flag
     for flag in ("verifier", "eval_verifier", "audit_verifier", "log_verifiers"):
         with pytest.raises(config.ConfigError, match=f"--{flag} 'py:myjudge:missing': .*no function 'missing'"):
-            rl_config.parse_config([f"--{flag}", "py:myjudge:missing"])
+            train_rl.parse_config([f"--{flag}", "py:myjudge:missing"])
 
 
 def test_exact_rule_by_hand():
@@ -174,7 +175,7 @@ def test_the_main_job_runs_this_world_and_the_numeric_toy_is_a_recipe():
     import train_rl
     import worlds
 
-    default, _ = rl_config.parse_config([])
+    default, _ = train_rl.parse_config([])
     assert (default.data, default.policy, default.verifier, default.eval_verifier, default.audit_verifier) == \
         ("freeform", "tiny", "tiny", "auto", "auto")
     train, heldout = train_rl.load_data(default)
@@ -183,5 +184,5 @@ def test_the_main_job_runs_this_world_and_the_numeric_toy_is_a_recipe():
     assert worlds.of("freeform").tiny_policy is freeform.tiny_policy and worlds.of("freeform").teacher == graders.eval_verifier
     assert worlds.of("toy").tiny_verifier.__module__ == "worlds.toy" and worlds.of("some.jsonl") is worlds.WORLDS["toy"]
     assert (train, heldout) == freeform.split(freeform.records(), default.heldout_fraction)
-    toy_cfg, _ = rl_config.parse_config(["--config", str(ROOT / "recipes" / "cpu_numeric_toy.yaml")])
+    toy_cfg, _ = train_rl.parse_config(["--config", str(ROOT / "recipes" / "cpu_numeric_toy.yaml")])
     assert (toy_cfg.data, toy_cfg.eval_verifier) == ("toy", "rule:math")

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlvr import distributed, metrics, model, verifier_prompt, verifiers
+from rlvr import distributed, model, verifier_prompt, verifiers
 from worlds import toy
 
 ROOT = Path(__file__).resolve().parents[1]

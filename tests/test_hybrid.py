@@ -47,6 +47,8 @@ def test_the_judgement_is_assembled_in_the_rows_order_and_master_keys_never_reac
     assert j.judged.tolist() == [w > 0.5 for w in want]
     assert math.calls == [(["7 kg", "\\frac{1}{2}", "(C)"], [resps[0], resps[3], resps[7]], [100, 103, 107])]
     assert judge.calls[0][2] == [101, 102, 104, 105, 106, 108]  # each row's own seed
+    # the route travels with the judgement (the step's verifier/routed_math_share sums it)
+    assert j.routed.tolist() == [routed for _, _, routed in ROWS] and j.select([0, 1]).routed.tolist() == [True, False]
     assert not any(key in math.calls[0][1] for key in ("Thought process:", ":", "Let's solve this step by step."))
     # no row for the model: it is still called (a sharded verifier holds collectives in every call)
     j = h(["q"], ["7 kg"], ["7000 g"])

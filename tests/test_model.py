@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from rlvr import config, model
+from rlvr import model
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 

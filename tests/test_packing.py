@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train_rl
-from rlvr import model, model as M
+from rlvr import model as M
 
 # uneven prompts and responses, one response of a single token
 PROMPT_LENS, RESPONSE_LENS = [5, 9, 3, 14], [7, 1, 12, 4]

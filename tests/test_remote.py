@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlvr import config, metrics, model, remote, verifier_prompt, verifiers
+from rlvr import remote, verifier_prompt, verifiers
 from rlvr.remote import VerifierError
 from rlvr.verifiers import VerifierOptions
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import reward
-from rlvr import audit, config, model, rules, verifier_prompt, verifiers
+from rlvr import audit, config, rules, verifier_prompt, verifiers
 from rlvr.remote import VerifierError
 from reward import Judgement, judgement_rewards, rewards_from_logits
 from rlvr.verifier_prompt import VerifierSettings, last_line

@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 import torch
 
-from rlvr import model, remote, verifiers
+from rlvr import remote, verifiers
 from rlvr.verifiers import VerifierOptions
 
 from conftest import VLLM_PYTHON, requires_vllm

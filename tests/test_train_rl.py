@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlvr import audit, config, metrics, rl_config, rollout, rules
+from rlvr import config, rl_config
+import train_rl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,7 +126,7 @@ def test_resume_continues_exactly_and_rewrites_no_output_twice(tiny_model_dir, s
 ])
 def test_bad_flags_are_refused_before_anything_loads(argv, message):
     with pytest.raises(config.ConfigError) as e:
-        rl_config.parse_config(argv)
+        train_rl.parse_config(argv)
     assert message in str(e.value)
 
 
@@ -134,7 +135,7 @@ def test_bad_flags_are_refused_before_anything_loads(argv, message):
 def test_a_choice_typo_in_a_config_file_is_refused_too(field, value, choices, tmp_path):
     (tmp_path / "c.yaml").write_text(f"{field}: {value}\n")  # argparse never checks defaults against choices
     with pytest.raises(config.ConfigError, match=f"--{field} '{value}': invalid choice; choose from {choices}"):
-        rl_config.parse_config(["--config", str(tmp_path / "c.yaml")])
+        train_rl.parse_config(["--config", str(tmp_path / "c.yaml")])
 
 
 def test_a_bad_flag_is_one_line_and_exit_status_2(tmp_path):
@@ -154,18 +155,18 @@ def test_resume_without_a_checkpoint(tiny_model_dir, tmp_path):
 def test_config_file_sets_fields_and_flags_override(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("lr: 3.0e-6\nadvantage: rloo\nsteps: 7\n")
-    cfg, _ = rl_config.parse_config(["--config", str(path), "--steps", "9"])
+    cfg, _ = train_rl.parse_config(["--config", str(path), "--steps", "9"])
     assert cfg.lr == 3e-6 and cfg.advantage == "rloo" and cfg.steps == 9
     path.write_text("learning_rate: 1\n")
     with pytest.raises(config.ConfigError, match="learning_rate"):
-        rl_config.parse_config(["--config", str(path)])
+        train_rl.parse_config(["--config", str(path)])
     import train_verifier as TV
 
     for recipe in sorted((ROOT / "recipes").glob("*.yaml")):  # every shipped recipe parses and passes the checks
         if recipe.name.startswith("verifier_"):  # stage 2's --student is stage 1's output, not here yet
             TV.parse_config("sft", ["--config", str(recipe), "--student", "tiny"])
         else:
-            rl_config.parse_config(["--config", str(recipe)])
+            train_rl.parse_config(["--config", str(recipe)])
 
 
 def test_help_lists_every_flag_with_its_default():
@@ -217,8 +218,8 @@ def test_the_master_key_probe_asks_n_pairs_with_every_key():
 
 def test_the_cpu_demo_recipe_is_the_main_job_written_out():
     # `python train_rl.py` with no flags and `--config recipes/cpu_demo.yaml` must be the same run
-    cfg, _ = rl_config.parse_config(["--config", str(ROOT / "recipes" / "cpu_demo.yaml")])
-    default, _ = rl_config.parse_config([])
+    cfg, _ = train_rl.parse_config(["--config", str(ROOT / "recipes" / "cpu_demo.yaml")])
+    default, _ = train_rl.parse_config([])
     assert dataclasses.replace(cfg, config="") == default
 
 
@@ -337,7 +338,7 @@ def test_the_closing_lines_are_runnable_commands_and_the_run_has_a_picture(tiny_
     short = {"verifier_template": str(tmp_path / "template.txt"), "verifier_system_prompt": ""}
     argv = flags(tiny_model_dir, tmp_path / "demo", 2, verifier="tiny", eval_every=1, eval_samples=0, audit_every=1,
                  **short)
-    cfg, vopts = rl_config.parse_config(argv)
+    cfg, vopts = train_rl.parse_config(argv)
     lines = train_rl.closing_lines(cfg, train_rl.train(cfg, vopts) | {"argv": argv})
     picture = tmp_path / "demo" / "curves.png"
     assert plots == [str(picture)] * 2  # after the eval of step 1 and at the end (step 2's eval)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import data
-from rlvr import audit, config, model, remote, rundir, verifier_prompt, verifiers
+from rlvr import audit, config, remote, verifier_prompt, verifiers
 from worlds import toy
 import train_verifier as TV
 

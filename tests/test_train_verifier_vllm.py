@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from rlvr import remote, verifiers
+from rlvr import verifiers
 from worlds import toy
 import train_verifier as TV
 from test_reward_vllm import pytestmark, server  # noqa: F401  (fixture and skip condition reused)

@@ -14,8 +14,7 @@ import pytest
 import torch
 
 import reward
-from rlvr import (config, model, remote, rl_config, rollout, verifier_families as vf, verifier_prompt,
-                  verifier_spec, verifiers)
+from rlvr import config, remote, verifier_families as vf, verifier_prompt, verifier_spec, verifiers
 from reward import judgement_rewards, rewards_from_logits
 from rlvr.verifier_prompt import VerifierSettings
 from rlvr.verifiers import VerifierOptions
@@ -483,3 +482,15 @@ def test_a_judge_is_named_with_its_family_and_never_falls_back_to_the_paper_prom
     assert verifier_spec.split_family("org/CompassVerifier-7B") == (None, "org/CompassVerifier-7B")
     assert verifier_spec.split_family("http://host:8000") == (None, "http://host:8000")
     assert verifier_spec.split_family("cot:http://host:8000") == ("cot", "http://host:8000")
+
+
+def test_soft_mode_is_the_familys_own_and_a_contradiction_is_refused(family_model_dir):
+    # auto: the paper's Eq. 4 for rm, the renormalised one for compass (its Eq. 4 over A / B / C)
+    assert reward.family_soft_mode("auto", False) == "eq4" and reward.family_soft_mode("renorm", False) == "renorm"
+    assert reward.family_soft_mode("auto", True) == "renorm" == reward.family_soft_mode("renorm", True)
+    with pytest.raises(ValueError, match="--soft_mode eq4: the compass family"):
+        reward.family_soft_mode("eq4", True, "compass")
+    # through the flags: refused before the weights load, never silently overridden
+    with pytest.raises(config.ConfigError, match="--soft_mode eq4: the compass family"):
+        verifiers.build_verifier(f"compass:{family_model_dir}", VerifierOptions(soft_mode="eq4"))
+    assert verifiers.build_verifier(f"compass:{family_model_dir}", VerifierOptions()).soft_mode == "renorm"

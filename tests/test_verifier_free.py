@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import data
-from rlvr import config, model, rl_config, rollout, rollout_filter, verifier_free as vf, verifiers
+from rlvr import verifier_free as vf
+import train_rl
 
 # float64 sums of a handful of terms: exact to ~1e-15; 1e-12 leaves room without hiding a wrong formula
 F64 = 1e-12
@@ -133,11 +134,10 @@ def straightforward(lm, prompt: list[int], reference: list[int], kind: str) -> f
 @pytest.mark.parametrize("kind", vf.KINDS)
 def test_against_a_token_by_token_implementation_on_the_tiny_model(tiny_model_dir, kind):
     from rlvr import model
-    from rlvr import rl_config
     import train_rl
 
     tok, lm = model.load_tokenizer(tiny_model_dir), model.load_model(tiny_model_dir).eval()
-    cfg, _ = rl_config.parse_config(["--data", "toy"])
+    cfg, _ = train_rl.parse_config(["--data", "toy"])
     qs = ["What is 2 + 3?", "What is 7 - 4?"]
     recs = [data.make_record(q, ref, [{"role": "user", "content": q}], {}) for q, ref in zip(qs, ["5 5", "3 + 0"])]
 
@@ -174,7 +174,6 @@ def test_two_rl_steps_log_the_formula_of_the_policy_that_sampled(kind, tmp_path,
     import json
 
     from rlvr import model
-    from rlvr import rl_config
     import train_rl
 
     calls, seen = [], {}
@@ -195,7 +194,7 @@ def test_two_rl_steps_log_the_formula_of_the_policy_that_sampled(kind, tmp_path,
     monkeypatch.setattr(train_rl, "load_verifiers", load_and_keep)
     monkeypatch.setattr(vf.PolicyReward, "__call__", recorded)
     out = tmp_path / kind
-    cfg, vopts = rl_config.parse_config([
+    cfg, vopts = train_rl.parse_config([
         "--verifier", f"policy:{kind}", "--steps", "2", "--prompts_per_step", "4", "--samples_per_prompt", "4",
         "--eval_every", "0", "--eval_prompts", "4", "--eval_samples", "0", "--audit_every", "0", "--log_verifiers", "",
         "--out_dir", str(out), "--wandb_mode", "disabled", "--seed", "1"])
@@ -234,10 +233,9 @@ def test_two_rl_steps_log_the_formula_of_the_policy_that_sampled(kind, tmp_path,
     (["--filter_groups", "true", "--std_filter_beta", "-1"], "--std_filter_beta")])
 def test_flags_a_policy_reward_cannot_run_with_are_refused_in_one_line(extra, flag):
     from rlvr import config
-    from rlvr import rl_config
 
     with pytest.raises(config.ConfigError) as e:
-        rl_config.parse_config(["--verifier", "policy:rlpr", *extra])
+        train_rl.parse_config(["--verifier", "policy:rlpr", *extra])
     assert str(e.value).startswith(flag) and "\n" not in str(e.value)
 
 
