@@ -16,6 +16,9 @@ Sections (--sections, comma-separated):
   scaling      step time vs response length and vs responses per prompt (should be linear in tokens)
   lm_head      the fp32 LM head's price: log-probs fwd+bwd of a bf16 model, output layer in float32 vs bf16
                (on the GPU where there is one: both arms on the same device)
+  threads      the thread policies (1 thread, every core, every core with OpenMP's passive wait, the start-up
+               choice of rlvr/threads.py) on one RL step, idle and beside 1 and 3 busy processes (not in the default
+               sections: it loads the machine on purpose)
 
 Every run is a subprocess of this script (`--worker NAME`), on the CPU even on a GPU machine (TRL's arm is set up for
 the CPU: like is compared with like; lm_head alone runs on the GPU), so peak memory (peak RSS) is per run, and
@@ -45,19 +48,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
-SECTIONS = ("rl", "curves", "verifier", "logprob_mem", "packing", "scaling", "lm_head")
+SECTIONS = ("rl", "curves", "verifier", "logprob_mem", "packing", "scaling", "lm_head", "threads")
 ARMS = {"sync": (0, False), "sync+stream": (0, True), "async": (1, False), "async+stream": (1, True)}
 
 
 @dataclass
 class BenchConfig:
-    sections: str = field(default=",".join(SECTIONS), metadata={"help": "comma-separated: " + ", ".join(SECTIONS)})
+    sections: str = field(default=",".join(s for s in SECTIONS if s != "threads"),
+                          metadata={"help": "comma-separated: " + ", ".join(SECTIONS)})
     quick: bool = field(default=False, metadata={"help": "shorter responses, one repeat, fewer curve steps"})
     out: str = field(default="bench.json", metadata={"help": "where the JSON results go"})
     # 1 thread: on a shared or busy CPU, more threads than free cores make every op wait at barriers (5-50x
     # slower, at random), which drowns any difference between the arms
     threads: int = field(default=1, metadata={"help": "torch threads of every process, all arms alike"})
     repeats: int = field(default=2, metadata={"help": "interleaved repeats of each compared arm"})
+    arms: str = field(default=",".join(ARMS) + ",trl", metadata={"help": "the rl section's arms (sync is the baseline; "
+                                                                       "trl runs where it is installed)"})
+    rl_lengths: str = field(default="equal,uneven", metadata={"help": "the rl section's response lengths"})
     # the RL step (rl, scaling)
     prompts_per_step: int = 8
     samples_per_prompt: int = 8
@@ -104,7 +111,8 @@ def _setup(threads: int):
     sys.path.insert(0, str(ROOT))
     import torch
 
-    torch.set_num_threads(threads)
+    if threads > 0:  # 0: train() chooses (rlvr/threads.py), as a user's run does
+        torch.set_num_threads(threads)
     return torch
 
 
@@ -378,11 +386,11 @@ def worker_env(threads: int, gpu: bool = False) -> dict:
     return env | {"OMP_NUM_THREADS": str(threads)} | ({} if gpu else {"CUDA_VISIBLE_DEVICES": ""})
 
 
-def spawn(name: str, args: dict, timeout: float = 1800) -> dict:
+def spawn(name: str, args: dict, timeout: float = 1800, env: dict | None = None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--worker_args", json.dumps(args)]
     t = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT),
-                          env=worker_env(args["threads"], gpu=name == "lm_head"))
+                          env=env or worker_env(args["threads"], gpu=name == "lm_head"))
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
@@ -419,8 +427,9 @@ def bench_model(out: Path, length: int, uneven: bool) -> str:
 def rl_flags(policy: str, judge: str, prompts: int, samples: int, length: int, micro: int, steps: int,
              out_dir: str) -> list[str]:
     """train_rl flags of the bench step: TRL's settings (one update per batch, group-normalised rewards, token-mean
-    clipped loss, no KL), no eval, audit or log-only verifiers (TRL has none)."""
-    flags = dict(policy=policy, verifier=policy if judge == "policy" else judge, soft_mode="renorm",
+    clipped loss, no KL), no eval, audit or log-only verifiers (TRL has none), on the numeric toy's questions
+    (numbers: the references rule:math grades, whatever the main job's world is)."""
+    flags = dict(data="toy", policy=policy, verifier=policy if judge == "policy" else judge, soft_mode="renorm",
                  verifier_max_unjudged=1.0, reward_type="soft", prompts_per_step=prompts, samples_per_prompt=samples,
                  max_new_tokens=length, micro_batch_size=micro, steps=steps, reward_norm="group", advantage="reinforce",
                  kl_mode="none", loss_agg="token_mean", warmup_ratio=0.0, eval_every=0, eval_prompts=1,
@@ -436,12 +445,13 @@ def _trl_available() -> bool:
 
 
 def section_rl(cfg: BenchConfig, tmp: Path) -> dict:
-    arms = list(ARMS) + (["trl"] if _trl_available() else [])
-    out = {} if "trl" in arms else {"trl_skipped": f"trl is not installed in {sys.executable}; "
-                                                    "pip install -r requirements-bench.txt"}
+    asked = [a.strip() for a in cfg.arms.split(",") if a.strip()]
+    arms = [a for a in asked if a in ARMS or a == "trl" and _trl_available()]
+    out = {} if "trl" in arms or "trl" not in asked else {
+        "trl_skipped": f"trl is not installed in {sys.executable}; pip install -r requirements-bench.txt"}
     n = cfg.prompts_per_step * cfg.samples_per_prompt
-    for uneven in (False, True):
-        name = "uneven" if uneven else "equal"
+    for name in [x.strip() for x in cfg.rl_lengths.split(",") if x.strip()]:
+        uneven = name == "uneven"
         print(f"RL step, {name} response lengths: {', '.join(arms)}", flush=True)
         policy = bench_model(tmp / f"model-{name}", cfg.max_new_tokens, uneven)
         judge = policy if cfg.judge == "policy" else cfg.judge
@@ -458,6 +468,44 @@ def section_rl(cfg: BenchConfig, tmp: Path) -> dict:
                         cfg.micro_batch_size, cfg.steps, common["out_dir"]))
                 runs[arm].append(spawn("trl" if arm == "trl" else "ours", args))
         out[name] = runs
+    return out
+
+
+# policy: (--threads, OMP_NUM_THREADS, OMP_WAIT_POLICY); 0 / None: not set (the start-up choice, OpenMP's default)
+THREAD_POLICIES = {"1 thread": ("1", "1", None), "every core": ("cores", None, "ACTIVE"),
+                   "every core, passive wait": ("cores", None, "PASSIVE"), "start-up choice": ("0", None, None)}
+
+
+def section_threads(cfg: BenchConfig, tmp: Path) -> dict:
+    """The same sync RL step under each thread policy, idle and beside 1 and 3 CPU-bound processes (started
+    here, stopped after), interleaved within each load."""
+    from rlvr import threads
+
+    policy = bench_model(tmp / "model-threads", cfg.max_new_tokens, uneven=False)
+    out = {"cores": threads.cores()}
+    for burners in (0, 1, 3):
+        print(f"thread policies beside {burners} busy processes", flush=True)
+        procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(burners)]
+        try:
+            runs: dict[str, list] = {name: [] for name in THREAD_POLICIES}
+            for r in range(cfg.repeats):
+                for name, (n, omp, wait) in THREAD_POLICIES.items():
+                    n = str(threads.cores()) if n == "cores" else n
+                    env = {k: v for k, v in os.environ.items() if k not in ("RLVR_GPU_PATH", "OMP_NUM_THREADS",
+                                                                            "OMP_WAIT_POLICY")}
+                    env |= {"CUDA_VISIBLE_DEVICES": ""} | ({"OMP_NUM_THREADS": omp} if omp else {}) \
+                        | ({"OMP_WAIT_POLICY": wait} if wait else {})
+                    d = str(tmp / f"threads-{burners}-{r}-{len(runs[name])}-{n}")
+                    argv = rl_flags(policy, cfg.judge, cfg.prompts_per_step, cfg.samples_per_prompt,
+                                    cfg.max_new_tokens, cfg.micro_batch_size, cfg.steps, d) + [f"--threads={n}"]
+                    runs[name].append(spawn("ours", dict(threads=int(n), arm="sync", argv=argv,
+                                                         responses=cfg.prompts_per_step * cfg.samples_per_prompt),
+                                            env=env))
+            out[f"busy {burners}"] = runs
+        finally:
+            for p in procs:
+                p.kill()
+                p.wait()
     return out
 
 
@@ -484,6 +532,11 @@ def run_all(cfg: BenchConfig) -> dict:
     bad = set(sections) - set(SECTIONS)
     if bad:
         raise ValueError(f"--sections: unknown {sorted(bad)}; valid: {', '.join(SECTIONS)}")
+    arms = {a.strip() for a in cfg.arms.split(",") if a.strip()}
+    if "sync" not in arms or arms - set(ARMS) - {"trl"}:
+        raise ValueError(f"--arms {cfg.arms}: sync (the baseline) and any of {', '.join([*ARMS, 'trl'])}")
+    if {x.strip() for x in cfg.rl_lengths.split(",") if x.strip()} - {"equal", "uneven"} or not cfg.rl_lengths.strip():
+        raise ValueError(f"--rl_lengths {cfg.rl_lengths}: equal, uneven or both")
     if cfg.quick:
         cfg.repeats, cfg.max_new_tokens, cfg.curve_steps = 1, 64, 20
         cfg.lengths, cfg.samples, cfg.scaling_length = "128,256,512", "4,8,16", 128
@@ -495,6 +548,8 @@ def run_all(cfg: BenchConfig) -> dict:
             res["sections"]["rl"] = section_rl(cfg, tmp)
         if "curves" in sections:
             res["sections"]["curves"] = section_curves(cfg, tmp)
+        if "threads" in sections:
+            res["sections"]["threads"] = section_threads(cfg, tmp)
         if "verifier" in sections:
             from worlds import toy
 
@@ -551,13 +606,13 @@ def _med(xs):
 
 def _rl_rows(s: dict) -> list[str]:
     lines = []
-    for name in ("equal", "uneven"):
+    for name in [k for k in ("equal", "uneven") if k in s]:
         runs = s[name]
         speed = {arm: _med([r["tokens_per_step"] / r["step_s"] for r in rs]) for arm, rs in runs.items()}  # tokens/s
         steps = {arm: _med([1 / r["step_s"] for r in rs]) for arm, rs in runs.items()}
         tokens = _med([r["tokens_per_step"] for r in runs["sync"]])
         goal = ">= 1.5x" if name == "equal" else ">= 2x"
-        for arm in ARMS:
+        for arm in [a for a in ARMS if a in runs]:
             tag = f"RL step, {name} lengths ({tokens:.0f} tokens/step), {arm}"
             lines.append(f"| {tag}: steps/s vs sync | {steps[arm]:.3f} | {steps['sync']:.3f} | "
                          f"{steps[arm] / steps['sync']:.2f}x | |")
@@ -568,7 +623,7 @@ def _rl_rows(s: dict) -> list[str]:
         if "trl" in runs:
             lines.append(f"| RL step, {name} lengths: peak RSS GB, sync vs TRL | "
                          f"{peaks['sync']:.2f} | {peaks['trl']:.2f} | {peaks['sync'] / peaks['trl']:.2f} | |")
-    sync = s["equal"]["sync"]
+    sync = s["equal" if "equal" in s else "uneven"]["sync"]
     phases = {k: _med([r["phases"].get(k, 0.0) for r in sync]) for k in sync[0]["phases"]}
     wall = _med([r["step_s"] for r in sync])
     for k in ("rollout", "generate", "reward", "logprobs", "update"):
@@ -615,6 +670,14 @@ def table(res: dict) -> str:
         h = s["lm_head"]
         lines.append(f"| log-probs fwd+bwd time, fp32 LM head / bf16 ({h['device']}, output layer "
                      f"{h['head_share_of_weights']:.0%} of the weights) | | | {h['ratio_median']:.2f} | small |")
+    if "threads" in s:
+        t = s["threads"]
+        best = min(_med([r["step_s"] for r in rs]) for rs in t["busy 0"].values())
+        for load in [k for k in t if k.startswith("busy ")]:
+            for name, rs in t[load].items():
+                step = _med([r["step_s"] for r in rs])
+                lines.append(f"| threads ({t['cores']} cores), {name}, {load} processes beside: s/step | {step:.3f} "
+                             f"| {best:.3f} (best idle) | {step / best:.2f}x | idle <= 1.1x, 1 busy <= 2x |")
     for kind in ("length", "samples"):
         rs = [r for r in s.get("scaling", []) if r["kind"] == kind]
         for r in rs:

@@ -43,12 +43,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+# OpenMP reads its wait policy once, when torch loads it: threads that sleep rather than spin at a barrier keep
+# a step within 2x beside another busy process, where spinning ones were 20-100x slower (rlvr/threads.py)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import torch
 
 import data
 import worlds
-from rlvr import (audit, checkpoint, config, distributed, metrics, model, remote, rollout, rundir,
-                  verifier_families, verifier_prompt, verifiers)
+from rlvr import (audit, checkpoint, config, distributed, metrics, model, remote, rollout, rundir, threads,
+                  verifier_families, verifier_prompt, verifier_spec, verifiers)
 from rlvr.config import overwrite_field, resume_field
 
 def _help(text: str) -> dict:
@@ -59,6 +63,8 @@ def _help(text: str) -> dict:
 class Common:
     config: str = field(default="", metadata=_help("YAML or JSON file of field values; flags override it"))
     trust_remote_code: bool = field(default=False, metadata=_help("allow model code from the hub (off: safer)"))
+    threads: int = field(default=0, metadata=_help("torch CPU threads; 0: the cores free at start-up (rlvr/threads.py); "
+                                                   "OMP_NUM_THREADS sets it too"))
     # the columns of --data (the released sets: --question_field query --reference_field label)
     question_field: str = field(default="question", metadata=_help(
         "column of the question: text, or chat messages whose last (the user's) is the question"))
@@ -175,11 +181,13 @@ def check_config(cfg, vopts: verifiers.VerifierOptions) -> None:
     """Every range and relation, before any model loads: a bad value is one line naming its flag."""
     req = config.require
     vopts.check()
+    req(cfg.threads >= 0, "threads", cfg.threads, "must be >= 0 (0: chosen from the free cores)")
     for name in ("student", "policy", "teacher", "verifier"):  # a model path: one line now, not a traceback later
-        spec = getattr(cfg, name, "")
-        if spec and spec != "tiny" and ":" not in spec.split("/")[0]:  # not rule:, http(s)://, py:
-            problem = model.source_problem(spec, True, cfg.trust_remote_code)
-            req(problem is None, name, spec, str(problem))
+        asked = verifier_spec.parse(getattr(cfg, name, "")).model_verifier  # a student or policy parses as a model
+        if asked.kind == "model" and asked.target:
+            chat = verifier_families.family(asked.family).chat if asked.family else True  # cot is sent as raw text
+            problem = model.source_problem(asked.target, chat, cfg.trust_remote_code)
+            req(problem is None, name, getattr(cfg, name), str(problem))
     for name in ("verifier", "teacher"):
         refused = remote.url_credentials(getattr(cfg, name, ""))
         req(refused is None, name, remote.redact(getattr(cfg, name, "")), refused)
@@ -707,6 +715,10 @@ def run(argv: list[str]) -> dict:
         raise config.ConfigError(f"unknown command {argv[0] if argv else ''!r}; choose from {', '.join(COMMANDS)}")
     cfg, vopts = parse_config(argv[0], argv[1:])
     lock = claim_out_dir(cfg)
+    n_threads, why = threads.choose(cfg.threads, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    threads.apply(n_threads)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(threads.start_up_line(n_threads, why), flush=True)
     try:
         return COMMANDS[argv[0]][1](cfg, vopts)
     finally:

@@ -51,6 +51,9 @@ class Config:
     master_key_warn: float = field(default=0.05, metadata={
         "help": "warn when the verifier says YES to more than this share of content-free answers"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the hub (off: safer)"})
+    threads: int = field(default=0, metadata={
+        "help": "torch CPU threads; 0: the cores free at start-up (rlvr/threads.py, said on one line); OMP_NUM_THREADS "
+                "sets it too"})
     prompt_format: Literal["chat", "plain"] = field(default="chat", metadata={
         "help": "chat: the policy's chat template; plain: for a base model without one, the system message, "
                 "'Question: ...', then 'Answer:'"})
@@ -180,6 +183,7 @@ def check_config(cfg: Config) -> None:
     req(cfg.temperature > 0, "temperature", cfg.temperature, "must be > 0 (sampling divides the logits by it)")
     req(0 < cfg.top_p <= 1, "top_p", cfg.top_p, "must be in (0, 1]")
     req(cfg.lr > 0, "lr", cfg.lr, "must be > 0")
+    req(cfg.threads >= 0, "threads", cfg.threads, "must be >= 0 (0: chosen from the free cores)")
     req(cfg.prompts_per_step % world == 0, "prompts_per_step", cfg.prompts_per_step,
         f"must be divisible by the number of ranks ({world})")
     per_rank = cfg.prompts_per_step * cfg.samples_per_prompt // max(world, 1)
