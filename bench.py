@@ -10,7 +10,7 @@ Sections (--sections, comma-separated):
                async + streamed judging, and TRL's GRPOTrainer; equal and uneven response lengths; plus the
                time split of a sync step (generate / reward / log-probs / update)
   curves       the CPU demo (recipes/cpu_demo.yaml) trained sync and async: both reward curves (a PNG beside --out)
-  verifier     reward.py's local verifier (one forward, last position) vs a generate()-based judge
+  verifier     verifiers.py's local verifier (one forward, last position) vs a generate()-based judge
   logprob_mem  peak memory of log-probs + backward at Qwen2.5's vocabulary (151,936), ours vs full fp32 log-softmax
   packing      training tokens/s, packed rows vs padded batches, on lognormal response lengths
   scaling      step time vs response length and vs responses per prompt (should be linear in tokens)

@@ -17,7 +17,7 @@ teacher judges them. `label` always writes question, reference, response, label 
 eval read with no field flags.
 
 A verifier is its weights and its settings (template, system prompt, judgement tokens, what of the
-response it reads). `sft` trains the student on reward.py's prompt and saves the settings beside the
+response it reads). `sft` trains the student on verifier_prompt.py's prompt and saves the settings beside the
 weights, so verifiers.build_verifier(dir), train_rl.py, `eval` and `label` ask it exactly as it learned.
 `sft --verifier_family compass|xverify|master-rm` trains the teacher's label as that family's tokens
 (A / B, Correct / Incorrect, YES / NO) after its published prompt (verifier_families.py) and saves the family.
@@ -572,7 +572,7 @@ EVAL_FIGURES = ("accuracy", "precision", "recall", "f1", "kappa", "ece", "brier"
 
 
 def heldout_eval(student, judge, rows: list[data.JudgedRow], probe_keys: int = 0, seed: int = 0) -> tuple[dict, dict]:
-    """The student, as reward.py's local verifier, against the teacher's labels of held-out rows; with
+    """The student, as verifiers.py's local verifier, against the teacher's labels of held-out rows; with
     probe_keys, also its master-key false-positive rate on `probe_keys` held-out questions. Returns
     (figures, master-key rate per key)."""
     student.eval()

@@ -1,6 +1,6 @@
 """Work done outside this process, and nothing about what it means: the vLLM completions client
 (first output token and the exact log-probabilities of chosen tokens) and the math-verify worker pool.
-reward.py turns both into judgements. Imports no project file and nothing heavy (the math-verify
+verifiers.py and rules.py turn both into judgements. Imports no project file and nothing heavy (the math-verify
 workers run this file as a script, so they start without torch).
 
     python remote.py math-worker SECONDS   # one math-verify worker: reads [reference, answer] JSON lines,

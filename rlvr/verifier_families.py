@@ -11,13 +11,14 @@ paper's way, at one judgement token c:
     cot        reasoning, then "Final       1 if c = " Yes"          as rm, where c is the token the verifier
                Decision: Yes/No"                                     generated right after "Final Decision:"
 
-A one-token family (all but cot) is read at its first output token, as reward.py reads the paper's
+A one-token family (all but cot) is read at its first output token, as verifiers.py reads the paper's
 verifier. cot generates first (greedy, or sampled with a seed per response), and Eq. 3 / Eq. 4 read
 the token after its decision marker; its generated length is its cost and is logged. A c that is none
 of a family's judgements is unjudged (reward 0), as for the paper's verifier. --soft_mode renorm
-renormalises every family over its judgements (for compass that is its Eq. 4 already).
+renormalises every family over its judgements; --soft_mode auto (the default) is each family's own
+Eq. 4 (renormalised for compass: reward.family_soft_mode).
 
-The numbers (reward.judgement_rewards) and the prompt (verifier_prompt.VerifierPrompt) are reward.py's; this
+The numbers are reward.py's (judgement_rewards) and the prompt verifier_prompt.py's (VerifierPrompt); this
 file is the table. A family is saved with a verifier's settings (verifier_prompt.VerifierSettings.family), so
 a student distilled into a family's format (train_verifier.py sft --verifier_family) is asked the same
 way. Imports no project file.
