@@ -92,7 +92,7 @@ class CompareConfig:
     sft_lr: float = field(default=0.0, metadata={"help": "AdamW learning rate of the SFT baseline (0: the recipe's --lr)"})
     min_effect: float = field(default=claim_stats.MIN_EFFECT, metadata={
         "help": "how a claim 'a beats b' is decided: per seed, a's teacher-graded end accuracy minus b's on the same "
-                "held-out questions (eval_questions.jsonl); a paired t-test over the seeds gives a 95% interval "
+                "held-out questions (eval_questions.jsonl); a paired t-test over the seeds gives an interval at level 0.95 "
                 "(simultaneous over a claim's pairs, Bonferroni). reproduced: the interval above 0 and the mean "
                 "difference >= min_effect; contradicted: below 0 and <= -min_effect; inconclusive otherwise (one seed "
                 "always: no interval; a tie is never a win). Claim 4 (close): reproduced when the student-minus-"

@@ -323,3 +323,18 @@ def test_a_verifier_free_source_runs_and_has_its_row(tiny_model_dir, tmp_path, m
         assert len(mine) == len({r["question"] for r in mine}) > 0 and all(r["answers"] == 1 for r in mine)
         assert sum(r["correct"] for r in mine) / len(mine) == pytest.approx(e["accuracy"], abs=1e-12)
     assert compare.questions_of(tmp_path / "out" / "verifree" / "seed0") == {r["question"]: r["correct"] for r in mine}
+
+
+def test_help_says_how_a_claim_is_decided():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(compare.ROOT / "compare.py"), "--help"], capture_output=True, text=True,
+                         cwd=compare.ROOT, timeout=300)
+    text = " ".join(out.stdout.split())
+    assert out.returncode == 0, out.stderr[-2000:]
+    for phrase in ("paired t-test over the seeds", "reproduced: the interval above 0 and the mean difference >= "
+                   "min_effect", "one seed always", "a tie is never a win", "independent judges", "(default: 0.02)"):
+        assert phrase in text, phrase
+    with pytest.raises(config.ConfigError, match="--min_effect 1.5: must be in"):
+        compare.check_config(compare.CompareConfig(min_effect=1.5))
