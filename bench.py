@@ -147,7 +147,7 @@ def worker_trl(a: dict) -> dict:
     import toy
     from metrics import peak_memory_gb
 
-    options = reward.VerifierOptions(soft_mode="renorm", verifier_max_unjudged=1.0, verifier_paper_defaults=True)
+    options = reward.VerifierOptions(soft_mode="ratio", verifier_max_unjudged=1.0, verifier_paper_defaults=True)
     verifier = reward.build_verifier(a["verifier"], options)
     tokens: list[int] = []
 
@@ -421,7 +421,7 @@ def rl_flags(policy: str, judge: str, prompts: int, samples: int, length: int, m
              out_dir: str) -> list[str]:
     """train_rl flags of the bench step: TRL's settings (one update per batch, group-normalised rewards, token-mean
     clipped loss, no KL), no eval, audit or log-only verifiers (TRL has none)."""
-    flags = dict(policy=policy, verifier=policy if judge == "policy" else judge, soft_mode="renorm",
+    flags = dict(policy=policy, verifier=policy if judge == "policy" else judge, soft_mode="ratio",
                  verifier_max_unjudged=1.0, reward_type="soft", prompts_per_step=prompts, samples_per_prompt=samples,
                  max_new_tokens=length, micro_batch_size=micro, steps=steps, reward_norm="group", advantage="reinforce",
                  kl_mode="none", loss_agg="token_mean", warmup_ratio=0.0, eval_every=0, eval_prompts=1,

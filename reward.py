@@ -98,7 +98,7 @@ def fill_template(template: str, question: str, reference: str, response: str) -
 # ----------------------------------------------------------------------------------------------
 # the judgement: Eq. 3 and Eq. 4 from one first token c
 
-SoftMode = Literal["eq4", "renorm"]
+SoftMode = Literal["eq4", "renorm", "ratio"]
 
 
 @dataclass
@@ -143,16 +143,20 @@ def judgement_rewards(p_yes: Tensor, p_no: Tensor, c_class: Tensor, soft_mode: S
     (+1 positive, -1 negative, INVALID a family's invalid judgement, 0 anything else), greedy or
     sampled: both equations read the same c.
     Eq. 3: binary = 1 if c is positive. Eq. 4: p(YES) if c = YES, 1 - p(NO) if c = NO, 0 otherwise.
-    soft_mode="renorm": p(YES) / (p(YES) + p(NO) [+ p(invalid)]), 0 when all are 0."""
+    soft_mode="renorm": p(YES) / (p(YES) + p(NO) [+ p(invalid)]) when c is one of the family's judgements,
+    0 when c is none of them (unjudged, as in Eq. 4) or all are 0. soft_mode="ratio": the same ratio
+    whatever c is: the judge's preference between its answers, defined for a model that does not answer
+    in the format (a base or random model judging; the tests' self-judging random policy)."""
     p_yes, p_no, c = p_yes.double().cpu(), p_no.double().cpu(), c_class.cpu()
     zero = torch.zeros_like(p_yes)
     if soft_mode == "eq4":
         soft = torch.where(c == 1, p_yes, torch.where(c == -1, 1.0 - p_no, zero))
-    elif soft_mode == "renorm":
+    elif soft_mode in ("renorm", "ratio"):
         den = p_yes + p_no + (zero if p_invalid is None else p_invalid.double().cpu())
-        soft = torch.where(den > 0, p_yes / den.clamp_min(torch.finfo(torch.float64).tiny), zero)
+        ok = den > 0 if soft_mode == "ratio" else (den > 0) & (c != 0)  # renorm: an unjudged c earns 0
+        soft = torch.where(ok, p_yes / den.clamp_min(torch.finfo(torch.float64).tiny), zero)
     else:
-        raise ValueError(f"soft_mode={soft_mode!r}: expected eq4 or renorm")
+        raise ValueError(f"soft_mode={soft_mode!r}: expected eq4, renorm or ratio")
     return Judgement(binary=(c == 1).float(), soft=soft.clamp(0.0, 1.0).float(), p_yes=p_yes.float(), judged=c != 0,
                      invalid=c == INVALID)
 
@@ -479,7 +483,7 @@ class LocalVerifier:
 
     def __init__(self, lm, tokenizer, settings: VerifierSettings = VerifierSettings(), name: str = "local verifier",
                  batch_size: int = 8, soft_mode: SoftMode = "eq4", sample: bool = False, max_unjudged: float = 0.1,
-                 seed: int = 0, max_new_tokens: int = 1024):
+                 seed: int = 0, max_new_tokens: int = 2048):
         self.prompt = VerifierPrompt(tokenizer, settings, name, getattr(lm.config, "max_position_embeddings", None))
         self.model, self.name, self.batch_size, self.max_new_tokens = lm, name, batch_size, max_new_tokens
         self.soft_mode = "renorm" if self.prompt.family.renormalise else soft_mode  # the family's Eq. 4
@@ -566,7 +570,7 @@ class RemoteVerifier:
 
     def __init__(self, client: CompletionsClient, tokenizer, settings: VerifierSettings = VerifierSettings(),
                  soft_mode: SoftMode = "eq4", sample: bool = False, max_unjudged: float = 0.1, seed: int = 0,
-                 max_new_tokens: int = 1024):
+                 max_new_tokens: int = 2048):
         self.client, self.name = client, f"{client.model_id} at {','.join(client.endpoints)}"
         self.prompt = VerifierPrompt(tokenizer, settings, self.name, client.max_model_len)
         self.soft_mode = "renorm" if self.prompt.family.renormalise else soft_mode  # the family's Eq. 4
@@ -630,13 +634,15 @@ class VerifierOptions:
     verifier_family: Optional[str] = _flag(None, "how the verifier is asked and read: "
                                                  f"{' | '.join(verifier_families.FAMILIES)} (verifier_families.py; "
                                                  "default: saved, else rm, the paper's)")
-    verifier_max_new_tokens: int = _flag(1024, "tokens a generating verifier (--verifier_family cot) may write before "
-                                               "its decision")
+    verifier_max_new_tokens: int = _flag(2048, "tokens a generating verifier (--verifier_family cot) may write before "
+                                               "its decision (2048: General-Reasoner's verifier.py)")
     verifier_force_settings: bool = _flag(False, "let the flags above override the verifier's saved settings")
     verifier_paper_defaults: bool = _flag(False, "ask model verifiers without verifier_settings.json (the released "
                                                  "RM-7B, a general judge) with the paper's template and YES/NO; "
                                                  "without it they are refused")
-    soft_mode: SoftMode = _flag("eq4", "Eq. 4 as the paper writes it, or renorm: p(YES) / (p(YES) + p(NO))")
+    soft_mode: SoftMode = _flag("eq4", "Eq. 4 as the paper writes it; renorm: p(YES) / (p(YES) + p(NO)) when c is "
+                                "YES or NO (0 otherwise, as Eq. 4); ratio: that ratio whatever c is (a judge "
+                                "that does not answer in the format: a base or random model)")
     verifier_sample: bool = _flag(False, "sample the first token c, seeded per response (Eq. 3 as the paper writes "
                                          "it); Eq. 4 reads the same c")
     verifier_batch_size: int = _flag(16, "rows per forward pass of a local verifier")
