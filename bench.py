@@ -154,7 +154,7 @@ def worker_trl(a: dict) -> dict:
     from worlds import toy
     from rlvr.metrics import peak_memory_gb
 
-    options = verifiers.VerifierOptions(soft_mode="renorm", verifier_max_unjudged=1.0, verifier_paper_defaults=True)
+    options = verifiers.VerifierOptions(soft_mode="ratio", verifier_max_unjudged=1.0, verifier_paper_defaults=True)
     verifier = verifiers.build_verifier(a["verifier"], options)
     tokens: list[int] = []
 
@@ -429,7 +429,7 @@ def rl_flags(policy: str, judge: str, prompts: int, samples: int, length: int, m
     """train_rl flags of the bench step: TRL's settings (one update per batch, group-normalised rewards, token-mean
     clipped loss, no KL), no eval, audit or log-only verifiers (TRL has none), on the numeric toy's questions
     (numbers: the references rule:math grades, whatever the main job's world is)."""
-    flags = dict(data="toy", policy=policy, verifier=policy if judge == "policy" else judge, soft_mode="renorm",
+    flags = dict(data="toy", policy=policy, verifier=policy if judge == "policy" else judge, soft_mode="ratio",
                  verifier_max_unjudged=1.0, reward_type="soft", prompts_per_step=prompts, samples_per_prompt=samples,
                  max_new_tokens=length, micro_batch_size=micro, steps=steps, reward_norm="group", advantage="reinforce",
                  kl_mode="none", loss_agg="token_mean", warmup_ratio=0.0, eval_every=0, eval_prompts=1,

@@ -22,8 +22,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlvr import audit, config, metrics, rl_config, verifiers
 import train_rl
+from rlvr import audit, claim_stats, config, metrics, rl_config, verifiers
 
 ROOT = Path(__file__).resolve().parent
 TEACHER = "py:worlds.freeform:teacher"
@@ -61,8 +61,11 @@ JUDGES = {
     "rule:jaccard>=0.5": ("rule:jaccard", 0.5),
     "rule:math": ("rule:math", None),
 }
-MODEL_JUDGES = ("teacher", "noisy teacher", "student")
+# claim 6's judges: independent ones only. The noisy teacher is the teacher with 10% of its labels flipped, not
+# a second judge: it agrees with the teacher by construction, so it is shown in the Cohen table, not counted here
+MODEL_JUDGES = ("teacher", "student")
 KAPPA_HIGH = 0.8  # "almost perfect" agreement (Landis & Koch 1977), fixed before any run: claim 6's bar
+BOOTSTRAP = 1000  # resamples of the agreement rows for Fleiss' kappa's interval (seeded)
 
 
 @dataclass
@@ -83,6 +86,14 @@ class CompareConfig:
     agreement_rows: int = field(default=2000, metadata={
         "help": "responses drawn (seeded) from the RL runs' rollouts.jsonl for the agreement table (0: all)"})
     sft_lr: float = field(default=0.0, metadata={"help": "AdamW learning rate of the SFT baseline (0: the recipe's --lr)"})
+    min_effect: float = field(default=claim_stats.MIN_EFFECT, metadata={
+        "help": "how a claim 'a beats b' is decided: per seed, a's teacher-graded end accuracy minus b's on the same "
+                "held-out questions (eval_questions.jsonl); a paired t-test over the seeds gives an interval at level 0.95 "
+                "(simultaneous over a claim's pairs, Bonferroni). reproduced: the interval above 0 and the mean "
+                "difference >= min_effect; contradicted: below 0 and <= -min_effect; inconclusive otherwise (one seed "
+                "always: no interval; a tie is never a win). Claim 4 (close): reproduced when the student-minus-"
+                "teacher interval lies above -min_effect, contradicted when below it. Claim 6: Fleiss' kappa of the "
+                "independent judges (teacher, student) with a bootstrap interval over the responses against 0.8"})
     out_dir: str = field(default="runs/compare", metadata={"help": "one run directory per source and seed, the tables"})
 
 
@@ -92,6 +103,7 @@ def check_config(cfg: CompareConfig) -> None:
     config.require(cfg.eval_samples >= -1, "eval_samples", cfg.eval_samples, "must be >= 0, or -1 for the recipe's")
     config.require(cfg.agreement_rows >= 0, "agreement_rows", cfg.agreement_rows, "must be >= 0 (0: all)")
     config.require(cfg.sft_lr >= 0, "sft_lr", cfg.sft_lr, "must be >= 0 (0: the recipe's --lr)")
+    config.require(0 <= cfg.min_effect < 1, "min_effect", cfg.min_effect, "must be in [0, 1) (held-out accuracy)")
     unknown = [s for s in cfg.sources.split(",") if s not in SOURCES]
     config.require(not unknown, "sources", cfg.sources, f"unknown {unknown}; choose from {list(SOURCES)}")
     unknown = [j for j in filter(None, cfg.judges.split(",")) if j not in JUDGES]
@@ -130,6 +142,18 @@ def evals_of(out: Path) -> list[dict]:
     return [{"step": r["step"], "accuracy": r["eval/accuracy"],
              "subjects": {k[len(prefix):]: v for k, v in r.items() if k.startswith(prefix)}}
             for r in metrics.read_jsonl(out / "metrics.jsonl") if "eval/accuracy" in r]
+
+
+def questions_of(out: Path) -> dict[str, float]:
+    """A run's last eval, question by question: {question: share of its answers graded right}, from its
+    eval_questions.jsonl (train_rl.py writes it; the last rows of the last step win, as a rerun appends)."""
+    path = out / "eval_questions.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no per-question evals (a run from before train_rl.py wrote them): remove "
+                                f"{out} and rerun compare.py to run it again")
+    rows = metrics.read_jsonl(path)
+    last = rows[-1]["step"]
+    return {r["question"]: r["correct"] / r["answers"] for r in rows if r["step"] == last}
 
 
 def run(cmd: list[str], what: str) -> None:
@@ -280,8 +304,18 @@ def judge_all(judges: dict[str, tuple], rows: list[dict], student: str) -> dict[
     return out
 
 
-def agreement_table(verdicts: dict[str, list[int]]) -> tuple[str, dict, float | None]:
-    """The Cohen's kappa matrix (markdown), {"a vs b": kappa}, and Fleiss' kappa over the model judges present."""
+def fleiss_interval(verdicts: dict[str, list[int]], seed: int = 0) -> dict:
+    """Fleiss' kappa of judges' 0/1 verdicts on the same rows and its percentile bootstrap interval
+    (BOOTSTRAP resamples of the rows, seeded): {"kappa", "lo", "hi", "rows", "judges"}."""
+    n = len(next(iter(verdicts.values())))
+    kappa = lambda idx: audit.fleiss_kappa(audit.binary_counts({k: [v[i] for i in idx] for k, v in verdicts.items()}))  # noqa: E731
+    lo, hi = claim_stats.bootstrap_interval(n, kappa, BOOTSTRAP, seed)
+    return {"kappa": kappa(range(n)), "lo": lo, "hi": hi, "rows": n, "judges": list(verdicts)}
+
+
+def agreement_table(verdicts: dict[str, list[int]]) -> tuple[str, dict, dict | None]:
+    """The Cohen's kappa matrix (markdown), {"a vs b": kappa}, and fleiss_interval over the independent
+    model judges present (MODEL_JUDGES; None with fewer than two, or when every verdict is the same)."""
     pairs = audit.pairwise_kappa(verdicts)
     names = list(verdicts)
     cell = lambda k: "-" if k is None else f"{k:.3f}"  # noqa: E731
@@ -293,7 +327,9 @@ def agreement_table(verdicts: dict[str, list[int]]) -> tuple[str, dict, float | 
             row.append(cell(k))
         lines.append(f"| {a} (YES {sum(verdicts[a]) / max(1, len(verdicts[a])):.2f}) | " + " | ".join(row) + " |")
     model = {n: verdicts[n] for n in MODEL_JUDGES if n in verdicts}
-    fleiss = audit.fleiss_kappa(audit.binary_counts(model)) if len(model) >= 2 else None
+    fleiss = fleiss_interval(model) if len(model) >= 2 else None
+    if fleiss is not None and fleiss["kappa"] is None:
+        fleiss = None
     return "\n".join(lines), {f"{a} vs {b}": k for (a, b), k in pairs.items()}, fleiss
 
 
@@ -301,21 +337,32 @@ def agreement_table(verdicts: dict[str, list[int]]) -> tuple[str, dict, float | 
 # the paper's six claims, each as pairs (a, b) that claim a > b on end accuracy, seed by seed
 
 
-def ordering(summary: dict, a: str, b: str) -> dict:
-    """a's end accuracy minus b's: the mean difference, per seed (the same seed shares the warm start
-    and the eval answers' seeds) and in how many seeds a > b."""
-    diffs = [x[1] - y[1] for x, y in zip(summary[a]["per_seed"], summary[b]["per_seed"])]
-    return {"a": a, "b": b, "diff": statistics.fmean(diffs), "per_seed": diffs, "wins": sum(d > 0 for d in diffs)}
+def paired_diffs(questions: dict[str, list[dict]], a: str, b: str) -> list[float]:
+    """Per seed: the mean over the held-out questions of a's share of answers graded right minus b's
+    (= a's end accuracy minus b's); a seed's two runs must have been graded on the same questions."""
+    diffs = []
+    for i, (qa, qb) in enumerate(zip(questions[a], questions[b], strict=True)):
+        if set(qa) != set(qb):
+            raise ValueError(f"seed #{i}: {a} and {b} were graded on different held-out questions "
+                             f"({len(set(qa) ^ set(qb))} not shared): the pairs of a claim need the same ones")
+        diffs.append(statistics.fmean(qa[q] - qb[q] for q in qa))
+    return diffs
 
 
-def verdict(orders: list[dict]) -> str:
-    """reproduced: a > b in every seed of every pair; not reproduced: a <= b on average in every pair;
-    partly: anything between."""
-    if all(o["wins"] == len(o["per_seed"]) for o in orders):
-        return "reproduced"
-    if all(o["diff"] <= 0 for o in orders):
-        return "not reproduced"
-    return "partly"
+def ordering(questions: dict[str, list[dict]], a: str, b: str, pairs: int = 1,
+             min_effect: float = claim_stats.MIN_EFFECT) -> dict:
+    """"a beats b", one of a claim's `pairs`: the paired t-test of the per-seed differences (its interval
+    simultaneous over the claim's pairs), how many seeds have a strictly above b, and the verdict."""
+    diffs = paired_diffs(questions, a, b)
+    test = claim_stats.paired_t(diffs, claim_stats.simultaneous_level(pairs))
+    return {"a": a, "b": b, "per_seed": diffs, "wins": sum(d > 0 for d in diffs), **test,
+            "verdict": claim_stats.decide_beats(test, min_effect)}
+
+
+def fmt_test(o: dict) -> str:
+    """"a - b = +0.030 [-0.010, +0.070], p 0.12, a > b in 2/3 seeds"; one seed: no interval."""
+    ci = "no interval (one seed)" if o["lo"] is None else f"[{o['lo']:+.3f}, {o['hi']:+.3f}], p {o['p']:.3g}"
+    return f"{o['a']} - {o['b']} = {o['mean']:+.3f} {ci}, a > b in {o['wins']}/{len(o['per_seed'])} seeds"
 
 
 CLAIMS = [
@@ -327,32 +374,40 @@ CLAIMS = [
 ]
 
 
-def claims(summary: dict, kappas: dict, fleiss: float | None) -> list[dict]:
-    """The paper's six claims against this run: [{"claim", "verdict", "evidence"}], claim 4 by the
-    student's gap to its teacher against the seeds' spread, claim 6 by Fleiss' kappa against KAPPA_HIGH.
-    A claim whose sources (or judges) did not run is left out."""
+def claims(questions: dict[str, list[dict]], kappas: dict, fleiss: dict | None,
+           min_effect: float = claim_stats.MIN_EFFECT) -> list[dict]:
+    """The paper's six claims against this run: [{"claim", "verdict", "evidence"}] from the per-seed,
+    per-question end evals `questions` ({source: [{question: share right} per seed]}, seeds in the same
+    order): claims 1-3 and 5 by `ordering` (all pairs reproduced, or any contradicted), claim 4 by the
+    student's non-inferiority to its teacher within min_effect, claim 6 by Fleiss' kappa of the
+    independent judges (`fleiss`: agreement_table's) against KAPPA_HIGH. A claim whose sources (or
+    judges) did not run is left out."""
     out = []
     for text, pairs in CLAIMS:
-        if all(a in summary and b in summary for a, b in pairs):
-            orders = [ordering(summary, a, b) for a, b in pairs]
-            evidence = "; ".join(f"{o['a']} - {o['b']} = {o['diff']:+.3f} (a > b in {o['wins']}/{len(o['per_seed'])} seeds)"
-                                 for o in orders)
-            out.append({"claim": text, "verdict": verdict(orders), "evidence": evidence})
-    if "student_soft" in summary and "teacher_binary" in summary:
-        s, t = summary["student_soft"]["end"], summary["teacher_binary"]["end"]
-        gap = t["mean"] - s["mean"]
-        band = max(s["std"] or 0.0, t["std"] or 0.0)
+        if all(a in questions and b in questions for a, b in pairs):
+            orders = [ordering(questions, a, b, len(pairs), min_effect) for a, b in pairs]
+            evidence = "; ".join(f"{fmt_test(o)}: {o['verdict']}" for o in orders) if len(orders) > 1 else fmt_test(orders[0])
+            out.append({"claim": text, "verdict": claim_stats.combine([o["verdict"] for o in orders]),
+                        "evidence": evidence})
+    if "student_soft" in questions and "teacher_binary" in questions:
+        diffs = paired_diffs(questions, "student_soft", "teacher_binary")
+        test = claim_stats.paired_t(diffs)
+        o = {"a": "student_soft", "b": "teacher_binary", "per_seed": diffs, "wins": sum(d > 0 for d in diffs), **test}
         out.append({"claim": "4. the distilled small verifier comes close to its large teacher",
-                    "verdict": "reproduced" if gap <= band else "not reproduced",
-                    "evidence": f"teacher binary {t['mean']:.3f}, student soft {s['mean']:.3f}: gap {gap:+.3f} "
-                                f"against the larger seed std {band:.3f}"})
+                    "verdict": claim_stats.decide_close(test, min_effect),
+                    "evidence": f"{fmt_test(o)}; close: the interval above -{min_effect:g}"})
     if fleiss is not None:
         shown = "; ".join(f"{k} {v:.3f}" if v is not None else f"{k} -" for k, v in kappas.items()
                           if k.split(" vs ")[0] in MODEL_JUDGES and k.split(" vs ")[1] in MODEL_JUDGES)
+        lo, hi = fleiss["lo"], fleiss["hi"]
+        verdict = (claim_stats.INCONCLUSIVE if lo is None else claim_stats.REPRODUCED if lo > KAPPA_HIGH
+                   else claim_stats.CONTRADICTED if hi < KAPPA_HIGH else claim_stats.INCONCLUSIVE)
+        ci = "no interval" if lo is None else f"[{lo:.3f}, {hi:.3f}]"
         out.append({"claim": "6. binary judgements agree across judges when an expert reference exists",
-                    "verdict": "reproduced" if fleiss >= KAPPA_HIGH else "not reproduced",
-                    "evidence": f"Fleiss' kappa over {', '.join(n for n in MODEL_JUDGES)} {fleiss:.3f} "
-                                f"(bar {KAPPA_HIGH}); Cohen's: {shown}"})
+                    "verdict": verdict,
+                    "evidence": f"Fleiss' kappa of the independent judges {', '.join(fleiss['judges'])} "
+                                f"{fleiss['kappa']:.3f} {ci} (bootstrap over {fleiss['rows']} responses; bar "
+                                f"{KAPPA_HIGH}); Cohen's: {shown}"})
     return sorted(out, key=lambda c: c["claim"])
 
 
@@ -373,6 +428,10 @@ def main() -> None:
     results = {source: [run_sft(cfg, rl, seed) if SOURCES[source][1] is None else run_rl(cfg, rl, source, seed)
                         for seed in seeds] for source in cfg.sources.split(",")}
     summary = summarize(results)
+    out = Path(cfg.out_dir).resolve()  # each run's last eval per question: the RL run's own, SFT's end eval's
+    questions = {source: [questions_of(out / source / f"seed{seed}" / ("end/eval_only" if SOURCES[source][1] is None
+                                                                      else "")) for seed in seeds]
+                 for source in results}
     curves = {}
     for source, runs in results.items():
         steps = [e["step"] for e in runs[0]]
@@ -396,10 +455,10 @@ def main() -> None:
         text, kappas, fleiss = agreement_table(verdicts)
         print(f"\n{len(rows)} responses of the RL runs, every judge on each:\n{text}\n"
               f"Fleiss' kappa over {', '.join(n for n in MODEL_JUDGES if n in verdicts)}: "
-              f"{'-' if fleiss is None else f'{fleiss:.3f}'}")
+              f"{'-' if fleiss is None else '{kappa:.3f} [{lo:.3f}, {hi:.3f}]'.format(**fleiss)}")
         report |= {"agreement": {"rows": len(rows), "kappa": kappas, "fleiss_model_judges": fleiss,
                                  "yes_rate": {n: sum(v) / len(v) for n, v in verdicts.items()}}}
-    report["claims"] = claims(summary, kappas, fleiss)
+    report["claims"] = claims(questions, kappas, fleiss, cfg.min_effect)
     print("\n" + claims_table(report["claims"]))
     (Path(cfg.out_dir) / "compare.json").write_text(json.dumps(report, indent=1))
     print(f"[compare] curves: {plot}; numbers: {Path(cfg.out_dir) / 'compare.json'}")

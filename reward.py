@@ -25,8 +25,8 @@ from rlvr.rl_math import normalize_rewards, znorm  # noqa: F401 (the z-score of 
 # ----------------------------------------------------------------------------------------------
 # the judgement: Eq. 3 and Eq. 4 from one first token c
 
-SoftMode = Literal["eq4", "renorm"]
-SoftModeFlag = Literal["auto", "eq4", "renorm"]  # --soft_mode: auto is the family's own Eq. 4
+SoftMode = Literal["eq4", "renorm", "ratio"]
+SoftModeFlag = Literal["auto", "eq4", "renorm", "ratio"]  # --soft_mode: auto is the family's own Eq. 4
 
 
 @dataclass
@@ -76,7 +76,7 @@ def family_soft_mode(flag: SoftModeFlag, renormalises: bool, family: str = "") -
         if flag == "eq4":
             raise ValueError(f"--soft_mode eq4: the {family} family's soft reward is p(positive) renormalised over its "
                              "judgements (its Eq. 4); use --soft_mode auto or renorm")
-        return "renorm"
+        return "ratio" if flag == "ratio" else "renorm"
     return "eq4" if flag == "auto" else flag
 
 
@@ -86,16 +86,20 @@ def judgement_rewards(p_yes: Tensor, p_no: Tensor, c_class: Tensor, soft_mode: S
     (+1 positive, -1 negative, INVALID a family's invalid judgement, 0 anything else), greedy or
     sampled: both equations read the same c.
     Eq. 3: binary = 1 if c is positive. Eq. 4: p(YES) if c = YES, 1 - p(NO) if c = NO, 0 otherwise.
-    soft_mode="renorm": p(YES) / (p(YES) + p(NO) [+ p(invalid)]), 0 when all are 0."""
+    soft_mode="renorm": p(YES) / (p(YES) + p(NO) [+ p(invalid)]) when c is one of the family's judgements,
+    0 when c is none of them (unjudged, as in Eq. 4) or all are 0. soft_mode="ratio": the same ratio
+    whatever c is: the judge's preference between its answers, defined for a model that does not answer
+    in the format (a base or random model judging; the tests' self-judging random policy)."""
     p_yes, p_no, c = p_yes.double().cpu(), p_no.double().cpu(), c_class.cpu()
     zero = torch.zeros_like(p_yes)
     if soft_mode == "eq4":
         soft = torch.where(c == 1, p_yes, torch.where(c == -1, 1.0 - p_no, zero))
-    elif soft_mode == "renorm":
+    elif soft_mode in ("renorm", "ratio"):
         den = p_yes + p_no + (zero if p_invalid is None else p_invalid.double().cpu())
-        soft = torch.where(den > 0, p_yes / den.clamp_min(torch.finfo(torch.float64).tiny), zero)
+        ok = den > 0 if soft_mode == "ratio" else (den > 0) & (c != 0)  # renorm: an unjudged c earns 0
+        soft = torch.where(ok, p_yes / den.clamp_min(torch.finfo(torch.float64).tiny), zero)
     else:
-        raise ValueError(f"soft_mode={soft_mode!r}: expected eq4 or renorm")
+        raise ValueError(f"soft_mode={soft_mode!r}: expected eq4, renorm or ratio")
     return Judgement(binary=(c == 1).float(), soft=soft.clamp(0.0, 1.0).float(), p_yes=p_yes.float(), judged=c != 0,
                      invalid=c == INVALID)
 

@@ -270,11 +270,17 @@ def reduce_step(parts: list[dict], rewards: torch.Tensor, logged_names: list[str
 # 7. eval: answers to held-out prompts, graded by the eval verifier
 
 
+EVAL_QUESTIONS = "eval_questions.jsonl"  # each eval's answers graded right, per held-out question
+
+
 @torch.no_grad()
-def evaluate(policy, tokenizer, heldout, grader, cfg: Config, device) -> dict:
+def evaluate(policy, tokenizer, heldout, grader, cfg: Config, device, questions_file: Path | None = None,
+             step: int = 0) -> dict:
     """Accuracy overall and per subject, of greedy answers or of cfg.eval_samples sampled ones per
     prompt. Prompts are sharded over ranks (padded with repeats so every rank runs as many batches:
-    FSDP gathers inside generate's forward). No held-out prompts: no eval ({}; load_data said so)."""
+    FSDP gathers inside generate's forward). No held-out prompts: no eval ({}; load_data said so).
+    `questions_file`: rank 0 appends one row per question {"step", "question", "subject", "correct",
+    "answers"} (compare.py pairs two runs' answers question by question)."""
     records = heldout[:cfg.eval_prompts] if cfg.eval_prompts else heldout
     if not records:
         return {}
@@ -296,13 +302,17 @@ def evaluate(policy, tokenizer, heldout, grader, cfg: Config, device) -> dict:
         texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
         correct += grader([r.question for r in batch], [r.reference for r in batch], texts).binary.tolist()
     totals: dict[str, list[float]] = {}
-    for part in distributed.gather_objects([(records[slot // k].meta.get("subject", ""), c)
-                                            for slot, c in zip(mine[:n_real], correct)]):
-        for subject, c in part:
-            for key in {"", subject}:
+    per_question = [0.0] * len(records)
+    for part in distributed.gather_objects([(slot // k, c) for slot, c in zip(mine[:n_real], correct)]):
+        for i, c in part:
+            per_question[i] += c
+            for key in {"", records[i].meta.get("subject", "")}:
                 totals.setdefault(key, [0.0, 0])
                 totals[key][0] += c
                 totals[key][1] += 1
+    if questions_file is not None and distributed.rank() == 0:
+        metrics.append_jsonl(questions_file, [{"step": step, "question": r.question, "subject": r.meta.get("subject", ""),
+                                               "correct": c, "answers": k} for r, c in zip(records, per_question)])
     out = {"eval/accuracy": totals[""][0] / totals[""][1], "eval/prompts": len(records)}
     out.update({f"eval/accuracy/{key}": c / n for key, (c, n) in sorted(totals.items()) if key})
     return out
@@ -458,7 +468,7 @@ def resume(cfg: Config, ckpt_dir: Path, policy, optimizer, scheduler) -> dict:
     if state is None:  # --resume yes without a checkpoint was refused before anything loaded
         return {"step": 0, "streaks": {"nonfinite": 0, "audit": 0}}
     if distributed.rank() == 0:
-        for name in ("rollouts.jsonl", "audit.jsonl") if not cfg.eval_only else ():  # it writes to eval_only/ only
+        for name in ("rollouts.jsonl", "audit.jsonl", EVAL_QUESTIONS) if not cfg.eval_only else ():  # it writes to eval_only/ only
             metrics.rewind_jsonl(Path(cfg.out_dir) / name, state["step"])
         print(f"resumed from step {state['step']} ({ckpt_dir})")
     return state
@@ -557,13 +567,15 @@ def train(cfg: Config, vopts: verifiers.VerifierOptions) -> dict:
                           cfg.wandb_project, cfg.wandb_run_name or None, cfg.wandb_mode, rank,
                           resume_step=None if cfg.eval_only else start)
     if cfg.eval_only:
-        result = evaluate(policy, tokenizer, heldout, judges["eval"], cfg, device)
+        result = evaluate(policy, tokenizer, heldout, judges["eval"], cfg, device, out_dir / "eval_only" / EVAL_QUESTIONS,
+                          start)
         log.log(start, result)
         log.close()
         return {"eval": result}
     if start == 0:  # before any update: the verifier's master-key rate and the policy's starting accuracy
         m = probe_master_keys(judges["reward"], train_set, cfg) if cfg.master_key_prompts else {}
-        log.log(0, m | (evaluate(policy, tokenizer, heldout, judges["eval"], cfg, device) if cfg.eval_every else {}))
+        log.log(0, m | (evaluate(policy, tokenizer, heldout, judges["eval"], cfg, device, out_dir / EVAL_QUESTIONS, 0)
+                        if cfg.eval_every else {}))
     common = (cfg, policy, tokenizer, train_set, sampler, judges["reward"], judges["logged"])
     source = rollout_async.AsyncSource(*common, policy_path) if cfg.async_steps else \
         rollout.RolloutSource(*common, start_engine(cfg, policy_path, policy, device, resumed=start > 0))
@@ -598,7 +610,8 @@ def train(cfg: Config, vopts: verifiers.VerifierOptions) -> dict:
             last = step + 1 == cfg.steps
             if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
                 with timer("eval"):
-                    m.update(evaluate(policy, tokenizer, heldout, judges["eval"], cfg, device))
+                    m.update(evaluate(policy, tokenizer, heldout, judges["eval"], cfg, device, out_dir / EVAL_QUESTIONS,
+                                      step + 1))
             m.update(timer.pop() | {"time/step": time.time() - t0, "lr": scheduler.get_last_lr()[0],
                                     "epoch": sampler.epoch, **metrics.peak_memory(device)})
             m["throughput/tokens_per_s"] = m["response/length_mean"] * len(rewards) / max(m["time/step"], 1e-9)

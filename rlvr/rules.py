@@ -112,11 +112,30 @@ class RuleVerifier:
 # hybrid routing: hybrid:<model verifier spec>
 
 
+_LATEX_COMMAND = re.compile(r"\\[A-Za-z]+")
+_LETTERS = re.compile(r"[^\W\d_]+")
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+_LIST_SEPARATOR = re.compile(r";|,(?!\d{3}(?!\d))")  # a comma that is no thousands separator lists candidates
+
+
+def math_form(text: str) -> tuple[set[str], int, int]:
+    """What rule:math cannot see in an answer: its words besides LaTeX commands (units, variables,
+    hedges: "kg", "x", "or"), how many numbers it holds and how many list separators ("3 kg, 7 kg")."""
+    bare = _LATEX_COMMAND.sub(" ", text.strip().strip("$"))
+    return set(_LETTERS.findall(bare)), len(_NUMBER.findall(bare)), len(_LIST_SEPARATOR.findall(bare))
+
+
 def routes_to_math(reference: str, response: str) -> bool:
-    """Does hybrid routing send this row to rule:math? Both the reference and the final answer
-    (final_answer: the last line, "Therefore, the answer is" removed) must look mathematical
-    (looks_mathematical: digits or LaTeX, at most two words besides): "7 kg" vs "7000 g" goes to the rule;
-    "seven kilograms", prose and content-free master keys ("Thought process:", ":") go to the model."""
-    return looks_mathematical(reference) and looks_mathematical(final_answer(response))
+    """Does hybrid routing send this row to rule:math? Only where the rule's verdict is the truth: the
+    reference looks mathematical, and the final answer (final_answer: the last line, "Therefore, the answer
+    is" removed) is one candidate in the reference's own terms: the same words (units, variables: the
+    rule ignores units, so "7 g" for "7 kg" must not reach it), at least one and no more numbers than the
+    reference, no more list separators. "\\frac{1}{2}" vs "0.5" and "7 kg" vs "7 kg" go to the rule; "7000 g"
+    for "7 kg", "3 kg, 7 kg", "x = 3 or 7", prose and master keys ("Thought process: 7", ":") to the model."""
+    if not looks_mathematical(reference):
+        return False
+    words, numbers, separators = math_form(reference)
+    a_words, a_numbers, a_separators = math_form(final_answer(response))
+    return a_words == words and (1 <= a_numbers <= numbers if numbers else a_numbers == 0) and a_separators <= separators
 
 

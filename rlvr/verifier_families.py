@@ -130,11 +130,12 @@ FAMILIES = {f.name: f for f in (
     # not be fetched here, so its prompt is NOT checked byte for byte: it is asked with the paper's template,
     # the form its model card describes. Check the card before relying on Master-RM's exact bytes.
     Family("master-rm", source="the paper's template (Master-RM's own card could not be fetched to check it)"),
+    # compass and xverify read the raw output, <think> blocks included, as their code sends it (issue 32)
     Family("compass", dict(template=COMPASS_TEMPLATE, system_prompt="", positive="A", negative="B",
-                           full_response=True),
+                           full_response=True, strip_think=False),
            invalid="C", renormalise=True, source="open-compass/CompassVerifier@2d7cba6 src/prompts.py CV_PROMPT"),
     Family("xverify", dict(template=XVERIFY_TEMPLATE, system_prompt="", positive="Correct", negative="Incorrect",
-                           full_response=True),
+                           full_response=True, strip_think=False),
            source="IAAR-Shanghai/xVerify@5e3606a src/xVerify/prompts/judge_prompt.py PROMPT"),
     # The decision token is " Yes" / " No" with its space: the verifier writes "Final Decision: Yes".
     Family("cot", dict(template=COT_TEMPLATE, system_prompt="", positive=" Yes", negative=" No"),

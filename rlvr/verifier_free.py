@@ -10,6 +10,8 @@ reference y*, and score the reference's tokens under the current policy pi_theta
   Eq. for f_seq and the debiased reward): r = (1/|y*|) sum_i pi_theta(y*_i | x, z, y*_<i), the mean token
   PROBABILITY (not log-probability); debiased r_hat = clip(r - r_base, 0, 1), where r_base is the same
   score of the reference right after the prompt, no reasoning: r_base = (1/|y*|) sum_i pi(y*_i | x, y*_<i).
+  In both the reference follows whitespace, one space if none, as their code writes prompt + ' ' + reference
+  (continuation_ids, rlpr=True).
   Their code (github.com/OpenBMB/RLPR at 8490fca326c625a1697a09ac1a1476a4f6f76325):
   verl/workers/reward_manager/prob.py compute_scoreB ('mean_exp_log_softmax': torch.mean(torch.exp(logp)))
   and the shaping 'threshold_0' (0 below 0) of examples/RLPR/reproduce_qwen.sh; r_base ("scoreA") is
@@ -70,13 +72,21 @@ def split_answer(response: str) -> tuple[str, str]:
     return response, ""
 
 
-def continuation_ids(tokenizer, reasoning: str, reference: str) -> tuple[list[int], list[int]]:
+def continuation_ids(tokenizer, reasoning: str, reference: str, rlpr: bool = False) -> tuple[list[int], list[int]]:
     """(reasoning ids, reference ids), each tokenised on its own (as VeriFree does), so the reference's
     tokens are the same whatever precedes them. Spaces that end the reasoning ("the answer is ") go with
-    the reference (" 7 kg"), as RLPR keeps the answer's leading whitespace before the reference."""
+    the reference (" 7 kg"). rlpr=True, RLPR's rule (OpenBMB/RLPR@8490fca ray_trainer.py: get_scoreA's
+    prompt + ' ' + reference, replace_answer_with_gt_batch's leading whitespace, ' ' when there is none,
+    and locate_substring_tokens: the scored tokens are those that overlap the reference's characters):
+    the reference always follows whitespace, one space when the reasoning ends without it, and leading
+    tokens that are that whitespace alone stay with the reasoning, unscored (" 7 kg" -> " " | "7 kg";
+    " Birch" -> "| Birch": its first token holds the space and a letter, so it is scored)."""
     head = reasoning.rstrip(" \t")
+    space = reasoning[len(head):] or (" " if rlpr else "")
     enc = lambda s: tokenizer.encode(verifier_prompt.encodable(s), add_special_tokens=False) if s else []  # noqa: E731
-    return enc(head), enc(reasoning[len(head):] + reference)
+    ids, lead = enc(space + reference), enc(space)
+    k = len(lead) if rlpr and lead and ids[:len(lead)] == lead else 0
+    return enc(head) + ids[:k], ids[k:]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,8 +221,11 @@ class PolicyReward:
         if self.sharded and distributed.world_size() > 1:  # every rank scores the union: equal forward counts
             missing = list(dict.fromkeys(k for part in distributed.gather_objects(missing) for k in part))
         if missing:
-            prompts = self.prompt_ids([q for q, _ in missing])
-            refs = [continuation_ids(self.tokenizer, "", r)[1] for _, r in missing]
+            prompts, refs = [], []
+            for p, (_, r) in zip(self.prompt_ids([q for q, _ in missing]), missing):
+                head, ref_ids = continuation_ids(self.tokenizer, "", r, rlpr=True)
+                prompts.append(p + head)
+                refs.append(ref_ids)
             self.base.update(zip(missing, self.scores(prompts, refs).tolist()))
         return torch.tensor([self.base[k] for k in zip(questions, references)], dtype=torch.float64)
 
@@ -221,7 +234,7 @@ class PolicyReward:
         reward.check_lengths(questions, references, responses)
         prompts, refs = [], []
         for p, ref, resp in zip(self.prompt_ids(questions), references, responses):
-            head, ref_ids = continuation_ids(self.tokenizer, split_answer(resp)[0], ref)
+            head, ref_ids = continuation_ids(self.tokenizer, split_answer(resp)[0], ref, rlpr=self.kind == "rlpr")
             prompts.append(p + head)  # prompt + reasoning, then the reference in the answer's place
             refs.append(ref_ids)
         score = self.scores(prompts, refs)

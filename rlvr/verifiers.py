@@ -77,7 +77,7 @@ class LocalVerifier:
 
     def __init__(self, lm, tokenizer, settings: VerifierSettings = VerifierSettings(), name: str = "local verifier",
                  batch_size: int = 8, soft_mode: SoftModeFlag = "auto", sample: bool = False, max_unjudged: float = 0.1,
-                 seed: int = 0, max_new_tokens: int = 1024):
+                 seed: int = 0, max_new_tokens: int = 2048):
         self.prompt = VerifierPrompt(tokenizer, settings, name, getattr(lm.config, "max_position_embeddings", None))
         self.model, self.name, self.batch_size, self.max_new_tokens = lm, name, batch_size, max_new_tokens
         self.soft_mode = family_soft_mode(soft_mode, self.prompt.family.renormalise, self.prompt.family.name)
@@ -164,7 +164,7 @@ class RemoteVerifier:
 
     def __init__(self, client: CompletionsClient, tokenizer, settings: VerifierSettings = VerifierSettings(),
                  soft_mode: SoftModeFlag = "auto", sample: bool = False, max_unjudged: float = 0.1, seed: int = 0,
-                 max_new_tokens: int = 1024):
+                 max_new_tokens: int = 2048):
         self.client, self.name = client, f"{client.model_id} at {','.join(client.endpoints)}"
         self.prompt = VerifierPrompt(tokenizer, settings, self.name, client.max_model_len)
         self.soft_mode = family_soft_mode(soft_mode, self.prompt.family.renormalise, self.prompt.family.name)
@@ -228,13 +228,15 @@ class VerifierOptions:
     verifier_family: Optional[str] = _flag(None, "how the verifier is asked and read: "
                                                  f"{' | '.join(verifier_families.FAMILIES)} (verifier_families.py; "
                                                  "default: saved, else rm, the paper's)")
-    verifier_max_new_tokens: int = _flag(1024, "tokens a generating verifier (--verifier_family cot) may write before "
-                                               "its decision")
+    verifier_max_new_tokens: int = _flag(2048, "tokens a generating verifier (--verifier_family cot) may write before "
+                                               "its decision (2048: General-Reasoner's verifier.py)")
     verifier_force_settings: bool = _flag(False, "let the flags above override the verifier's saved settings")
     verifier_paper_defaults: bool = _flag(False, "ask model verifiers without verifier_settings.json (the released "
                                                  "RM-7B, a general judge) with the paper's template and YES/NO; "
                                                  "without it they are refused")
-    soft_mode: SoftModeFlag = _flag("auto", "eq4: Eq. 4 as the paper writes it; renorm: p(YES) / (p(YES) + p(NO)); auto: "
+    soft_mode: SoftModeFlag = _flag("auto", "eq4: Eq. 4 as the paper writes it; renorm: p(YES) / (p(YES) + p(NO)) when c "
+                                            "is YES or NO (0 otherwise, as Eq. 4); ratio: that ratio whatever c is (a "
+                                            "judge that does not answer in the format: a base or random model); auto: "
                                             "the family's own (eq4, renorm for compass)")
     verifier_sample: bool = _flag(False, "sample the first token c, seeded per response (Eq. 3 as the paper writes "
                                          "it); Eq. 4 reads the same c")

@@ -75,9 +75,10 @@ def test_two_rl_steps_with_packing_on_and_off(arch_dir, tmp_path):
     for pack in (True, False):
         out = tmp_path / f"pack{pack}"
         cfg, vopts = train_rl.parse_config([
-            # the policy judges itself (renormalised p(YES) of a random model): rewards differ per response, so
+            # the policy judges itself (p(YES) / (p(YES) + p(NO)) of a random model whatever its first token,
+            # --soft_mode ratio): rewards differ per response, so
             # the update is not zero, and the local verifier runs on the architecture too
-            "--policy", path, "--verifier", path, "--soft_mode", "renorm", "--verifier_max_unjudged", "1",
+            "--policy", path, "--verifier", path, "--soft_mode", "ratio", "--verifier_max_unjudged", "1",
             "--verifier_template", str(template), "--verifier_system_prompt", "",
             "--eval_verifier", "rule:substring", "--audit_verifier", "",
             "--log_verifiers", "", "--prompts_per_step", "2", "--samples_per_prompt", "3", "--max_new_tokens", "5",

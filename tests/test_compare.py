@@ -6,8 +6,8 @@ import json
 import pytest
 
 import compare
-from rlvr import config, metrics
 import train_rl
+from rlvr import config, metrics
 
 
 def test_every_default_source_and_judge_is_accepted_and_a_typo_is_not():
@@ -107,44 +107,85 @@ def test_evals_of_reads_overall_and_subject_accuracy(tmp_path):
     assert compare.evals_of(tmp_path) == [_eval(0, 0.5, chem=0.25), _eval(2, 0.75, chem=1.0)]
 
 
-def test_ordering_and_verdicts_by_hand():
-    summary = compare.summarize(RESULTS)
-    o = compare.ordering(summary, "teacher_binary", "rule_substring")
-    assert o["per_seed"] == pytest.approx([0.75, 0.25]) and o["diff"] == pytest.approx(0.5) and o["wins"] == 2
-    assert compare.verdict([o]) == "reproduced"
-    back = compare.ordering(summary, "rule_substring", "teacher_binary")
-    assert compare.verdict([back]) == "not reproduced" and compare.verdict([o, back]) == "partly"
-    tie = {"per_seed": [0.1, -0.1], "diff": 0.0, "wins": 1}
-    assert compare.verdict([tie]) == "not reproduced"  # no better on average: not a reproduction
-    assert compare.verdict([{"per_seed": [0.3, -0.1], "diff": 0.1, "wins": 1}]) == "partly"
+def _questions(*per_seed):
+    """{question: share right} per seed, from lists of shares for questions q0, q1, ..."""
+    return [{f"q{i}": v for i, v in enumerate(shares)} for shares in per_seed]
 
 
-def test_claims_from_a_summary_by_hand():
-    def runs(*ends):  # start 0.5 for every seed
-        return [[_eval(0, 0.5, chem=0.5), _eval(10, e, chem=e)] for e in ends]
-    results = {"rule_substring": runs(0.3, 0.35), "rule_exact": runs(0.7, 0.12), "rule_jaccard": runs(0.4, 0.4),
-               "teacher_binary": runs(0.7, 0.8), "teacher_soft": runs(0.7, 0.8), "student_binary": runs(0.5, 0.5),
-               "student_soft": runs(0.65, 0.7), "sft": runs(0.6, 0.75)}
-    kappas = {"teacher vs noisy teacher": 0.9, "teacher vs student": 0.7, "noisy teacher vs student": 0.6,
-              "teacher vs rule:exact": 0.1}
-    got = {c["claim"][:2]: c for c in compare.claims(compare.summarize(results), kappas, fleiss=0.7)}
+def test_questions_of_reads_the_last_eval_per_question(tmp_path):
+    metrics.append_jsonl(tmp_path / "eval_questions.jsonl", [
+        {"step": 0, "question": "a", "subject": "x", "correct": 1.0, "answers": 4},
+        {"step": 10, "question": "a", "subject": "x", "correct": 3.0, "answers": 4},
+        {"step": 10, "question": "b", "subject": "x", "correct": 0.0, "answers": 4}])
+    assert compare.questions_of(tmp_path) == {"a": 0.75, "b": 0.0}
+    with pytest.raises(FileNotFoundError, match="no per-question evals"):
+        compare.questions_of(tmp_path / "old_run")
+
+
+def test_ordering_by_hand_and_a_tie_is_never_a_win():
+    questions = {"a": _questions([1.0, 0.5], [0.5, 0.5], [1.0, 0.0]), "b": _questions([0.5, 0.5], [0.5, 0.5], [0.0, 0.0])}
+    o = compare.ordering(questions, "a", "b")
+    # per seed: mean of (0.5, 0), (0, 0), (1, 0) = 0.25, 0 (a tie), 0.5: a strictly above b in 2 of 3 seeds
+    assert o["per_seed"] == pytest.approx([0.25, 0.0, 0.5]) and o["wins"] == 2 and o["mean"] == pytest.approx(0.25)
+    # t: sd 0.25, se 0.25 / sqrt 3, 95% with df 2: 4.3027 se = 0.621: the interval holds 0
+    assert o["lo"] == pytest.approx(0.25 - 4.3027 * 0.25 / 3 ** 0.5, abs=1e-4) and o["verdict"] == "inconclusive"
+    tie = compare.ordering({"a": _questions([0.5], [0.25], [1.0]), "b": _questions([0.5], [0.25], [1.0])}, "a", "b")
+    assert tie["wins"] == 0 and tie["verdict"] == "inconclusive"  # equal in every seed: no win, no verdict
+    assert compare.fmt_test(tie) == "a - b = +0.000 [+0.000, +0.000], p 1, a > b in 0/3 seeds"
+    one = compare.ordering({"a": _questions([1.0]), "b": _questions([0.0])}, "a", "b")
+    assert one["verdict"] == "inconclusive" and "no interval (one seed)" in compare.fmt_test(one)
+    with pytest.raises(ValueError, match="seed #0: a and b were graded on different held-out questions"):
+        compare.ordering({"a": [{"q0": 1.0}], "b": [{"q1": 1.0}]}, "a", "b")
+
+
+def test_claims_by_hand():
+    def runs(*ends):  # two questions, both at the seed's end accuracy
+        return _questions(*[[e, e] for e in ends])
+    q = {"rule_substring": runs(0.30, 0.35, 0.30), "rule_exact": runs(0.70, 0.12, 0.40),
+         "rule_jaccard": runs(0.40, 0.40, 0.40), "teacher_binary": runs(0.70, 0.80, 0.75),
+         "student_binary": runs(0.50, 0.50, 0.50), "student_soft": runs(0.65, 0.70, 0.60), "sft": runs(0.60, 0.75, 0.70)}
+    kappas = {"teacher vs noisy teacher": 0.9, "teacher vs student": 0.7, "teacher vs rule:exact": 0.1}
+    fleiss = {"kappa": 0.7, "lo": 0.65, "hi": 0.75, "rows": 100, "judges": ["teacher", "student"]}
+    got = {c["claim"][:2]: c for c in compare.claims(q, kappas, fleiss, min_effect=0.02)}
     assert list(got) == ["1.", "2.", "3.", "4.", "5.", "6."]
-    # every pair holds on average; student_soft - rule_exact: 0.65 - 0.7, 0.7 - 0.12: one seed of two
-    assert got["1."]["verdict"] == "partly"
-    assert "student_soft - rule_exact = +0.265 (a > b in 1/2 seeds)" in got["1."]["evidence"]
-    assert "teacher_binary - rule_jaccard = +0.350 (a > b in 2/2 seeds)" in got["1."]["evidence"]
-    # substring - Jaccard: -0.1, -0.05; exact - Jaccard: +0.3, -0.28 (+0.01 on average)
-    assert got["2."]["verdict"] == "partly"
-    assert got["3."]["verdict"] == "reproduced"      # 0.65, 0.7 against 0.5, 0.5
-    # 4: teacher 0.75 ± 0.0707, student 0.675 ± 0.0354: gap 0.075 > 0.0707
-    assert got["4."]["verdict"] == "not reproduced" and "gap +0.075" in got["4."]["evidence"]
-    assert got["5."]["verdict"] == "partly"          # student - sft: +0.05, -0.05; teacher - sft: +0.1, +0.05
-    assert got["6."]["verdict"] == "not reproduced" and "0.700 (bar 0.8)" in got["6."]["evidence"]
-    assert "teacher vs rule:exact" not in got["6."]["evidence"]  # only the model judges
-    assert compare.claims(compare.summarize(results), kappas, fleiss=0.85)[-1]["verdict"] == "reproduced"
+    # 1: student_soft - rule_exact = -0.05, +0.58, +0.20: wide; every pair must be reproduced
+    assert got["1."]["verdict"] == "inconclusive"
+    assert "student_soft - rule_exact = +0.243" in got["1."]["evidence"] and "a > b in 2/3 seeds" in got["1."]["evidence"]
+    # 2: substring - Jaccard = -0.10, -0.05, -0.10: mean -0.0833, sd 0.0289, se 0.0167; simultaneous over 2 pairs
+    # (97.5%, df 2: t 6.205): -0.0833 +- 0.1034 holds 0 -> inconclusive, not contradicted
+    assert got["2."]["verdict"] == "inconclusive"
+    # 3: student soft - binary = 0.15, 0.20, 0.10: mean 0.15, se 0.0289, 95% +- 0.124: above 0 -> reproduced
+    assert got["3."]["verdict"] == "reproduced" and "[+0.026, +0.274]" in got["3."]["evidence"]
+    # 4: student - teacher = -0.05, -0.10, -0.15: mean -0.10, se 0.0289: -0.10 +- 0.124 = [-0.224, +0.024]
+    assert got["4."]["verdict"] == "inconclusive" and "[-0.224, +0.024]" in got["4."]["evidence"]
+    assert got["5."]["verdict"] == "inconclusive"
+    # 6: the interval [0.65, 0.75] lies below the bar 0.8: contradicted; only the independent judges shown
+    assert got["6."]["verdict"] == "contradicted" and "teacher, student 0.700 [0.650, 0.750]" in got["6."]["evidence"]
+    assert "noisy" not in got["6."]["evidence"] and "rule:exact" not in got["6."]["evidence"]
+    assert compare.claims(q, kappas, fleiss | {"lo": 0.82, "hi": 0.9})[-1]["verdict"] == "reproduced"
+    assert compare.claims(q, kappas, fleiss | {"lo": 0.75, "hi": 0.85})[-1]["verdict"] == "inconclusive"
     # a claim whose sources did not run is left out, not judged on nothing
-    partial = compare.claims(compare.summarize({k: results[k] for k in ("student_soft", "student_binary")}), {}, None)
+    partial = compare.claims({k: q[k] for k in ("student_soft", "student_binary")}, {}, None)
     assert [c["claim"][:2] for c in partial] == ["3."]
+    # one seed: every claim inconclusive, however far apart
+    one = {k: v[:1] for k, v in q.items()}
+    assert {c["verdict"] for c in compare.claims(one, {}, None)} == {"inconclusive"}
+
+
+def test_claims_on_simulated_runs_that_do_not_differ_are_inconclusive():
+    """compare.claims end to end on simulated per-question evals (claim_stats.simulate) of ten sources
+    with one true accuracy: every "a beats b" claim is inconclusive in at least 90% of draws."""
+    import numpy as np
+
+    from rlvr import claim_stats
+
+    rng, undecided, draws = np.random.default_rng(0), {}, 150
+    for _ in range(draws):
+        sim = claim_stats.simulate({s: 0.0 for s in compare.SOURCES}, 3, rng, questions=20)
+        for c in compare.claims(sim, {}, None):
+            undecided[c["claim"][:2]] = undecided.get(c["claim"][:2], 0) + (c["verdict"] == "inconclusive")
+    assert set(undecided) == {"1.", "2.", "3.", "4.", "5."}
+    assert all(undecided[k] / draws >= 0.9 for k in ("1.", "2.", "3.", "5.")), undecided
 
 
 def test_agreement_table_by_hand():
@@ -159,8 +200,24 @@ def test_agreement_table_by_hand():
     assert lines[3] == "| student (YES 0.25) | 0.500 | 1.000 | 0.500 |"
     # Fleiss over the model judges present (teacher, student): Scott's pi, pooled YES 3/8:
     # pe = 9/64 + 25/64 = 34/64, po 3/4 -> (48/64 - 34/64) / (30/64) = 14/30
-    assert fleiss == pytest.approx(14 / 30)
+    assert fleiss["kappa"] == pytest.approx(14 / 30) and fleiss["judges"] == ["teacher", "student"]
+    assert fleiss["rows"] == 4 and fleiss["lo"] <= fleiss["kappa"] <= fleiss["hi"]
     assert compare.agreement_table({"teacher": [1, 0], "rule:exact": [1, 0]})[2] is None  # one model judge
+    # the noisy teacher (the teacher with labels flipped) is shown, never counted as an independent judge
+    noisy = compare.agreement_table(verdicts | {"noisy teacher": [1, 1, 0, 1]})
+    assert "| noisy teacher (YES 0.75) |" in noisy[0] and noisy[2]["judges"] == ["teacher", "student"]
+    assert noisy[2]["kappa"] == pytest.approx(14 / 30)
+
+
+def test_fleiss_interval_is_the_bootstrap_of_fleiss_kappa_over_the_rows():
+    from rlvr import audit
+    from rlvr import claim_stats
+
+    verdicts = {"teacher": [1, 1, 0, 0, 1, 0, 1, 1], "student": [1, 0, 0, 0, 1, 0, 1, 1]}
+    got = compare.fleiss_interval(verdicts, seed=3)
+    kappa = lambda idx: audit.fleiss_kappa(audit.binary_counts({k: [v[i] for i in idx] for k, v in verdicts.items()}))  # noqa: E731
+    assert (got["lo"], got["hi"]) == claim_stats.bootstrap_interval(8, kappa, compare.BOOTSTRAP, 3)
+    assert got["kappa"] == pytest.approx(kappa(range(8))) and got["lo"] < got["kappa"] < got["hi"]
 
 
 def test_judge_all_thresholds_jaccard_and_reads_binary_otherwise():
@@ -258,3 +315,25 @@ def test_a_verifier_free_source_runs_and_has_its_row(tiny_model_dir, tmp_path, m
     assert [e["step"] for e in report["results"]["verifree"][0]] == [0, 1]
     run_config = json.loads((tmp_path / "out" / "verifree" / "seed0" / "config.json").read_text())
     assert run_config["verifier"] == "policy:verifree"
+    # the eval writes each held-out question's graded answers; their mean is the logged accuracy, eval by eval
+    rows = metrics.read_jsonl(tmp_path / "out" / "verifree" / "seed0" / "eval_questions.jsonl")
+    for e in report["results"]["verifree"][0]:
+        mine = [r for r in rows if r["step"] == e["step"]]
+        assert len(mine) == len({r["question"] for r in mine}) > 0 and all(r["answers"] == 1 for r in mine)
+        assert sum(r["correct"] for r in mine) / len(mine) == pytest.approx(e["accuracy"], abs=1e-12)
+    assert compare.questions_of(tmp_path / "out" / "verifree" / "seed0") == {r["question"]: r["correct"] for r in mine}
+
+
+def test_help_says_how_a_claim_is_decided():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, str(compare.ROOT / "compare.py"), "--help"], capture_output=True, text=True,
+                         cwd=compare.ROOT, timeout=300)
+    text = " ".join(out.stdout.split())
+    assert out.returncode == 0, out.stderr[-2000:]
+    for phrase in ("paired t-test over the seeds", "reproduced: the interval above 0 and the mean difference >= "
+                   "min_effect", "one seed always", "a tie is never a win", "independent judges", "(default: 0.02)"):
+        assert phrase in text, phrase
+    with pytest.raises(config.ConfigError, match="--min_effect 1.5: must be in"):
+        compare.check_config(compare.CompareConfig(min_effect=1.5))

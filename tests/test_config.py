@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from rlvr import config, rl_config
 import train_rl
+from rlvr import config, rl_config
 import train_verifier as TV
 
 ROOT = Path(__file__).resolve().parents[1]

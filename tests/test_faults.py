@@ -28,7 +28,8 @@ def faulted(fault, at, args, timeout=1200, **env):  # hang detector only
 
 def outputs(out_dir):
     d = Path(out_dir)
-    return step_rows(d), {name: (d / name).read_text() for name in ("rollouts.jsonl", "samples.jsonl", "audit.jsonl")
+    return step_rows(d), {name: (d / name).read_text() for name in ("rollouts.jsonl", "samples.jsonl", "audit.jsonl",
+                                                                    "eval_questions.jsonl")
                           if (d / name).exists()}
 
 

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import data
+import train_rl
 from rlvr import config, remote, verifiers
 from worlds import freeform
-import train_rl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,6 +25,41 @@ def test_teacher_by_hand_physics_numbers_units_and_conversions():
     assert judge("7 kg", *wrong) == [0] * len(wrong)
     assert judge("4 m", "4 metres", "four meters", "400 cm", "400 centimetres") == [1] * 4
     assert judge("4 m", "4 cm", "40 m", "4 km", "4 kg") == [0] * 4
+
+
+# every conversion by hand (never from freeform.UNITS): 1 h = 60 min, 1 L = 1000 mL, 1 kg = 1000 g, 1 m = 100 cm
+BY_HAND = {"7 h": ("420 min", "420 minutes", "7 hours", "seven hours", "7 hrs"),
+           "2 h": ("120 min", "120 mins"),
+           "3 L": ("3000 mL", "3000 millilitres", "3 litres", "3 liters", "3000 milliliters"),
+           "7 kg": ("7000 g", "7000 grams"),
+           "4 m": ("400 cm", "400 centimetres")}
+WRONG_BY_HAND = {"7 h": ("700 min", "7 min", "70 min", "4200 min", "420 h"),  # 700: a factor of 100 for the hour
+                 "2 h": ("200 min", "12 min"),
+                 "3 L": ("300 mL", "30 mL", "3 mL", "3000 L"),
+                 "7 kg": ("700 g", "70000 g", "7 g"),
+                 "4 m": ("4000 cm", "40 cm", "4 cm")}
+
+
+@pytest.mark.parametrize("reference", list(BY_HAND))
+def test_teacher_converts_hours_litres_kilograms_and_metres_by_hand(reference):
+    assert judge(reference, *BY_HAND[reference]) == [1] * len(BY_HAND[reference])
+    assert judge(reference, *WRONG_BY_HAND[reference]) == [0] * len(WRONG_BY_HAND[reference])
+
+
+def test_the_generators_converted_forms_equal_the_conversions_by_hand():
+    """A physics problem's right answers in the smaller unit are the hand-converted value, and its
+    near-misses in the smaller unit are not (the world's data, not only its judge)."""
+    factor = {"h": (60, "min"), "L": (1000, "mL"), "kg": (1000, "g"), "m": (100, "cm")}
+    seen = set()
+    for p in freeform._problems(500, 0, "rl"):
+        if p.subject != "physics":
+            continue
+        value, unit = p.reference.split()
+        f, small = factor[unit]
+        seen.add(unit)
+        assert f"{int(value) * f} {small}" in p.right_forms, (p.reference, p.right_forms)
+        assert f"{int(value)} {small}" in p.near and f"{int(value) * f} {small}" not in p.near
+    assert seen == set(factor)
 
 
 def test_teacher_by_hand_names_aliases_abbreviations_word_order_articles():

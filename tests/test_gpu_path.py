@@ -38,7 +38,7 @@ def run(cmd, timeout=600):
 def rl_flags(policy, out_dir, **extra):
     # the tiny random model is policy and local verifier (judging, renormalised, what it samples), the
     # KL term loads a frozen reference too: every kind of model a GPU run shards
-    f = dict(data="toy", policy=policy, verifier=policy, verifier_paper_defaults=True, soft_mode="renorm",
+    f = dict(data="toy", policy=policy, verifier=policy, verifier_paper_defaults=True, soft_mode="ratio",
              verifier_max_unjudged=1.0, prompts_per_step=2,
              samples_per_prompt=2, max_new_tokens=4, micro_batch_size=2, steps=1, lr=1e-3, warmup_ratio=0.0,
              kl_mode="loss", kl_coef=0.01, eval_every=0, eval_prompts=2, eval_verifier="rule:substring",

@@ -160,7 +160,9 @@ def test_remote_rewards_by_hand_and_round_robin(fakes):
     torch.testing.assert_close(j.soft, torch.tensor([0.7, 1 - 0.8, 0.0, 0.7]))   # Eq. 4 by hand
     torch.testing.assert_close(j.p_yes, torch.tensor([0.7, 0.1, 0.3, 0.7]))
     assert (a.calls, b.calls) == (2, 2)  # round robin over the endpoints
-    v.soft_mode = "renorm"
+    v.soft_mode = "renorm"  # the unjudged row earns 0; ratio reads it anyway
+    torch.testing.assert_close(v(*ROWS).soft, torch.tensor([0.7 / 0.9, 0.1 / 0.9, 0.0, 0.7 / 0.9]))
+    v.soft_mode = "ratio"
     torch.testing.assert_close(v(*ROWS).soft, torch.tensor([0.7 / 0.9, 0.1 / 0.9, 0.3 / 0.4, 0.7 / 0.9]))
 
 

@@ -126,7 +126,7 @@ def test_eq3_eq4_by_hand():
     logits = _logits(
         [0.1, 0.6, 0.2, 0.1],    # c = YES: binary 1, soft = p(YES) = 0.6
         [0.1, 0.3, 0.55, 0.05],  # c = NO: binary 0, soft = 1 - p(NO) = 0.45
-        [0.5, 0.3, 0.15, 0.05],  # c = neither: binary 0, soft 0
+        [0.5, 0.3, 0.15, 0.05],  # c = neither: binary 0, soft 0 (renorm too: an unjudged c earns nothing)
         [0.97, 0.0, 0.0, 0.03],  # neither, both 0: renorm 0, not NaN
     )
     j = rewards_from_logits(logits, [YES], [NO])
@@ -134,8 +134,12 @@ def test_eq3_eq4_by_hand():
     torch.testing.assert_close(j.soft, torch.tensor([0.6, 0.45, 0.0, 0.0]), atol=1e-6, rtol=0)
     torch.testing.assert_close(j.p_yes, torch.tensor([0.6, 0.3, 0.3, 0.0]), atol=1e-6, rtol=0)
     r = rewards_from_logits(logits, [YES], [NO], soft_mode="renorm")
-    torch.testing.assert_close(r.soft, torch.tensor([0.6 / 0.8, 0.3 / 0.85, 0.3 / 0.45, 0.0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(r.soft, torch.tensor([0.6 / 0.8, 0.3 / 0.85, 0.0, 0.0]), atol=1e-6, rtol=0)
     assert r.binary.tolist() == j.binary.tolist()
+    # ratio: the same ratio whatever c is, the unjudged row too (issue 32: renorm used to do this)
+    q = rewards_from_logits(logits, [YES], [NO], soft_mode="ratio")
+    torch.testing.assert_close(q.soft, torch.tensor([0.6 / 0.8, 0.3 / 0.85, 0.3 / 0.45, 0.0]), atol=1e-6, rtol=0)
+    assert q.binary.tolist() == j.binary.tolist() and q.judged.tolist() == j.judged.tolist()
     for t in (j.binary, j.soft, j.p_yes, r.soft):
         assert t.dtype == torch.float32 and t.device.type == "cpu"
 

@@ -9,18 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlvr import config, rl_config
 import train_rl
+from rlvr import config, rl_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def flags(policy, out_dir, steps, **extra):
-    # a random tiny policy judged by the tiny model itself (renormalised p(yes)): rewards differ per
+    # a random tiny policy judged by the tiny model itself (p(yes) / (p(yes) + p(no)), --soft_mode ratio: a
+    # random model's first token is never YES or NO, and renorm gives an unjudged c 0): rewards differ per
     # response, so advantages and losses are non-trivial; the verifier also runs sharded on 2 ranks.
     # A random model's first token is rarely YES or NO, hence --verifier_max_unjudged 1.
     # The tiny model has no verifier_settings.json: --verifier_paper_defaults asks it with the paper's template.
-    f = dict(data="toy", policy=policy, verifier=policy, verifier_paper_defaults=True, soft_mode="renorm", verifier_max_unjudged=1.0,
+    f = dict(data="toy", policy=policy, verifier=policy, verifier_paper_defaults=True, soft_mode="ratio", verifier_max_unjudged=1.0,
              prompts_per_step=4,
              samples_per_prompt=4, max_new_tokens=6, micro_batch_size=5, steps=steps, lr=1e-3, warmup_ratio=0.0,
              eval_every=0, eval_prompts=8, eval_verifier="rule:substring", audit_verifier="rule:substring",

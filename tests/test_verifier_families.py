@@ -122,13 +122,13 @@ def test_compass_eq3_eq4_by_hand():
         [0.1, 0.5, 0.3, 0.1],    # c = A: binary 1, soft p(A) / (p(A) + p(B) + p(C)) = .5 / .9
         [0.1, 0.2, 0.3, 0.4],    # c = C: judged, counted invalid, binary 0, soft .2 / .9
         [0.05, 0.1, 0.6, 0.25],  # c = B: binary 0, soft .1 / .95
-        [0.5, 0.2, 0.2, 0.1],    # c = none of them: unjudged, binary 0, soft .2 / .5
+        [0.5, 0.2, 0.2, 0.1],    # c = none of them: unjudged, binary 0, soft 0 (not .2 / .5: issue 32)
     )
     j = rewards_from_logits(logits, [POS], [NEG], "renorm", invalid_ids=[INV])
     assert j.binary.tolist() == [1.0, 0.0, 0.0, 0.0]
     assert j.invalid.tolist() == [False, True, False, False] and j.judged.tolist() == [True, True, True, False]
     # float64 softmax of exact logs, rounded once to float32: 1e-6 covers it
-    torch.testing.assert_close(j.soft, torch.tensor([.5 / .9, .2 / .9, .1 / .95, .2 / .5]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(j.soft, torch.tensor([.5 / .9, .2 / .9, .1 / .95, 0.0]), atol=1e-6, rtol=0)
     torch.testing.assert_close(j.p_yes, torch.tensor([.5, .2, .1, .2]), atol=1e-6, rtol=0)
     # the paper's Eq. 4 form over the same c, for comparison: C earns 0 as any non-positive judgement would
     e = rewards_from_logits(logits, [POS], [NEG], "eq4", invalid_ids=[INV])
@@ -152,7 +152,7 @@ def test_judgement_rewards_counts_invalid_and_keeps_old_callers():
     c = torch.tensor([1, -1, reward.INVALID, 0])
     p_yes, p_no, p_inv = torch.tensor([.7, .1, .2, .3]), torch.tensor([.2, .8, .1, .1]), torch.tensor([.05, .05, .6, 0])
     j = judgement_rewards(p_yes, p_no, c, "renorm", p_inv)
-    torch.testing.assert_close(j.soft, torch.tensor([.7 / .95, .1 / .95, .2 / .9, .3 / .4]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(j.soft, torch.tensor([.7 / .95, .1 / .95, .2 / .9, 0.0]), atol=1e-6, rtol=0)
     assert j.invalid.tolist() == [False, False, True, False] and j.judged.tolist() == [True, True, True, False]
     old = judgement_rewards(p_yes, p_no, torch.tensor([1, -1, 0, 0]))  # no invalid class: as before
     assert not old.invalid.any() and old.select([2, 0]).invalid.tolist() == [False, False]
@@ -196,6 +196,12 @@ def test_a_tiny_local_model_asked_in_each_first_token_family(lm_tok, family):
             + "<|im_end|>\n<|im_start|>assistant\n")
     seqs = [v.prompt.prompt_ids(*r) for r in zip(QS, REFS, RESP)]
     assert tok.decode(seqs[0]) == want
+    # the <think> block: compass and xverify get the raw output, as their code sends it; rm and master-rm the
+    # last line after it is dropped (the paper's)
+    raw = family in ("compass", "xverify")
+    assert ("<think>hm</think>" in tok.decode(seqs[1])) == raw
+    assert verifier_prompt.answer_text(RESP[1], settings.full_response, settings.strip_think) == \
+        ("<think>hm</think>Paris" if raw else "Paris")
     spell = {"rm": ("YES", "NO", ""), "master-rm": ("YES", "NO", ""), "compass": ("A", "B", "C"),
              "xverify": ("Correct", "Incorrect", "")}[family]
     ids = [tok.encode(w, add_special_tokens=False) if w else [] for w in spell]
@@ -214,8 +220,9 @@ def test_a_tiny_local_model_asked_in_each_first_token_family(lm_tok, family):
     want_soft, want_bin, want_inv = [], [], []
     for i, c in enumerate(top):
         p_inv = p[i, inv].item() if inv is not None else 0.0
-        if family == "compass":
-            want_soft.append(p[i, pos].item() / (p[i, pos].item() + p[i, neg].item() + p_inv))
+        if family == "compass":  # renormalised over A, B, C when c is one of them; unjudged: 0
+            want_soft.append(p[i, pos].item() / (p[i, pos].item() + p[i, neg].item() + p_inv)
+                             if c in (pos, neg, inv) else 0.0)
         else:
             want_soft.append(p[i, pos].item() if c == pos else 1 - p[i, neg].item() if c == neg else 0.0)
         want_bin.append(float(c == pos))
@@ -494,3 +501,9 @@ def test_soft_mode_is_the_familys_own_and_a_contradiction_is_refused(family_mode
     with pytest.raises(config.ConfigError, match="--soft_mode eq4: the compass family"):
         verifiers.build_verifier(f"compass:{family_model_dir}", VerifierOptions(soft_mode="eq4"))
     assert verifiers.build_verifier(f"compass:{family_model_dir}", VerifierOptions()).soft_mode == "renorm"
+
+
+
+def test_cot_may_write_as_many_tokens_as_general_reasoner_lets_its_verifier():
+    # TIGER-AI-Lab/General-Reasoner@007e44c verifier.py: SamplingParams(max_tokens=2048) for the verifier's reply
+    assert verifiers.VerifierOptions().verifier_max_new_tokens == 2048

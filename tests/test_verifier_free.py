@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import data
-from rlvr import verifier_free as vf
 import train_rl
+from rlvr import verifier_free as vf
 
 # float64 sums of a handful of terms: exact to ~1e-15; 1e-12 leaves room without hiding a wrong formula
 F64 = 1e-12
@@ -36,6 +36,27 @@ def test_continuation_ids_move_the_reasonings_trailing_spaces_to_the_reference(t
     assert head == tok.encode("so the answer is", add_special_tokens=False)
     assert ref == tok.encode(" 7 kg", add_special_tokens=False)
     assert vf.continuation_ids(tok, "", "7 kg") == ([], tok.encode("7 kg", add_special_tokens=False))
+
+
+def test_rlprs_reference_follows_a_space_and_a_token_of_that_space_alone_is_not_scored(tiny_model_dir):
+    """RLPR's rule (OpenBMB/RLPR@8490fca: prompt + ' ' + reference; the answer's leading whitespace, ' ' when
+    none; the scored tokens overlap the reference's characters), by hand on the tiny tokenizer, which writes
+    " 7 kg" as ' ', '7', ' ', 'k', 'g' and " Birch" as ' B', 'i', 'r', 'ch'."""
+    from rlvr import model
+
+    tok = model.load_tokenizer(tiny_model_dir)
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    assert [tok.decode([i]) for i in enc(" 7 kg")] == [" ", "7", " ", "k", "g"]
+    assert [tok.decode([i]) for i in enc(" Birch")][:2] == [" B", "i"]
+    # no reasoning: one space inserted, alone in its token: context, not scored
+    assert vf.continuation_ids(tok, "", "7 kg", rlpr=True) == (enc(" "), enc("7 kg"))
+    # the space shares the reference's first token: scored with it (VeriFree's way scores "Birch" without it)
+    assert vf.continuation_ids(tok, "", "Birch Ltd", rlpr=True) == ([], enc(" Birch Ltd"))
+    assert vf.continuation_ids(tok, "", "Birch Ltd") == ([], enc("Birch Ltd"))
+    # the reasoning's own trailing space is the whitespace (none added); a line break gets one space after it
+    assert vf.continuation_ids(tok, "so the answer is ", "7 kg", rlpr=True) == (enc("so the answer is") + enc(" "),
+                                                                               enc("7 kg"))
+    assert vf.continuation_ids(tok, "x\n", "7 kg", rlpr=True) == (enc("x\n") + enc(" "), enc("7 kg"))
 
 
 def test_scores_by_hand():
@@ -96,16 +117,18 @@ def test_policy_reward_scores_the_reference_after_the_reasoning_and_debiases_by_
         calls.append(len(prompts))
         return torch.cat([torch.full((len(c),), math.log(0.1 * (1 + len(p) % 5))) for p, c in zip(prompts, conts)])
 
-    recs = [data.make_record("Q1", "ab", [{"role": "user", "content": "Q1"}], {})]
+    recs = [data.make_record("Q12", "ab", [{"role": "user", "content": "Q12"}], {})]
     tok = FakeTokenizer()
     rlpr = vf.PolicyReward("rlpr", logprobs, tok, recs, max_prompt_len=100, batch_size=2)
-    # the rendered prompt "Q1>": 3 tokens -> p = 0.1 * (1 + 3 % 5) = 0.4 = r_base
-    assert rlpr.base[("Q1", "ab")] == pytest.approx(0.4, abs=1e-7)
-    j = rlpr(["Q1"] * 3, ["ab"] * 3, ["ab", "xy\nthe answer is zz", "abc\nab"])
-    # "ab": no reasoning, r = r_base -> 0. "xy\nthe answer is " (its trailing space goes with the
-    # reference " ab", 3 tokens): 3 + 16 = 19 tokens -> p = 0.5 -> 0.5 - 0.4. "abc\n": 3 + 4 = 7 -> 0.3,
-    # below r_base -> 0
-    assert j.soft.tolist() == pytest.approx([0.0, 0.1, 0.0], abs=1e-6)
+    # the rendered prompt "Q12>": 4 tokens, then RLPR's space (a token of its own, unscored): 5 ->
+    # p = 0.1 * (1 + 5 % 5) = 0.1 = r_base
+    assert rlpr.base[("Q12", "ab")] == pytest.approx(0.1, abs=1e-7)
+    j = rlpr(["Q12"] * 3, ["ab"] * 3, ["ab", "xy\nthe answer is zz", "abc\nab"])
+    # "ab": no reasoning, the space: r = r_base -> 0. "xy\nthe answer is " (16 characters and its own
+    # trailing space, unscored): 4 + 17 = 21 tokens -> p = 0.2 -> 0.2 - 0.1. "abc\n" and RLPR's space:
+    # 4 + 4 + 1 = 9 -> 0.5 -> 0.4
+    assert j.soft.tolist() == pytest.approx([0.0, 0.1, 0.4], abs=1e-6)
+    recs = [data.make_record("Q1", "ab", [{"role": "user", "content": "Q1"}], {})]
     verifree = vf.PolicyReward("verifree", logprobs, tok, recs, max_prompt_len=100, batch_size=2)
     j = verifree(["Q1"] * 3, ["ab"] * 3, ["ab", "x\nab", "xyz\nab"])
     # a 2-token reference: p^2; prompts 3, 5, 7 tokens -> p 0.4, 0.1, 0.3
@@ -116,7 +139,7 @@ def test_policy_reward_scores_the_reference_after_the_reasoning_and_debiases_by_
     before = len(rlpr.base)
     j = rlpr(["Q22?"], ["ab"], ["x\nab"])
     assert len(rlpr.base) == before + 1
-    # prompt "Q22?>" 5 tokens: base p = 0.1; with "x\n" 7 tokens: p = 0.3 -> 0.3 - 0.1
+    # prompt "Q22?>" 5 tokens and the space: base p = 0.2; with "x\n" and the space 8 tokens: p = 0.4 -> 0.4 - 0.2
     assert j.soft.tolist() == pytest.approx([0.2], abs=1e-6)
 
 
@@ -151,11 +174,12 @@ def test_against_a_token_by_token_implementation_on_the_tiny_model(tiny_model_di
     prompts, ref_ids, raw, base = [], [], [], []
     for q, ref, resp in zip(questions, refs, responses):
         prompt = data.tokenize_prompts(tok, [next(x for x in recs if x.question == q)], 256)[0]
-        head, ids = vf.continuation_ids(tok, vf.split_answer(resp)[0], ref)
+        head, ids = vf.continuation_ids(tok, vf.split_answer(resp)[0], ref, rlpr=kind == "rlpr")
         prompts.append(prompt + head)
         ref_ids.append(ids)
         raw.append(straightforward(lm, prompt + head, ids, kind))
-        base.append(straightforward(lm, prompt, vf.continuation_ids(tok, "", ref)[1], kind))
+        base_head, base_ids = vf.continuation_ids(tok, "", ref, rlpr=True)
+        base.append(straightforward(lm, prompt + base_head, base_ids, kind))
     assert all(len(ids) >= 2 for ids in ref_ids)  # a mean of probabilities is not their product
     assert len(set(raw)) == len(raw)  # the rows differ: the comparison means something
     # float32 forwards, packed vs one sequence at a time: log-probs agree to ~1e-6, so relative 1e-4
@@ -211,12 +235,14 @@ def test_two_rl_steps_log_the_formula_of_the_policy_that_sampled(kind, tmp_path,
         assert [r["response"] for r in logged] == responses and [r["question"] for r in logged] == questions
         for r in logged:
             prompt = data.tokenize_prompts(tok, [records[r["question"]]], cfg.max_prompt_len)[0]
-            head, ref_ids = vf.continuation_ids(tok, vf.split_answer(r["response"])[0], r["reference"])
+            head, ref_ids = vf.continuation_ids(tok, vf.split_answer(r["response"])[0], r["reference"],
+                                                rlpr=kind == "rlpr")
             lm.load_state_dict(weights)
             want = straightforward(lm, prompt + head, ref_ids, kind)
             if kind == "rlpr":
                 lm.load_state_dict(initial)
-                base = straightforward(lm, prompt, vf.continuation_ids(tok, "", r["reference"])[1], kind)
+                base_head, base_ids = vf.continuation_ids(tok, "", r["reference"], rlpr=True)
+                base = straightforward(lm, prompt + base_head, base_ids, kind)
                 want = min(1.0, max(0.0, want - base))
             # the logged reward is float32; the forwards agree to ~1e-6 in log-prob
             assert r["reward"] == pytest.approx(want, rel=1e-4, abs=1e-6)
