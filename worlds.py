@@ -4,8 +4,11 @@ what `tiny` (the policy, the distilled verifier) is in each. The trainers ask he
     toy       the numeric toy (toy.py): "Which is larger, 3 or 7?", graded by rule:math
     freeform  the free-form world (freeform.py): five subjects, answers a rule cannot grade, graded by
               its teacher py:freeform:teacher
+    pretrained  the paper's setting in miniature (pretrained.py, the main job): the free-form world's
+              questions, one pretrained base for the policy (which writes a working, then its answer)
+              and the student verifier, graded by py:pretrained:teacher (any common answer format)
 
-Imports toy and freeform.
+Imports toy, freeform and pretrained.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import freeform
+import pretrained
 import toy
 
 
@@ -35,6 +39,9 @@ WORLDS = {
     "freeform": World(lambda seed: freeform.records(), freeform.SYSTEM_PROMPT, freeform.judge_rows, freeform.parse_mix,
                       freeform.tiny_policy, freeform.tiny_verifier, "py:freeform:teacher",
                       "recipes/verifier_freeform.yaml"),
+    "pretrained": World(pretrained.records, pretrained.SYSTEM_PROMPT, pretrained.judge_rows, pretrained.parse_mix,
+                        pretrained.tiny_policy, pretrained.tiny_verifier, "py:pretrained:teacher",
+                        "recipes/verifier_pretrained.yaml"),
 }
 
 
