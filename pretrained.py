@@ -431,10 +431,85 @@ VERIFIER_RECIPES = [Path(__file__).resolve().parent / "recipes" / "verifier_pret
 
 def tiny_verifier() -> str:
     """The student: the BASE (not the policy) distilled from the teacher by recipes/verifier_pretrained.yaml
-    (train_verifier.py sft --student <base>), cached by the recipe's text, this file's and the base's path:
+    (train_verifier.py sft --student <base>), cached by the recipe's text and _student_key:
     train_rl.py --verifier tiny --data pretrained."""
     base = base_model()
-    return toy.tiny_verifier(VERIFIER_RECIPES, extra=Path(__file__).read_text() + base, student=base)
+    return toy.tiny_verifier(VERIFIER_RECIPES, extra=_student_key(base), student=base)
+
+
+def _student_key(start: str) -> str:
+    """What a student is distilled from, for its cache key: its start, the policy whose samples it sees, and
+    its rows with the teacher's labels (a change of rows or teacher rebuilds it; an edit elsewhere does not)."""
+    import hashlib
+    import json
+
+    import yaml
+
+    mix = yaml.safe_load(VERIFIER_RECIPES[0].read_text())["toy_mix"]
+    rows = [[r.question, r.reference, r.response, r.label] for r in judge_rows(mix, 0) + novel_rows(200)]
+    return start + tiny_policy() + hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+def random_student() -> str:
+    """The same recipe distilled into a model of the base's size and tokenizer from a random init: what
+    the base's pretraining is worth to the student (`python pretrained.py students`)."""
+    start = random_model()
+    return toy.tiny_verifier(VERIFIER_RECIPES, extra=_student_key(start), student=start)
+
+
+def policy_answers(n_questions: int = 100, samples: int = 4, seed: int = 0) -> list[data.JudgedRow]:
+    """The instruct policy's sampled answers to RL training questions (never a distillation question),
+    labelled by the teacher: the answers the student grades during RL."""
+    from types import SimpleNamespace
+
+    import model
+    import rollout
+
+    path = tiny_policy()
+    tokenizer, policy = model.load_tokenizer(path), model.load_model(path)
+    recs = freeform.split(records(0))[0][:n_questions]
+    opts = SimpleNamespace(samples_per_prompt=samples, max_prompt_len=1024, seed=seed, max_new_tokens=MAX_NEW_TOKENS,
+                           temperature=1.0, top_p=1.0)
+    out = []
+    for step, start in enumerate(range(0, len(recs), 32)):
+        drawn = rollout.generate(policy, None, tokenizer, recs[start:start + 32], step, opts)
+        out += [data.JudgedRow(r.question, r.reference, t, label=judge(r.reference, t))
+                for r, t in zip(drawn.records, drawn.texts)]
+    return out
+
+
+def grade(verifier_path: str, rows: list[data.JudgedRow]) -> dict:
+    """A verifier (its saved settings, greedy) against the teacher's labels: agreement, kappa, FPR, FNR."""
+    import audit
+
+    v = reward.build_verifier(verifier_path, settings_from_flags=False)
+    got = v([r.question for r in rows], [r.reference for r in rows], [r.response for r in rows]).binary.int().tolist()
+    a = audit.agreement([r.label for r in rows], got)
+    return {"n": a["n"], "agreement": a["accuracy"], "kappa": a["kappa"], "fpr": a["fp"] / max(1, a["fp"] + a["tn"]),
+            "fnr": a["fn"] / max(1, a["fn"] + a["tp"]), "negatives": a["fp"] + a["tn"], "positives": a["fn"] + a["tp"]}
+
+
+def master_key_rate(verifier_path: str) -> float:
+    import audit
+
+    recs = records(0)
+    v = reward.build_verifier(verifier_path, settings_from_flags=False)
+    return audit.master_key_probe(v, [r.question for r in recs], [r.reference for r in recs])["fpr"]
+
+
+def students_report() -> dict:
+    """The student from the base and the student from a random init, both distilled by the same recipe on
+    the same rows: on their held-out rows, on the policy's answers, on novel_rows, and master keys."""
+    import yaml
+
+    mix = yaml.safe_load(VERIFIER_RECIPES[0].read_text())["toy_mix"]
+    heldout = data.split_heldout(judge_rows(mix, 0), 0.1)[1]  # as train_verifier.py sft splits them
+    sets = {"held-out rows": heldout, "policy answers": policy_answers(), "novel forms": novel_rows(1000)}
+    out = {}
+    for name, path in (("from the base", tiny_verifier()), ("from a random init", random_student())):
+        out[name] = {k: grade(path, rows) for k, rows in sets.items()} | {"master_key_fpr": master_key_rate(path),
+                                                                          "path": path}
+    return out
 
 
 def subject_of(question: str) -> str:
@@ -448,7 +523,13 @@ def main(argv: list[str] | None = None) -> None:
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("base", help="build (or find) the base; its held-out next-token loss and equivalence probe")
     sub.add_parser("examples", help="a question per subject, an instruct response, the teacher's verdicts")
+    sub.add_parser("students", help="the student from the base against one from a random init (builds both)")
     args = ap.parse_args(argv)
+    if args.cmd == "students":
+        import json
+
+        print(json.dumps(students_report(), indent=1))
+        return
     if args.cmd == "base":
         t = time.time()
         path = base_model()
