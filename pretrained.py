@@ -20,6 +20,7 @@ subjects, one expert reference form, many right surface forms), now with
 
     python pretrained.py base       # build (or find) the base and say what it knows: held-out loss, probe
     python pretrained.py examples   # a question per subject, the policy's training response, the teacher
+    python pretrained.py students   # the student from the base against one from a random init (README)
 """
 from __future__ import annotations
 
@@ -538,7 +539,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     rng = random.Random(0)
     for p in freeform._problems(len(SUBJECTS), 0, "rl"):
-        print(f"[{p.subject}] {p.question}\n  reference: {p.reference}\n  instruct: {instruct_response(p, rng)!r}")
+        response = instruct_response(p, rng)
+        print(f"[{p.subject}] {p.question}\n  reference: {p.reference}\n  instruct: {response!r} "
+              f"(teacher: {judge(p.reference, response)})")
 
 
 if __name__ == "__main__":
