@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import train_rl
+import worlds
 from rlvr import audit, claim_stats, config, metrics, rl_config, verifiers
 
 ROOT = Path(__file__).resolve().parent
@@ -128,11 +129,20 @@ def recipe_config(cfg: CompareConfig) -> rl_config.Config:
     return rl
 
 
+def world_spec(spec: str, data: str) -> str:
+    """A spec of SOURCES or JUDGES as the recipe's world names it: the free-form teacher's (TEACHER,
+    TEACHER + "_noisy10") become the world's own py: teacher's (py:worlds.pretrained:teacher for --data pretrained)."""
+    teacher = worlds.WORLDS[data].teacher if data in worlds.WORLDS else TEACHER
+    return teacher + spec[len(TEACHER):] if spec.startswith(TEACHER) and teacher.startswith("py:") else spec
+
+
 def train_rl_command(cfg: CompareConfig, rl: rl_config.Config, flags: list[str], seed: int, out: Path) -> list[str]:
     """A train_rl.py run of the shared recipe: compare's budget, the teacher as grader, `flags` on top."""
-    return [sys.executable, str(ROOT / "train_rl.py"), "--config", str(ROOT / cfg.recipe), *flags, "--seed", str(seed),
+    teacher = world_spec(TEACHER, rl.data)
+    return [sys.executable, str(ROOT / "train_rl.py"), "--config", str(ROOT / cfg.recipe),
+            *[world_spec(f, rl.data) for f in flags], "--seed", str(seed),
             "--steps", str(rl.steps), "--eval_every", str(rl.eval_every), "--eval_samples", str(rl.eval_samples),
-            "--eval_verifier", TEACHER, "--audit_verifier", TEACHER,
+            "--eval_verifier", teacher, "--audit_verifier", teacher,
             "--out_dir", str(out), "--wandb_mode", "disabled", "--resume", "auto"]
 
 
@@ -176,14 +186,15 @@ def run_rl(cfg: CompareConfig, rl: rl_config.Config, source: str, seed: int) -> 
 
 
 def sft_pairs(rl: rl_config.Config) -> list[tuple[list[dict], str]]:
-    """(messages, reference) for every training question of the free-form world, split as train_rl.py
-    splits it (never a held-out question): the SFT baseline learns the expert's answers."""
+    """(messages, reference) for every training question of the free-form world (or the pretrained
+    world, the same questions), split as train_rl.py splits it (never a held-out question): the SFT
+    baseline learns the expert's answers."""
     from worlds import freeform
 
-    config.require(rl.data == "freeform" and not rl.eval_data and not rl.exclude_hashes, "recipe", rl.data,
-                   "the SFT baseline knows the free-form world's split only (--data freeform, no --eval_data "
-                   "or --exclude_hashes)")
-    train, _ = freeform.split(freeform.records(), rl.heldout_fraction)
+    config.require(rl.data in ("freeform", "pretrained") and not rl.eval_data and not rl.exclude_hashes, "recipe",
+                   rl.data, "the SFT baseline knows the free-form world's split only (--data freeform or pretrained, "
+                   "no --eval_data or --exclude_hashes)")
+    train, _ = freeform.split(worlds.WORLDS[rl.data].records(0), rl.heldout_fraction)
     return freeform.sft_pairs(train)
 
 
@@ -197,7 +208,7 @@ def run_sft(cfg: CompareConfig, rl: rl_config.Config, seed: int) -> list[dict]:
     from worlds import toy
 
     out = Path(cfg.out_dir).resolve() / "sft" / f"seed{seed}"
-    grader = ["--verifier", TEACHER]  # --eval_only loads the reward verifier too: the teacher costs nothing
+    grader = ["--verifier", world_spec(TEACHER, rl.data)]  # --eval_only loads the reward verifier too: the teacher costs nothing
     # --eval_only writes into OUT/eval_only (it never touches a run's own files); a rerun of compare skips it
     done = lambda d: (d / "eval_only" / "metrics.jsonl").exists() and evals_of(d / "eval_only")  # noqa: E731
     if not (out / "final" / "config.json").exists():
@@ -441,7 +452,7 @@ def main() -> None:
                                f"the same run, each reward source (mean of seeds {cfg.seeds})")
     report = {"config": vars(cfg), "results": results, "summary": summary}
     print(table(summary) + "\n\n" + subject_table(summary))
-    judges = {n: JUDGES[n] for n in filter(None, cfg.judges.split(","))}
+    judges = {n: (world_spec(JUDGES[n][0], rl.data), JUDGES[n][1]) for n in filter(None, cfg.judges.split(","))}
     rl_runs = [Path(cfg.out_dir) / s / f"seed{seed}" for s in results if SOURCES[s][1] is not None for seed in seeds]
     kappas, fleiss = {}, None
     if judges and rl_runs:

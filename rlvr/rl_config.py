@@ -20,7 +20,7 @@ class Config:
     config: str = field(default="", metadata={"help": "YAML or JSON file of field values; command-line flags override it"})
     # models and verifiers
     policy: str = field(default="tiny", metadata={"help": "hub name or local dir; 'tiny': the offline tiny model "
-                                                          "warm-started on the --data world (worlds.py)"})
+                                                          "warm-started on the --data world (worlds/__init__.py)"})
     verifier: str = field(default="tiny", metadata={
         "help": "reward verifier: a model dir or hub name, http://host:port[,...] (vLLM servers), or "
                 "rule:substring|rule:exact|rule:jaccard|rule:math, py:module:function (a Python judge, e.g. "
@@ -28,11 +28,11 @@ class Config:
                 "mathematics), policy:rlpr|policy:verifree (no verifier: the policy's own probability of the "
                 "reference after its reasoning, verifier_free.py); 'tiny': the tiny verifier distilled from the "
                 "--data world's teacher "
-                "(worlds.py; freeform: recipes/verifier_freeform.yaml; built once, cached)"})
+                "(worlds/__init__.py; pretrained: recipes/verifier_pretrained.yaml; built once, cached)"})
     reward_type: Literal["binary", "soft"] = field(default="soft", metadata={"help": "binary (Eq. 3) or soft (Eq. 4)"})
     eval_verifier: str = field(default="auto", metadata={
         "help": "the grader of held-out answers (the paper: a 72B judge): a verifier spec; 'auto': a demo world's "
-                "teacher (--data freeform|toy), else rule:math where the references are numbers, else refused "
+                "teacher (--data pretrained|freeform|toy), else rule:math where the references are numbers, else refused "
                 "(free-form answers need a judge); 'self': the reward verifier, greedy (it grades its own hacks)"})
     audit_verifier: str = field(default="auto", metadata={
         "help": "a stronger judge that re-grades a sample of rollouts every --audit_every steps; 'auto': as "
@@ -58,8 +58,10 @@ class Config:
         "help": "chat: the policy's chat template; plain: for a base model without one, the system message, "
                 "'Question: ...', then 'Answer:'"})
     # data
-    data: str = field(default="freeform", metadata={
-        "help": "a demo world ('freeform': free-form answers in five subjects; 'toy': the numeric toy; worlds.py), "
+    data: str = field(default="pretrained", metadata={
+        "help": "a demo world ('pretrained': the paper's setting in miniature, a pretrained base, a policy that "
+                "works before it answers; 'freeform': free-form answers in five subjects; 'toy': the numeric toy; "
+                "worlds.py), "
                 "a .jsonl/.json/.parquet file, or a hub data set"})
     data_split: str = field(default="train", metadata={"help": "split of a data set name"})
     prompt_field: str = field(default="query", metadata={"help": "column with the chat messages or a plain question"})
@@ -75,7 +77,8 @@ class Config:
     # rollout
     prompts_per_step: int = field(default=16, metadata={"help": "prompts per rollout batch, over all ranks"})
     samples_per_prompt: int = field(default=8, metadata={"help": "responses sampled per prompt"})
-    max_new_tokens: int = field(default=12, metadata={"help": "generation length limit"})
+    max_new_tokens: int = field(default=32, metadata={"help": "generation length limit (32: the main job's working "
+                                                               "and answer line)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (> 0)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling threshold"})
     rollout_engine: Literal["hf", "vllm"] = field(default="hf", metadata={

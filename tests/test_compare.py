@@ -36,11 +36,12 @@ def test_each_run_is_the_recipe_with_its_reward_graded_by_the_teacher(source, tm
     assert cmd[1].endswith("train_rl.py")
     run, vopts = train_rl.parse_config(cmd[2:])
     assert (run.steps, run.eval_every, run.eval_samples, run.seed) == (7, 3, 2, 5)
-    assert run.eval_verifier == compare.TEACHER and run.audit_verifier == compare.TEACHER
+    teacher = compare.world_spec(compare.TEACHER, rl.data)  # the recipe's world's teacher
+    assert run.eval_verifier == teacher and run.audit_verifier == teacher
     assert run.out_dir == str(tmp_path / "run") and run.wandb_mode == "disabled"
     expected = {"rule_substring": ("rule:substring", "binary"), "rule_exact": ("rule:exact", "binary"),
-                "rule_jaccard": ("rule:jaccard", "soft"), "teacher_binary": (compare.TEACHER, "binary"),
-                "teacher_soft": (compare.TEACHER, "soft"), "student_binary": ("tiny", "binary"),
+                "rule_jaccard": ("rule:jaccard", "soft"), "teacher_binary": (teacher, "binary"),
+                "teacher_soft": (teacher, "soft"), "student_binary": ("tiny", "binary"),
                 "student_soft": ("tiny", "soft"), "rlpr": ("policy:rlpr", "soft"),
                 "verifree": ("policy:verifree", "soft"), "hybrid": ("hybrid:tiny", "soft")}[source]
     assert (run.verifier, run.reward_type) == expected
@@ -277,7 +278,7 @@ def test_sft_baseline_gets_the_rl_runs_budget_and_the_start_and_end_evals(tmp_pa
     assert evals == [_eval(0, 0.5, x=0.5), _eval(6, 0.625, x=0.625)]
     start, end = (train_rl.parse_config(c[2:])[0] for c in commands)
     assert start.eval_only and end.eval_only and end.policy == str(tmp_path / "sft" / "seed2" / "final")
-    assert start.eval_verifier == end.eval_verifier == compare.TEACHER and start.seed == end.seed == 2
+    assert start.eval_verifier == end.eval_verifier == compare.world_spec(compare.TEACHER, rl.data) and start.seed == end.seed == 2
     assert start.eval_samples == end.eval_samples == rl.eval_samples
 
 
@@ -294,7 +295,7 @@ def test_sft_baseline_trains_on_every_training_question_and_no_held_out_one():
     reference = {r.question: r.reference for r in train}
     assert all(answer == reference[q] for q, (_, answer) in zip(asked, pairs))
     rl.data = "toy"
-    with pytest.raises(config.ConfigError, match="--recipe 'toy': the SFT baseline knows the free-form world"):
+    with pytest.raises(config.ConfigError, match="--recipe 'toy': the SFT baseline knows the free-form world's split only \\(--data freeform or pretrained"):
         compare.sft_pairs(rl)
 
 

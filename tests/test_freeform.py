@@ -206,11 +206,11 @@ def test_rules_fail_on_this_world_where_the_teacher_does_not():
     assert errors["rule:exact"]["all"][0] == 0.0      # exact match never accepts a wrong answer here
 
 
-def test_the_main_job_runs_this_world_and_the_numeric_toy_is_a_recipe():
+def test_this_worlds_recipe_runs_this_world_and_the_numeric_toy_is_a_recipe():
     import train_rl
     import worlds
 
-    default, _ = train_rl.parse_config([])
+    default, _ = train_rl.parse_config(["--config", str(ROOT / "recipes" / "cpu_freeform.yaml")])
     assert (default.data, default.policy, default.verifier, default.eval_verifier, default.audit_verifier) == \
         ("freeform", "tiny", "tiny", "auto", "auto")
     train, heldout = train_rl.load_data(default)

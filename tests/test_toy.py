@@ -56,8 +56,8 @@ def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
 
 
 def test_cli_builds_a_model(tmp_path):
-    out = subprocess.run([sys.executable, str(Path(toy.__file__)), "tiny", "--out", str(tmp_path / "m")],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-m", "worlds", "toy", "tiny", "--out", str(tmp_path / "m")],
+                         capture_output=True, text=True, timeout=120, cwd=Path(toy.__file__).parents[1])
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "m" / "config.json").exists() and out.stdout.strip().endswith("m")
 

@@ -1,18 +1,21 @@
 """The demo worlds in one table: what `--data toy` and `--data freeform` mean to the trainers, and
 what `tiny` (the policy, the distilled verifier) is in each. The trainers ask here, nowhere else.
 
-    toy       the numeric toy (toy.py): "Which is larger, 3 or 7?", graded by rule:math
-    freeform  the free-form world (freeform.py): five subjects, answers a rule cannot grade, graded by
+    toy       the numeric toy (worlds/toy.py): "Which is larger, 3 or 7?", graded by rule:math
+    freeform  the free-form world (worlds/freeform.py): five subjects, answers a rule cannot grade, graded by
               its teacher py:worlds.freeform:teacher
+    pretrained  the paper's setting in miniature (worlds/pretrained.py, the main job): the free-form world's
+              questions, one pretrained base for the policy (which writes a working, then its answer)
+              and the student verifier, graded by py:worlds.pretrained:teacher (any common answer format)
 
-Imports toy and freeform.
+Imports toy, freeform and pretrained.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
-from worlds import freeform, toy
+from worlds import freeform, pretrained, toy
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,9 @@ WORLDS = {
     "freeform": World(lambda seed: freeform.records(), freeform.SYSTEM_PROMPT, freeform.judge_rows, freeform.parse_mix,
                       freeform.tiny_policy, freeform.tiny_verifier, "py:worlds.freeform:teacher",
                       "recipes/verifier_freeform.yaml"),
+    "pretrained": World(pretrained.records, pretrained.SYSTEM_PROMPT, pretrained.judge_rows, pretrained.parse_mix,
+                        pretrained.tiny_policy, pretrained.tiny_verifier, "py:worlds.pretrained:teacher",
+                        "recipes/verifier_pretrained.yaml"),
 }
 
 

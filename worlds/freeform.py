@@ -278,14 +278,15 @@ def teacher(questions: list[str], references: list[str], responses: list[str]) -
     return [float(judge(ref, resp)) for ref, resp in zip(references, responses)]
 
 
-def noisy_teacher(rate: float):
-    """The teacher with each label flipped with probability `rate`, decided by a hash of (question,
-    reference, response): the same row always gets the same label, whatever the batch or the run."""
+def noisy_teacher(rate: float, judge_of=None):
+    """The teacher (or `judge_of(reference, response)`, another world's) with each label flipped with
+    probability `rate`, decided by a hash of (question, reference, response): the same row always gets
+    the same label, whatever the batch or the run."""
     def judge_noisy(questions, references, responses):
         out = []
         for q, ref, resp in zip(questions, references, responses):
             u = int(hashlib.sha256(f"noise {rate} {q}\n{ref}\n{resp}".encode()).hexdigest()[:8], 16) / 16 ** 8
-            y = judge(ref, resp)
+            y = (judge_of or judge)(ref, resp)
             out.append(float(1 - y if u < rate else y))
         return out
     judge_noisy.__name__ = f"teacher_noisy{round(rate * 100)}"

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -81,12 +82,16 @@ BUILD_THREADS = 1
 
 def build_tiny_model(out_dir: str | None = None, seed: int = 0, sft_pairs: list | None = None,
                      sft_steps: int = 0, hidden_size: int = 128, num_layers: int = 4, vocab_size: int = 1024,
-                     corpus: str = "") -> str:
+                     corpus: str = "", start: str = "", docs: list[str] | None = None, pretrain_steps: int = 0,
+                     name: str = "") -> str:
     """Build (once; cached on disk) a tiny Qwen2-architecture causal LM and its tokenizer in Hugging
     Face format (safetensors), deterministic from `seed`. head_dim is 64 so vLLM's CPU backend
     serves it. With `sft_pairs` [(messages, response), ...] it is warm-started by `sft_steps` of
     supervised fine-tuning: a random model trained by RL alone collapses onto one answer. `corpus`:
-    more text the tokenizer's merges are learned from (build_tokenizer).
+    more text the tokenizer's merges are learned from (build_tokenizer). `docs` [text, ...]: pretrained
+    next-token for `pretrain_steps` first (pretrain). `start`: a built model's directory to fine-tune
+    instead of a random init (its tokenizer and shape; the size arguments are then unused). `name`: the
+    stage's name in the two lines a build prints (its start and its end), so a cold start is not silent.
     Returns the directory. Deterministic content means concurrent builders (ranks, tests) race
     harmlessly: each writes a private temp dir and the first rename wins.
     """
@@ -94,17 +99,25 @@ def build_tiny_model(out_dir: str | None = None, seed: int = 0, sft_pairs: list 
                 sft=hashlib.sha256(json.dumps(sft_pairs or [], sort_keys=True).encode()).hexdigest()[:12], v=1)
     if corpus:  # only then: the numeric toy's cached models keep their keys
         spec["corpus"] = hashlib.sha256(corpus.encode()).hexdigest()[:12]
+    if docs:
+        spec |= {"docs": hashlib.sha256(json.dumps(docs).encode()).hexdigest()[:12], "pretrain_steps": pretrain_steps}
+    if start:  # what the start was, not where it is
+        spec["start"] = json.loads((Path(start) / "rlvr_tiny.json").read_text())
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     out = Path(out_dir) if out_dir else cache_root() / f"tiny-{key}"
     if (out / "config.json").exists() and json.loads((out / "rlvr_tiny.json").read_text()) == spec:
         return str(out)
 
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-
-    tok = build_tokenizer(vocab_size, corpus)
+    began = time.time()
+    if name:
+        print(f"[{name}] building (once; cached in {out}): " + (f"{pretrain_steps} pretraining steps on "
+              f"{len(docs)} documents" if docs else "") + (", " if docs and sft_pairs else "")
+              + (f"{sft_steps} supervised steps on {len(sft_pairs)} pairs" if sft_pairs else ""), flush=True)
+    tok = PreTrainedTokenizerFast.from_pretrained(start) if start else build_tokenizer(vocab_size, corpus)
     config = Qwen2Config(
         vocab_size=(len(tok) + 63) // 64 * 64, hidden_size=hidden_size, intermediate_size=4 * hidden_size,
         num_hidden_layers=num_layers, num_attention_heads=hidden_size // 64, num_key_value_heads=1, head_dim=64,
@@ -115,7 +128,9 @@ def build_tiny_model(out_dir: str | None = None, seed: int = 0, sft_pairs: list 
     try:
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            lm = Qwen2ForCausalLM(config).float()
+            lm = Qwen2ForCausalLM.from_pretrained(start).float() if start else Qwen2ForCausalLM(config).float()
+            if docs:
+                losses = pretrain(lm, tok, docs, pretrain_steps, seed)
             if sft_pairs:
                 supervised_warm_start(lm, tok, sft_pairs, sft_steps, seed)
     finally:
@@ -133,7 +148,36 @@ def build_tiny_model(out_dir: str | None = None, seed: int = 0, sft_pairs: list 
         os.rename(tmp, out)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)  # another process won the race with the same content
+    if name:
+        print(f"[{name}] built in {time.time() - began:.0f} s" + (f" (training loss {losses[0]:.2f} -> "
+              f"{sum(losses[-20:]) / len(losses[-20:]):.2f} over the last 20 steps)" if docs else "") + f": {out}",
+              flush=True)
     return str(out)
+
+
+def pretrain(lm, tokenizer, docs: list[str], steps: int, seed: int, batch_size: int = 32, lr: float = 2e-3) -> list[float]:
+    """Next-token pretraining on documents (each ends with the end-of-text token), `batch_size` random
+    documents a step packed in one row, loss on every token but each document's first; AdamW, the
+    learning rate decayed linearly to a tenth. Returns the losses."""
+    generator = torch.Generator().manual_seed(seed)
+    seqs = [tokenizer.encode(d, add_special_tokens=False) + [tokenizer.pad_token_id] for d in docs]
+    opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - 0.9 * i / max(1, steps))
+    lm.train()
+    losses = []
+    for _ in range(steps):
+        batch = [seqs[i] for i in torch.randint(len(seqs), (batch_size,), generator=generator).tolist()]
+        ids, pos, _, target = rows(batch, [[False] + [True] * (len(s) - 1) for s in batch], True,
+                                   tokenizer.pad_token_id)
+        logp, _ = token_logprobs(lm, ids, pos, target)
+        loss = -logp.sum() / target.sum()
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    lm.eval()
+    return losses
 
 
 def supervised_warm_start(lm, tokenizer, pairs: list, steps: int, seed: int, batch_size: int = 32,
@@ -342,13 +386,14 @@ _LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_
                  "MASTER_PORT", "TORCHELASTIC_")
 
 
-def tiny_verifier(recipes: list[Path] | None = None, extra: str = "") -> str:
+def tiny_verifier(recipes: list[Path] | None = None, extra: str = "", student: str = "tiny") -> str:
     """The main job's reward verifier: the tiny student distilled from the rule:math teacher by
     `train_verifier.py sft --config recipes/verifier_toy_digits.yaml`, then `--config
     recipes/verifier_cpu_demo.yaml --student <stage 1>` (how the paper built RM-7B, in miniature), each
     run as its own process (the trainers never import each other). One fixed verifier, built once per
     recipe text (+ `extra`, e.g. the source of a world's rows) and cached, like the tiny policy; call it
-    on every rank: rank 0 builds, the others wait. Another world passes its own `recipes`."""
+    on every rank: rank 0 builds, the others wait. Another world passes its own `recipes` (and the
+    model stage 1 starts from, `student`: 'tiny' is the world's policy)."""
     path = None
     if distributed.rank() == 0:
         repo = Path(__file__).resolve().parents[1]
@@ -356,7 +401,6 @@ def tiny_verifier(recipes: list[Path] | None = None, extra: str = "") -> str:
         text = "".join(p.read_text() for p in recipes + [repo / "recipes" / "toy_verifier_template.txt"])
         text += f"data-version={VERIFIER_DATA_VERSION}" + extra
         out = cache_root() / f"verifier-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
-        student = "tiny"
         for stage, recipe in enumerate(recipes, 1):
             stage_dir = out / f"stage{stage}"
             if not (stage_dir / "final" / "config.json").exists():
@@ -369,8 +413,10 @@ def tiny_verifier(recipes: list[Path] | None = None, extra: str = "") -> str:
                 # a process of its own, not a rank of this run's process group
                 env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_ENV)}
                 env["OMP_NUM_THREADS"] = str(BUILD_THREADS)  # one build on any machine (see BUILD_THREADS)
+                began = time.time()
                 if subprocess.run(cmd, env=env, cwd=repo).returncode != 0:  # the recipes name repo files
                     raise RuntimeError(f"distilling the tiny verifier failed (see above); command: {' '.join(cmd)}")
+                print(f"[toy] stage {stage} of the tiny verifier distilled in {time.time() - began:.0f} s", flush=True)
             student = str(stage_dir / "final")
         path = student
     return distributed.broadcast_object(path)
