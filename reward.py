@@ -30,6 +30,7 @@ from torch import Tensor
 
 import config
 import model
+import reward_functions
 import verifier_families
 from remote import TRAILING_PUNCT, CompletionsClient, MathPool, VerifierError  # noqa: F401 (re-exported)
 
@@ -703,7 +704,9 @@ def build_verifier(spec: str, options: VerifierOptions | None = None, *, setting
         # a family is how a model is asked: a rule reads the response as its own flags say
         rule_overrides = {k: v for k, v in overrides.items() if k != "family"}
         return RuleVerifier(spec[len("rule:"):], resolve_settings(None, rule_overrides), math_timeout=o.math_timeout)
-    if spec.startswith("py:"):
+    if spec.startswith("py:"):  # a judge, or TRL reward functions (reward_functions.py: their parameters say)
+        if reward_functions.is_trl(spec):
+            return reward_functions.RewardFunctions(reward_functions.split_specs(spec))
         return PyVerifier(spec)
     if spec.startswith("hybrid:"):
         return HybridVerifier(RuleVerifier("math", resolve_settings(None, {}), math_timeout=o.math_timeout),
@@ -903,7 +906,10 @@ def check_spec(spec: str, flag: str) -> None:
         if spec.startswith("rule:") and spec[len("rule:"):] not in RULES:
             raise ValueError(f"unknown rule verifier; valid: {', '.join('rule:' + r for r in RULES)}")
         if spec.startswith("py:"):
-            PyVerifier(spec)
+            if reward_functions.is_trl(spec):  # imported and its parameters read; called on real rows later
+                reward_functions.RewardFunctions(reward_functions.split_specs(spec))
+            else:
+                PyVerifier(spec)
     except (ValueError, VerifierError) as e:
         raise config.ConfigError(f"--{flag} {spec!r}: {e}") from e
 
@@ -913,7 +919,8 @@ def check_spec(spec: str, flag: str) -> None:
 
 
 class PyVerifier:
-    """"py:module.path:function": function(questions, references, responses) -> one score in [0, 1] per
+    """"py:module.path:function" (or py:path/to/file.py:function) whose parameters are exactly
+    (questions, references, responses) -> one score in [0, 1] per
     response (0/1 judgements or probabilities), e.g. py:freeform:teacher, a demo world's judge that
     knows its equivalences. binary = score >= 0.5; soft and p_yes = the score; every response counts as
     judged. The module is imported from the working directory or sys.path; the function is checked on
@@ -921,21 +928,10 @@ class PyVerifier:
     a value outside [0, 1] is one line naming the spec."""
 
     def __init__(self, spec: str):
-        import importlib
-
         self.name = spec
-        module_name, _, function = spec[len("py:"):].rpartition(":")
-        if not module_name or not function:
-            raise ValueError(f"verifier {spec!r}: expected py:module.path:function")
-        if os.getcwd() not in sys.path:
-            sys.path.append(os.getcwd())  # a user's module in the working directory, as `python -m` finds it
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise ValueError(f"verifier {spec!r}: cannot import module {module_name!r}: {e}") from e
-        self.fn = getattr(module, function, None)
-        if not callable(self.fn):
-            raise ValueError(f"verifier {spec!r}: module {module_name!r} has no function {function!r}")
+        self.fn = reward_functions.load_function(spec)  # a module or a file (py:path/to/file.py:fn)
+        if reward_functions.convention(self.fn, spec) != "project":
+            raise ValueError(f"verifier {spec!r} is a TRL reward function: build it with build_verifier")
         self.scores(["What is 1 + 1?"], ["2"], ["2"])  # checked once here, on one row, before any run starts
 
     def scores(self, questions: list[str], references: list[str], responses: list[str]) -> Tensor:

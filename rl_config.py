@@ -14,6 +14,7 @@ import config
 import model
 import remote
 import reward
+import reward_functions
 import rl_math
 import rollout
 import rundir
@@ -36,6 +37,9 @@ class Config:
                 "--data world's teacher "
                 "(worlds.py; freeform: recipes/verifier_freeform.yaml; built once, cached)"})
     reward_type: Literal["binary", "soft"] = field(default="soft", metadata={"help": "binary (Eq. 3) or soft (Eq. 4)"})
+    reward_weights: str = field(default="", metadata={
+        "help": "weights of the TRL reward functions in --verifier py:a:f,py:b:g, in their order (TRL's "
+                "reward_weights), e.g. 1,0.5; '': all 1"})
     eval_verifier: str = field(default="auto", metadata={
         "help": "the grader of held-out answers (the paper: a 72B judge): a verifier spec; 'auto': a demo world's "
                 "teacher (--data freeform|toy), else rule:math where the references are numbers, else refused "
@@ -247,6 +251,11 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
         for spec in getattr(cfg, name).split(",") if name == "log_verifiers" else [getattr(cfg, name)]:
             if spec.strip() not in ("auto", "self"):
                 reward.check_spec(spec.strip(), name)
+    functions = reward_functions.split_specs(cfg.verifier.removeprefix("hybrid:"))
+    if cfg.reward_weights:
+        req(all(f.startswith("py:") for f in functions), "reward_weights", cfg.reward_weights,
+            "weighs the py: reward functions of --verifier (py:a:f,py:b:g)")
+        reward_functions.parse_weights(cfg.reward_weights, len(functions))
     if cfg.verifier.startswith("policy:"):  # verifier_free.PolicyReward: the policy scores its own rollouts
         req(not cfg.async_steps, "async_steps", cfg.async_steps, f"with --verifier {cfg.verifier}: the worker's batch "
             "would be scored by a policy in the middle of its update; use --async_steps 0")

@@ -29,6 +29,7 @@ import distributed
 import metrics
 import model
 import reward
+import reward_functions
 import rl_config
 import rl_math
 import rollout
@@ -447,6 +448,33 @@ def load_verifiers(cfg: Config, vopts, spec: str, device, policy=None, tokenizer
             "logged": {s: build(s, False) for s in filter(None, cfg.log_verifiers.split(","))}}
 
 
+def check_reward_functions(cfg: Config, records: list) -> None:
+    """Every role's TRL reward functions (reward_functions.py) called on real rows of --data, before any
+    model loads: a wrong signature, a missing column or a NaN is one line naming the flag."""
+    conversational = cfg.data not in worlds.WORLDS and reward_functions.is_conversational(cfg.data, cfg.data_split,
+                                                                                        cfg.prompt_field)
+    for flag in ("verifier", "eval_verifier", "audit_verifier", "log_verifiers"):
+        for spec in cfg.log_verifiers.split(",") if flag == "log_verifiers" else [getattr(cfg, flag)]:
+            spec = spec.strip().removeprefix("hybrid:")
+            if spec.startswith("py:") and reward_functions.is_trl(spec):
+                n = len(reward_functions.split_specs(spec))
+                weights = reward_functions.parse_weights(cfg.reward_weights, n) if flag == "verifier" else None
+                reward_functions.check_on_rows(spec, weights, records, cfg.answer_field, conversational, flag)
+
+
+def give_columns(cfg: Config, judges: dict, records: list) -> None:
+    """TRL reward functions get the data set's columns (looked up by question and reference) and, for the
+    reward, --reward_weights."""
+    conversational = cfg.data not in worlds.WORLDS and reward_functions.is_conversational(cfg.data, cfg.data_split,
+                                                                                        cfg.prompt_field)
+    for role, judge in [(k, v) for k, v in judges.items() if k != "logged"] + list(judges["logged"].items()):
+        fns = reward_functions.find(judge)
+        if fns is not None:
+            fns.rows(records, cfg.answer_field, conversational)
+            if role == "reward":
+                fns.weights = reward_functions.parse_weights(cfg.reward_weights, len(fns.fns))
+
+
 def probe_master_keys(verifier, train_set, cfg: Config) -> dict:
     """Does the reward verifier say YES to content-free answers ("Thought process:")? Warn loudly if so."""
     n = cfg.master_key_prompts
@@ -543,6 +571,7 @@ def train(cfg: Config, vopts: reward.VerifierOptions) -> dict:
     out_dir, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
     train_set, heldout = load_data(cfg)
     cfg = choose_graders(cfg, [r.reference for r in train_set + heldout])
+    check_reward_functions(cfg, train_set + heldout)
     policy_path, verifier_spec = resolve_paths(cfg)
     tokenizer = model.load_tokenizer(policy_path, cfg.trust_remote_code, cfg.prompt_format)
     train_set, heldout = drop_long_prompts(cfg, tokenizer, train_set, heldout)
@@ -554,6 +583,7 @@ def train(cfg: Config, vopts: reward.VerifierOptions) -> dict:
     # after the optimizer: policy:rlpr runs the policy now, and a sharded policy's first forward (FSDP2's lazy
     # init) before its optimizer exists leaves the optimizer with parameters the checkpoint cannot name
     judges = load_verifiers(cfg, vopts, verifier_spec, device, policy, tokenizer, train_set)
+    give_columns(cfg, judges, train_set + heldout)
     sampler = data.PromptSampler(len(train_set), cfg.prompts_per_step, cfg.seed, rank, world)
     state = resume(cfg, ckpt_dir, policy, optimizer, scheduler)
     start, streaks = state["step"], state["streaks"]
