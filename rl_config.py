@@ -5,9 +5,10 @@ Imports config, checkpoint, model, remote, reward, rl_math, rollout and rundir (
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 import checkpoint
 import config
@@ -120,7 +121,9 @@ class Config:
     reward_clip: float = field(default=10.0, metadata={"help": "clip shaped rewards to +-this (OpenRLHF's default; 0: off)"})
     kl_mode: Literal["none", "reward", "loss"] = field(default="none", metadata={
         "help": "none | reward (k1 in the reward, the paper) | loss (k3 in the loss, GRPO)"})
-    kl_coef: float = field(default=0.01, metadata={"help": "beta of the KL term"})
+    kl_coef: Optional[float] = field(default=None, metadata={
+        "help": "beta of the KL term (default: 0.01 when --kl_mode is on); given with --kl_mode none it is refused: "
+                "it would do nothing"})
     clip_low: float = field(default=0.2, metadata={"help": "ratio clip below 1 - clip_low"})
     clip_high: float = field(default=0.28, metadata={"help": "ratio clip above 1 + clip_high (clip-higher)"})
     loss_agg: Literal["token_mean", "seq_mean", "seq_sum_norm"] = field(default="token_mean", metadata={
@@ -202,8 +205,10 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
         raise config.ConfigError(str(e)) from None
     req(cfg.samples_per_prompt >= 2 or (norm != "group" and cfg.advantage != "dr_grpo"), "advantage", cfg.advantage,
         f"with --reward_norm {norm} needs --samples_per_prompt >= 2 (a group of one has no spread)")
-    req(cfg.kl_coef > 0 or cfg.kl_mode == "none", "kl_coef", cfg.kl_coef, f"must be > 0 with --kl_mode {cfg.kl_mode}")
-    req(cfg.kl_coef >= 0, "kl_coef", cfg.kl_coef, "must be >= 0")
+    req(cfg.kl_coef is None or cfg.kl_mode != "none", "kl_coef", cfg.kl_coef,
+        "does nothing with --kl_mode none (the default): add --kl_mode reward (k1 in the reward, the paper's) or "
+        "--kl_mode loss (k3 in the loss: TRL's beta, GRPO)")
+    req(cfg.kl_coef is None or cfg.kl_coef > 0, "kl_coef", cfg.kl_coef, f"must be > 0 with --kl_mode {cfg.kl_mode}")
     req(0 < cfg.clip_low < 1, "clip_low", cfg.clip_low, "must be in (0, 1)")
     req(cfg.clip_high > 0, "clip_high", cfg.clip_high, "must be > 0")
     req(cfg.reward_clip >= 0, "reward_clip", cfg.reward_clip, "must be >= 0 (0: off)")
@@ -274,4 +279,6 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
 def parse_config(argv: list[str] | None = None) -> tuple[Config, reward.VerifierOptions]:
     cfg, vopts = config.parse_config((Config, reward.VerifierOptions), argv, prog="train_rl.py")
     check_config(cfg, vopts)
+    if cfg.kl_coef is None:  # the KL term's default strength, used only when --kl_mode is on
+        cfg = dataclasses.replace(cfg, kl_coef=0.01 if cfg.kl_mode != "none" else 0.0)
     return cfg, vopts
