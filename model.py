@@ -81,10 +81,12 @@ def has_chat_template(directory: str | Path) -> bool:
         return False
 
 
-def source_problem(spec: str, chat_template: bool = True, trust_remote_code: bool = False) -> str | None:
+def source_problem(spec: str, chat_template: bool = True, trust_remote_code: bool = False,
+                   plain_flag: str = "--prompt_format") -> str | None:
     """Why `spec`, a local directory or a hub name, cannot be loaded as a causal LM here, read from its
     config and tokenizer files before any weights load (None: it can, or it is a hub name not on disk,
-    which the hub answers for). `chat_template`: the prompts go through the tokenizer's chat template."""
+    which the hub answers for). `chat_template`: the prompts go through the tokenizer's chat template;
+    `plain_flag`: the caller's flag that prompts with plain text instead ('': it has none, a verifier)."""
     path = Path(spec).expanduser()
     if not path.exists():
         first = Path(spec.split("/")[0]).expanduser()
@@ -109,7 +111,10 @@ def source_problem(spec: str, chat_template: bool = True, trust_remote_code: boo
         return (f"architecture {config.get('architectures')} (model_type {model_type!r}) is not a decoder-only causal "
                 "LM that transformers' AutoModelForCausalLM loads: the recipe trains and asks only those")
     if chat_template and not has_chat_template(path):
-        return ("its tokenizer has no chat template (a base model?); --prompt_format plain prompts it with plain "
+        if not plain_flag:
+            return ("its tokenizer has no chat template (a base model?); a verifier's prompt is rendered through "
+                    "it: give a chat (instruct) model")
+        return (f"its tokenizer has no chat template (a base model?); {plain_flag} plain prompts it with plain "
                 "text: the system message, 'Question: ...', then 'Answer:'")
     return None
 

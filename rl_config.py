@@ -250,7 +250,7 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
         family, spec = reward.split_family(getattr(cfg, name).removeprefix("hybrid:"))  # compass:<model>'s model
         if spec and spec != "tiny" and ":" not in spec.split("/")[0]:  # not rule:, http(s)://, py: (a model)
             chat = verifier_families.family(family).chat if family else True  # cot is sent as raw text
-            problem = model.source_problem(spec, chat, cfg.trust_remote_code)
+            problem = model.source_problem(spec, chat, cfg.trust_remote_code, plain_flag="")
             req(problem is None, name, getattr(cfg, name), str(problem))
     for name in ("verifier", "eval_verifier", "audit_verifier", "log_verifiers"):
         for spec in getattr(cfg, name).split(",") if name == "log_verifiers" else [getattr(cfg, name)]:

@@ -88,6 +88,9 @@ class PolicySamples:
         "else the released sets' prompt)"))
     policy_max_new_tokens: int = field(default=64, metadata=_help("length limit of a --policy response"))
     policy_temperature: float = field(default=1.0, metadata=_help("sampling temperature of --policy (> 0)"))
+    policy_prompt_format: Literal["chat", "plain"] = field(default="chat", metadata=_help(
+        "how --policy is prompted: its chat template, or plain text for a base model without one (train_rl.py's "
+        "--prompt_format)"))
 
 
 @dataclass
@@ -188,7 +191,8 @@ def check_config(cfg, vopts: reward.VerifierOptions) -> None:
     for name in ("student", "policy", "teacher", "verifier"):  # a model path: one line now, not a traceback later
         spec = getattr(cfg, name, "")
         if spec and spec != "tiny" and ":" not in spec.split("/")[0]:  # not rule:, http(s)://, py:
-            problem = model.source_problem(spec, True, cfg.trust_remote_code)
+            problem = model.source_problem(spec, name != "policy" or cfg.policy_prompt_format == "chat",
+                                           cfg.trust_remote_code, "--policy_prompt_format" if name == "policy" else "")
             req(problem is None, name, spec, str(problem))
     for name in ("verifier", "teacher"):
         refused = remote.url_credentials(getattr(cfg, name, ""))
@@ -303,6 +307,10 @@ def label(cfg: LabelConfig, vopts: reward.VerifierOptions) -> dict:
                 raise
             raise data.DataError(f"{e}: to judge a policy's answers to these questions, add --policy DIR "
                                  "--policy_samples N") from None
+    share = reward.math_reference_share([r.reference for r in rows])
+    config.require(cfg.teacher != "rule:math" or share >= 0.5, "teacher", cfg.teacher,  # as train_rl.py refuses it
+                   f"{share:.0%} of --data {cfg.data}'s references are numbers or math: rule:math scores every answer "
+                   "to a word 0; use a model judge, a py: judge or rule:substring")
     get_teacher = functools.cache(lambda: reward.build_verifier(cfg.teacher, vopts, device=device,
                                                                 trust_remote_code=cfg.trust_remote_code))
     start = time.perf_counter()
@@ -364,7 +372,18 @@ def eval_verifier(cfg: EvalConfig, vopts: reward.VerifierOptions) -> dict:
     log.log(0, {f"verifier_eval/{k}": v for k, v in report.items() if isinstance(v, (int, float))})
     log.close()
     print(text)
+    print(eval_summary(report, out_dir))
     return report
+
+
+def eval_summary(report: dict, out_dir: Path) -> str:
+    """The eval's one line, after the JSON: what was judged, how well, and where the report is."""
+    def f(key, fmt=".3f"):
+        return "n/a" if report.get(key) is None else format(report[key], fmt)
+    return (f"{report['verifier']} on {report['n']} rows of {report['data']}: accuracy {f('accuracy')}, kappa "
+            f"{f('kappa')}, F1 {f('f1')}, ECE {f('ece')}, unjudged {f('unjudged', '.1%')}, master-key false "
+            f"positives {f('master_key_fpr', '.1%')}" + (f" ({len(report['notes'])} notes)" if report.get("notes") else "")
+            + f"; report {out_dir / 'eval.json'}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -436,7 +455,7 @@ def sample_responses(cfg, path: str, records: list[data.Record], device) -> list
     """--policy_samples responses per record from the policy at `path`, drawn as train_rl.py draws rollouts
     (rollout.generate, a seed per sample): a rerun draws the same ones and finds their labels. Prompts
     longer than --max_len are dropped (and counted)."""
-    tokenizer = model.load_tokenizer(path, cfg.trust_remote_code)
+    tokenizer = model.load_tokenizer(path, cfg.trust_remote_code, cfg.policy_prompt_format)
     records, n_long = data.drop_long(records, tokenizer, cfg.max_len)
     if n_long:
         print(f"[policy] {n_long} prompts longer than --max_len {cfg.max_len} tokens dropped", flush=True)
@@ -725,11 +744,20 @@ def run(argv: list[str]) -> dict:
             rundir.release(lock)
 
 
+EVAL_OUTPUTS = {"eval.json", "reliability.png", "metrics.jsonl", "config.json", "wandb", "wandb_run_id"}
+
+
 def claim_out_dir(cfg) -> int | None:
     """sft and eval: rank 0 locks --out_dir for the run (rundir.py) and refuses one that holds an earlier
     run's files unless --resume (sft) continues it or --overwrite empties it. label appends by design."""
     if isinstance(cfg, LabelConfig) or int(os.environ.get("RANK", 0)) != 0:
         return None
+    if isinstance(cfg, EvalConfig):  # an eval is repeated into its out_dir without --overwrite
+        fd = rundir.lock(cfg.out_dir)
+        if set(rundir.entries(cfg.out_dir)) <= EVAL_OUTPUTS:  # nothing but an earlier eval's files: replaced
+            (Path(cfg.out_dir) / "metrics.jsonl").unlink(missing_ok=True)  # this eval's row alone
+            return fd
+        rundir.release(fd)  # another kind of run's files: refused as for any run (or --overwrite)
     ckpts = str(Path(cfg.out_dir) / "checkpoints")
     return rundir.claim(cfg.out_dir, getattr(cfg, "resume", "no"), cfg.overwrite,
                         lambda: checkpoint.latest_checkpoint(ckpts) is not None)

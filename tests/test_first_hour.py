@@ -40,3 +40,79 @@ def test_kl_coef_defaults_to_0_01_only_when_kl_is_on():
     assert rl_config.parse_config(["--kl_mode", "reward"])[0].kl_coef == 0.01
     assert rl_config.parse_config(["--kl_mode", "loss", "--kl_coef", "0.04"])[0].kl_coef == 0.04
     assert rl_config.parse_config([])[0].kl_coef == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. --resume auto before the first checkpoint; eval repeated, with a summary line
+
+
+def test_resume_auto_on_a_run_killed_before_its_first_checkpoint_starts_fresh(tmp_path):
+    from test_train_rl import flags, run
+
+    out_dir = tmp_path / "run"
+    out_dir.mkdir()
+    # what a run killed during step 1 leaves: its config, the step-0 row and a rollout row, no checkpoint
+    (out_dir / "config.json").write_text("{}")
+    (out_dir / "metrics.jsonl").write_text('{"step": 0, "eval/accuracy": 0.1}\n')
+    (out_dir / "rollouts.jsonl").write_text('{"step": 1, "question": "q"}\n')
+    args = ["--policy", "tiny", "--data", "toy", "--verifier", "rule:substring", "--eval_verifier", "rule:substring",
+            "--audit_verifier", "", "--log_verifiers", "", "--steps", "1", "--prompts_per_step", "2",
+            "--samples_per_prompt", "2", "--max_new_tokens", "4", "--eval_every", "0", "--eval_prompts", "2",
+            "--master_key_prompts", "0", "--out_dir", str(out_dir), "--wandb_mode", "disabled"]
+    out = cli("train_rl.py", *args, "--resume", "auto")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "--resume auto: no checkpoint in" in out.stdout and "starting fresh" in out.stdout
+    rows = [json.loads(x) for x in (out_dir / "rollouts.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["step"] == 1 and r["question"] != "q" for r in rows)  # this run's rows alone
+    assert (out_dir / "checkpoints").is_dir()
+    # a directory holding something no run writes is still refused, nothing removed
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.md").write_text("mine")
+    line = one_line_error(cli("train_rl.py", "--resume", "auto", "--out_dir", str(tmp_path / "mine")))
+    assert "notes.md, which no run writes" in line and (tmp_path / "mine" / "notes.md").read_text() == "mine"
+
+
+def test_eval_repeated_into_its_out_dir_ends_with_one_summary_line(tmp_path):
+    from test_train_verifier import EVAL_ROWS, write_jsonl
+
+    path = write_jsonl(tmp_path / "labelled.jsonl", EVAL_ROWS)
+    args = ["eval", "--verifier", "rule:substring", "--data", str(path), "--out_dir", str(tmp_path / "ev"),
+            "--wandb_mode", "disabled"]
+    for _ in range(2):
+        out = cli("train_verifier.py", *args)
+        assert out.returncode == 0, out.stderr[-2000:]
+        last = out.stdout.strip().splitlines()[-1]
+        # the hand-computed figures of test_eval_figures_equal_hand_computed: accuracy 6/8, kappa 0.5, F1 3/4
+        assert last.startswith("rule:substring on 8 rows of ") and "accuracy 0.750, kappa 0.500, F1 0.750" in last, last
+        assert f"report {tmp_path / 'ev' / 'eval.json'}" in last
+    assert len((tmp_path / "ev" / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_label_a_base_model_names_labels_own_flag_and_samples_it_plain(tmp_path, tiny_model_dir):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    cfg = json.loads((base / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(cfg))
+    for f in base.glob("chat_template.*"):
+        f.unlink()
+    args = ["label", "--policy", str(base), "--policy_samples", "1", "--data", "toy", "--teacher", "rule:substring",
+            "--out", str(tmp_path / "labels.jsonl"), "--policy_max_new_tokens", "4"]
+    line = one_line_error(cli("train_verifier.py", *args), "train_verifier.py label")
+    assert "--policy_prompt_format plain prompts it with plain text" in line and "--prompt_format" not in \
+        line.replace("--policy_prompt_format", ""), line
+    out = cli("train_verifier.py", *args, "--policy_prompt_format", "plain")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len((tmp_path / "labels.jsonl").read_text().splitlines()) > 0
+
+
+def test_label_refuses_rule_math_on_prose_references_as_train_rl_does(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"question": f"Which method detects protein {i}?", "reference": "Western blot",
+                                        "response": "Western blot"}) + "\n" for i in range(5)))
+    line = one_line_error(cli("train_verifier.py", "label", "--data", str(rows), "--teacher", "rule:math", "--out",
+                              str(tmp_path / "labels.jsonl")), "train_verifier.py label")
+    assert "--teacher 'rule:math': 0% of --data" in line and "rule:substring" in line
+    assert not (tmp_path / "labels.jsonl").exists()
