@@ -81,6 +81,19 @@ def has_chat_template(directory: str | Path) -> bool:
         return False
 
 
+def run_final_model(spec: str) -> str | None:
+    """A finished run's directory (its config.json, if any, is the run's; final/ holds the model) -> its
+    final model; None for anything else."""
+    path = Path(spec).expanduser()
+    if not (path / "final" / "config.json").is_file():
+        return None
+    try:
+        own = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    except ValueError:
+        own = {}
+    return None if isinstance(own, dict) and "model_type" in own else str(path / "final")
+
+
 def source_problem(spec: str, chat_template: bool = True, trust_remote_code: bool = False,
                    plain_flag: str = "--prompt_format") -> str | None:
     """Why `spec`, a local directory or a hub name, cannot be loaded as a causal LM here, read from its
@@ -106,6 +119,8 @@ def source_problem(spec: str, chat_template: bool = True, trust_remote_code: boo
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     model_type = config.get("model_type")
+    if model_type is None and (path / "final" / "config.json").is_file():  # a run's config.json, not a model's
+        return f"is a run directory, not a model; its final model is {path / 'final'}"
     remote = trust_remote_code and "AutoModelForCausalLM" in (config.get("auto_map") or {})
     if config.get("is_encoder_decoder") or (model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote):
         return (f"architecture {config.get('architectures')} (model_type {model_type!r}) is not a decoder-only causal "

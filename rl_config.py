@@ -1,7 +1,8 @@
 """train_rl.py's flags: the Config dataclass (every field is a flag; `--help` shows its default;
 `--config FILE` sets fields) and check_config, which checks every range and relation before any model
 loads, so a bad value is one line naming its flag. The verifier's own flags are reward.VerifierOptions.
-Imports config, checkpoint, model, remote, reward, rl_math, rollout and rundir (for their checks), never train_rl.
+Imports config, checkpoint, model, remote, reward, reward_functions, rl_math, rollout, rundir and worlds (for
+their checks), never train_rl.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import rl_math
 import rollout
 import rundir
 import verifier_families
+import worlds
 from config import resume_field
 
 
@@ -242,6 +244,9 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
     for name, spec in [(n, getattr(cfg, n)) for n in ("verifier", "eval_verifier", "audit_verifier")] + \
             [("log_verifiers", s.strip()) for s in cfg.log_verifiers.split(",")]:
         reward.check_saved_settings(spec, vopts, from_flags=name == "verifier")
+    req(cfg.verifier not in ("tiny", "hybrid:tiny") or cfg.data in worlds.WORLDS, "verifier", cfg.verifier,
+        f"is the tiny verifier distilled from a demo world's teacher (--data {'|'.join(worlds.WORLDS)}); it knows "
+        f"nothing of --data {cfg.data}: name a judge (a model dir, http://host:port, rule:..., py:module:fn)")
     # a mistyped path, a run directory, an encoder-decoder or a base model: one line now, not a traceback later
     if cfg.policy != "tiny":
         problem = model.source_problem(cfg.policy, cfg.prompt_format == "chat", cfg.trust_remote_code)
@@ -278,6 +283,9 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
 
 def parse_config(argv: list[str] | None = None) -> tuple[Config, reward.VerifierOptions]:
     cfg, vopts = config.parse_config((Config, reward.VerifierOptions), argv, prog="train_rl.py")
+    if model.run_final_model(cfg.policy):  # a finished run's directory: its final model, as the README promises
+        print(f"--policy {cfg.policy}: a run directory; training its final model {model.run_final_model(cfg.policy)}")
+        cfg = dataclasses.replace(cfg, policy=model.run_final_model(cfg.policy))
     check_config(cfg, vopts)
     if cfg.kl_coef is None:  # the KL term's default strength, used only when --kl_mode is on
         cfg = dataclasses.replace(cfg, kl_coef=0.01 if cfg.kl_mode != "none" else 0.0)

@@ -116,3 +116,62 @@ def test_label_refuses_rule_math_on_prose_references_as_train_rl_does(tmp_path):
                               str(tmp_path / "labels.jsonl")), "train_verifier.py label")
     assert "--teacher 'rule:math': 0% of --data" in line and "rule:substring" in line
     assert not (tmp_path / "labels.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. one-line errors before loading; a cold cache's build lock
+
+
+def test_a_file_data_set_with_the_tiny_verifier_is_refused_in_one_line(tmp_path):
+    rows = tmp_path / "d.jsonl"
+    rows.write_text(json.dumps({"query": "What is 2 + 2?", "label": "4"}) + "\n")
+    line = one_line_error(cli("train_rl.py", "--data", str(rows), "--out_dir", str(tmp_path / "run")))
+    assert "--verifier 'tiny': is the tiny verifier distilled from a demo world's teacher" in line
+    assert f"nothing of --data {rows}" in line
+
+
+def test_a_finished_run_directory_as_policy_trains_its_final_model(tmp_path, tiny_model_dir):
+    import shutil
+
+    run_dir = tmp_path / "runs" / "demo"
+    shutil.copytree(tiny_model_dir, run_dir / "final")
+    (run_dir / "config.json").write_text(json.dumps({"steps": 60, "policy": "tiny"}))  # the run's own config
+    cfg, _ = rl_config.parse_config(["--policy", str(run_dir), "--verifier", "rule:substring", "--data", "toy"])
+    assert cfg.policy == str(run_dir / "final")
+    import model
+    assert model.source_problem(str(run_dir)) == f"is a run directory, not a model; its final model is {run_dir / 'final'}"
+
+
+def test_a_judgement_token_of_several_tokens_names_the_flag_in_one_line(tmp_path, tiny_model_dir):
+    import reward
+
+    with pytest.raises(config.ConfigError, match="must be exactly one: choose a one-token spelling with "
+                                                 "--verifier_positive / --verifier_negative"):
+        reward.build_verifier(tiny_model_dir, reward.VerifierOptions(verifier_paper_defaults=True,
+                                                                     verifier_positive="Definitely correct"))
+
+
+def test_a_second_build_on_a_cold_cache_waits_for_the_first(tmp_path):
+    import toy
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; sys.path.insert(0, %r); import toy; from pathlib import Path\n"
+        "with toy.build_lock(Path(%r)):\n    print('held', flush=True); sys.stdin.readline()\n"
+        "    Path(%r).write_text('built')") % (str(ROOT), str(tmp_path / "v"), str(tmp_path / "v" / "done"))],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    import threading
+
+    got = []
+
+    def second():
+        with toy.build_lock(tmp_path / "v"):
+            got.append((tmp_path / "v" / "done").exists())  # the first build's result is there when it gets in
+    t = threading.Thread(target=second)
+    t.start()
+    t.join(timeout=2)
+    assert t.is_alive() and not got  # waiting, not failing
+    holder.stdin.write("\n")
+    holder.stdin.flush()
+    t.join(timeout=120)
+    assert got == [True] and holder.wait(timeout=60) == 0
