@@ -403,6 +403,9 @@ def choose_graders(cfg: Config, references: list[str]) -> Config:
         for flag, spec in roles.items():
             config.require("rule:math" not in spec.split(","), flag, spec,
                            f"{why}: rule:math scores every answer to a word 0; use a model judge or rule:substring")
+    if audit_spec and not cfg.eval_only and (not cfg.audit_every or cfg.steps < cfg.audit_every):
+        say(f"WARNING: audit: {audit_spec} never runs: it re-grades every --audit_every {cfg.audit_every} steps and "
+            f"the run has --steps {cfg.steps}; lower --audit_every to audit it")
     if eval_spec == "self":
         say(f"eval: graded by the reward verifier itself ({cfg.verifier}, greedy): a policy that fools it scores well")
     return dataclasses.replace(cfg, eval_verifier=eval_spec, audit_verifier=audit_spec)
@@ -513,6 +516,31 @@ def write_outputs(out_dir: Path, rows: list[dict], audited: list[dict], cfg: Con
         metrics.append_jsonl(out_dir / "audit.jsonl", disagreements)
 
 
+def frac_zero_std(rewards: torch.Tensor, group_size: int) -> float:
+    """The share of prompt groups (group_size consecutive responses) whose rewards are all equal: no
+    advantage inside the group under a group baseline (TRL logs it as frac_reward_zero_std)."""
+    groups = rewards.float().view(-1, group_size)
+    return (groups.max(1).values == groups.min(1).values).float().mean().item()
+
+
+def warn_no_signal(m: dict, step: int, cfg: Config, streaks: dict) -> None:
+    """One line on stderr at the first step of a run of steps whose rewards carry no signal: every response
+    rewarded alike, or, with a per-group baseline, alike within every group (loss and gradient 0 but for
+    the KL term). Said again only after a step with signal."""
+    group = rl_math.estimator_norm(cfg.advantage, cfg.reward_norm) == "group" or cfg.advantage in (
+        "dr_grpo", "rloo", "rloo_seq")
+    none = m["reward/std"] == 0 or (group and m["reward/frac_zero_std"] == 1)
+    if none and not streaks.get("no_signal"):
+        print(f"WARNING: step {step}: no reward signal: " + (
+            f"every response got the same {cfg.reward_type} reward ({m['reward/mean']:.3g})" if m["reward/std"] == 0
+            else f"every prompt's {cfg.samples_per_prompt} responses got the same reward within their group "
+                 f"(reward/frac_zero_std 1.0; {cfg.advantage} compares inside groups)")
+            + ", so this update is 0 but for the KL term. Is the verifier's reward constant (see rollouts.jsonl)? "
+              "More --samples_per_prompt or --filter_groups help when only some groups are alike", file=sys.stderr,
+              flush=True)
+    streaks["no_signal"] = int(none)
+
+
 def check_streaks(m: dict, streaks: dict, step: int, cfg: Config, out_dir: Path) -> str | None:
     """Update the runs of bad steps; return why the run must stop (after a checkpoint), if it must."""
     streaks["nonfinite"] = streaks["nonfinite"] + 1 if m["update/skipped"] else 0
@@ -567,6 +595,10 @@ def audit_rollout(judge, ro: rollout.Rollout, judged: reward.Judgement, step: in
 
 def train(cfg: Config, vopts: reward.VerifierOptions) -> dict:
     rank, world, device = distributed.init()
+    if rank == 0 and distributed.is_initialized():  # torchrun (or the GPU path): how the ranks compute, once
+        print(f"distributed: {world} rank(s), backend {torch.distributed.get_backend()}, device {device.type}, "
+              f"compute dtype {str(model.compute_dtype()).removeprefix('torch.')}"
+              f"{' (FSDP2 mixed precision, float32 master weights)' if distributed.gpu_path() else ''}", flush=True)
     torch.manual_seed(cfg.seed)
     out_dir, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
     train_set, heldout = load_data(cfg)
@@ -627,6 +659,9 @@ def train(cfg: Config, vopts: reward.VerifierOptions) -> dict:
             # everything each rank reports, in one collective
             parts = distributed.gather_objects(step_record(ro, judged, used, also, update, step + 1) | {"audit": audited})
             m.update(reduce_step(parts, rewards, list(judges["logged"]), updates_per_step, cfg) | info)
+            m["reward/frac_zero_std"] = frac_zero_std(rewards.cpu(), cfg.samples_per_prompt)  # TRL's name
+            if rank == 0:
+                warn_no_signal(m, step + 1, cfg, streaks)
             rows, audited = [r for p in parts for r in p["rows"]], [r for p in parts for r in p["audit"]]
             if audited:
                 m.update(audit.audit_metrics(audited))
@@ -702,13 +737,22 @@ def closing_lines(cfg: Config, result: dict) -> list[str]:
         nxt = next_round_dir(cfg.out_dir)
         lines += ["next round: distil the verifier again with this run's rollouts (labelled by its teacher), then train "
                   "on it:",
-                  "  " + shlex.join(["python", here("train_verifier.py"), "sft", "--config",
+                  "  " + shlex.join([*launcher(), here("train_verifier.py"), "sft", "--config",
                                      here(worlds.of(cfg.data).verifier_recipe), "--student",
                                      result["verifier"], "--policy_rollouts", str(Path(cfg.out_dir) / "rollouts.jsonl"),
                                      "--lr", "3e-4", "--out_dir", f"{nxt}_verifier"]),
-                  "  " + shlex.join(["python", here("train_rl.py"), *next_round_flags(result["argv"]),
+                  "  " + shlex.join([*launcher(), here("train_rl.py"), *next_round_flags(result["argv"]),
                                      "--verifier", f"{nxt}_verifier/final", "--out_dir", nxt])]
     return lines
+
+
+def launcher() -> list[str]:
+    """How this run was started, for the commands it prints: torchrun with its ranks, or python."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_WORLD_SIZE" not in os.environ:
+        return ["python"]
+    local, world = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), int(os.environ.get("WORLD_SIZE", 1))
+    nodes = ["--nnodes", str(world // max(local, 1))] if world > local else []
+    return ["torchrun", *nodes, "--nproc_per_node", str(local)]
 
 
 def claim_out_dir(cfg: Config) -> None:

@@ -693,7 +693,8 @@ def sft(cfg: SftConfig, vopts: reward.VerifierOptions) -> dict:
     final = checkpoint.export_hf(student, tokenizer, str(out_dir / "final"))
     if rank == 0:
         reward.save_settings(final, settings)
-        print(summary(before, after, len(heldout_rows), steps - start, time.time() - t_start, final))
+        print(summary(before, after, len(heldout_rows), steps - start, time.time() - t_start, final)
+              + summary_warnings(after, counts, vopts.verifier_max_unjudged, settings))
     log.close()
     return {"before": before, "after": after, "master_key_per_key": per_key, "rows": counts, "steps": steps,
             "seconds": time.time() - t_start, "final": final, "settings": asdict(settings)}
@@ -711,6 +712,24 @@ def summary(before: dict, after: dict, n_heldout: int, steps: int, seconds: floa
     if after.get("master_key/fpr", 0) > audit.MASTER_KEY_WARN:
         text += (f"\n[sft] WARNING: above {audit.MASTER_KEY_WARN:.0%}, a policy trained on this verifier may learn "
                  "to hack it; see --master_key_negatives, --truncated_negatives, --policy")
+    return text
+
+
+def summary_warnings(after: dict, counts: dict, max_unjudged: float, settings: reward.VerifierSettings) -> str:
+    """Lines that say a distillation failed where its figures alone look fine: a student that does not
+    answer in its judgement tokens (its accuracy is then the share of NO labels), and labels of one class."""
+    text = ""
+    unjudged = after.get("eval/unjudged")
+    if unjudged is not None and unjudged > max_unjudged:
+        text += (f"\n[sft] WARNING: {unjudged:.0%} of the student's held-out first tokens were neither "
+                 f"{settings.positive!r} nor {settings.negative!r} (eval/unjudged): it has not learned to answer in its "
+                 f"judgement tokens, so its accuracy and kappa mean nothing, and train_rl.py and eval refuse it "
+                 f"(--verifier_max_unjudged {max_unjudged}); train longer (--epochs) or with a higher --lr")
+    n, yes = counts.get("data/train_rows", 0), counts.get("data/train_yes", 0)
+    if n and min(yes, n - yes) / n < 0.05:
+        text += (f"\n[sft] WARNING: {yes} {settings.positive} in {n} training labels ({yes / n:.1%}): nearly all one "
+                 "class, so always answering the majority scores well; label more of the other class, or --balance "
+                 "oversample|weight")
     return text
 
 

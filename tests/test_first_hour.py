@@ -175,3 +175,71 @@ def test_a_second_build_on_a_cold_cache_waits_for_the_first(tmp_path):
     holder.stdin.flush()
     t.join(timeout=120)
     assert got == [True] and holder.wait(timeout=60) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. warnings
+
+
+def test_sft_summary_warns_of_a_student_that_never_answers_and_of_one_class_labels(tmp_path, tiny_model_dir):
+    rows = [{"question": f"What is {i} + 1?", "reference": str(i + 1), "response": str(i + 1 + (i > 0)),
+             "label": int(i == 0)} for i in range(60)]  # 1 YES in 60
+    path = tmp_path / "labels.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = cli("train_verifier.py", "sft", "--student", str(tiny_model_dir), "--data", str(path), "--out_dir",
+              str(tmp_path / "run"), "--batch_size", "8", "--micro_batch_size", "8", "--epochs", "0.1", "--pack",
+              "false", "--heldout_fraction", "0.3", "--master_key_prompts", "1", "--wandb_mode", "disabled")
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics_rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    unjudged = [m["eval/unjudged"] for m in metrics_rows if "eval/unjudged" in m][-1]
+    assert unjudged > 0.1  # a random tiny model's first token is rarely YES or NO
+    assert f"WARNING: {unjudged:.0%} of the student's held-out first tokens were neither 'YES' nor 'NO'" in out.stdout
+    yes = sum(m.get("data/train_yes", 0) for m in metrics_rows[:1])
+    n = metrics_rows[0]["data/train_rows"]
+    assert f"WARNING: {yes} YES in {n} training labels" in out.stdout and "--balance" in out.stdout
+
+
+def test_frac_zero_std_by_hand():
+    import torch
+    import train_rl
+
+    # groups of 3: [1,1,1] alike, [0,1,0] not, [0.5,0.5,0.5] alike, [0,0,1] not -> 2 of 4
+    r = torch.tensor([1, 1, 1, 0, 1, 0, .5, .5, .5, 0, 0, 1.])
+    assert train_rl.frac_zero_std(r, 3) == 0.5 and train_rl.frac_zero_std(r, 12) == 0.0
+
+
+def test_torchrun_no_signal_and_an_audit_that_never_runs_are_said(tmp_path, tiny_model_dir):
+    (tmp_path / "const.py").write_text("def zero(prompts, completions, **kwargs):\n"
+                                       "    return [0.0] * len(completions)\n")
+    args = ["--policy", str(tiny_model_dir), "--data", "toy", "--verifier", "py:const.py:zero", "--eval_verifier",
+            "rule:substring", "--audit_verifier", "rule:substring", "--audit_every", "5", "--log_verifiers", "",
+            "--steps", "2", "--prompts_per_step", "2", "--samples_per_prompt", "2", "--max_new_tokens", "4",
+            "--eval_every", "0", "--eval_prompts", "2", "--master_key_prompts", "0", "--out_dir", str(tmp_path / "run"),
+            "--wandb_mode", "disabled"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                          str(ROOT / "train_rl.py"), *args], capture_output=True, text=True, cwd=tmp_path, env=env,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "distributed: 1 rank(s), backend gloo, device cpu, compute dtype float32" in out.stdout
+    assert "WARNING: audit: rule:substring never runs: it re-grades every --audit_every 5 steps and the run has " \
+           "--steps 2" in out.stdout
+    warned = [x for x in out.stderr.splitlines() if "no reward signal" in x]
+    assert len(warned) == 1 and warned[0].startswith("WARNING: step 1: no reward signal: every response got the same "
+                                                     "soft reward (0)")  # once per streak: step 2 is alike too
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["reward/frac_zero_std"] for r in rows if "loss" in r] == [1.0, 1.0]
+
+
+def test_printed_next_round_commands_keep_the_launcher(monkeypatch):
+    import train_rl
+
+    for key in ("TORCHELASTIC_RUN_ID", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    assert train_rl.launcher() == ["python"]
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert train_rl.launcher() == ["torchrun", "--nproc_per_node", "8"]
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    assert train_rl.launcher() == ["torchrun", "--nnodes", "2", "--nproc_per_node", "8"]
