@@ -243,3 +243,39 @@ def test_printed_next_round_commands_keep_the_launcher(monkeypatch):
     assert train_rl.launcher() == ["torchrun", "--nproc_per_node", "8"]
     monkeypatch.setenv("WORLD_SIZE", "16")
     assert train_rl.launcher() == ["torchrun", "--nnodes", "2", "--nproc_per_node", "8"]
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. TRL and verl names: the exact flags, or one line saying what to do instead
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["--loss_type", "dapo"], "(did you mean --loss_agg token_mean? that is its name here)"),
+    (["--loss_type=grpo"], "(did you mean --loss_agg seq_mean? that is its name here)"),
+    (["--loss_type", "dr_grpo"], "(did you mean --loss_agg seq_sum_norm (and --advantage dr_grpo)?"),
+    (["--loss_agg_mode", "seq-mean-token-sum-norm"], "(did you mean --loss_agg seq_sum_norm?"),
+    (["--beta", "0.04"], "(did you mean --kl_mode loss --kl_coef 0.04 (TRL's beta is k3 in the loss)?"),
+    (["--num_iterations", "2"], "(did you mean --ppo_epochs? that is its name here)"),
+    (["--total_training_steps", "100"], "(did you mean --steps? that is its name here)"),
+    (["--use_vllm", "true"], "(did you mean --rollout_engine vllm? that is its name here)"),
+    (["--gradient_accumulation_steps", "4"], "gradient accumulation is automatic here"),
+    (["--logging_steps", "1"], "every step is logged"),
+    (["--ppo_mini_batch_size", "64"], "verl's mini-batch (in prompts) is --minibatches here"),
+    (["--entropy_coeff", "0.001"], "no entropy bonus here"),
+])
+def test_trl_and_verl_names_get_the_exact_flags(argv, hint):
+    with pytest.raises(config.ConfigError) as e:  # the argv of `python train_rl.py ...`
+        rl_config.parse_config(argv)
+    assert hint in str(e.value), str(e.value)
+
+
+def test_loss_type_dapo_is_one_line_naming_the_value():
+    line = one_line_error(cli("train_rl.py", "--loss_type", "dapo"))
+    assert line == ("train_rl.py: error: unrecognised arguments: --loss_type dapo (did you mean --loss_agg token_mean? "
+                    "that is its name here) (see --help for the flags)")
+
+
+def test_a_config_files_trl_value_gets_the_exact_flag_too(tmp_path):
+    (tmp_path / "c.yaml").write_text("loss_type: dapo\n")
+    with pytest.raises(config.ConfigError, match=r"unknown field 'loss_type' \(did you mean --loss_agg token_mean\?"):
+        rl_config.parse_config(["--config", str(tmp_path / "c.yaml")])
