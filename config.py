@@ -10,6 +10,7 @@ Imports none of the project's files.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import difflib
@@ -105,16 +106,68 @@ def did_you_mean(name: str, known: list[str], value=None) -> str:
     return f" (did you mean --{close[0]}?)" if close else ""
 
 
-def parse_config(classes: tuple, argv: list[str] | None = None, prog: str | None = None) -> tuple:
+class CompactHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with one name per flag (not also its --dashed-twin), a short metavar (its type), and every
+    flag's default, documented or not."""
+
+    def __init__(self, prog, **kwargs):
+        import shutil
+
+        super().__init__(prog, max_help_position=36, width=max(100, min(shutil.get_terminal_size().columns, 140)))
+
+    def _format_action_invocation(self, action):
+        if not action.option_strings:
+            return super()._format_action_invocation(action)
+        if action.nargs == 0:
+            return ", ".join(action.option_strings)
+        if action.choices:
+            return f"{action.option_strings[0]} {{{','.join(map(str, action.choices))}}}"
+        kind = {int: "INT", float: "FLOAT"}.get(action.type, "BOOL" if getattr(action.type, "__name__", "") ==
+                                                "string_to_bool" else "VALUE")
+        return f"{action.option_strings[0]} {kind}"
+
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or ""):  # the help says its default in words
+            return action.help
+        if action.default == "" and action.option_strings:
+            return (action.help or "") + " (default: '')"
+        if action.help is None:
+            action.help = ""
+        return super()._get_help_string(action)
+
+
+def group_help(parser, groups: list[tuple[str, str]]) -> None:
+    """Put --help's flags under headings: `groups` is [(title, first field), ...] in field order; each
+    heading holds the flags from its first field to the next heading's."""
+    starts = {first: title for title, first in groups}
+    current = None
+    for action in list(parser._actions):
+        if action.dest in starts and (current is None or current.title != starts[action.dest]):
+            current = parser.add_argument_group(starts[action.dest])
+        if action.option_strings and action.option_strings[0].startswith("--no_") and action.const is False:
+            action.help = argparse.SUPPRESS  # HfArgumentParser's --no_X twin of a true-by-default --X: --X false
+        if current is None or not action.option_strings or action.dest == "help":
+            continue
+        for group in parser._action_groups:
+            if action in group._group_actions and group is not current:
+                group._group_actions.remove(action)
+        current._group_actions.append(action)
+
+
+def parse_config(classes: tuple, argv: list[str] | None = None, prog: str | None = None,
+                 groups: list[tuple[str, str]] = ()) -> tuple:
     """Parse argv into one instance of each dataclass in `classes`; one of them has a `config` field.
     Raises ConfigError for an unknown flag or config-file field, a value of the wrong type, or a value
-    outside its choices."""
+    outside its choices. `groups`: --help's headings (group_help)."""
     from transformers import HfArgumentParser
 
     argv = sys.argv[1:] if argv is None else argv
     fields = {f.name: (f, cls) for cls in classes for f in dataclasses.fields(cls)}
     # allow_abbrev off: `--step 0` is an unknown flag (with a "did you mean"), never --steps
-    parser = HfArgumentParser(classes, prog=prog, allow_abbrev=False)
+    parser = HfArgumentParser(classes, prog=prog, allow_abbrev=False, formatter_class=CompactHelp,
+                              usage=f"{prog or '%(prog)s'} [--config FILE] [--flag VALUE ...]  (every flag below; "
+                                    "a config file's fields are the same names)")
+    group_help(parser, list(groups))
     parser.error = _raise  # argparse would print the whole usage first: one line is enough
     known, _ = parser.parse_known_args(argv)
     if getattr(known, "config", ""):

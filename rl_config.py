@@ -149,9 +149,9 @@ class Config:
     # optimisation
     steps: int = field(default=60, metadata={"help": "RL steps (rollout batches)"})
     lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate"})
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    weight_decay: float = 0.0
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "share of optimizer steps with linear warm-up"})
     lr_schedule: Literal["constant", "cosine"] = field(default="constant", metadata={"help": "after warm-up"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to this share of --lr (OpenRLHF: 0.1)"})
@@ -159,8 +159,9 @@ class Config:
     max_nonfinite_steps: int = field(default=3, metadata={
         "help": "a NaN/inf loss or gradient is never applied (the update is skipped); this many steps in a row "
                 "with a skipped update stop the run"})
-    activation_checkpointing: bool = False
-    seed: int = 0
+    activation_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in backward: less memory, more time"})
+    seed: int = field(default=0, metadata={"help": "seeds sampling, data order and the audit's sample"})
     # eval, checkpoints, logging
     eval_every: int = field(default=20, metadata={"help": "steps between evals (also before step 1 and at the end; "
                                                           "0: only at the end)"})
@@ -172,14 +173,15 @@ class Config:
         "help": "evaluate the policy (or, with --resume, the checkpoint) and exit; the results go to out_dir/eval_only/ "
                 "(metrics.jsonl, one row per evaluation): nothing of the run is rewritten"})
     save_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: at the end and on SIGTERM/SIGINT)"})
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept in out_dir/checkpoints (older ones are removed)"})
     resume: str = resume_field()
     overwrite: bool = rundir.overwrite_field()
     out_dir: str = field(default="runs/demo", metadata={"help": "checkpoints, metrics.jsonl, rollouts.jsonl, audit.jsonl, final/"})
     dump_rollouts: bool = field(default=True, metadata={"help": "append every judged response to out_dir/rollouts.jsonl"})
-    wandb_project: str = "rlvr"
-    wandb_run_name: str = ""
-    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    wandb_project: str = field(default="rlvr", metadata={"help": "wandb project"})
+    wandb_run_name: str = field(default="", metadata={"help": "wandb run name ('': wandb's own)"})
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = field(default="auto", metadata={
+        "help": "auto: online when logged in, else offline; disabled: metrics.jsonl only"})
     log_samples: int = field(default=8, metadata={"help": "samples per step in the wandb table"})
 
 
@@ -281,8 +283,15 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
     vopts.check()
 
 
+# --help's headings: (title, the first flag under it), in the fields' order
+HELP_GROUPS = [("models and verifiers", "policy"), ("data", "data"), ("rollout", "prompts_per_step"),
+               ("advantages, KL and loss (rl_math.py)", "reward_norm"), ("optimisation", "steps"),
+               ("eval, checkpoints, logging", "eval_every"),
+               ("how the reward verifier is asked, read and reached (reward.VerifierOptions)", "verifier_template")]
+
+
 def parse_config(argv: list[str] | None = None) -> tuple[Config, reward.VerifierOptions]:
-    cfg, vopts = config.parse_config((Config, reward.VerifierOptions), argv, prog="train_rl.py")
+    cfg, vopts = config.parse_config((Config, reward.VerifierOptions), argv, prog="train_rl.py", groups=HELP_GROUPS)
     if model.run_final_model(cfg.policy):  # a finished run's directory: its final model, as the README promises
         print(f"--policy {cfg.policy}: a run directory; training its final model {model.run_final_model(cfg.policy)}")
         cfg = dataclasses.replace(cfg, policy=model.run_final_model(cfg.policy))
