@@ -296,6 +296,24 @@ def check_saved_settings(spec: str, options: "VerifierOptions", from_flags: bool
                          or from_flags and bool(options.verifier_template or options.verifier_family))
 
 
+def check_judgement_tokens(spec: str, options: "VerifierOptions", from_flags: bool, flag: str,
+                           trust_remote_code: bool = False) -> None:
+    """A local model verifier's judgement tokens (its saved settings, the prompt flags on top when
+    from_flags, a <family>: prefix) read through its tokenizer before any model loads: a token that is
+    several tokens, or a tokenizer the prompt cannot be rendered through, is a ConfigError naming `flag`."""
+    family, inner = split_family(spec.removeprefix("hybrid:"))
+    if not inner or not Path(inner).is_dir() or not (Path(inner) / "config.json").is_file():
+        return
+    overrides = options.settings_overrides() if from_flags else {}
+    if family is not None:
+        overrides["family"] = family
+    try:
+        settings = resolve_settings(load_settings(inner), overrides, options.verifier_force_settings, inner)
+        VerifierPrompt(model.load_tokenizer(inner, trust_remote_code=trust_remote_code), settings, inner)
+    except ValueError as e:  # ConfigError is one
+        raise config.ConfigError(f"--{flag} {spec!r}: {e}") from None
+
+
 def resolve_settings(saved: VerifierSettings | None, overrides: dict, force: bool = False,
                      name: str = "verifier") -> VerifierSettings:
     """The settings to ask with: the saved ones (or the paper's defaults), with `overrides` ({field:

@@ -263,6 +263,7 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
         for spec in getattr(cfg, name).split(",") if name == "log_verifiers" else [getattr(cfg, name)]:
             if spec.strip() not in ("auto", "self"):
                 reward.check_spec(spec.strip(), name)
+                reward.check_judgement_tokens(spec.strip(), vopts, name == "verifier", name, cfg.trust_remote_code)
     functions = reward_functions.split_specs(cfg.verifier.removeprefix("hybrid:"))
     if cfg.reward_weights:
         req(all(f.startswith("py:") for f in functions), "reward_weights", cfg.reward_weights,
@@ -293,7 +294,9 @@ HELP_GROUPS = [("models and verifiers", "policy"), ("data", "data"), ("rollout",
 def parse_config(argv: list[str] | None = None) -> tuple[Config, reward.VerifierOptions]:
     cfg, vopts = config.parse_config((Config, reward.VerifierOptions), argv, prog="train_rl.py", groups=HELP_GROUPS)
     if model.run_final_model(cfg.policy):  # a finished run's directory: its final model, as the README promises
-        print(f"--policy {cfg.policy}: a run directory; training its final model {model.run_final_model(cfg.policy)}")
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"--policy {cfg.policy}: a run directory; training its final model "
+                  f"{model.run_final_model(cfg.policy)}")
         cfg = dataclasses.replace(cfg, policy=model.run_final_model(cfg.policy))
     check_config(cfg, vopts)
     if cfg.kl_coef is None:  # the KL term's default strength, used only when --kl_mode is on

@@ -310,3 +310,17 @@ def test_help_is_grouped_and_every_flag_has_help_and_a_default():
         assert "(default:" in block and not help_text.startswith("(default:"), (name, block)
     assert "--no_pack" not in text and "--kl-mode" not in text
     assert len(text.splitlines()) < 300  # was 427 lines with a 90-line usage
+
+
+def test_a_two_token_judgement_of_an_eval_judge_is_one_line_before_the_policy_loads(tmp_path, tiny_model_dir):
+    import shutil
+
+    import reward
+
+    judge = tmp_path / "judge"
+    shutil.copytree(tiny_model_dir, judge)
+    reward.save_settings(judge, reward.VerifierSettings(positive="Definitely correct"))
+    line = one_line_error(cli("train_rl.py", "--policy", "no/such-model-is-loaded", "--data", "toy", "--verifier",
+                              "rule:substring", "--eval_verifier", f"rm:{judge}", "--out_dir", str(tmp_path / "run")))
+    assert line.startswith(f"train_rl.py: error: --eval_verifier 'rm:{judge}': judgement token 'Definitely correct' is")
+    assert "--verifier_positive / --verifier_negative" in line and not (tmp_path / "run").exists()
