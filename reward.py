@@ -725,7 +725,7 @@ def build_verifier(spec: str, options: VerifierOptions | None = None, *, setting
         return RuleVerifier(spec[len("rule:"):], resolve_settings(None, rule_overrides), math_timeout=o.math_timeout)
     if spec.startswith("py:"):  # a judge, or TRL reward functions (reward_functions.py: their parameters say)
         if reward_functions.is_trl(spec):
-            return reward_functions.RewardFunctions(reward_functions.split_specs(spec))
+            return RewardFunctionVerifier(reward_functions.split_specs(spec))
         return PyVerifier(spec)
     if spec.startswith("hybrid:"):
         return HybridVerifier(RuleVerifier("math", resolve_settings(None, {}), math_timeout=o.math_timeout),
@@ -931,6 +931,22 @@ def check_spec(spec: str, flag: str) -> None:
                 PyVerifier(spec)
     except (ValueError, VerifierError) as e:
         raise config.ConfigError(f"--{flag} {spec!r}: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------
+# TRL reward functions (reward_functions.py) as a verifier
+
+
+class RewardFunctionVerifier(reward_functions.RewardFunctions):
+    """py: TRL reward functions, one or several weighted: soft = their weighted sum (any finite float, left
+    to the estimator to normalise), binary = soft >= 0.5 (Eq. 3, and eval's accuracy, as for a judge's
+    score), p_yes = soft; every response is judged."""
+
+    def __call__(self, questions: list[str], references: list[str], responses: list[str],
+                 seeds: list[int] | None = None) -> Judgement:
+        _check_lengths(questions, references, responses)
+        s = self.scores(questions, references, responses)
+        return Judgement(binary=(s >= 0.5).float(), soft=s, p_yes=s.clone(), judged=torch.ones(len(s), dtype=torch.bool))
 
 
 # ----------------------------------------------------------------------------------------------

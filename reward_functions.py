@@ -15,7 +15,8 @@ otherwise be handed the reference as the completion.
 prompts and completions are strings (TRL's standard format): the question and the response. When the
 --data prompt column holds chat messages (TRL's conversational format), prompts are the message lists
 and each completion is [{"role": "assistant", "content": response}], as TRL passes them.
-Imports config, remote (VerifierError) and data (Record) only; reward.build_verifier builds these.
+Imports config, remote (VerifierError) and data (is_conversational) only; reward.RewardFunctionVerifier
+makes these a verifier (a Judgement per call).
 """
 from __future__ import annotations
 
@@ -137,10 +138,9 @@ def is_conversational(data: str, split: str, prompt_field: str) -> bool:
 
 
 class RewardFunctions:
-    """TRL reward functions (one or several, weighted) as a verifier: Judgement.soft is the weighted sum
-    (any finite float), binary = soft >= 0.5 (Eq. 3's reward and eval's accuracy, as for a judge's score),
-    p_yes = soft; every response is judged. `rows(records, answer_field, conversational)` gives the data
-    set's columns; without it (train_verifier.py's judged rows) the reference is the column `reference`."""
+    """TRL reward functions (one or several, weighted): `scores` is their weighted sum per completion (any
+    finite float). `rows(records, answer_field, conversational)` gives the data set's columns; without it
+    (train_verifier.py's judged rows) the reference is the column `reference`."""
 
     def __init__(self, specs: list[str], weights: list[float] | None = None):
         self.specs = specs
@@ -211,14 +211,6 @@ class RewardFunctions:
                                         f"{questions[i][:60]!r}); rewards must be finite")
                 total[i] += w * x
         return total.float()
-
-    def __call__(self, questions: list[str], references: list[str], responses: list[str],
-                 seeds: list[int] | None = None):
-        from reward import Judgement, _check_lengths
-
-        _check_lengths(questions, references, responses)
-        s = self.scores(questions, references, responses)
-        return Judgement(binary=(s >= 0.5).float(), soft=s, p_yes=s.clone(), judged=torch.ones(len(s), dtype=torch.bool))
 
 
 def find(verifier):
