@@ -328,6 +328,9 @@ def resolve_paths(cfg: Config) -> tuple[str, str]:
     """(policy path, reward verifier spec): the tiny models of the --data world (worlds.py) are built on
     rank 0 once (cached)."""
     world = worlds.of(cfg.data)
+    if cfg.policy == "tiny" and cfg.data not in worlds.WORLDS and distributed.rank() == 0:
+        print(f"--policy tiny: the numeric toy's tiny policy (worlds.py), warm-started on the toy's questions, not on "
+              f"--data {cfg.data}'s: a smoke test of the loop; name your model with --policy", flush=True)
     policy = world.tiny_policy(cfg.heldout_fraction) if cfg.policy == "tiny" else cfg.policy
     verifier = world.tiny_verifier() if cfg.verifier == "tiny" else cfg.verifier
     if cfg.verifier == "hybrid:tiny":  # rule:math where it can grade, the tiny verifier elsewhere

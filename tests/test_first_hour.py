@@ -324,3 +324,15 @@ def test_a_two_token_judgement_of_an_eval_judge_is_one_line_before_the_policy_lo
                               "rule:substring", "--eval_verifier", f"rm:{judge}", "--out_dir", str(tmp_path / "run")))
     assert line.startswith(f"train_rl.py: error: --eval_verifier 'rm:{judge}': judgement token 'Definitely correct' is")
     assert "--verifier_positive / --verifier_negative" in line and not (tmp_path / "run").exists()
+
+
+def test_the_tiny_policy_on_a_file_data_set_says_what_it_is(tmp_path):
+    rows = tmp_path / "d.jsonl"
+    rows.write_text("".join(json.dumps({"query": f"What is {i} + {i}?", "label": str(2 * i)}) + "\n" for i in range(8)))
+    out = cli("train_rl.py", "--data", str(rows), "--verifier", "rule:substring", "--eval_verifier", "rule:substring",
+              "--audit_verifier", "", "--log_verifiers", "", "--steps", "1", "--prompts_per_step", "2",
+              "--samples_per_prompt", "2", "--max_new_tokens", "4", "--eval_every", "0", "--eval_prompts", "2",
+              "--master_key_prompts", "0", "--out_dir", str(tmp_path / "run"), "--wandb_mode", "disabled")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"--policy tiny: the numeric toy's tiny policy (worlds.py), warm-started on the toy's questions, not on " \
+           f"--data {rows}'s" in out.stdout
