@@ -945,8 +945,25 @@ class RewardFunctionVerifier(reward_functions.RewardFunctions):
     def __call__(self, questions: list[str], references: list[str], responses: list[str],
                  seeds: list[int] | None = None) -> Judgement:
         _check_lengths(questions, references, responses)
-        s = self.scores(questions, references, responses)
-        return Judgement(binary=(s >= 0.5).float(), soft=s, p_yes=s.clone(), judged=torch.ones(len(s), dtype=torch.bool))
+        return score_judgement(self.scores(questions, references, responses))
+
+
+class RewardFunctionPart:
+    """One of several reward functions, unweighted, as a log-only verifier (TRL logs rewards/<function>):
+    it reads the scores the weighted call just computed for the same rows, so nothing is called twice."""
+
+    def __init__(self, functions: reward_functions.RewardFunctions, i: int):
+        self.functions, self.i, self.name = functions, i, functions.specs[i]
+
+    def __call__(self, questions: list[str], references: list[str], responses: list[str],
+                 seeds: list[int] | None = None) -> Judgement:
+        _check_lengths(questions, references, responses)
+        return score_judgement(self.functions.part(self.i, questions, references, responses))
+
+
+def score_judgement(s: Tensor) -> Judgement:
+    """A reward function's scores as a Judgement: soft = p_yes = the score, binary = score >= 0.5, all judged."""
+    return Judgement(binary=(s >= 0.5).float(), soft=s, p_yes=s.clone(), judged=torch.ones(len(s), dtype=torch.bool))
 
 
 # ----------------------------------------------------------------------------------------------

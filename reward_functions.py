@@ -20,6 +20,7 @@ makes these a verifier (a Judgement per call).
 """
 from __future__ import annotations
 
+import collections
 import importlib
 import importlib.util
 import inspect
@@ -152,6 +153,7 @@ class RewardFunctions:
         self.weights = weights or [1.0] * len(specs)
         self.name = ",".join(specs)
         self.answer_field, self.conversational, self.by_question = "reference", False, {}
+        self.recent = collections.OrderedDict()  # (rows) -> each function's scores: `part` reads them, not recalls
 
     def rows(self, records, answer_field: str, conversational: bool) -> "RewardFunctions":
         """Look each call's rows up by (question, reference) in `records` (data.Record) for their columns."""
@@ -178,9 +180,23 @@ class RewardFunctions:
 
     def scores(self, questions: list[str], references: list[str], responses: list[str]) -> torch.Tensor:
         """The weighted sum per completion; VerifierError naming the function for a wrong answer."""
+        parts = self.function_scores(questions, references, responses)
+        return sum((w * p for w, p in zip(self.weights, parts)), torch.zeros(len(responses), dtype=torch.float64)).float()
+
+    def part(self, i: int, questions: list[str], references: list[str], responses: list[str]) -> torch.Tensor:
+        """Function i's own scores (unweighted) for these rows: from the call that just scored them (the
+        per-function log, TRL's rewards/<name>), else computed."""
+        key = (tuple(questions), tuple(references), tuple(responses))
+        parts = self.recent.get(key)
+        return (parts if parts is not None else self.function_scores(questions, references, responses))[i].float()
+
+    def function_scores(self, questions: list[str], references: list[str], responses: list[str]) -> list[torch.Tensor]:
+        """Each function's scores, float64, None (not applicable) as 0; VerifierError naming the function
+        for an answer that is not one finite float per completion."""
         kwargs = self.arguments(questions, references, responses)
-        total = torch.zeros(len(responses), dtype=torch.float64)
-        for spec, fn, w in zip(self.specs, self.fns, self.weights):
+        parts = []
+        for spec, fn in zip(self.specs, self.fns):
+            own = torch.zeros(len(responses), dtype=torch.float64)
             try:
                 params = inspect.signature(fn).parameters
                 takes_all = any(p.kind == p.VAR_KEYWORD for p in params.values())
@@ -209,8 +225,12 @@ class RewardFunctions:
                 if not math.isfinite(x):
                     raise VerifierError(f"reward function {spec!r}: returned {x} for completion {i} (question "
                                         f"{questions[i][:60]!r}); rewards must be finite")
-                total[i] += w * x
-        return total.float()
+                own[i] = x
+            parts.append(own)
+        self.recent[(tuple(questions), tuple(references), tuple(responses))] = parts
+        while len(self.recent) > 8:  # a few calls back: threads judge groups of one step concurrently
+            self.recent.popitem(last=False)
+        return parts
 
 
 def find(verifier):

@@ -470,7 +470,8 @@ def check_reward_functions(cfg: Config, records: list) -> None:
 
 def give_columns(cfg: Config, judges: dict, records: list) -> None:
     """TRL reward functions get the data set's columns (looked up by question and reference) and, for the
-    reward, --reward_weights."""
+    reward, --reward_weights; several reward functions are each logged too (reward/<spec>/soft_mean, TRL's
+    rewards/<function>/mean), from the scores the reward call computed."""
     conversational = cfg.data not in worlds.WORLDS and reward_functions.is_conversational(cfg.data, cfg.data_split,
                                                                                         cfg.prompt_field)
     for role, judge in [(k, v) for k, v in judges.items() if k != "logged"] + list(judges["logged"].items()):
@@ -479,6 +480,8 @@ def give_columns(cfg: Config, judges: dict, records: list) -> None:
             fns.rows(records, cfg.answer_field, conversational)
             if role == "reward":
                 fns.weights = reward_functions.parse_weights(cfg.reward_weights, len(fns.fns))
+                if len(fns.specs) > 1 and judge is fns:  # not inside hybrid: (the rule takes some rows)
+                    judges["logged"].update({s: reward.RewardFunctionPart(fns, i) for i, s in enumerate(fns.specs)})
 
 
 def probe_master_keys(verifier, train_set, cfg: Config) -> dict:

@@ -77,7 +77,14 @@ def test_trl_functions_from_a_file_are_summed_with_their_weights(tiny_model_dir,
         by_hand = float(r["reference"] in r["response"]) + 0.5 * (-len(r["response"]) / 10)
         assert r["reward"] == pytest.approx(by_hand, abs=1e-6)
     assert any(r["reward"] < 0 for r in rows) or all(r["response"] == "" for r in rows)
+    # each function logged on its own, unweighted (TRL's rewards/<function>/mean), without a second call
+    m = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x][0]
+    acc = sum(float(r["reference"] in r["response"]) for r in rows) / 4
+    assert m["reward/py:my_rewards.py:accuracy/soft_mean"] == pytest.approx(acc, abs=1e-6)
+    assert m["reward/py:my_rewards.py:brevity/soft_mean"] == pytest.approx(
+        sum(-len(r["response"]) / 10 for r in rows) / 4, abs=1e-6)
     calls = [json.loads(x) for x in (tmp_path / "calls").read_text().splitlines()]
+    assert len(calls) == 2  # the check on real rows, then the one step's batch
     first = calls[0]  # the check on real rows, before any model loaded: the data set's columns by name
     assert first["prompts"][0].startswith("What is ") and first["solution"][0].isdigit()
     assert isinstance(first["completions"][0], str) and first["subject"] == ["sums"]
