@@ -33,9 +33,10 @@ class Config:
                                                           "warm-started on the --data world (worlds.py)"})
     verifier: str = field(default="tiny", metadata={
         "help": "reward verifier: a model dir or hub name, http://host:port[,...] (vLLM servers), or "
-                "rule:substring|rule:exact|rule:jaccard|rule:math, py:module:function (a Python judge, e.g. "
-                "py:freeform:teacher), hybrid:<model, http, py: or tiny verifier> (rule:math on the rows that are "
-                "mathematics), policy:rlpr|policy:verifree (no verifier: the policy's own probability of the "
+                "rule:substring|rule:exact|rule:jaccard|rule:math, py:module:function or py:file.py:function (TRL "
+                "reward functions fn(prompts, completions, **columns), several: py:a:f,py:b:g with --reward_weights; "
+                "or a judge fn(questions, references, responses), e.g. py:freeform:teacher), hybrid:<model, http, "
+                "py: or tiny verifier> (rule:math on the rows that are mathematics), policy:rlpr|policy:verifree (no verifier: the policy's own probability of the "
                 "reference after its reasoning, verifier_free.py); 'tiny': the tiny verifier distilled from the "
                 "--data world's teacher "
                 "(worlds.py; freeform: recipes/verifier_freeform.yaml; built once, cached)"})

@@ -529,14 +529,14 @@ def frac_zero_std(rewards: torch.Tensor, group_size: int) -> float:
     return (groups.max(1).values == groups.min(1).values).float().mean().item()
 
 
-def warn_no_signal(m: dict, step: int, cfg: Config, streaks: dict) -> None:
+def warn_no_signal(m: dict, step: int, cfg: Config, streaks: dict, say: bool = True) -> None:
     """One line on stderr at the first step of a run of steps whose rewards carry no signal: every response
     rewarded alike, or, with a per-group baseline, alike within every group (loss and gradient 0 but for
     the KL term). Said again only after a step with signal."""
     group = rl_math.estimator_norm(cfg.advantage, cfg.reward_norm) == "group" or cfg.advantage in (
         "dr_grpo", "rloo", "rloo_seq")
     none = m["reward/std"] == 0 or (group and m["reward/frac_zero_std"] == 1)
-    if none and not streaks.get("no_signal"):
+    if none and not streaks.get("no_signal") and say:
         print(f"WARNING: step {step}: no reward signal: " + (
             f"every response got the same {cfg.reward_type} reward ({m['reward/mean']:.3g})" if m["reward/std"] == 0
             else f"every prompt's {cfg.samples_per_prompt} responses got the same reward within their group "
@@ -666,8 +666,7 @@ def train(cfg: Config, vopts: reward.VerifierOptions) -> dict:
             parts = distributed.gather_objects(step_record(ro, judged, used, also, update, step + 1) | {"audit": audited})
             m.update(reduce_step(parts, rewards, list(judges["logged"]), updates_per_step, cfg) | info)
             m["reward/frac_zero_std"] = frac_zero_std(rewards.cpu(), cfg.samples_per_prompt)  # TRL's name
-            if rank == 0:
-                warn_no_signal(m, step + 1, cfg, streaks)
+            warn_no_signal(m, step + 1, cfg, streaks, say=rank == 0)  # every rank: their streaks stay equal
             rows, audited = [r for p in parts for r in p["rows"]], [r for p in parts for r in p["audit"]]
             if audited:
                 m.update(audit.audit_metrics(audited))
