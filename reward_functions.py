@@ -35,6 +35,7 @@ import config
 from remote import VerifierError
 
 PROJECT_PARAMS = ("questions", "references", "responses")
+PROVENANCE = ("source", "row")  # what data.load_records adds to a row's meta: where it came from, not a column
 TRL_SIGNATURE = "fn(prompts, completions, **kwargs) -> list[float] (TRL's reward function)"
 PROJECT_SIGNATURE = "fn(questions, references, responses) -> list[float] in [0, 1] (a judge)"
 
@@ -170,11 +171,12 @@ class RewardFunctions:
             completions = [[{"role": "assistant", "content": t}] for t in responses]
         else:
             prompts, completions = list(questions), list(responses)
-        columns = {}
-        for r in found:
+        keys = {}  # column name -> its key in Record.meta (data.load_records: the file's own "source"/"row"
+        for r in found:  # are kept as data_source/data_row beside where the row came from, which is no column)
             for key in (r.meta if r is not None else {}):
-                columns.setdefault(key, None)
-        columns = {key: [None if r is None else r.meta.get(key) for r in found] for key in columns}
+                if key not in PROVENANCE:
+                    keys.setdefault(key.removeprefix("data_") if key in ("data_source", "data_row") else key, key)
+        columns = {name: [None if r is None else r.meta.get(key) for r in found] for name, key in keys.items()}
         columns[self.answer_field] = list(references)
         return {"prompts": prompts, "completions": completions, **columns}
 
