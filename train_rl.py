@@ -28,8 +28,8 @@ import torch
 import data
 import reward
 import worlds
-from rlvr import (audit, checkpoint, config, distributed, metrics, model, remote, rl_config, rl_math, rollout,
-                  rollout_async, rules, rundir, threads, verifier_free, verifier_spec, verifiers)
+from rlvr import (audit, checkpoint, config, distributed, metrics, model, remote, reward_functions, rl_config, rl_math,
+                  rollout, rollout_async, rules, rundir, threads, verifier_free, verifier_spec, verifiers)
 from rlvr.rl_config import Config
 
 
@@ -326,6 +326,9 @@ def resolve_paths(cfg: Config) -> tuple[str, str]:
     """(policy path, reward verifier spec): the tiny models of the --data world (worlds.py) are built on
     rank 0 once (cached)."""
     world = worlds.of(cfg.data)
+    if cfg.policy == "tiny" and cfg.data not in worlds.WORLDS and distributed.rank() == 0:
+        print(f"--policy tiny: the numeric toy's tiny policy (worlds.py), warm-started on the toy's questions, not on "
+              f"--data {cfg.data}'s: a smoke test of the loop; name your model with --policy", flush=True)
     policy = world.tiny_policy(cfg.heldout_fraction) if cfg.policy == "tiny" else cfg.policy
     spec = verifier_spec.parse(cfg.verifier)
     verifier = world.tiny_verifier() if spec.kind == "tiny" else cfg.verifier
@@ -402,6 +405,9 @@ def choose_graders(cfg: Config, references: list[str]) -> Config:
         for flag, spec in roles.items():
             config.require("rule:math" not in spec.split(","), flag, spec,
                            f"{why}: rule:math scores every answer to a word 0; use a model judge or rule:substring")
+    if audit_spec and not cfg.eval_only and (not cfg.audit_every or cfg.steps < cfg.audit_every):
+        say(f"WARNING: audit: {audit_spec} never runs: it re-grades every --audit_every {cfg.audit_every} steps and "
+            f"the run has --steps {cfg.steps}; lower --audit_every to audit it")
     if eval_spec == "self":
         say(f"eval: graded by the reward verifier itself ({cfg.verifier}, greedy): a policy that fools it scores well")
     return dataclasses.replace(cfg, eval_verifier=eval_spec, audit_verifier=audit_spec)
@@ -448,6 +454,36 @@ def load_verifiers(cfg: Config, vopts, spec: str, device, policy=None, tokenizer
             "logged": {s: build(s, False) for s in filter(None, cfg.log_verifiers.split(","))}}
 
 
+def check_reward_functions(cfg: Config, records: list) -> None:
+    """Every role's TRL reward functions (reward_functions.py) called on real rows of --data, before any
+    model loads: a wrong signature, a missing column or a NaN is one line naming the flag."""
+    conversational = cfg.data not in worlds.WORLDS and reward_functions.is_conversational(cfg.data, cfg.data_split,
+                                                                                        cfg.prompt_field)
+    for flag in ("verifier", "eval_verifier", "audit_verifier", "log_verifiers"):
+        for spec in cfg.log_verifiers.split(",") if flag == "log_verifiers" else [getattr(cfg, flag)]:
+            spec = spec.strip().removeprefix("hybrid:")
+            if spec.startswith("py:") and reward_functions.is_trl(spec):
+                n = len(reward_functions.split_specs(spec))
+                weights = reward_functions.parse_weights(cfg.reward_weights, n) if flag == "verifier" else None
+                reward_functions.check_on_rows(spec, weights, records, cfg.answer_field, conversational, flag)
+
+
+def give_columns(cfg: Config, judges: dict, records: list) -> None:
+    """TRL reward functions get the data set's columns (looked up by question and reference) and, for the
+    reward, --reward_weights; several reward functions are each logged too (reward/<spec>/soft_mean, TRL's
+    rewards/<function>/mean), from the scores the reward call computed."""
+    conversational = cfg.data not in worlds.WORLDS and reward_functions.is_conversational(cfg.data, cfg.data_split,
+                                                                                        cfg.prompt_field)
+    for role, judge in [(k, v) for k, v in judges.items() if k != "logged"] + list(judges["logged"].items()):
+        fns = reward_functions.find(judge)
+        if fns is not None:
+            fns.rows(records, cfg.answer_field, conversational)
+            if role == "reward":
+                fns.weights = reward_functions.parse_weights(cfg.reward_weights, len(fns.fns))
+                if len(fns.specs) > 1 and judge is fns:  # not inside hybrid: (the rule takes some rows)
+                    judges["logged"].update({s: verifiers.RewardFunctionPart(fns, i) for i, s in enumerate(fns.specs)})
+
+
 def probe_master_keys(verifier, train_set, cfg: Config) -> dict:
     """Does the reward verifier say YES to content-free answers ("Thought process:")? Warn loudly if so."""
     n = cfg.master_key_prompts
@@ -484,6 +520,31 @@ def write_outputs(out_dir: Path, rows: list[dict], audited: list[dict], cfg: Con
     disagreements = [r for r in audited if r["label"] != r["reward_label"]]
     if disagreements:
         metrics.append_jsonl(out_dir / "audit.jsonl", disagreements)
+
+
+def frac_zero_std(rewards: torch.Tensor, group_size: int) -> float:
+    """The share of prompt groups (group_size consecutive responses) whose rewards are all equal: no
+    advantage inside the group under a group baseline (TRL logs it as frac_reward_zero_std)."""
+    groups = rewards.float().view(-1, group_size)
+    return (groups.max(1).values == groups.min(1).values).float().mean().item()
+
+
+def warn_no_signal(m: dict, step: int, cfg: Config, streaks: dict, say: bool = True) -> None:
+    """One line on stderr at the first step of a run of steps whose rewards carry no signal: every response
+    rewarded alike, or, with a per-group baseline, alike within every group (loss and gradient 0 but for
+    the KL term). Said again only after a step with signal."""
+    group = rl_math.estimator_norm(cfg.advantage, cfg.reward_norm) == "group" or cfg.advantage in (
+        "dr_grpo", "rloo", "rloo_seq")
+    none = m["reward/std"] == 0 or (group and m["reward/frac_zero_std"] == 1)
+    if none and not streaks.get("no_signal") and say:
+        print(f"WARNING: step {step}: no reward signal: " + (
+            f"every response got the same {cfg.reward_type} reward ({m['reward/mean']:.3g})" if m["reward/std"] == 0
+            else f"every prompt's {cfg.samples_per_prompt} responses got the same reward within their group "
+                 f"(reward/frac_zero_std 1.0; {cfg.advantage} compares inside groups)")
+            + ", so this update is 0 but for the KL term. Is the verifier's reward constant (see rollouts.jsonl)? "
+              "More --samples_per_prompt or --filter_groups help when only some groups are alike", file=sys.stderr,
+              flush=True)
+    streaks["no_signal"] = int(none)
 
 
 def check_streaks(m: dict, streaks: dict, step: int, cfg: Config, out_dir: Path) -> str | None:
@@ -544,10 +605,15 @@ def train(cfg: Config, vopts: verifiers.VerifierOptions) -> dict:
     threads.apply(n_threads)
     if rank == 0:
         print(threads.start_up_line(n_threads, why), flush=True)
+    if rank == 0 and distributed.is_initialized():  # torchrun (or the GPU path): how the ranks compute, once
+        print(f"distributed: {world} rank(s), backend {torch.distributed.get_backend()}, device {device.type}, "
+              f"compute dtype {str(model.compute_dtype()).removeprefix('torch.')}"
+              f"{' (FSDP2 mixed precision, float32 master weights)' if distributed.gpu_path() else ''}", flush=True)
     torch.manual_seed(cfg.seed)
     out_dir, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
     train_set, heldout = load_data(cfg)
     cfg = choose_graders(cfg, [r.reference for r in train_set + heldout])
+    check_reward_functions(cfg, train_set + heldout)
     policy_path, verifier_spec = resolve_paths(cfg)
     tokenizer = model.load_tokenizer(policy_path, cfg.trust_remote_code, cfg.prompt_format)
     train_set, heldout = drop_long_prompts(cfg, tokenizer, train_set, heldout)
@@ -559,6 +625,7 @@ def train(cfg: Config, vopts: verifiers.VerifierOptions) -> dict:
     # after the optimizer: policy:rlpr runs the policy now, and a sharded policy's first forward (FSDP2's lazy
     # init) before its optimizer exists leaves the optimizer with parameters the checkpoint cannot name
     judges = load_verifiers(cfg, vopts, verifier_spec, device, policy, tokenizer, train_set)
+    give_columns(cfg, judges, train_set + heldout)
     sampler = data.PromptSampler(len(train_set), cfg.prompts_per_step, cfg.seed, rank, world)
     state = resume(cfg, ckpt_dir, policy, optimizer, scheduler)
     start, streaks = state["step"], state["streaks"]
@@ -604,6 +671,8 @@ def train(cfg: Config, vopts: verifiers.VerifierOptions) -> dict:
             # everything each rank reports, in one collective
             parts = distributed.gather_objects(step_record(ro, judged, used, also, update, step + 1) | {"audit": audited})
             m.update(reduce_step(parts, rewards, list(judges["logged"]), updates_per_step, cfg) | info)
+            m["reward/frac_zero_std"] = frac_zero_std(rewards.cpu(), cfg.samples_per_prompt)  # TRL's name
+            warn_no_signal(m, step + 1, cfg, streaks, say=rank == 0)  # every rank: their streaks stay equal
             rows, audited = [r for p in parts for r in p["rows"]], [r for p in parts for r in p["audit"]]
             if audited:
                 m.update(audit.audit_metrics(audited))
@@ -680,13 +749,22 @@ def closing_lines(cfg: Config, result: dict) -> list[str]:
         nxt = next_round_dir(cfg.out_dir)
         lines += ["next round: distil the verifier again with this run's rollouts (labelled by its teacher), then train "
                   "on it:",
-                  "  " + shlex.join(["python", here("train_verifier.py"), "sft", "--config",
+                  "  " + shlex.join([*launcher(), here("train_verifier.py"), "sft", "--config",
                                      here(worlds.of(cfg.data).verifier_recipe), "--student",
                                      result["verifier"], "--policy_rollouts", str(Path(cfg.out_dir) / "rollouts.jsonl"),
                                      "--lr", "3e-4", "--out_dir", f"{nxt}_verifier"]),
-                  "  " + shlex.join(["python", here("train_rl.py"), *next_round_flags(result["argv"]),
+                  "  " + shlex.join([*launcher(), here("train_rl.py"), *next_round_flags(result["argv"]),
                                      "--verifier", f"{nxt}_verifier/final", "--out_dir", nxt])]
     return lines
+
+
+def launcher() -> list[str]:
+    """How this run was started, for the commands it prints: torchrun with its ranks, or python."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ and "LOCAL_WORLD_SIZE" not in os.environ:
+        return ["python"]
+    local, world = int(os.environ.get("LOCAL_WORLD_SIZE", 1)), int(os.environ.get("WORLD_SIZE", 1))
+    nodes = ["--nnodes", str(world // max(local, 1))] if world > local else []
+    return ["torchrun", *nodes, "--nproc_per_node", str(local)]
 
 
 def claim_out_dir(cfg: Config) -> None:
@@ -727,6 +805,7 @@ def check_config(cfg: Config, vopts: verifiers.VerifierOptions) -> None:
     relations, the rollout's, the verifiers' specs and files, the policy's files, the checkpoint to resume.
     A bad value is one line naming its flag (exit status 2)."""
     rl_config.check_config(cfg)
+    worlds.check(cfg)
     rollout.check(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     verifiers.check_roles(cfg, vopts)
     model.check_policy_source(cfg)
@@ -736,8 +815,16 @@ def check_config(cfg: Config, vopts: verifiers.VerifierOptions) -> None:
 
 def parse_config(argv: list[str] | None = None) -> tuple[Config, verifiers.VerifierOptions]:
     """train_rl.py's flags (Config) and the verifier's (VerifierOptions), from argv and --config, checked."""
-    cfg, vopts = config.parse_config((Config, verifiers.VerifierOptions), argv, prog="train_rl.py")
+    cfg, vopts = config.parse_config((Config, verifiers.VerifierOptions), argv, prog="train_rl.py",
+                                     groups=rl_config.HELP_GROUPS)
+    if model.run_final_model(cfg.policy):  # a finished run's directory: its final model, as the README promises
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"--policy {cfg.policy}: a run directory; training its final model "
+                  f"{model.run_final_model(cfg.policy)}")
+        cfg = dataclasses.replace(cfg, policy=model.run_final_model(cfg.policy))
     check_config(cfg, vopts)
+    if cfg.kl_coef is None:  # the KL term's default strength, used only when --kl_mode is on
+        cfg = dataclasses.replace(cfg, kl_coef=0.01 if cfg.kl_mode != "none" else 0.0)
     return cfg, vopts
 
 

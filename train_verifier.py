@@ -51,8 +51,7 @@ import torch
 
 import data
 import worlds
-from rlvr import (audit, checkpoint, config, distributed, metrics, model, remote, rollout, rundir, threads,
-                  verifier_families, verifier_prompt, verifier_spec, verifiers)
+from rlvr import (audit, checkpoint, config, distributed, metrics, model, remote, rollout, rules, rundir, threads, verifier_families, verifier_prompt, verifier_spec, verifiers)
 from rlvr.config import overwrite_field, resume_field
 
 def _help(text: str) -> dict:
@@ -84,6 +83,9 @@ class PolicySamples:
         "else the released sets' prompt)"))
     policy_max_new_tokens: int = field(default=64, metadata=_help("length limit of a --policy response"))
     policy_temperature: float = field(default=1.0, metadata=_help("sampling temperature of --policy (> 0)"))
+    policy_prompt_format: Literal["chat", "plain"] = field(default="chat", metadata=_help(
+        "how --policy is prompted: its chat template, or plain text for a base model without one (train_rl.py's "
+        "--prompt_format)"))
 
 
 @dataclass
@@ -185,8 +187,11 @@ def check_config(cfg, vopts: verifiers.VerifierOptions) -> None:
     for name in ("student", "policy", "teacher", "verifier"):  # a model path: one line now, not a traceback later
         asked = verifier_spec.parse(getattr(cfg, name, "")).model_verifier  # a student or policy parses as a model
         if asked.kind == "model" and asked.target:
-            chat = verifier_families.family(asked.family).chat if asked.family else True  # cot is sent as raw text
-            problem = model.source_problem(asked.target, chat, cfg.trust_remote_code)
+            # cot is sent as raw text; a policy as its --policy_prompt_format says
+            chat = verifier_families.family(asked.family).chat if asked.family else \
+                name != "policy" or cfg.policy_prompt_format == "chat"
+            problem = model.source_problem(asked.target, chat, cfg.trust_remote_code,
+                                           "--policy_prompt_format" if name == "policy" else "")
             req(problem is None, name, getattr(cfg, name), str(problem))
     for name in ("verifier", "teacher"):
         refused = remote.url_credentials(getattr(cfg, name, ""))
@@ -301,6 +306,10 @@ def label(cfg: LabelConfig, vopts: verifiers.VerifierOptions) -> dict:
                 raise
             raise data.DataError(f"{e}: to judge a policy's answers to these questions, add --policy DIR "
                                  "--policy_samples N") from None
+    share = rules.math_reference_share([r.reference for r in rows])
+    config.require(cfg.teacher != "rule:math" or share >= 0.5, "teacher", cfg.teacher,  # as train_rl.py refuses it
+                   f"{share:.0%} of --data {cfg.data}'s references are numbers or math: rule:math scores every answer "
+                   "to a word 0; use a model judge, a py: judge or rule:substring")
     get_teacher = functools.cache(lambda: verifiers.build_verifier(cfg.teacher, vopts, device=device,
                                                                 trust_remote_code=cfg.trust_remote_code))
     start = time.perf_counter()
@@ -362,7 +371,18 @@ def eval_verifier(cfg: EvalConfig, vopts: verifiers.VerifierOptions) -> dict:
     log.log(0, {f"verifier_eval/{k}": v for k, v in report.items() if isinstance(v, (int, float))})
     log.close()
     print(text)
+    print(eval_summary(report, out_dir))
     return report
+
+
+def eval_summary(report: dict, out_dir: Path) -> str:
+    """The eval's one line, after the JSON: what was judged, how well, and where the report is."""
+    def f(key, fmt=".3f"):
+        return "n/a" if report.get(key) is None else format(report[key], fmt)
+    return (f"{report['verifier']} on {report['n']} rows of {report['data']}: accuracy {f('accuracy')}, kappa "
+            f"{f('kappa')}, F1 {f('f1')}, ECE {f('ece')}, unjudged {f('unjudged', '.1%')}, master-key false "
+            f"positives {f('master_key_fpr', '.1%')}" + (f" ({len(report['notes'])} notes)" if report.get("notes") else "")
+            + f"; report {out_dir / 'eval.json'}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,7 +454,7 @@ def sample_responses(cfg, path: str, records: list[data.Record], device) -> list
     """--policy_samples responses per record from the policy at `path`, drawn as train_rl.py draws rollouts
     (rollout.generate, a seed per sample): a rerun draws the same ones and finds their labels. Prompts
     longer than --max_len are dropped (and counted)."""
-    tokenizer = model.load_tokenizer(path, cfg.trust_remote_code)
+    tokenizer = model.load_tokenizer(path, cfg.trust_remote_code, cfg.policy_prompt_format)
     records, n_long = data.drop_long(records, tokenizer, cfg.max_len)
     if n_long:
         print(f"[policy] {n_long} prompts longer than --max_len {cfg.max_len} tokens dropped", flush=True)
@@ -672,7 +692,8 @@ def sft(cfg: SftConfig, vopts: verifiers.VerifierOptions) -> dict:
     final = checkpoint.export_hf(student, tokenizer, str(out_dir / "final"))
     if rank == 0:
         verifier_prompt.save_settings(final, settings)
-        print(summary(before, after, len(heldout_rows), steps - start, time.time() - t_start, final))
+        print(summary(before, after, len(heldout_rows), steps - start, time.time() - t_start, final)
+              + summary_warnings(after, counts, vopts.verifier_max_unjudged, settings))
     log.close()
     return {"before": before, "after": after, "master_key_per_key": per_key, "rows": counts, "steps": steps,
             "seconds": time.time() - t_start, "final": final, "settings": asdict(settings)}
@@ -690,6 +711,24 @@ def summary(before: dict, after: dict, n_heldout: int, steps: int, seconds: floa
     if after.get("master_key/fpr", 0) > audit.MASTER_KEY_WARN:
         text += (f"\n[sft] WARNING: above {audit.MASTER_KEY_WARN:.0%}, a policy trained on this verifier may learn "
                  "to hack it; see --master_key_negatives, --truncated_negatives, --policy")
+    return text
+
+
+def summary_warnings(after: dict, counts: dict, max_unjudged: float, settings: verifier_prompt.VerifierSettings) -> str:
+    """Lines that say a distillation failed where its figures alone look fine: a student that does not
+    answer in its judgement tokens (its accuracy is then the share of NO labels), and labels of one class."""
+    text = ""
+    unjudged = after.get("eval/unjudged")
+    if unjudged is not None and unjudged > max_unjudged:
+        text += (f"\n[sft] WARNING: {unjudged:.0%} of the student's held-out first tokens were neither "
+                 f"{settings.positive!r} nor {settings.negative!r} (eval/unjudged): it has not learned to answer in its "
+                 f"judgement tokens, so its accuracy and kappa mean nothing, and train_rl.py and eval refuse it "
+                 f"(--verifier_max_unjudged {max_unjudged}); train longer (--epochs) or with a higher --lr")
+    n, yes = counts.get("data/train_rows", 0), counts.get("data/train_yes", 0)
+    if n and min(yes, n - yes) / n < 0.05:
+        text += (f"\n[sft] WARNING: {yes} {settings.positive} in {n} training labels ({yes / n:.1%}): nearly all one "
+                 "class, so always answering the majority scores well; label more of the other class, or --balance "
+                 "oversample|weight")
     return text
 
 
@@ -727,11 +766,20 @@ def run(argv: list[str]) -> dict:
             rundir.release(lock)
 
 
+EVAL_OUTPUTS = {"eval.json", "reliability.png", "metrics.jsonl", "config.json", "wandb", "wandb_run_id"}
+
+
 def claim_out_dir(cfg) -> int | None:
     """sft and eval: rank 0 locks --out_dir for the run (rundir.py) and refuses one that holds an earlier
     run's files unless --resume (sft) continues it or --overwrite empties it. label appends by design."""
     if isinstance(cfg, LabelConfig) or int(os.environ.get("RANK", 0)) != 0:
         return None
+    if isinstance(cfg, EvalConfig):  # an eval is repeated into its out_dir without --overwrite
+        fd = rundir.lock(cfg.out_dir)
+        if set(rundir.entries(cfg.out_dir)) <= EVAL_OUTPUTS:  # nothing but an earlier eval's files: replaced
+            (Path(cfg.out_dir) / "metrics.jsonl").unlink(missing_ok=True)  # this eval's row alone
+            return fd
+        rundir.release(fd)  # another kind of run's files: refused as for any run (or --overwrite)
     ckpts = str(Path(cfg.out_dir) / "checkpoints")
     return rundir.claim(cfg.out_dir, getattr(cfg, "resume", "no"), cfg.overwrite,
                         lambda: checkpoint.latest_checkpoint(ckpts) is not None)

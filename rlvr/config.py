@@ -10,6 +10,7 @@ Imports none of the project's files.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import difflib
@@ -67,30 +68,112 @@ ALIASES = {
     "label_key": "answer_field", "save_steps": "save_every", "eval_steps": "eval_every", "packing_samples": "pack",
     "use_wandb": "wandb_mode", "report_to": "wandb_mode", "run_name": "wandb_run_name",
     "resume_from_checkpoint": "resume", "load_checkpoint": "resume", "max_norm": "max_grad_norm",
+    "num_iterations": "ppo_epochs", "total_training_steps": "steps", "use_vllm": "rollout_engine",
+}
+
+# Another trainer's value of a setting -> the flags that say it here (TRL loss_type and verl loss_agg_mode:
+# which denominator the loss is averaged over; rl_math.policy_loss). A value not listed gets the alias alone.
+ALIAS_VALUES = {
+    "loss_type": {"dapo": "--loss_agg token_mean", "bnpo": "--loss_agg token_mean", "grpo": "--loss_agg seq_mean",
+                  "dr_grpo": "--loss_agg seq_sum_norm (and --advantage dr_grpo)"},
+    "loss_agg_mode": {"token-mean": "--loss_agg token_mean", "seq-mean-token-mean": "--loss_agg seq_mean",
+                      "seq-mean-token-sum-norm": "--loss_agg seq_sum_norm"},
+    "use_vllm": {"true": "--rollout_engine vllm", "True": "--rollout_engine vllm", "1": "--rollout_engine vllm"},
+    "beta": {"*": "--kl_mode loss --kl_coef {value} (TRL's beta is k3 in the loss)"},
+}
+
+# Settings of other trainers with no flag of the same meaning here: what to do instead, in one line.
+NOTES = {
+    "gradient_accumulation_steps": "no such flag: gradient accumulation is automatic here: each optimizer step's "
+                                   "responses (--prompts_per_step x --samples_per_prompt / --minibatches) are cut into "
+                                   "--micro_batch_size micro-batches (or --max_tokens_per_micro_batch)",
+    "logging_steps": "no such flag: every step is logged (metrics.jsonl, wandb); --log_samples sets the samples table",
+    "ppo_mini_batch_size": "verl's mini-batch (in prompts) is --minibatches here: optimizer steps per rollout batch, "
+                           "--prompts_per_step / ppo_mini_batch_size",
+    "entropy_coeff": "no entropy bonus here (verl's default is 0 too); the policy's entropy is logged as 'entropy'",
 }
 
 
-def did_you_mean(name: str, known: list[str]) -> str:
+def did_you_mean(name: str, known: list[str], value=None) -> str:
     """' (did you mean --x?)' for an unknown name: the setting's name here when another trainer's name was
-    used (ALIASES), else the closest spelling, else ''."""
+    used (ALIASES; with `value`, the exact flags for it: ALIAS_VALUES), what to do instead where nothing
+    here means the same (NOTES), else the closest spelling, else ''."""
     ours = ALIASES.get(name, ())
     for alias in (ours,) if isinstance(ours, str) else ours:  # the first that this script has
         if alias in known:
+            values = ALIAS_VALUES.get(name, {})
+            exact = values.get(str(value), values.get("*")) if value is not None else None
+            if exact:
+                return f" (did you mean {exact.format(value=value)}? that is its name here)"
             return f" (did you mean --{alias}? that is its name here)"
+    if name in NOTES:
+        return f" ({NOTES[name]})"
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.75)
     return f" (did you mean --{close[0]}?)" if close else ""
 
 
-def parse_config(classes: tuple, argv: list[str] | None = None, prog: str | None = None) -> tuple:
+class CompactHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with one name per flag (not also its --dashed-twin), a short metavar (its type), and every
+    flag's default, documented or not."""
+
+    def __init__(self, prog, **kwargs):
+        import shutil
+
+        super().__init__(prog, max_help_position=36, width=max(100, min(shutil.get_terminal_size().columns, 140)))
+
+    def _format_action_invocation(self, action):
+        if not action.option_strings:
+            return super()._format_action_invocation(action)
+        if action.nargs == 0:
+            return ", ".join(action.option_strings)
+        if action.choices:
+            return f"{action.option_strings[0]} {{{','.join(map(str, action.choices))}}}"
+        kind = {int: "INT", float: "FLOAT"}.get(action.type, "BOOL" if getattr(action.type, "__name__", "") ==
+                                                "string_to_bool" else "VALUE")
+        return f"{action.option_strings[0]} {kind}"
+
+    def _get_help_string(self, action):
+        if "(default:" in (action.help or ""):  # the help says its default in words
+            return action.help
+        if action.default == "" and action.option_strings:
+            return (action.help or "") + " (default: '')"
+        if action.help is None:
+            action.help = ""
+        return super()._get_help_string(action)
+
+
+def group_help(parser, groups: list[tuple[str, str]]) -> None:
+    """Put --help's flags under headings: `groups` is [(title, first field), ...] in field order; each
+    heading holds the flags from its first field to the next heading's."""
+    starts = {first: title for title, first in groups}
+    current = None
+    for action in list(parser._actions):
+        if action.dest in starts and (current is None or current.title != starts[action.dest]):
+            current = parser.add_argument_group(starts[action.dest])
+        if action.option_strings and action.option_strings[0].startswith("--no_") and action.const is False:
+            action.help = argparse.SUPPRESS  # HfArgumentParser's --no_X twin of a true-by-default --X: --X false
+        if current is None or not action.option_strings or action.dest == "help":
+            continue
+        for group in parser._action_groups:
+            if action in group._group_actions and group is not current:
+                group._group_actions.remove(action)
+        current._group_actions.append(action)
+
+
+def parse_config(classes: tuple, argv: list[str] | None = None, prog: str | None = None,
+                 groups: list[tuple[str, str]] = ()) -> tuple:
     """Parse argv into one instance of each dataclass in `classes`; one of them has a `config` field.
     Raises ConfigError for an unknown flag or config-file field, a value of the wrong type, or a value
-    outside its choices."""
+    outside its choices. `groups`: --help's headings (group_help)."""
     from transformers import HfArgumentParser
 
     argv = sys.argv[1:] if argv is None else argv
     fields = {f.name: (f, cls) for cls in classes for f in dataclasses.fields(cls)}
     # allow_abbrev off: `--step 0` is an unknown flag (with a "did you mean"), never --steps
-    parser = HfArgumentParser(classes, prog=prog, allow_abbrev=False)
+    parser = HfArgumentParser(classes, prog=prog, allow_abbrev=False, formatter_class=CompactHelp,
+                              usage=f"{prog or '%(prog)s'} [--config FILE] [--flag VALUE ...]  (every flag below; "
+                                    "a config file's fields are the same names)")
+    group_help(parser, list(groups))
     parser.error = _raise  # argparse would print the whole usage first: one line is enough
     known, _ = parser.parse_known_args(argv)
     if getattr(known, "config", ""):
@@ -104,14 +187,19 @@ def parse_config(classes: tuple, argv: list[str] | None = None, prog: str | None
             raise ConfigError(f"--config {path}: expected a mapping of field: value, got {type(values).__name__}")
         for name in sorted(values or {}, key=str):
             if name not in fields:
-                raise ConfigError(f"--config {path}: unknown field {name!r}{did_you_mean(str(name), sorted(fields))}; "
+                raise ConfigError(f"--config {path}: unknown field {name!r}"
+                                  f"{did_you_mean(str(name), sorted(fields), values[name])}; "
                                   "see --help for the flags")
         parser.set_defaults(**{name: typed_value(*fields[name], value, f"--config {path}: ")
                                for name, value in (values or {}).items()})
     *parsed, unknown_flags = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
     if unknown_flags:
-        first = next((a for a in unknown_flags if a.startswith("-")), "").lstrip("-").split("=")[0].replace("-", "_")
-        raise ConfigError(f"unrecognised arguments: {' '.join(unknown_flags)}{did_you_mean(first, sorted(fields))} "
+        at = next((i for i, a in enumerate(unknown_flags) if a.startswith("-")), None)
+        flag = unknown_flags[at] if at is not None else ""
+        first = flag.lstrip("-").split("=")[0].replace("-", "_")
+        value = flag.split("=", 1)[1] if "=" in flag else next(
+            (a for a in unknown_flags[at + 1:at + 2] if not a.startswith("-")), None) if at is not None else None
+        raise ConfigError(f"unrecognised arguments: {' '.join(unknown_flags)}{did_you_mean(first, sorted(fields), value)} "
                           "(see --help for the flags)")
     for instance in parsed:
         check_choices(instance)

@@ -86,10 +86,25 @@ def has_chat_template(directory: str | Path) -> bool:
         return False
 
 
-def source_problem(spec: str, chat_template: bool = True, trust_remote_code: bool = False) -> str | None:
+def run_final_model(spec: str) -> str | None:
+    """A finished run's directory (its config.json, if any, is the run's; final/ holds the model) -> its
+    final model; None for anything else."""
+    path = Path(spec).expanduser()
+    if not (path / "final" / "config.json").is_file():
+        return None
+    try:
+        own = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    except ValueError:
+        own = {}
+    return None if isinstance(own, dict) and "model_type" in own else str(path / "final")
+
+
+def source_problem(spec: str, chat_template: bool = True, trust_remote_code: bool = False,
+                   plain_flag: str = "--prompt_format") -> str | None:
     """Why `spec`, a local directory or a hub name, cannot be loaded as a causal LM here, read from its
     config and tokenizer files before any weights load (None: it can, or it is a hub name not on disk,
-    which the hub answers for). `chat_template`: the prompts go through the tokenizer's chat template."""
+    which the hub answers for). `chat_template`: the prompts go through the tokenizer's chat template;
+    `plain_flag`: the caller's flag that prompts with plain text instead ('': it has none, a verifier)."""
     path = Path(spec).expanduser()
     if not path.exists():
         first = Path(spec.split("/")[0]).expanduser()
@@ -109,12 +124,17 @@ def source_problem(spec: str, chat_template: bool = True, trust_remote_code: boo
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     model_type = config.get("model_type")
+    if model_type is None and (path / "final" / "config.json").is_file():  # a run's config.json, not a model's
+        return f"is a run directory, not a model; its final model is {path / 'final'}"
     remote = trust_remote_code and "AutoModelForCausalLM" in (config.get("auto_map") or {})
     if config.get("is_encoder_decoder") or (model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote):
         return (f"architecture {config.get('architectures')} (model_type {model_type!r}) is not a decoder-only causal "
                 "LM that transformers' AutoModelForCausalLM loads: the recipe trains and asks only those")
     if chat_template and not has_chat_template(path):
-        return ("its tokenizer has no chat template (a base model?); --prompt_format plain prompts it with plain "
+        if not plain_flag:
+            return ("its tokenizer has no chat template (a base model?); a verifier's prompt is rendered through "
+                    "it: give a chat (instruct) model")
+        return (f"its tokenizer has no chat template (a base model?); {plain_flag} plain prompts it with plain "
                 "text: the system message, 'Question: ...', then 'Answer:'")
     return None
 

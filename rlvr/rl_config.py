@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 from rlvr import config, rl_math
 from rlvr.config import overwrite_field, resume_field
@@ -23,13 +23,17 @@ class Config:
                                                           "warm-started on the --data world (worlds/__init__.py)"})
     verifier: str = field(default="tiny", metadata={
         "help": "reward verifier: a model dir or hub name, http://host:port[,...] (vLLM servers), or "
-                "rule:substring|rule:exact|rule:jaccard|rule:math, py:module:function (a Python judge, e.g. "
-                "py:worlds.freeform:teacher), hybrid:<model, http, py: or tiny verifier> (rule:math on the rows that are "
-                "mathematics), policy:rlpr|policy:verifree (no verifier: the policy's own probability of the "
+                "rule:substring|rule:exact|rule:jaccard|rule:math, py:module:function or py:file.py:function (TRL "
+                "reward functions fn(prompts, completions, **columns), several: py:a:f,py:b:g with --reward_weights; "
+                "or a judge fn(questions, references, responses), e.g. py:worlds.freeform:teacher), hybrid:<model, http, "
+                "py: or tiny verifier> (rule:math on the rows that are mathematics), policy:rlpr|policy:verifree (no verifier: the policy's own probability of the "
                 "reference after its reasoning, verifier_free.py); 'tiny': the tiny verifier distilled from the "
                 "--data world's teacher "
                 "(worlds/__init__.py; pretrained: recipes/verifier_pretrained.yaml; built once, cached)"})
     reward_type: Literal["binary", "soft"] = field(default="soft", metadata={"help": "binary (Eq. 3) or soft (Eq. 4)"})
+    reward_weights: str = field(default="", metadata={
+        "help": "weights of the TRL reward functions in --verifier py:a:f,py:b:g, in their order (TRL's "
+                "reward_weights), e.g. 1,0.5; '': all 1"})
     eval_verifier: str = field(default="auto", metadata={
         "help": "the grader of held-out answers (the paper: a 72B judge): a verifier spec; 'auto': a demo world's "
                 "teacher (--data pretrained|freeform|toy), else rule:math where the references are numbers, else refused "
@@ -116,7 +120,9 @@ class Config:
     reward_clip: float = field(default=10.0, metadata={"help": "clip shaped rewards to +-this (OpenRLHF's default; 0: off)"})
     kl_mode: Literal["none", "reward", "loss"] = field(default="none", metadata={
         "help": "none | reward (k1 in the reward, the paper) | loss (k3 in the loss, GRPO)"})
-    kl_coef: float = field(default=0.01, metadata={"help": "beta of the KL term"})
+    kl_coef: Optional[float] = field(default=None, metadata={
+        "help": "beta of the KL term (default: 0.01 when --kl_mode is on); given with --kl_mode none it is refused: "
+                "it would do nothing"})
     clip_low: float = field(default=0.2, metadata={"help": "ratio clip below 1 - clip_low"})
     clip_high: float = field(default=0.28, metadata={"help": "ratio clip above 1 + clip_high (clip-higher)"})
     loss_agg: Literal["token_mean", "seq_mean", "seq_sum_norm"] = field(default="token_mean", metadata={
@@ -140,9 +146,9 @@ class Config:
     # optimisation
     steps: int = field(default=60, metadata={"help": "RL steps (rollout batches)"})
     lr: float = field(default=2e-4, metadata={"help": "AdamW learning rate"})
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    weight_decay: float = 0.0
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     warmup_ratio: float = field(default=0.03, metadata={"help": "share of optimizer steps with linear warm-up"})
     lr_schedule: Literal["constant", "cosine"] = field(default="constant", metadata={"help": "after warm-up"})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine decays to this share of --lr (OpenRLHF: 0.1)"})
@@ -150,8 +156,9 @@ class Config:
     max_nonfinite_steps: int = field(default=3, metadata={
         "help": "a NaN/inf loss or gradient is never applied (the update is skipped); this many steps in a row "
                 "with a skipped update stop the run"})
-    activation_checkpointing: bool = False
-    seed: int = 0
+    activation_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in backward: less memory, more time"})
+    seed: int = field(default=0, metadata={"help": "seeds sampling, data order and the audit's sample"})
     # eval, checkpoints, logging
     eval_every: int = field(default=20, metadata={"help": "steps between evals (also before step 1 and at the end; "
                                                           "0: only at the end)"})
@@ -163,14 +170,15 @@ class Config:
         "help": "evaluate the policy (or, with --resume, the checkpoint) and exit; the results go to out_dir/eval_only/ "
                 "(metrics.jsonl, one row per evaluation): nothing of the run is rewritten"})
     save_every: int = field(default=0, metadata={"help": "steps between checkpoints (0: at the end and on SIGTERM/SIGINT)"})
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept in out_dir/checkpoints (older ones are removed)"})
     resume: str = resume_field()
     overwrite: bool = overwrite_field()
     out_dir: str = field(default="runs/demo", metadata={"help": "checkpoints, metrics.jsonl, rollouts.jsonl, audit.jsonl, final/"})
     dump_rollouts: bool = field(default=True, metadata={"help": "append every judged response to out_dir/rollouts.jsonl"})
-    wandb_project: str = "rlvr"
-    wandb_run_name: str = ""
-    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    wandb_project: str = field(default="rlvr", metadata={"help": "wandb project"})
+    wandb_run_name: str = field(default="", metadata={"help": "wandb run name ('': wandb's own)"})
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = field(default="auto", metadata={
+        "help": "auto: online when logged in, else offline; disabled: metrics.jsonl only"})
     log_samples: int = field(default=8, metadata={"help": "samples per step in the wandb table"})
 
 
@@ -200,8 +208,10 @@ def check_config(cfg: Config) -> None:
         raise config.ConfigError(str(e)) from None
     req(cfg.samples_per_prompt >= 2 or (norm != "group" and cfg.advantage != "dr_grpo"), "advantage", cfg.advantage,
         f"with --reward_norm {norm} needs --samples_per_prompt >= 2 (a group of one has no spread)")
-    req(cfg.kl_coef > 0 or cfg.kl_mode == "none", "kl_coef", cfg.kl_coef, f"must be > 0 with --kl_mode {cfg.kl_mode}")
-    req(cfg.kl_coef >= 0, "kl_coef", cfg.kl_coef, "must be >= 0")
+    req(cfg.kl_coef is None or cfg.kl_mode != "none", "kl_coef", cfg.kl_coef,
+        "does nothing with --kl_mode none (the default): add --kl_mode reward (k1 in the reward, the paper's) or "
+        "--kl_mode loss (k3 in the loss: TRL's beta, GRPO)")
+    req(cfg.kl_coef is None or cfg.kl_coef > 0, "kl_coef", cfg.kl_coef, f"must be > 0 with --kl_mode {cfg.kl_mode}")
     req(0 < cfg.clip_low < 1, "clip_low", cfg.clip_low, "must be in (0, 1)")
     req(cfg.clip_high > 0, "clip_high", cfg.clip_high, "must be > 0")
     req(cfg.reward_clip >= 0, "reward_clip", cfg.reward_clip, "must be >= 0 (0: off)")
@@ -230,3 +240,10 @@ def check_config(cfg: Config) -> None:
         "cannot be the reward verifier: an audit needs another judge ('' for none)")
     req(not cfg.overwrite or (cfg.resume == "no" and not cfg.eval_only), "overwrite", cfg.overwrite,
         "contradicts --resume and --eval_only (they keep the run's files)")
+
+
+# --help's headings: (title, the first flag under it), in the fields' order
+HELP_GROUPS = [("models and verifiers", "policy"), ("data", "data"), ("rollout", "prompts_per_step"),
+               ("advantages, KL and loss (rl_math.py)", "reward_norm"), ("optimisation", "steps"),
+               ("eval, checkpoints, logging", "eval_every"),
+               ("how the reward verifier is asked, read and reached (verifiers.VerifierOptions)", "verifier_template")]

@@ -36,8 +36,8 @@ def check(out_dir: str, resume: str, overwrite: bool, has_checkpoint) -> None:
     """ConfigError unless out_dir is empty, or continued (--resume yes/auto with a checkpoint there:
     `has_checkpoint()` says), or started over (--overwrite)."""
     found = entries(out_dir)
-    if not found or overwrite or (resume != "no" and has_checkpoint()):
-        return
+    if not found or overwrite or resume == "auto" or (resume != "no" and has_checkpoint()):
+        return  # --resume auto without a checkpoint starts fresh: _check_and_clear removes the run's files
     why = "holds an earlier run's files" if resume == "no" else "holds files but no checkpoint to resume from"
     raise config.ConfigError(f"--out_dir {out_dir}: {why} ({_listing(found)}); continue it with --resume, start over "
                              "with --overwrite (removes them), or choose another --out_dir")
@@ -84,13 +84,18 @@ def claim(out_dir: str, resume: str = "no", overwrite: bool = False, has_checkpo
 def _check_and_clear(out_dir: str, resume: str, overwrite: bool, has_checkpoint) -> None:
     check(out_dir, resume, overwrite, has_checkpoint)
     found = entries(out_dir)
-    if not (overwrite and found):
+    # a run killed before its first checkpoint, restarted by a job script: --resume auto starts it fresh
+    fresh = resume == "auto" and not overwrite and bool(found) and not has_checkpoint()
+    if not ((overwrite or fresh) and found):
         return
+    flag = "--resume auto" if fresh else "--overwrite"
     foreign = [name for name in found if not _RUN_ENTRY.fullmatch(name)]
     if foreign:
-        raise config.ConfigError(f"--overwrite: {out_dir} holds {_listing(foreign)}, which no run writes; "
+        raise config.ConfigError(f"{flag}: {out_dir} holds {_listing(foreign)}, which no run writes; "
                                  "not removing anything (is --out_dir right?)")
-    print(f"--overwrite: removing {len(found)} entries of {out_dir}: {', '.join(found)}", flush=True)
+    print(f"--resume auto: no checkpoint in {out_dir} (a run stopped before its first), starting fresh; "
+          if fresh else "--overwrite: ", end="")
+    print(f"removing {len(found)} entries of {out_dir}: {', '.join(found)}", flush=True)
     for name in found:
         path = os.path.join(out_dir, name)
         if os.path.isdir(path) and not os.path.islink(path):

@@ -183,9 +183,10 @@ def judgement_token_ids(tokenizer, spelling: str, sum_variants: bool = False, na
     every casing, with and without a leading space, that is one token is added: the model's
     probability mass for "YES" / " Yes" / "yes"... is summed."""
     ids = tokenizer.encode(spelling, add_special_tokens=False)
-    if len(ids) != 1:
-        raise ValueError(f"judgement token {spelling!r} is {len(ids)} tokens {ids} for the tokenizer of "
-                         f"{name}; it must be exactly one (choose another spelling)")
+    if len(ids) != 1:  # a ConfigError (a ValueError): one line naming the flags, not a traceback
+        raise config.ConfigError(f"judgement token {spelling!r} is {len(ids)} tokens {ids} for the tokenizer of "
+                                 f"{name}; it must be exactly one: choose a one-token spelling with "
+                                 "--verifier_positive / --verifier_negative (sft: the student's tokens)")
     out = [ids[0]]
     if sum_variants:
         for word in (spelling, spelling.upper(), spelling.lower(), spelling.capitalize()):

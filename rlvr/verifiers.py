@@ -8,8 +8,6 @@ remote (the transport), verifier_families, verifier_prompt, verifier_spec, rules
 from __future__ import annotations
 
 import math
-import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -20,7 +18,7 @@ from torch import Tensor
 import reward
 from reward import (Judgement, SoftMode, SoftModeFlag, Verifier, family_soft_mode, first_token, judgement_rewards,
                     rewards_from_logits, token_class)
-from rlvr import config, model, remote, verifier_families
+from rlvr import config, model, remote, reward_functions, verifier_families
 from rlvr.remote import CompletionsClient, VerifierError
 from rlvr.rules import RULES, RuleVerifier, routes_to_math
 from rlvr.verifier_prompt import VerifierPrompt, VerifierSettings, load_settings, require_settings, resolve_settings
@@ -314,7 +312,9 @@ def build_verifier(spec: str | VerifierSpec, options: VerifierOptions | None = N
         # a family is how a model is asked: a rule reads the response as its own flags say
         rule_overrides = {k: v for k, v in overrides.items() if k != "family"}
         return RuleVerifier(parsed.target, resolve_settings(None, rule_overrides), math_timeout=o.math_timeout)
-    if parsed.kind == "py":
+    if parsed.kind == "py":  # a judge, or TRL reward functions (reward_functions.py: their parameters say)
+        if reward_functions.is_trl(spec):
+            return RewardFunctionVerifier(reward_functions.split_specs(spec))
         return PyVerifier(spec)
     if parsed.kind == "hybrid":
         return HybridVerifier(RuleVerifier("math", resolve_settings(None, {}), math_timeout=o.math_timeout),
@@ -403,6 +403,25 @@ class HybridVerifier:
         return out
 
 
+def check_judgement_tokens(spec: str, options: "VerifierOptions", from_flags: bool, flag: str,
+                           trust_remote_code: bool = False) -> None:
+    """A local model verifier's judgement tokens (its saved settings, the prompt flags on top when
+    from_flags, a <family>: prefix) read through its tokenizer before any model loads: a token that is
+    several tokens, or a tokenizer the prompt cannot be rendered through, is a ConfigError naming `flag`."""
+    asked = parse(spec).model_verifier
+    inner = asked.target
+    if asked.kind != "model" or not inner or not Path(inner).is_dir() or not (Path(inner) / "config.json").is_file():
+        return
+    overrides = options.settings_overrides() if from_flags else {}
+    if asked.family is not None:
+        overrides["family"] = asked.family
+    try:
+        settings = resolve_settings(load_settings(inner), overrides, options.verifier_force_settings, inner)
+        VerifierPrompt(model.load_tokenizer(inner, trust_remote_code=trust_remote_code), settings, inner)
+    except ValueError as e:  # ConfigError is one
+        raise config.ConfigError(f"--{flag} {spec!r}: {e}") from None
+
+
 def check_roles(cfg, options: VerifierOptions) -> None:
     """train_rl.py's verifier flags (--verifier, --eval_verifier, --audit_verifier, --log_verifiers), before
     any model loads: no credentials in a URL, a model verifier's saved settings and files, every spec
@@ -418,12 +437,18 @@ def check_roles(cfg, options: VerifierOptions) -> None:
         asked = parse(getattr(cfg, name)).model_verifier  # hybrid's, compass:<model>'s model
         if asked.kind == "model" and asked.target:  # a model directory or hub name
             chat = verifier_families.family(asked.family).chat if asked.family else True  # cot is sent as raw text
-            problem = model.source_problem(asked.target, chat, cfg.trust_remote_code)
+            problem = model.source_problem(asked.target, chat, cfg.trust_remote_code, plain_flag="")
             req(problem is None, name, getattr(cfg, name), str(problem))
     for name in ("verifier", "eval_verifier", "audit_verifier", "log_verifiers"):
         for spec in getattr(cfg, name).split(",") if name == "log_verifiers" else [getattr(cfg, name)]:
             if spec.strip() not in ("auto", "self"):
                 check_spec(spec.strip(), name)
+                check_judgement_tokens(spec.strip(), options, name == "verifier", name, cfg.trust_remote_code)
+    functions = reward_functions.split_specs(cfg.verifier.removeprefix("hybrid:"))
+    if cfg.reward_weights:
+        req(all(f.startswith("py:") for f in functions), "reward_weights", cfg.reward_weights,
+            "weighs the py: reward functions of --verifier (py:a:f,py:b:g)")
+        reward_functions.parse_weights(cfg.reward_weights, len(functions))
     if parse(cfg.verifier).kind == "policy":  # verifier_free.PolicyReward: the policy scores its own rollouts
         req(not cfg.async_steps, "async_steps", cfg.async_steps, f"with --verifier {cfg.verifier}: the worker's batch "
             "would be scored by a policy in the middle of its update; use --async_steps 0")
@@ -456,9 +481,45 @@ def check_spec(spec: str, flag: str) -> None:
         if parsed.kind == "rule" and parsed.target not in RULES:
             raise ValueError(f"unknown rule verifier; valid: {', '.join('rule:' + r for r in RULES)}")
         if parsed.kind == "py":
-            PyVerifier(spec)
+            if reward_functions.is_trl(spec):  # imported and its parameters read; called on real rows later
+                reward_functions.RewardFunctions(reward_functions.split_specs(spec))
+            else:
+                PyVerifier(spec)
     except (ValueError, VerifierError) as e:
         raise config.ConfigError(f"--{flag} {spec!r}: {e}") from e
+
+
+# ----------------------------------------------------------------------------------------------
+# TRL reward functions (reward_functions.py) as a verifier
+
+
+class RewardFunctionVerifier(reward_functions.RewardFunctions):
+    """py: TRL reward functions, one or several weighted: soft = their weighted sum (any finite float, left
+    to the estimator to normalise), binary = soft >= 0.5 (Eq. 3, and eval's accuracy, as for a judge's
+    score), p_yes = soft; every response is judged."""
+
+    def __call__(self, questions: list[str], references: list[str], responses: list[str],
+                 seeds: list[int] | None = None) -> Judgement:
+        reward.check_lengths(questions, references, responses)
+        return score_judgement(self.scores(questions, references, responses))
+
+
+class RewardFunctionPart:
+    """One of several reward functions, unweighted, as a log-only verifier (TRL logs rewards/<function>):
+    it reads the scores the weighted call just computed for the same rows, so nothing is called twice."""
+
+    def __init__(self, functions: reward_functions.RewardFunctions, i: int):
+        self.functions, self.i, self.name = functions, i, functions.specs[i]
+
+    def __call__(self, questions: list[str], references: list[str], responses: list[str],
+                 seeds: list[int] | None = None) -> Judgement:
+        reward.check_lengths(questions, references, responses)
+        return score_judgement(self.functions.part(self.i, questions, references, responses))
+
+
+def score_judgement(s: Tensor) -> Judgement:
+    """A reward function's scores as a Judgement: soft = p_yes = the score, binary = score >= 0.5, all judged."""
+    return Judgement(binary=(s >= 0.5).float(), soft=s, p_yes=s.clone(), judged=torch.ones(len(s), dtype=torch.bool))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -466,7 +527,8 @@ def check_spec(spec: str, flag: str) -> None:
 
 
 class PyVerifier:
-    """"py:module.path:function": function(questions, references, responses) -> one score in [0, 1] per
+    """"py:module.path:function" (or py:path/to/file.py:function) whose parameters are exactly
+    (questions, references, responses) -> one score in [0, 1] per
     response (0/1 judgements or probabilities), e.g. py:worlds.freeform:teacher, a demo world's judge that
     knows its equivalences. binary = score >= 0.5; soft and p_yes = the score; every response counts as
     judged. The module is imported from the working directory or sys.path; the function is checked on
@@ -474,21 +536,10 @@ class PyVerifier:
     a value outside [0, 1] is one line naming the spec."""
 
     def __init__(self, spec: str):
-        import importlib
-
         self.name = spec
-        module_name, _, function = spec[len("py:"):].rpartition(":")
-        if not module_name or not function:
-            raise ValueError(f"verifier {spec!r}: expected py:module.path:function")
-        if os.getcwd() not in sys.path:
-            sys.path.append(os.getcwd())  # a user's module in the working directory, as `python -m` finds it
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise ValueError(f"verifier {spec!r}: cannot import module {module_name!r}: {e}") from e
-        self.fn = getattr(module, function, None)
-        if not callable(self.fn):
-            raise ValueError(f"verifier {spec!r}: module {module_name!r} has no function {function!r}")
+        self.fn = reward_functions.load_function(spec)  # a module or a file (py:path/to/file.py:fn)
+        if reward_functions.convention(self.fn, spec) != "project":
+            raise ValueError(f"verifier {spec!r} is a TRL reward function: build it with build_verifier")
         self.scores(["What is 1 + 1?"], ["2"], ["2"])  # checked once here, on one row, before any run starts
 
     def scores(self, questions: list[str], references: list[str], responses: list[str]) -> Tensor:

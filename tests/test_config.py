@@ -56,7 +56,8 @@ def test_config_file_values_are_converted_as_flags_are(tmp_path):
     (["--num_generations", "4"], "(did you mean --samples_per_prompt? that is its name here)"),
     (["--output_dir", "x"], "(did you mean --out_dir? that is its name here)"),
     (["--max_completion_length=8"], "(did you mean --max_new_tokens? that is its name here)"),
-    (["--beta", "0.1"], "(did you mean --kl_coef? that is its name here)"),
+    (["--beta", "0.1"], "(did you mean --kl_mode loss --kl_coef 0.1 (TRL's beta is k3 in the loss)? that is its name "
+                        "here)"),  # --kl_coef alone does nothing with the default --kl_mode none
     (["--temprature", "1"], "(did you mean --temperature?)"),
 ])
 def test_no_prefix_matching_and_did_you_mean(argv, message):

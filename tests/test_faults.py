@@ -184,10 +184,13 @@ def test_a_second_run_into_a_finished_directory_is_refused_or_overwritten(tiny_m
     last = out.stderr.strip().splitlines()[-1]
     assert out.returncode == 2 and "holds an earlier run's files" in last and "--overwrite" in last, last
     assert snapshot(tmp_path) == before
-    # files but no checkpoint (a run killed before its first one): --resume auto refuses too
+    # files but no checkpoint (a run killed before its first one): --resume refuses, --resume auto starts fresh
     (tmp_path / "checkpoints").rename(tmp_path.parent / f"{tmp_path.name}-ckpts")
-    out = run(args + ["--resume=auto"], check=False)
-    assert out.returncode == 2 and "holds files but no checkpoint to resume from" in out.stderr.splitlines()[-1]
+    out = run(args + ["--resume"], check=False)
+    assert out.returncode == 2 and "no checkpoint in" in out.stderr.splitlines()[-1]
+    out = run(args + ["--resume=auto"])
+    assert "--resume auto: no checkpoint in" in out.stdout and "starting fresh" in out.stdout
+    assert_same_run(straight, tmp_path)  # the killed run's files removed: nothing appended to them
     out = run(args + ["--overwrite"])
     assert "--overwrite: removing" in out.stdout and "metrics.jsonl" in out.stdout and "rollouts.jsonl" in out.stdout
     assert_same_run(straight, tmp_path)  # one run's files only: nothing appended to the old ones

@@ -161,12 +161,12 @@ def test_judge_rows_mix_errors():
 def test_py_spec_loads_and_its_errors_are_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a user's module in the working directory
     (tmp_path / "myjudge.py").write_text(
-        "def half(q, r, a):\n    return [0.5] * len(a)\n"
-        "def short(q, r, a):\n    return [1.0]\n"
-        "def big(q, r, a):\n    return [2.0] * len(a)\n"
-        "def nan(q, r, a):\n    return [float('nan')] * len(a)\n"
-        "def text(q, r, a):\n    return ['yes'] * len(a)\n"
-        "def flip(q, r, a):\n    return [float(x != y) for x, y in zip(r, a)]\n")
+        "def half(questions, references, responses):\n    return [0.5] * len(responses)\n"
+        "def short(questions, references, responses):\n    return [1.0]\n"
+        "def big(questions, references, responses):\n    return [2.0] * len(responses)\n"
+        "def nan(questions, references, responses):\n    return [float('nan')] * len(responses)\n"
+        "def text(questions, references, responses):\n    return ['yes'] * len(responses)\n"
+        "def flip(questions, references, responses):\n    return [float(x != y) for x, y in zip(references, responses)]\n")
     v = verifiers.build_verifier("py:myjudge:half")
     j = v(["q", "q"], ["a", "b"], ["a", "c"])
     assert v.name == "py:myjudge:half" and j.soft.tolist() == [0.5, 0.5] and j.binary.tolist() == [1.0, 1.0]

@@ -478,10 +478,11 @@ def test_sft_and_eval_claim_their_out_dir(tmp_path, tiny_model_dir):
     ev = ["eval", "--verifier", "rule:substring", "--data", str(labels), "--out_dir", str(tmp_path / "ev"),
           "--wandb_mode", "disabled"]
     TV.run(ev)
-    with pytest.raises(config.ConfigError, match="ev: holds an earlier run's files"):
-        TV.run(ev)
+    TV.run(ev)  # an eval is repeated into its out_dir without --overwrite (issue 34): its files are replaced
     TV.run(ev + ["--overwrite"])
     assert len((tmp_path / "ev" / "metrics.jsonl").read_text().splitlines()) == 1
+    with pytest.raises(config.ConfigError, match="run: holds an earlier run's files"):  # not into sft's directory
+        TV.run(ev[:5] + ["--out_dir", str(tmp_path / "run"), "--wandb_mode", "disabled"])
 
 
 def test_a_data_error_is_one_line(tmp_path):

@@ -43,6 +43,15 @@ WORLDS = {
 }
 
 
+def check(cfg) -> None:
+    """--verifier tiny (or hybrid:tiny) is a demo world's distilled student: it knows nothing of a user's data."""
+    from rlvr import config
+
+    config.require(cfg.verifier not in ("tiny", "hybrid:tiny") or cfg.data in WORLDS, "verifier", cfg.verifier,
+                   f"is the tiny verifier distilled from a demo world's teacher (--data {'|'.join(WORLDS)}); it knows "
+                   f"nothing of --data {cfg.data}: name a judge (a model dir, http://host:port, rule:..., py:module:fn)")
+
+
 def of(data: str) -> World:
     """The world of `--data`; a file or hub data set uses the numeric toy's tiny models for 'tiny'."""
     return WORLDS.get(data, WORLDS["toy"])

@@ -6,6 +6,7 @@ Imports data, model and distributed. `python -m worlds toy tiny --out DIR` build
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -401,25 +402,56 @@ def tiny_verifier(recipes: list[Path] | None = None, extra: str = "", student: s
         text = "".join(p.read_text() for p in recipes + [repo / "recipes" / "toy_verifier_template.txt"])
         text += f"data-version={VERIFIER_DATA_VERSION}" + extra
         out = cache_root() / f"verifier-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
-        for stage, recipe in enumerate(recipes, 1):
-            stage_dir = out / f"stage{stage}"
-            if not (stage_dir / "final" / "config.json").exists():
-                cmd = [sys.executable, str(repo / "train_verifier.py"), "sft", "--config", str(recipe), "--student",
-                       student, "--out_dir", str(stage_dir), "--wandb_mode", "disabled"]
-                # continue a stage a crash interrupted after a checkpoint, else start it over
-                cmd += ["--resume", "auto"] if (stage_dir / "checkpoints" / "latest").exists() else ["--overwrite"]
-                print(f"[toy] distilling the tiny verifier, stage {stage} of {len(recipes)} (once; cached "
-                      f"in {out}):\n  {' '.join(cmd)}", flush=True)
-                # a process of its own, not a rank of this run's process group
-                env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_ENV)}
-                env["OMP_NUM_THREADS"] = str(BUILD_THREADS)  # one build on any machine (see BUILD_THREADS)
-                began = time.time()
-                if subprocess.run(cmd, env=env, cwd=repo).returncode != 0:  # the recipes name repo files
-                    raise RuntimeError(f"distilling the tiny verifier failed (see above); command: {' '.join(cmd)}")
-                print(f"[toy] stage {stage} of the tiny verifier distilled in {time.time() - began:.0f} s", flush=True)
-            student = str(stage_dir / "final")
-        path = student
+        built = all((out / f"stage{k}" / "final" / "config.json").exists() for k in range(1, len(recipes) + 1))
+        lock = contextlib.nullcontext() if built else build_lock(out)  # a second run on a cold cache waits
+        with lock:
+            path = _distil_stages(recipes, out, repo, student)
     return distributed.broadcast_object(path)
+
+
+@contextlib.contextmanager
+def build_lock(out: Path):
+    """Hold an exclusive lock (flock on out/.build.lock; the kernel drops it when a builder dies) while
+    building into `out`: a second run on a cold cache waits for the first build, saying so, and then
+    finds it built, instead of failing on the build's own out_dir lock."""
+    import fcntl
+
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / ".build.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            print(f"[toy] another run (pid {holder}) is building {out}; waiting for it", flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _distil_stages(recipes: list[Path], out: Path, repo: Path, student: str) -> str:
+    """tiny_verifier's stages, each skipped when already built; returns the last stage's final model."""
+    for stage, recipe in enumerate(recipes, 1):
+        stage_dir = out / f"stage{stage}"
+        if not (stage_dir / "final" / "config.json").exists():
+            cmd = [sys.executable, str(repo / "train_verifier.py"), "sft", "--config", str(recipe), "--student",
+                   student, "--out_dir", str(stage_dir), "--wandb_mode", "disabled"]
+            # continue a stage a crash interrupted after a checkpoint, else start it over
+            cmd += ["--resume", "auto"] if (stage_dir / "checkpoints" / "latest").exists() else ["--overwrite"]
+            print(f"[toy] distilling the tiny verifier, stage {stage} of {len(recipes)} (once; cached "
+                  f"in {out}):\n  {' '.join(cmd)}", flush=True)
+            # a process of its own, not a rank of this run's process group
+            env = {k: v for k, v in os.environ.items() if not k.startswith(_LAUNCHER_ENV)}
+            env["OMP_NUM_THREADS"] = str(BUILD_THREADS)  # one build on any machine (see BUILD_THREADS)
+            began = time.time()
+            if subprocess.run(cmd, env=env, cwd=repo).returncode != 0:  # the recipes name repo files
+                raise RuntimeError(f"distilling the tiny verifier failed (see above); command: {' '.join(cmd)}")
+            print(f"[toy] stage {stage} of the tiny verifier distilled in {time.time() - began:.0f} s", flush=True)
+        student = str(stage_dir / "final")
+    return student
 
 
 def main(argv: list[str] | None = None) -> None:
