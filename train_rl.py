@@ -28,8 +28,8 @@ import torch
 import data
 import reward
 import worlds
-from rlvr import (audit, checkpoint, config, distributed, metrics, model, remote, reward_functions, rl_config, rl_math,
-                  rollout, rollout_async, rules, rundir, threads, verifier_free, verifier_spec, verifiers)
+from rlvr import (audit, checkpoint, config, distributed, judging, metrics, model, remote, rl_config, rl_math, rollout,
+                  rollout_async, rundir, threads, verifier_free, verifier_spec, verifiers)
 from rlvr.rl_config import Config
 
 
@@ -372,47 +372,6 @@ def drop_long_prompts(cfg: Config, tokenizer, train_set: list, heldout: list) ->
     return train_set, heldout
 
 
-def choose_graders(cfg: Config, references: list[str]) -> Config:
-    """The eval and audit judges, fixed before any model loads. 'auto' picks a demo world's teacher
-    (worlds.py), else rule:math where the references are numbers, and otherwise refuses to grade
-    free-form answers with a rule (eval) or turns the audit off, saying so. Any role given rule:math on
-    data whose references are mostly not numbers is refused: it would score every correct answer 0 (and
-    count every YES as a false positive)."""
-    share = rules.math_reference_share(references)
-    numeric = share >= 0.5
-    say = print if distributed.rank() == 0 else (lambda *a, **k: None)
-    why = f"{share:.0%} of --data {cfg.data}'s references are numbers or math"
-    eval_spec, audit_spec = cfg.eval_verifier, cfg.audit_verifier
-    if cfg.data in worlds.WORLDS:  # a demo world knows its truth: its teacher grades and audits
-        teacher = worlds.WORLDS[cfg.data].teacher
-        for flag, spec in (("eval", eval_spec), ("audit", audit_spec)):
-            if spec == "auto":
-                say(f"{flag}: by {teacher}, the --data {cfg.data} world's teacher (--{flag}_verifier auto)")
-        eval_spec, audit_spec = (teacher if s == "auto" else s for s in (eval_spec, audit_spec))
-    if eval_spec == "auto":
-        config.require(numeric, "eval_verifier", "auto", f"{why}: free-form answers need a judge; pass "
-                       "--eval_verifier <judge: a model dir or http://host:port>, or 'self' to let the reward "
-                       "verifier grade its own policy")
-        eval_spec = "rule:math"
-        say(f"eval: graded by rule:math (--eval_verifier auto: {why})")
-    if audit_spec == "auto":
-        audit_spec = "rule:math" if numeric else ""
-        say(f"audit: {'by rule:math' if numeric else 'off'} (--audit_verifier auto: {why}"
-            + ("" if numeric else "; pass --audit_verifier <judge> to audit the reward verifier") + ")")
-    if not numeric:
-        roles = {"verifier": cfg.verifier, "eval_verifier": eval_spec, "audit_verifier": audit_spec,
-                 "log_verifiers": cfg.log_verifiers}
-        for flag, spec in roles.items():
-            config.require("rule:math" not in spec.split(","), flag, spec,
-                           f"{why}: rule:math scores every answer to a word 0; use a model judge or rule:substring")
-    if audit_spec and not cfg.eval_only and (not cfg.audit_every or cfg.steps < cfg.audit_every):
-        say(f"WARNING: audit: {audit_spec} never runs: it re-grades every --audit_every {cfg.audit_every} steps and "
-            f"the run has --steps {cfg.steps}; lower --audit_every to audit it")
-    if eval_spec == "self":
-        say(f"eval: graded by the reward verifier itself ({cfg.verifier}, greedy): a policy that fools it scores well")
-    return dataclasses.replace(cfg, eval_verifier=eval_spec, audit_verifier=audit_spec)
-
-
 def load_models(cfg: Config, policy_path: str, device):
     """The policy (float32 master weights; FSDP2 computes in bf16 on the GPU path) and, only when a KL
     term is on, a frozen reference (in the compute dtype)."""
@@ -452,49 +411,6 @@ def load_verifiers(cfg: Config, vopts, spec: str, device, policy=None, tokenizer
     return {"reward": reward_verifier, "eval": eval_verifier,
             "audit": build(cfg.audit_verifier, False) if cfg.audit_verifier else None,
             "logged": {s: build(s, False) for s in filter(None, cfg.log_verifiers.split(","))}}
-
-
-def check_reward_functions(cfg: Config, records: list) -> None:
-    """Every role's TRL reward functions (reward_functions.py) called on real rows of --data, before any
-    model loads: a wrong signature, a missing column or a NaN is one line naming the flag."""
-    conversational = cfg.data not in worlds.WORLDS and reward_functions.is_conversational(cfg.data, cfg.data_split,
-                                                                                        cfg.prompt_field)
-    for flag in ("verifier", "eval_verifier", "audit_verifier", "log_verifiers"):
-        for spec in cfg.log_verifiers.split(",") if flag == "log_verifiers" else [getattr(cfg, flag)]:
-            spec = spec.strip().removeprefix("hybrid:")
-            if spec.startswith("py:") and reward_functions.is_trl(spec):
-                n = len(reward_functions.split_specs(spec))
-                weights = reward_functions.parse_weights(cfg.reward_weights, n) if flag == "verifier" else None
-                reward_functions.check_on_rows(spec, weights, records, cfg.answer_field, conversational, flag)
-
-
-def give_columns(cfg: Config, judges: dict, records: list) -> None:
-    """TRL reward functions get the data set's columns (looked up by question and reference) and, for the
-    reward, --reward_weights; several reward functions are each logged too (reward/<spec>/soft_mean, TRL's
-    rewards/<function>/mean), from the scores the reward call computed."""
-    conversational = cfg.data not in worlds.WORLDS and reward_functions.is_conversational(cfg.data, cfg.data_split,
-                                                                                        cfg.prompt_field)
-    for role, judge in [(k, v) for k, v in judges.items() if k != "logged"] + list(judges["logged"].items()):
-        fns = reward_functions.find(judge)
-        if fns is not None:
-            fns.rows(records, cfg.answer_field, conversational)
-            if role == "reward":
-                fns.weights = reward_functions.parse_weights(cfg.reward_weights, len(fns.fns))
-                if len(fns.specs) > 1 and judge is fns:  # not inside hybrid: (the rule takes some rows)
-                    judges["logged"].update({s: verifiers.RewardFunctionPart(fns, i) for i, s in enumerate(fns.specs)})
-
-
-def probe_master_keys(verifier, train_set, cfg: Config) -> dict:
-    """Does the reward verifier say YES to content-free answers ("Thought process:")? Warn loudly if so."""
-    n = cfg.master_key_prompts
-    probe = audit.master_key_probe(verifier, [r.question for r in train_set[:n]], [r.reference for r in train_set[:n]],
-                                   n=n, warn=cfg.master_key_warn)
-    if distributed.rank() == 0:
-        worst = sorted(probe["per_key"].items(), key=lambda kv: -kv[1])[:3]
-        line = f"master-key probe: the verifier says YES to {probe['fpr']:.1%} of content-free answers"
-        print(f"\n{'!' * 100}\nWARNING: {line} (> {cfg.master_key_warn:.0%}); the policy may learn to hack it; "
-              f"worst: {worst}. Watch audit/false_positive_rate.\n{'!' * 100}\n" if probe["warn"] else line)
-    return {"verifier/master_key_fpr": probe["fpr"]}
 
 
 def resume(cfg: Config, ckpt_dir: Path, policy, optimizer, scheduler) -> dict:
@@ -586,15 +502,6 @@ def start_engine(cfg: Config, policy_path: str, policy, device, resumed: bool):
     return engine
 
 
-def audit_rollout(judge, ro: rollout.Rollout, judged: reward.Judgement, step: int, cfg: Config, n_global: int):
-    """The judge re-grades a seeded sample of the global batch; each rank re-grades its own members."""
-    chosen = audit.sample_indices(n_global, cfg.audit_samples, rollout.sample_seed(cfg.seed, step, 0, "audit"))
-    first = distributed.rank() * len(ro.responses)
-    mine = [i for i in range(len(ro.responses)) if first + i in chosen]
-    return audit.regrade(judge, [ro.records[i].question for i in mine], [ro.records[i].reference for i in mine],
-                         [ro.texts[i] for i in mine], judged.select(mine), step, [ro.seeds[i] for i in mine])
-
-
 # ----------------------------------------------------------------------------------------------
 # the algorithm
 
@@ -612,8 +519,8 @@ def train(cfg: Config, vopts: verifiers.VerifierOptions) -> dict:
     torch.manual_seed(cfg.seed)
     out_dir, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
     train_set, heldout = load_data(cfg)
-    cfg = choose_graders(cfg, [r.reference for r in train_set + heldout])
-    check_reward_functions(cfg, train_set + heldout)
+    cfg = judging.choose_graders(cfg, [r.reference for r in train_set + heldout])
+    judging.check_reward_functions(cfg, train_set + heldout)
     policy_path, verifier_spec = resolve_paths(cfg)
     tokenizer = model.load_tokenizer(policy_path, cfg.trust_remote_code, cfg.prompt_format)
     train_set, heldout = drop_long_prompts(cfg, tokenizer, train_set, heldout)
@@ -625,7 +532,7 @@ def train(cfg: Config, vopts: verifiers.VerifierOptions) -> dict:
     # after the optimizer: policy:rlpr runs the policy now, and a sharded policy's first forward (FSDP2's lazy
     # init) before its optimizer exists leaves the optimizer with parameters the checkpoint cannot name
     judges = load_verifiers(cfg, vopts, verifier_spec, device, policy, tokenizer, train_set)
-    give_columns(cfg, judges, train_set + heldout)
+    judging.give_columns(cfg, judges, train_set + heldout)
     sampler = data.PromptSampler(len(train_set), cfg.prompts_per_step, cfg.seed, rank, world)
     state = resume(cfg, ckpt_dir, policy, optimizer, scheduler)
     start, streaks = state["step"], state["streaks"]
@@ -640,7 +547,7 @@ def train(cfg: Config, vopts: verifiers.VerifierOptions) -> dict:
         log.close()
         return {"eval": result}
     if start == 0:  # before any update: the verifier's master-key rate and the policy's starting accuracy
-        m = probe_master_keys(judges["reward"], train_set, cfg) if cfg.master_key_prompts else {}
+        m = judging.probe_master_keys(judges["reward"], train_set, cfg) if cfg.master_key_prompts else {}
         log.log(0, m | (evaluate(policy, tokenizer, heldout, judges["eval"], cfg, device, out_dir / EVAL_QUESTIONS, 0)
                         if cfg.eval_every else {}))
     common = (cfg, policy, tokenizer, train_set, sampler, judges["reward"], judges["logged"])
@@ -667,7 +574,7 @@ def train(cfg: Config, vopts: verifiers.VerifierOptions) -> dict:
             audited = []
             if judges["audit"] is not None and cfg.audit_every and (step + 1) % cfg.audit_every == 0:
                 with timer("audit"):
-                    audited = audit_rollout(judges["audit"], ro, judged, step + 1, cfg, len(rewards))
+                    audited = judging.audit_rollout(judges["audit"], ro, judged, step + 1, cfg, len(rewards))
             # everything each rank reports, in one collective
             parts = distributed.gather_objects(step_record(ro, judged, used, also, update, step + 1) | {"audit": audited})
             m.update(reduce_step(parts, rewards, list(judges["logged"]), updates_per_step, cfg) | info)

@@ -6,7 +6,7 @@ import torch
 
 import data
 import train_rl
-from rlvr import config, remote, verifiers
+from rlvr import config, judging, remote, verifiers
 from worlds import freeform
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,7 +214,7 @@ def test_this_worlds_recipe_runs_this_world_and_the_numeric_toy_is_a_recipe():
     assert (default.data, default.policy, default.verifier, default.eval_verifier, default.audit_verifier) == \
         ("freeform", "tiny", "tiny", "auto", "auto")
     train, heldout = train_rl.load_data(default)
-    graders = train_rl.choose_graders(default, [r.reference for r in train + heldout])  # auto: the world's teacher
+    graders = judging.choose_graders(default, [r.reference for r in train + heldout])  # auto: the world's teacher
     assert (graders.eval_verifier, graders.audit_verifier) == ("py:worlds.freeform:teacher", "py:worlds.freeform:teacher")
     assert worlds.of("freeform").tiny_policy is freeform.tiny_policy and worlds.of("freeform").teacher == graders.eval_verifier
     assert worlds.of("toy").tiny_verifier.__module__ == "worlds.toy" and worlds.of("some.jsonl") is worlds.WORLDS["toy"]

@@ -7,7 +7,7 @@ import torch
 import yaml
 
 import train_rl
-from rlvr import verifier_prompt, verifiers
+from rlvr import judging, verifier_prompt, verifiers
 from worlds import freeform, pretrained, toy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,7 +133,7 @@ def test_the_main_job_is_this_world_and_the_other_worlds_are_recipes():
     assert (default.data, default.policy, default.verifier, default.max_new_tokens) == ("pretrained", "tiny", "tiny",
                                                                                          pretrained.MAX_NEW_TOKENS)
     train, heldout = train_rl.load_data(default)
-    graders = train_rl.choose_graders(default, [r.reference for r in train + heldout])
+    graders = judging.choose_graders(default, [r.reference for r in train + heldout])
     assert (graders.eval_verifier, graders.audit_verifier) == ("py:worlds.pretrained:teacher",) * 2
     assert worlds.of("pretrained").tiny_policy is pretrained.tiny_policy
     assert worlds.of("pretrained").verifier_recipe == "recipes/verifier_pretrained.yaml"

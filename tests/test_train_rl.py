@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train_rl
-from rlvr import config, rl_config
+from rlvr import config, judging, rl_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,7 +210,7 @@ def test_the_master_key_probe_asks_n_pairs_with_every_key():
 
     rows = [data.Record(f"id{i}", [], f"q{i}", f"r{i}", {}) for i in range(10)]
     cfg = train_rl.Config(master_key_prompts=3)
-    m = train_rl.probe_master_keys(says_yes_to_colons, rows, cfg)
+    m = judging.probe_master_keys(says_yes_to_colons, rows, cfg)
     assert len(asked) == 1 and len(asked[0]) == 3 * len(audit.MASTER_KEYS)
     assert {(q, r) for q, r, _ in asked[0]} <= {(f"q{i}", f"r{i}") for i in range(3)}  # the first n rows only
     colons = sum(k.endswith(":") for k in audit.MASTER_KEYS)
@@ -282,19 +282,19 @@ def test_graders_are_chosen_from_the_data_and_never_a_math_rule_on_prose(tmp_pat
     refs = [r.reference for part in train_rl.load_data(cfg) for r in part]
     with pytest.raises(config.ConfigError, match=r"--eval_verifier 'auto': 20% of --data .* are numbers or math: "
                                                  r"free-form answers need a judge"):
-        train_rl.choose_graders(cfg, refs)
+        judging.choose_graders(cfg, refs)
     for flag in ("eval_verifier", "audit_verifier", "verifier"):
         bad = dataclasses.replace(cfg, **{"eval_verifier": "self", flag: "rule:math"})
         with pytest.raises(config.ConfigError, match=f"--{flag} 'rule:math': 20% of"):
-            train_rl.choose_graders(bad, refs)
+            judging.choose_graders(bad, refs)
     with pytest.raises(config.ConfigError, match="--log_verifiers 'rule:substring,rule:math'"):
-        train_rl.choose_graders(dataclasses.replace(cfg, eval_verifier="self",
+        judging.choose_graders(dataclasses.replace(cfg, eval_verifier="self",
                                                     log_verifiers="rule:substring,rule:math"), refs)
-    chosen = train_rl.choose_graders(dataclasses.replace(cfg, eval_verifier="rule:substring"), refs)
+    chosen = judging.choose_graders(dataclasses.replace(cfg, eval_verifier="rule:substring"), refs)
     assert (chosen.eval_verifier, chosen.audit_verifier) == ("rule:substring", "")  # audit auto: off, said
     toy_cfg = rl_config.Config(data="toy")
     toy_refs = [r.reference for part in train_rl.load_data(toy_cfg) for r in part]
-    chosen = train_rl.choose_graders(toy_cfg, toy_refs)
+    chosen = judging.choose_graders(toy_cfg, toy_refs)
     assert (chosen.eval_verifier, chosen.audit_verifier) == ("rule:math", "rule:math")
 
 
