@@ -209,4 +209,10 @@ def _raise(message: str) -> typing.NoReturn:
 def _yaml(text: str) -> dict:
     import yaml
 
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:  # a ScannerError's text spans 5 lines: one, with the line it points at
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = " ".join(str(x) for x in (getattr(e, "problem", None), getattr(e, "context", None)) if x)
+        raise ValueError(f"not valid YAML: {where}{what or type(e).__name__}") from None
