@@ -60,3 +60,69 @@ def test_a_lone_surrogate_in_a_judged_row_names_the_row(tmp_path):
                     '{"question": "q", "reference": "7", "response": "the answer \\udc80 7"}\n')
     with pytest.raises(data.DataError, match=r"rows.jsonl, row 2: field 'response' holds a lone surrogate"):
         data.read_judged_rows(str(rows))
+
+
+# ----------------------------------------------------------------------------------------------
+# 3, 4: no API key or URL password shown
+
+
+@pytest.mark.parametrize("url, secret", [("http://alice:p@ssw0rd@127.0.0.1:9", "ssw0rd"),
+                                         ("http://alice:pa/ss@127.0.0.1:9", "pa/ss"),
+                                         ("http://127.0.0.1:8,http://bob:se,cret@127.0.0.1:9", "cret")])
+def test_a_url_password_with_at_slash_or_comma_is_refused_and_never_shown(tmp_path, url, secret):
+    out = cli("train_rl.py", "--verifier", url, "--out_dir", tmp_path / "run")
+    assert out.returncode == 2 and "credentials in a URL are refused" in last_line(out), out.stderr[-2000:]
+    assert secret not in out.stdout + out.stderr and "***@127.0.0.1:9" in last_line(out), last_line(out)
+    assert not (tmp_path / "run").exists()
+
+
+class EchoingServer:
+    """A server that echoes what it was sent, as careless ones do: 401 "invalid key: Bearer <the key>",
+    500 with every request header in its body, or with the bare key where a long body is cut short."""
+
+    def __init__(self, mode):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                auth = self.headers.get("Authorization", "")
+                if mode == "401":
+                    body = f"invalid key: {auth}".encode()
+                elif mode == "500":
+                    body = json.dumps({"error": "internal", "headers": dict(self.headers)}).encode()
+                else:  # the key alone, across the 500th character, where an error line is cut
+                    body = ("x" * 481 + " echo " + auth.removeprefix("Bearer ")).encode()
+                self.send_response(401 if mode == "401" else 500)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("mode", ["401", "500", "500_cut"])
+def test_a_server_that_echoes_the_api_key_never_gets_it_shown(mode, monkeypatch, caplog):
+    import remote
+
+    key = "sk-live-0123456789abcdef"
+    monkeypatch.setenv(remote.API_KEY_ENV, key)
+    server = EchoingServer(mode)
+    try:
+        with pytest.raises(remote.VerifierError) as e:
+            remote.CompletionsClient([server.url], timeout=10, retries=1, concurrency=1, backoff=0.0)
+    finally:
+        server.close()
+    message = str(e.value)
+    assert ("HTTP 401" if mode == "401" else "HTTP 500") in message and server.url in message, message
+    assert key not in message and key[:12] not in message and key not in caplog.text, message
+    assert ("Bearer ***" if mode == "401" else "***") in message
