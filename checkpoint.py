@@ -27,7 +27,8 @@ checks and every rank follows it; an error while any rank reads the files is sha
 Everything saved is loaded with `torch.load(weights_only=True)`, the DCP shards' non-tensor items (the
 optimizer's param_groups) included: `extra` may hold only plain Python values (dict, list, tuple, str,
 int, float, bool, None) and tensors; `save_checkpoint` checks this before writing. DCP's own index,
-.metadata, is a pickle that torch unpickles: a checkpoint directory is code, load only your own.
+.metadata, is a pickle: it is read only once its sha256 matches sha256.json's, and then by an unpickler
+that builds DCP's metadata classes and nothing else (checkpoint_metadata.py), never by torch's pickle.load.
 """
 
 import copy
@@ -45,20 +46,21 @@ import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
+import checkpoint_metadata
 import distributed
 
 _STEP_DIR = re.compile(r"step_(\d{8})")
 _TMP_DIR = re.compile(r"step_\d{8}\.tmp")
 TRAINER_FILE = "trainer.pt"
 LATEST_FILE = "latest"
-METADATA_FILE = ".metadata"  # DCP's index of the shards
-MANIFEST_FILE = "sha256.json"  # {file: sha256} of every other file of the checkpoint
+METADATA_FILE = checkpoint_metadata.METADATA_FILE  # DCP's index of the shards
+MANIFEST_FILE = checkpoint_metadata.MANIFEST_FILE  # {file: sha256} of every other file of the checkpoint
 
 
 class CheckpointError(RuntimeError):
@@ -256,8 +258,10 @@ def _problems(path: str, world: int) -> list[str]:
     problems = []
     ends: dict[str, int] = {}  # shard file -> bytes .metadata says it holds
     try:
-        for item in FileSystemReader(path).read_metadata().storage_data.values():
+        for item in checkpoint_metadata.read(path).storage_data.values():  # verified, and no code run
             ends[item.relative_path] = max(ends.get(item.relative_path, 0), item.offset + item.length)
+    except checkpoint_metadata.MetadataError as e:
+        problems.append(str(e))
     except Exception as e:
         problems.append(f"{os.path.join(path, METADATA_FILE)} unreadable ({_describe(e)})")
     else:
@@ -433,7 +437,7 @@ def _read_shards(path: str, model, optimizer) -> dict:
     shards = sorted(glob.glob(os.path.join(path, "*.distcp")))
     names = ", ".join(shards) if len(shards) <= 8 else f"{path}/*.distcp ({len(shards)} files)"
     try:
-        _dcp(dcp.load, state, path, planner=_WeightsOnlyLoadPlanner())
+        _dcp(dcp.load, state, path, planner=_WeightsOnlyLoadPlanner(), storage_reader=checkpoint_metadata.Reader(path))
     except CheckpointException as e:  # it cannot say which file: name them all
         raise CheckpointError(f"reading {names} failed: {_describe(e)}") from None
     # save refuses non-finite weights: here they mean damage the checksums did not catch

@@ -126,3 +126,58 @@ def test_a_server_that_echoes_the_api_key_never_gets_it_shown(mode, monkeypatch,
     assert ("HTTP 401" if mode == "401" else "HTTP 500") in message and server.url in message, message
     assert key not in message and key[:12] not in message and key not in caplog.text, message
     assert ("Bearer ***" if mode == "401" else "***") in message
+
+
+# ----------------------------------------------------------------------------------------------
+# 2: a checkpoint directory is data, not code
+
+
+class _Payload:
+    """What an attacker puts in .metadata: unpickling it writes the marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+@pytest.mark.parametrize("manifest", ["as saved", "matching the payload"])
+def test_a_malicious_metadata_pickle_never_runs_with_or_without_a_matching_manifest(tmp_path, manifest):
+    import hashlib
+    import pickle
+
+    import torch
+
+    import checkpoint
+
+    def fresh():
+        torch.manual_seed(0)
+        net = torch.nn.Linear(3, 2)
+        return net, torch.optim.AdamW(net.parameters(), lr=1e-3)
+
+    root, marker = tmp_path / "checkpoints", tmp_path / "pwned"
+    net, opt = fresh()
+    checkpoint.save_checkpoint(str(root), 1, net, opt)
+    step2 = checkpoint.save_checkpoint(str(root), 2, net, opt)
+    meta = Path(step2) / ".metadata"
+    meta.write_bytes(pickle.dumps(_Payload(str(marker))))
+    if manifest == "matching the payload":  # the attacker rewrote sha256.json too
+        digests = json.loads((Path(step2) / "sha256.json").read_text())
+        digests[".metadata"] = hashlib.sha256(meta.read_bytes()).hexdigest()
+        (Path(step2) / "sha256.json").write_text(json.dumps(digests))
+    # every way a run looks at a checkpoint: the --resume check, the out_dir claim, the load
+    assert checkpoint.latest_checkpoint(str(root)) == str(root / "step_00000001")
+    net2, opt2 = fresh()
+    state = checkpoint.load_checkpoint(str(root), net2, opt2)
+    assert state["step"] == 1 and not marker.exists()
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.load_checkpoint(step2, net2, opt2)  # that checkpoint alone: no fallback
+    assert not marker.exists()
+    assert str(meta) in str(e.value) and ("damaged or replaced" in str(e.value) if manifest == "as saved" else
+                                          "asks for builtins.exec, which a DCP index never holds" in str(e.value))
+    # and DCP's own loader, were anything to reach it, reads through the same gate
+    import checkpoint_metadata
+    with pytest.raises(checkpoint_metadata.MetadataError):
+        checkpoint_metadata.Reader(step2).read_metadata()
+    assert not marker.exists()
