@@ -54,6 +54,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 import checkpoint_metadata
 import distributed
+import rundir
 
 _STEP_DIR = re.compile(r"step_(\d{8})")
 _TMP_DIR = re.compile(r"step_\d{8}\.tmp")
@@ -312,6 +313,7 @@ def _refuse_non_finite(model, what: str) -> None:
 def _prepare(root: str, final: str, tmp: str, world: int) -> bool:
     """Rank 0: clear what a crash left and make `tmp`. True if `final` is already a complete checkpoint
     (a trainer may save at step N and again at the end of a run that stopped at N)."""
+    rundir.note(root)
     os.makedirs(root, exist_ok=True)
     for name in os.listdir(root):  # left by a crash (or an interrupted prune)
         if _TMP_DIR.fullmatch(name):
@@ -521,6 +523,8 @@ def export_hf(model, tokenizer, out_dir: str, dtype: torch.dtype | None = None) 
     if distributed.rank() == 0:
         out_dir = os.path.normpath(out_dir)
         tmp, old = out_dir + ".tmp", out_dir + ".old"
+        for path in (out_dir, tmp, old):
+            rundir.note(path)
         shutil.rmtree(tmp, ignore_errors=True)
         if dtype is not None:
             full = {k: v.to(dtype) if v.is_floating_point() else v for k, v in full.items()}

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 import torch
 
 import remote
+import rundir
 
 
 def _plain(value, where: str):
@@ -88,6 +89,7 @@ def append_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
     line, which `read_jsonl` cuts off."""
     if not rows:
         return
+    rundir.note(path)  # listed before it exists: --overwrite removes it, and only what runs wrote
     try:
         with open(path, "ab") as f:
             f.write("".join(json.dumps(row) + "\n" for row in rows).encode())
@@ -146,6 +148,7 @@ def rewind_jsonl(path: str | os.PathLike, step: int) -> int:
         if row["step"] <= step:
             keep.append(line)
     if len(keep) < len(lines):
+        rundir.note(path + ".tmp")
         with open(path + ".tmp", "wb") as f:
             f.write(b"".join(keep))
             f.flush()
@@ -174,6 +177,7 @@ class Metrics:
         os.makedirs(out_dir, exist_ok=True)
         self._rewind_once(self.path)
         config = json.loads(remote.redact(json.dumps(config, default=str)))  # config.json and wandb: no URL credentials
+        rundir.note(os.path.join(out_dir, "config.json"))
         with open(os.path.join(out_dir, "config.json"), "w") as f:  # the local files describe the run alone
             json.dump(config, f, indent=2, default=str)
         mode = wandb_mode(mode)
@@ -182,6 +186,8 @@ class Metrics:
         # a resumed run continues its wandb run (the id is kept in out_dir), not a second one
         id_file = os.path.join(out_dir, "wandb_run_id")
         run_id = open(id_file).read().strip() if resume_step and os.path.exists(id_file) else None
+        rundir.note(id_file)
+        rundir.note(os.path.join(out_dir, "wandb"))  # wandb.init(dir=out_dir) writes there
         try:
             import wandb
 
@@ -392,6 +398,7 @@ def _figure(width_in: float, height_in: float):
 def _save(fig, path) -> str:
     """PNG of exactly figsize * DPI pixels (no tight bounding box, which would change the size)."""
     fig.tight_layout()
+    rundir.note(path)
     fig.savefig(path, dpi=DPI, format="png")
     return str(path)
 

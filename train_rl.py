@@ -689,9 +689,11 @@ def claim_out_dir(cfg: Config) -> None:
         return
     if cfg.eval_only:
         rundir.lock(Path(cfg.out_dir) / "eval_only")
+        rundir.add_listed(cfg.out_dir, "eval_only")  # an --overwrite of the run removes its evaluations too
         return
     ckpts = str(Path(cfg.out_dir) / "checkpoints")
-    rundir.claim(cfg.out_dir, cfg.resume, cfg.overwrite, lambda: checkpoint.latest_checkpoint(ckpts) is not None)
+    rundir.claim(cfg.out_dir, cfg.resume, cfg.overwrite, lambda: checkpoint.latest_checkpoint(ckpts) is not None,
+                 inputs=(cfg.data, cfg.eval_data, cfg.exclude_hashes))  # what it reads is never removed
 
 
 def next_round_dir(out_dir: str) -> str:

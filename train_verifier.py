@@ -360,6 +360,7 @@ def eval_verifier(cfg: EvalConfig, vopts: reward.VerifierOptions) -> dict:
     report["reliability_png"] = metrics.reliability_plot(out_dir / "reliability.png", report["reliability"])
     text = json.dumps(report, indent=1, ensure_ascii=False)
     for path in {out_dir / "eval.json", Path(cfg.out) if cfg.out else out_dir / "eval.json"}:
+        rundir.note(path)
         path.write_text(text + "\n")
     log.log(0, {f"verifier_eval/{k}": v for k, v in report.items() if isinstance(v, (int, float))})
     log.close()
@@ -732,7 +733,8 @@ def claim_out_dir(cfg) -> int | None:
         return None
     ckpts = str(Path(cfg.out_dir) / "checkpoints")
     return rundir.claim(cfg.out_dir, getattr(cfg, "resume", "no"), cfg.overwrite,
-                        lambda: checkpoint.latest_checkpoint(ckpts) is not None)
+                        lambda: checkpoint.latest_checkpoint(ckpts) is not None,
+                        inputs=(cfg.data, getattr(cfg, "policy_rollouts", "")))  # what it reads is never removed
 
 
 def main(argv: list[str] | None = None) -> dict:

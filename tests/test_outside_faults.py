@@ -181,3 +181,31 @@ def test_a_malicious_metadata_pickle_never_runs_with_or_without_a_matching_manif
     with pytest.raises(checkpoint_metadata.MetadataError):
         checkpoint_metadata.Reader(step2).read_metadata()
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# 1: --overwrite removes what runs wrote, as they listed it, and nothing of the user's
+
+
+def test_overwrite_removes_the_runs_files_and_keeps_the_users_notes_and_data(tiny_model_dir, tmp_path):
+    from test_train_rl import flags, run, step_rows
+
+    out = tmp_path / "R"
+    out.mkdir()
+    prompts = out / "my_prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"query": f"What is {i} + 1?", "label": str(i + 1)}) + "\n" for i in range(40)))
+    args = flags(tiny_model_dir, out, 1, data=prompts, wandb_mode="offline", audit_verifier="")
+    run(args)  # a run that used wandb (offline): out/wandb, out/wandb_run_id
+    assert (out / "wandb_run_id").exists() and (out / "wandb").is_dir()
+    (out / "NOTES.txt").write_text("lr 1e-3 looked fine\n")
+    data_before = prompts.read_bytes()
+    again = run(args, check=False)
+    assert again.returncode == 2 and "holds an earlier run's files" in last_line(again)
+    over = run(args + ["--overwrite"])
+    said = next(line for line in over.stdout.splitlines() if line.startswith("--overwrite: removing"))
+    for name in ("metrics.jsonl", "config.json", "checkpoints", "final", "wandb", "wandb_run_id"):
+        assert name in said.split("; keeping")[0], said
+    assert said.endswith("; keeping NOTES.txt (no run wrote them)") and "my_prompts" not in said, said
+    assert (out / "NOTES.txt").read_text() == "lr 1e-3 looked fine\n" and prompts.read_bytes() == data_before
+    assert [r["step"] for r in step_rows(out)] == [1]  # one run's rows: nothing appended to the old file
+    assert (out / "final" / "model.safetensors").exists()
