@@ -128,6 +128,30 @@ def _lines(path: str | os.PathLike) -> list[tuple[bytes, dict]]:
     return out
 
 
+def check_jsonl(path: str | os.PathLike, step: int) -> None:
+    """Before a run resumes from the checkpoint of `step`: ValueError naming `path` and its first line that is
+    not a JSON object with an integer "step" (a last line torn by a crash aside: it is cut off as usual),
+    with the last good step before it and how to keep the good lines. A missing file passes."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    torn, last, n = lines.pop(), 0, len(lines)  # a last line without its newline was torn by a crash
+    for i, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            ok = isinstance(row, dict) and isinstance(row.get("step"), int)
+        except ValueError:
+            ok = False
+        if ok:
+            last = row["step"]
+        elif i < n or torn:  # the last line itself may be torn (a crash mid-write): _lines cuts it off
+            lost = f"; steps {last + 1}..{step} of it would be lost" if last < step else ""
+            raise ValueError(f"{path}: line {i} is not a JSON row with a step ({line[:60]!r}); the last good step "
+                             f"before it is {last}: keep the lines before it (head -n {i - 1} {path} > {path}.good "
+                             f"&& mv {path}.good {path}) and --resume again{lost}")
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The rows of a JSONL file, after cutting off a last line torn by a crash (see `_lines`)."""
     return [row for _, row in _lines(path)]

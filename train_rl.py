@@ -10,6 +10,7 @@ The functions below are defined in that order; the formulas live in rl_math.py.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -28,6 +29,7 @@ import data
 import distributed
 import metrics
 import model
+import remote
 import reward
 import rl_config
 import rl_math
@@ -473,6 +475,46 @@ def resume(cfg: Config, ckpt_dir: Path, policy, optimizer, scheduler) -> dict:
     return state
 
 
+# --resume may change these: they are applied from the step it resumes at (the others are the run's: a
+# checkpoint restores the optimizer, scheduler and sampler, so a new --lr or --seed would not be applied)
+RESUME_MAY_CHANGE = {"steps", "save_every", "keep_checkpoints", "eval_every", "eval_prompts", "eval_samples",
+                     "eval_verifier", "audit_verifier", "audit_every", "audit_samples", "audit_max_fpr",
+                     "audit_patience", "log_verifiers", "master_key_prompts", "master_key_warn", "log_samples",
+                     "max_nonfinite_steps", "filter_patience", "dump_rollouts", "wandb_project", "wandb_run_name",
+                     "wandb_mode", "resume", "overwrite", "config", "out_dir", "eval_only", "verifier_batch_size",
+                     "verifier_timeout", "verifier_retries", "verifier_concurrency", "math_timeout"}
+
+
+def check_resume(cfg: Config, vopts: reward.VerifierOptions) -> None:
+    """Before a resumed run loads anything: the flags it changed are ones it may change (RESUME_MAY_CHANGE;
+    config.json, which the run rewrites, never says what did not happen), and its files are whole: each
+    named with its first bad line, metrics.jsonl missing. A ConfigError or DataError naming the flag or file."""
+    ckpt = checkpoint.latest_checkpoint(str(Path(cfg.out_dir) / "checkpoints")) if cfg.resume != "no" else None
+    if ckpt is None or cfg.eval_only:  # a fresh start, or an evaluation that writes to eval_only/ alone
+        return
+    saved_file = Path(cfg.out_dir) / "config.json"
+    try:
+        saved = json.loads(saved_file.read_text())
+    except (OSError, ValueError) as e:
+        raise config.ConfigError(f"--resume: {saved_file} unreadable ({e}): the run's flags cannot be compared with "
+                                 "these; restore it, or start over with --overwrite") from None
+    now = json.loads(remote.redact(json.dumps({**asdict(cfg), **asdict(vopts)}, default=str)))  # as config.json has it
+    changed = [f"--{k} {v!r} (the run's: {saved[k]!r})" for k, v in now.items()
+               if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != v]
+    if changed:
+        raise config.ConfigError(f"--resume: {', '.join(changed)}: a resumed run keeps the flags it started with "
+                                 f"({saved_file}); drop the change, or start a new run (--overwrite or another --out_dir)")
+    step = int(re.fullmatch(r"step_(\d+)", Path(ckpt).name)[1])
+    if not (Path(cfg.out_dir) / "metrics.jsonl").exists():
+        raise data.DataError(f"--resume: {Path(cfg.out_dir) / 'metrics.jsonl'} is missing while {ckpt} exists: the "
+                             f"record of steps 1..{step} is gone; restore it, or create an empty one to go on without it")
+    for name in ("metrics.jsonl", "rollouts.jsonl", "audit.jsonl", "samples.jsonl"):
+        try:
+            metrics.check_jsonl(Path(cfg.out_dir) / name, step)
+        except ValueError as e:
+            raise data.DataError(f"--resume from {ckpt}: {e}") from None
+
+
 def write_outputs(out_dir: Path, rows: list[dict], audited: list[dict], cfg: Config) -> None:
     """Rank 0: every judged response (train_verifier.py label input) and the audit's disagreements
     with the judge's label (train_verifier.py sft input: the next distillation round's data)."""
@@ -543,6 +585,7 @@ def train(cfg: Config, vopts: reward.VerifierOptions) -> dict:
     out_dir, ckpt_dir = Path(cfg.out_dir), Path(cfg.out_dir) / "checkpoints"
     train_set, heldout = load_data(cfg)
     cfg = choose_graders(cfg, [r.reference for r in train_set + heldout])
+    check_resume(cfg, vopts)
     policy_path, verifier_spec = resolve_paths(cfg)
     tokenizer = model.load_tokenizer(policy_path, cfg.trust_remote_code, cfg.prompt_format)
     train_set, heldout = drop_long_prompts(cfg, tokenizer, train_set, heldout)
