@@ -107,16 +107,30 @@ def lock(out_dir: str | os.PathLike) -> int:
     path = os.path.join(out_dir, LOCK_FILE)
     try:
         os.makedirs(out_dir, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:  # a file in the way, no permission, a read-only filesystem
         raise config.ConfigError(f"--out_dir {out_dir}: cannot create {path} ({e.strerror})") from None
+    return _flock(path, f"--out_dir {out_dir}")
+
+
+def lock_output(path: str | os.PathLike, flag: str) -> int:
+    """Take the lock of an output file that runs append to (train_verifier.py label --out): PATH.lock, held
+    until `release` or the end of the process. ConfigError naming the pid of the run that holds it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return _flock(os.fspath(path) + ".lock", f"--{flag} {path}")
+
+
+def _flock(path: str, what: str) -> int:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise config.ConfigError(f"{what}: cannot create {path} ({e.strerror})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise config.ConfigError(f"--out_dir {out_dir}: in use by another run (pid {holder}); wait for it to end "
-                                 "or choose another --out_dir") from None
+        raise config.ConfigError(f"{what}: in use by another run (pid {holder}); wait for it to end "
+                                 f"or choose another {what.split()[0]}") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd

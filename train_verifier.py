@@ -262,9 +262,11 @@ def chunks(items: list, size: int):
 # label: append-only, one line per row id, resumable after a crash at any point
 
 
-def label_rows(get_teacher, rows: list[data.JudgedRow], out: Path, rows_per_write: int) -> list[data.JudgedRow]:
-    """Ask the teacher (built by `get_teacher()` if any row needs it) about every row whose id is not yet in
-    `out`, appending {id, question, reference, response, label, teacher_p_yes} lines, one fsynced write per
+def label_rows(get_teacher, rows: list[data.JudgedRow], out: Path, rows_per_write: int,
+               teacher: str) -> list[data.JudgedRow]:
+    """Ask the teacher (`teacher`, built by `get_teacher()` if any row needs it) about every row whose id is
+    not yet in `out`, appending {id, question, reference, response, label, teacher_p_yes, teacher} lines
+    (a file holds one teacher's labels: rows of another, or of an unrecorded one, are a DataError), one fsynced write per
     call. Returns the distinct rows, labelled. A crash tears at most the last line, which
     metrics.read_jsonl cuts off, so a rerun labels exactly the rows missing. The teacher's own checks
     hold: a model teacher that answers neither judgement token raises VerifierError (no all-NO labels)."""
@@ -273,13 +275,16 @@ def label_rows(get_teacher, rows: list[data.JudgedRow], out: Path, rows_per_writ
     for n, line in enumerate(metrics.read_jsonl(out) if out.exists() else [], 1):
         if not isinstance(line.get("id"), str) or "label" not in line:
             raise data.DataError(f"{out}, row {n}: not a labelled row (needs 'id' and 'label'); fix or remove the file")
+        if line.get("teacher") != teacher:  # one file, one teacher: sft would learn a mix, summarised as one
+            raise data.DataError(f"{out}, row {n}: labelled by {line.get('teacher') or 'an unrecorded teacher'}, not "
+                                 f"by this run's {teacher}; label into another --out (a file holds one teacher's labels)")
         known[line["id"]] = line
     distinct = list({r.id: r for r in rows}.values())
     todo = [r for r in distinct if r.id not in known]
     print(f"[label] {len(distinct)} distinct rows, {len(todo)} to label, the others already in {out}", flush=True)
     for batch in metrics.progress(list(chunks(todo, rows_per_write)), desc="label", disable=not todo):
         j = get_teacher()([r.question for r in batch], [r.reference for r in batch], [r.response for r in batch])
-        lines = [r.to_json() | {"label": int(b), "teacher_p_yes": p} for r, b, p in
+        lines = [r.to_json() | {"label": int(b), "teacher_p_yes": p, "teacher": teacher} for r, b, p in
                  zip(batch, j.binary.tolist(), j.p_yes.tolist())]
         metrics.append_jsonl(out, lines)
         known.update((line["id"], line) for line in lines)
@@ -306,7 +311,7 @@ def label(cfg: LabelConfig, vopts: reward.VerifierOptions) -> dict:
     get_teacher = functools.cache(lambda: reward.build_verifier(cfg.teacher, vopts, device=device,
                                                                 trust_remote_code=cfg.trust_remote_code))
     start = time.perf_counter()
-    labelled = label_rows(get_teacher, rows, Path(cfg.out), cfg.rows_per_write)
+    labelled = label_rows(get_teacher, rows, Path(cfg.out), cfg.rows_per_write, cfg.teacher)
     hashes = Path(cfg.hashes_out) if cfg.hashes_out else Path(cfg.out).with_suffix(".hashes.txt")
     n_hashes = data.write_hashes(hashes, [r.question for r in labelled])
     positives = sum(r.label for r in labelled)
@@ -470,7 +475,23 @@ def policy_rows(cfg: SftConfig, path: str, train: list[data.JudgedRow], get_teac
         print(f"[sft] {cfg.policy_rollouts}: {len(found)} responses to training-split questions; "
               f"{len(held_out)} to held-out questions left out")
         rows += found
-    return label_rows(get_teacher, rows, Path(cfg.out_dir) / "policy_labels.jsonl", 256)
+    return label_rows(get_teacher, rows, Path(cfg.out_dir) / "policy_labels.jsonl", 256, cfg.teacher)
+
+
+def drop_duplicates(rows: list[data.JudgedRow], source: str) -> list[data.JudgedRow]:
+    """Each (question, reference, response) once, saying how many repeats were dropped (a row seen twice
+    would weigh twice); the same row labelled both ways is a DataError naming the rows."""
+    first: dict[str, int] = {}
+    for n, r in enumerate(rows, 1):
+        if r.id in first and rows[first[r.id] - 1].label != r.label:
+            raise data.DataError(f"{source}, rows {first[r.id]} and {n}: the same question, reference and response "
+                                 f"labelled {rows[first[r.id] - 1].label} and {r.label}; keep one")
+        first.setdefault(r.id, n)
+    if len(first) < len(rows):
+        say = print if distributed.rank() == 0 else (lambda *a, **k: None)
+        say(f"[sft] {source}: dropped {len(rows) - len(first)} duplicate rows (the same question, reference and "
+            f"response again); {len(first)} distinct rows")
+    return [rows[n - 1] for n in sorted(first.values())]
 
 
 def training_rows(cfg: SftConfig, vopts: reward.VerifierOptions, device) -> tuple[list, list, dict]:
@@ -483,10 +504,12 @@ def training_rows(cfg: SftConfig, vopts: reward.VerifierOptions, device) -> tupl
     if cfg.data in worlds.WORLDS:
         source = str(Path(cfg.out_dir) / "labels.jsonl")
         if distributed.rank() == 0:  # the world's rows' own labels (the truth) are replaced by the teacher's
-            label_rows(get_teacher, worlds.WORLDS[cfg.data].judge_rows(cfg.toy_mix, cfg.seed), Path(source), 256)
+            label_rows(get_teacher, worlds.WORLDS[cfg.data].judge_rows(cfg.toy_mix, cfg.seed), Path(source), 256,
+                       cfg.teacher)
         distributed.barrier()
     rows = data.read_judged_rows(source, labelled=True) if cfg.data in worlds.WORLDS else \
         read_rows(cfg, source, cfg.split, True)
+    rows = drop_duplicates(rows, source)
     train, heldout = data.split_heldout(rows, cfg.heldout_fraction)
     added = {"master_key": master_key_rows(train, cfg.master_key_negatives, cfg.seed),
              "truncated": truncated_rows(train, cfg.truncated_negatives, cfg.seed)}
@@ -728,8 +751,11 @@ def run(argv: list[str]) -> dict:
 
 def claim_out_dir(cfg) -> int | None:
     """sft and eval: rank 0 locks --out_dir for the run (rundir.py) and refuses one that holds an earlier
-    run's files unless --resume (sft) continues it or --overwrite empties it. label appends by design."""
-    if isinstance(cfg, LabelConfig) or int(os.environ.get("RANK", 0)) != 0:
+    run's files unless --resume (sft) continues it or --overwrite empties it. label appends by design, and
+    locks its --out (OUT.lock) so that two label runs never append to one file at once."""
+    if isinstance(cfg, LabelConfig):  # label appends to --out: one label run at a time
+        return rundir.lock_output(cfg.out, "out")
+    if int(os.environ.get("RANK", 0)) != 0:
         return None
     ckpts = str(Path(cfg.out_dir) / "checkpoints")
     return rundir.claim(cfg.out_dir, getattr(cfg, "resume", "no"), cfg.overwrite,

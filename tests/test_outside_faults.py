@@ -209,3 +209,105 @@ def test_overwrite_removes_the_runs_files_and_keeps_the_users_notes_and_data(tin
     assert (out / "NOTES.txt").read_text() == "lr 1e-3 looked fine\n" and prompts.read_bytes() == data_before
     assert [r["step"] for r in step_rows(out)] == [1]  # one run's rows: nothing appended to the old file
     assert (out / "final" / "model.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# 6-9 and metrics.jsonl deleted: --resume checks the flags and the run's files before anything loads
+
+
+def corrupt_line(path, n):
+    lines = path.read_text().splitlines(keepends=True)
+    lines[n - 1] = lines[n - 1][: len(lines[n - 1]) // 2] + "\n"  # a middle line cut in half
+    path.write_text("".join(lines))
+
+
+def delete(path):
+    path.unlink()
+
+
+@pytest.mark.parametrize("change, damage, code, says", [
+    (["--lr=5e-3"], None, 2, "--resume: --lr 0.005 (the run's: 0.001): a resumed run keeps the flags it started with"),
+    (["--seed=4"], None, 2, "--resume: --seed 4 (the run's: 3): a resumed run keeps the flags it started with"),
+    (["--seed=4", "--kl_coef=0.1"], None, 2, "--resume: --kl_coef 0.1 (the run's: 0.05), --seed 4 (the run's: 3)"),
+    ([], ("metrics.jsonl", corrupt_line, 2), 1, "metrics.jsonl: line 2 is not a JSON row with a step"),
+    ([], ("rollouts.jsonl", corrupt_line, 20), 1, "rollouts.jsonl: line 20 is not a JSON row with a step"),
+    ([], ("metrics.jsonl", delete), 1, "metrics.jsonl is missing while"),
+])
+def test_resume_checks_the_flags_and_the_files_before_anything_loads(tiny_model_dir, straight, tmp_path, change,
+                                                                      damage, code, says):
+    import shutil
+
+    from test_faults import snapshot
+    from test_train_rl import STRAIGHT, flags, run
+
+    shutil.copytree(straight, tmp_path, dirs_exist_ok=True)  # a finished 4-step run, a checkpoint at each step
+    config_before = (tmp_path / "config.json").read_text()
+    if damage:
+        name, hurt, *where = damage
+        hurt(tmp_path / name, *where)
+    before = snapshot(tmp_path)
+    out = run(flags(tiny_model_dir, tmp_path, 6, **STRAIGHT) + change + ["--resume"], check=False)
+    assert out.returncode == code and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert says in last_line(out) and last_line(out).startswith("train_rl.py: error: "), last_line(out)
+    assert "resumed from" not in out.stdout and snapshot(tmp_path) == before  # nothing loaded, nothing written
+    assert (tmp_path / "config.json").read_text() == config_before
+    if damage and hurt is corrupt_line:  # the last good step, and how to keep the good lines
+        good = [json.loads(line)["step"] for line in (tmp_path / name).read_text().splitlines()[: where[0] - 1]]
+        assert f"the last good step before it is {good[-1]}: keep the lines before it (head -n {where[0] - 1} " \
+               f"{tmp_path / name} > " in last_line(out), last_line(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5: one label file, one teacher, one label run at a time; sft says what it dropped
+
+
+def test_label_into_an_existing_out_with_another_teacher_is_refused(tmp_path):
+    from test_train_verifier import labelled_rows, write_jsonl
+
+    src = write_jsonl(tmp_path / "rows.jsonl", labelled_rows(12, seed=1))
+    out = tmp_path / "labels.jsonl"
+    first = cli("train_verifier.py", "label", "--data", src, "--teacher", "rule:math", "--out", out)
+    assert first.returncode == 0, first.stderr[-2000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows and {r["teacher"] for r in rows} == {"rule:math"}
+    before = out.read_bytes()
+    second = cli("train_verifier.py", "label", "--data", src, "--teacher", "rule:substring", "--out", out)
+    assert second.returncode == 1 and len(second.stderr.strip().splitlines()) == 1, second.stderr[-2000:]
+    assert last_line(second) == (f"train_verifier.py label: error: {out}, row 1: labelled by rule:math, not by this "
+                                 "run's rule:substring; label into another --out (a file holds one teacher's labels)")
+    assert out.read_bytes() == before
+
+
+def test_two_label_runs_into_one_file_are_locked_out(tmp_path):
+    import rundir
+    from test_train_verifier import labelled_rows, write_jsonl
+
+    src = write_jsonl(tmp_path / "rows.jsonl", labelled_rows(12, seed=1))
+    out = tmp_path / "labels.jsonl"
+    fd = rundir.lock_output(out, "out")  # a label run into it, still going: this process
+    try:
+        second = cli("train_verifier.py", "label", "--data", src, "--teacher", "rule:math", "--out", out)
+    finally:
+        rundir.release(fd)
+    assert second.returncode == 2 and not out.exists(), second.stderr[-2000:]
+    assert last_line(second) == (f"train_verifier.py label: error: --out {out}: in use by another run (pid "
+                                 f"{os.getpid()}); wait for it to end or choose another --out")
+
+
+def test_sft_drops_duplicate_rows_saying_so_and_refuses_contradicting_ones(tmp_path, tiny_model_dir, capsys):
+    import train_verifier as TV
+    from test_train_verifier import labelled_rows, write_jsonl
+
+    rows = labelled_rows(40, seed=5)
+    args = ["--student", tiny_model_dir, "--batch_size", "8", "--micro_batch_size", "8", "--epochs", "0.2",
+            "--pack", "false", "--wandb_mode", "disabled"]
+    twice = write_jsonl(tmp_path / "twice.jsonl", rows + rows[:10])  # two label runs' rows in one file
+    TV.run(["sft", "--data", str(twice), "--out_dir", str(tmp_path / "a"), *args])
+    said = capsys.readouterr().out
+    assert f"[sft] {twice}: dropped 10 duplicate rows (the same question, reference and response again); 40 " \
+           "distinct rows" in said, said
+    flipped = write_jsonl(tmp_path / "flipped.jsonl", rows + [{**rows[3], "label": 1 - rows[3]["label"]}])
+    out = cli("train_verifier.py", "sft", "--data", flipped, "--out_dir", tmp_path / "b", *args)
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert last_line(out).startswith(f"train_verifier.py sft: error: {flipped}, rows 4 and 41: the same question, "
+                                     "reference and response labelled "), last_line(out)

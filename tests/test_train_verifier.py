@@ -150,10 +150,10 @@ def test_damaged_line_in_the_middle_is_an_error(tmp_path):
     out = tmp_path / "labels.jsonl"
     out.write_text('{"id": "a", "label": 1}\nnot json\n{"id": "b", "label": 0}\n')
     with pytest.raises(ValueError, match=r"labels\.jsonl: row 2"):
-        TV.label_rows(None, [], out, 1)
-    out.write_text('{"id": "a", "label": 1}\n{"question": "q"}\n')
+        TV.label_rows(None, [], out, 1, "rule:math")
+    out.write_text('{"id": "a", "label": 1, "teacher": "rule:math"}\n{"question": "q"}\n')
     with pytest.raises(data.DataError, match=r"labels\.jsonl, row 2: not a labelled row"):
-        TV.label_rows(None, [], out, 1)
+        TV.label_rows(None, [], out, 1, "rule:math")
 
 
 # ----------------------------------------------------------------------------------------------
