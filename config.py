@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import errno
 import json
+import math
 import sys
 import typing
 from pathlib import Path
@@ -109,6 +110,7 @@ def parse_config(classes: tuple, argv: list[str] | None = None, prog: str | None
                           "(see --help for the flags)")
     for instance in parsed:
         check_choices(instance)
+        check_finite(instance)
     return tuple(parsed)
 
 
@@ -164,6 +166,15 @@ def check_choices(instance) -> None:
         value = getattr(instance, f.name)
         if choices is not None and value not in choices:
             raise ConfigError(f"--{f.name} {value!r}: invalid choice; choose from {', '.join(map(str, choices))}")
+
+
+def check_finite(instance) -> None:
+    """Every number flag is finite: inf passes `> 0` (--temperature inf samples uniformly, --kl_coef inf
+    turns every update into NaN) and NaN fails every comparison but `!=`; no flag means either."""
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{f.name} {value!r}: must be a finite number")
 
 
 def _literal_choices(tp) -> tuple | None:

@@ -256,7 +256,8 @@ def check_config(cfg: Config, vopts: reward.VerifierOptions) -> None:
             "grader of held-out answers; name a judge")
     ckpts = os.path.join(cfg.out_dir, "checkpoints")
     req(cfg.resume != "yes" or checkpoint.latest_checkpoint(ckpts) is not None, "resume", cfg.resume,
-        f"no checkpoint in {ckpts}; --resume auto starts fresh when there is none")
+        f"every checkpoint in {ckpts} is damaged (each named above); repair one, or start over with --overwrite"
+        if checkpoint._step_dirs(ckpts) else f"no checkpoint in {ckpts}; --resume auto starts fresh when there is none")
     req(not cfg.overwrite or (cfg.resume == "no" and not cfg.eval_only), "overwrite", cfg.overwrite,
         "contradicts --resume and --eval_only (they keep the run's files)")
     vopts.check()

@@ -95,9 +95,12 @@ def check(out_dir: str, resume: str, overwrite: bool, has_checkpoint, inputs=())
     found = run_entries(out_dir, inputs)
     if not found or overwrite or (resume != "no" and has_checkpoint()):
         return
-    why = "holds an earlier run's files" if resume == "no" else "holds files but no checkpoint to resume from"
-    raise config.ConfigError(f"--out_dir {out_dir}: {why} ({_listing(found)}); continue it with --resume, start over "
-                             "with --overwrite (removes them), or choose another --out_dir")
+    if resume != "no":  # --resume again would not help: the damaged checkpoints were named above
+        raise config.ConfigError(f"--out_dir {out_dir}: holds files but no complete checkpoint to resume from "
+                                 f"({_listing(found)}); start over with --overwrite (removes them), or choose another "
+                                 "--out_dir")
+    raise config.ConfigError(f"--out_dir {out_dir}: holds an earlier run's files ({_listing(found)}); continue it "
+                             "with --resume, start over with --overwrite (removes them), or choose another --out_dir")
 
 
 def lock(out_dir: str | os.PathLike) -> int:
@@ -105,6 +108,8 @@ def lock(out_dir: str | os.PathLike) -> int:
     lock is held until `release` or the end of the process. ConfigError naming the pid of the run that
     holds it (another process, or another claim in this one)."""
     path = os.path.join(out_dir, LOCK_FILE)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):  # not a lock problem: say what it is
+        raise config.ConfigError(f"--out_dir {out_dir}: is a file, not a directory; choose another --out_dir")
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:  # a file in the way, no permission, a read-only filesystem

@@ -187,7 +187,7 @@ def test_a_second_run_into_a_finished_directory_is_refused_or_overwritten(tiny_m
     # files but no checkpoint (a run killed before its first one): --resume auto refuses too
     (tmp_path / "checkpoints").rename(tmp_path.parent / f"{tmp_path.name}-ckpts")
     out = run(args + ["--resume=auto"], check=False)
-    assert out.returncode == 2 and "holds files but no checkpoint to resume from" in out.stderr.splitlines()[-1]
+    assert out.returncode == 2 and "holds files but no complete checkpoint to resume from" in out.stderr.splitlines()[-1]
     out = run(args + ["--overwrite"])
     assert "--overwrite: removing" in out.stdout and "metrics.jsonl" in out.stdout and "rollouts.jsonl" in out.stdout
     assert_same_run(straight, tmp_path)  # one run's files only: nothing appended to the old ones

@@ -311,3 +311,42 @@ def test_sft_drops_duplicate_rows_saying_so_and_refuses_contradicting_ones(tmp_p
     assert out.returncode == 1, out.stderr[-2000:]
     assert last_line(out).startswith(f"train_verifier.py sft: error: {flipped}, rows 4 and 41: the same question, "
                                      "reference and response labelled "), last_line(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# weak: infinities, an --out_dir that is a file, both checkpoints damaged
+
+
+@pytest.mark.parametrize("flag", [["--temperature", "inf"], ["--kl_mode", "reward", "--kl_coef", "inf"],
+                                  ["--lr", "nan"], ["--verifier_timeout", "inf"]])
+def test_an_infinite_or_nan_number_is_refused_naming_its_flag(tmp_path, flag):
+    out = cli("train_rl.py", *flag, "--out_dir", tmp_path / "run")
+    value = flag[-1]
+    assert out.returncode == 2 and last_line(out) == f"train_rl.py: error: --{flag[-2][2:]} {float(value)!r}: must " \
+                                                      "be a finite number", out.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_out_dir_that_is_a_file_is_named_as_such(tmp_path):
+    (tmp_path / "run").write_text("not a directory")
+    out = cli("train_rl.py", "--out_dir", tmp_path / "run", "--policy", "tiny")
+    assert out.returncode == 2 and last_line(out) == f"train_rl.py: error: --out_dir {tmp_path / 'run'}: is a file, " \
+                                                      "not a directory; choose another --out_dir", out.stderr[-2000:]
+
+
+def test_every_checkpoint_damaged_sends_the_user_to_overwrite_not_in_a_circle(tiny_model_dir, straight, tmp_path):
+    import shutil
+
+    from test_train_rl import STRAIGHT, flags, run
+
+    shutil.copytree(straight, tmp_path, dirs_exist_ok=True)
+    for shard in (tmp_path / "checkpoints").glob("step_*/*.distcp"):  # both checkpoints kept: truncated
+        shard.write_bytes(shard.read_bytes()[:100])
+    args = flags(tiny_model_dir, tmp_path, 6, **STRAIGHT)
+    yes, auto = run(args + ["--resume"], check=False), run(args + ["--resume=auto"], check=False)
+    assert yes.returncode == auto.returncode == 2
+    assert "every checkpoint in" in last_line(yes) and "start over with --overwrite" in last_line(yes), last_line(yes)
+    assert "no complete checkpoint to resume from" in last_line(auto) and "--overwrite" in last_line(auto)
+    for out in (yes, auto):  # neither sends the user to the other
+        assert "--resume auto" not in last_line(out) and "continue it with --resume" not in last_line(out)
+        assert "truncated" in out.stderr  # the damage is named
