@@ -350,3 +350,42 @@ def test_every_checkpoint_damaged_sends_the_user_to_overwrite_not_in_a_circle(ti
     for out in (yes, auto):  # neither sends the user to the other
         assert "--resume auto" not in last_line(out) and "continue it with --resume" not in last_line(out)
         assert "truncated" in out.stderr  # the damage is named
+
+
+# ----------------------------------------------------------------------------------------------
+# weak: a py: judge that raises or hangs
+
+
+JUDGE = '''
+import time
+
+
+def judge(questions, references, responses):
+    if questions == ["What is 1 + 1?"]:  # the check when the verifier is built passes
+        return [1.0]
+    if responses[0] == "raise RuntimeError":
+        raise RuntimeError("the judge's model is not loaded")
+    if responses[0] == "raise KeyError":
+        return [{"a": 1}["b"]]
+    if responses[0] == "raise ZeroDivisionError":
+        return [1 / 0]
+    time.sleep(60)  # hangs
+'''
+
+
+@pytest.mark.parametrize("response, says", [
+    ("raise RuntimeError", "raised RuntimeError: the judge's model is not loaded"),
+    ("raise KeyError", "raised KeyError: 'b'"),
+    ("raise ZeroDivisionError", "raised ZeroDivisionError: division by zero"),
+    ("hang", "no answer within 0.5s for 1 responses (--verifier_timeout)"),
+])
+def test_a_py_judge_that_raises_or_hangs_is_one_line_naming_it(tmp_path, monkeypatch, response, says):
+    import reward
+
+    (tmp_path / "my_judge_35.py").write_text(JUDGE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    verifier = reward.build_verifier("py:my_judge_35:judge", reward.VerifierOptions(verifier_timeout=0.5))
+    with pytest.raises(reward.VerifierError) as e:
+        verifier(["q"], ["7"], [response])
+    assert str(e.value) == f"verifier 'py:my_judge_35:judge' {says}" or \
+        str(e.value) == f"verifier 'py:my_judge_35:judge': {says}; is it stuck?", str(e.value)
