@@ -389,3 +389,20 @@ def test_a_py_judge_that_raises_or_hangs_is_one_line_naming_it(tmp_path, monkeyp
         verifier(["q"], ["7"], [response])
     assert str(e.value) == f"verifier 'py:my_judge_35:judge' {says}" or \
         str(e.value) == f"verifier 'py:my_judge_35:judge': {says}; is it stuck?", str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# weak: a BERT masked LM is no causal verifier
+
+
+def test_a_bert_masked_lm_is_refused_as_a_verifier(tmp_path):
+    from transformers import BertConfig
+
+    bert = tmp_path / "bert-mlm"
+    BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+               architectures=["BertForMaskedLM"]).save_pretrained(bert)
+    out = cli("train_rl.py", "--verifier", bert, "--verifier_paper_defaults", "--out_dir", tmp_path / "run")
+    assert out.returncode == 2 and last_line(out).startswith(
+        f"train_rl.py: error: --verifier '{bert}': architecture ['BertForMaskedLM'] (model_type 'bert') is a masked LM"
+    ), out.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
