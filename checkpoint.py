@@ -53,6 +53,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 import checkpoint_metadata
+import config
 import distributed
 import rundir
 
@@ -402,6 +403,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler=None, extr
     if failures:
         full = _disk_full(root) if rank == 0 else None  # measured before removing the .tmp frees space
         failures += [full] if full else []
+        failures += [limit.strip(" ()")] if (limit := config.file_size_limit()) else []  # EFBIG: torch says "pos"
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             if os.path.exists(os.path.join(root, LATEST_FILE + ".part")):

@@ -207,10 +207,19 @@ def one_line_errors(prog: str, known: tuple[type[BaseException], ...]):
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(1)
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}{file_size_limit() if e.errno == errno.EFBIG else ''}", file=sys.stderr)
         sys.exit(1)
+
+
+def file_size_limit() -> str:
+    """' (files may hold at most N bytes here: ulimit -f)' where the process has a file size limit, else ''.
+    Writing past it fails with EFBIG (Python ignores SIGXFSZ), which names no limit."""
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return "" if limit == resource.RLIM_INFINITY else f" (files may hold at most {limit} bytes here: ulimit -f)"
 
 
 def _raise(message: str) -> typing.NoReturn:

@@ -406,3 +406,41 @@ def test_a_bert_masked_lm_is_refused_as_a_verifier(tmp_path):
         f"train_rl.py: error: --verifier '{bert}': architecture ['BertForMaskedLM'] (model_type 'bert') is a masked LM"
     ), out.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# weak: a file size limit (ulimit -f: EFBIG, which Python gets instead of SIGXFSZ)
+
+
+def test_a_file_size_limit_is_named_when_a_checkpoint_passes_it(tiny_model_dir, tmp_path):
+    import resource
+
+    from test_train_rl import flags
+
+    limit = 64 * 1024  # the tiny model's shards are larger; config.json and the step rows are smaller
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    out = subprocess.run([sys.executable, str(ROOT / "train_rl.py"), *flags(tiny_model_dir, tmp_path, 1)],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert last_line(out).startswith(f"train_rl.py: error: checkpoint: saving step 1 to {tmp_path / 'checkpoints'}")
+    assert f"files may hold at most {limit} bytes here: ulimit -f" in last_line(out), last_line(out)
+
+
+def test_a_file_size_limit_passed_by_an_append_is_one_line_naming_the_file(tmp_path, capsys):
+    import resource
+
+    import config
+    import metrics
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(SystemExit) as e, config.one_line_errors("train_rl.py", ()):
+            metrics.append_jsonl(tmp_path / "rollouts.jsonl", [{"step": 1, "response": "x" * 5000}])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert e.value.code == 1
+    assert capsys.readouterr().err == (f"train_rl.py: error: [Errno 27] File too large (appending 1 rows): "
+                                       f"'{tmp_path / 'rollouts.jsonl'}' (files may hold at most 4096 bytes here: "
+                                       "ulimit -f)\n")
