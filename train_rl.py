@@ -362,11 +362,13 @@ def drop_long_prompts(cfg: Config, tokenizer, train_set: list, heldout: list) ->
     """Prompts longer than --max_prompt_len in the policy's tokens are dropped (and counted)."""
     say = print if distributed.rank() == 0 else (lambda *a, **k: None)
     train_set, n_long = data.drop_long(train_set, tokenizer, cfg.max_prompt_len)
-    heldout, _ = data.drop_long(heldout, tokenizer, cfg.max_prompt_len)
+    heldout, n_long_heldout = data.drop_long(heldout, tokenizer, cfg.max_prompt_len)
     if not train_set:
         raise data.DataError(f"--data {cfg.data}: no training prompts left (held out, excluded or too long)")
     say(f"data: {len(train_set)} train / {len(heldout)} held-out prompts"
         + (f", {n_long} longer than --max_prompt_len dropped" if n_long else "")
+        + (f", {n_long_heldout} held-out ones longer than --max_prompt_len dropped (the eval is over the rest)"
+           if n_long_heldout else "")
         + ("; no eval (no held-out prompts: --heldout_fraction > 0 or --eval_data gives some)" if not heldout else ""))
     return train_set, heldout
 

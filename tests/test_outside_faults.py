@@ -444,3 +444,27 @@ def test_a_file_size_limit_passed_by_an_append_is_one_line_naming_the_file(tmp_p
     assert capsys.readouterr().err == (f"train_rl.py: error: [Errno 27] File too large (appending 1 rows): "
                                        f"'{tmp_path / 'rollouts.jsonl'}' (files may hold at most 4096 bytes here: "
                                        "ulimit -f)\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# weak: a 20,000-word held-out question is counted where it is dropped
+
+
+def test_a_long_heldout_question_is_dropped_and_counted(tiny_model_dir, tmp_path, capsys):
+    import model
+    import rl_config
+    import train_rl
+
+    rows = [{"query": f"What is {i} + 1?", "label": str(i + 1)} for i in range(8)]
+    write = lambda path, rs: path.write_text("".join(json.dumps(r) + "\n" for r in rs))  # noqa: E731
+    write(tmp_path / "train.jsonl", rows)
+    write(tmp_path / "eval.jsonl", rows[:2] + [{"query": "Why? " + "word " * 20000, "label": "7"}])
+    cfg, _ = rl_config.parse_config(["--data", str(tmp_path / "train.jsonl"), "--eval_data", str(tmp_path / "eval.jsonl"),
+                                     "--policy", tiny_model_dir, "--verifier", "rule:math", "--out_dir",
+                                     str(tmp_path / "run")])
+    train_set, heldout = train_rl.load_data(cfg)
+    capsys.readouterr()
+    train_set, heldout = train_rl.drop_long_prompts(cfg, model.load_tokenizer(tiny_model_dir), train_set, heldout)
+    assert len(heldout) == 2
+    assert f"data: {len(train_set)} train / 2 held-out prompts, 1 held-out ones longer than --max_prompt_len " \
+           "dropped (the eval is over the rest)" in capsys.readouterr().out
