@@ -468,3 +468,29 @@ def test_a_long_heldout_question_is_dropped_and_counted(tiny_model_dir, tmp_path
     assert len(heldout) == 2
     assert f"data: {len(train_set)} train / 2 held-out prompts, 1 held-out ones longer than --max_prompt_len " \
            "dropped (the eval is over the rest)" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# weak: a 20,000-word reference loses its middle, not the template; it is not reported as a cut answer
+
+
+def test_a_20000_word_reference_loses_its_middle_and_is_named_not_the_answer(tiny_model_dir, capsys):
+    import model
+    import reward
+
+    tok = model.load_tokenizer(tiny_model_dir)
+    settings = reward.VerifierSettings(full_response=True)
+    short = reward.VerifierPrompt(tok, settings).prompt_ids("q", "7", "so 7")
+    n = len(short) + 200
+    p = reward.VerifierPrompt(tok, settings, "v", max_len=n)
+    reference = "REFSTART " + "word " * 20000 + "REFEND"
+    ids = p.batch_ids(["What is the answer?", "q"], [reference, "7"], ["so the answer is 7", "so 7"])
+    assert len(ids[0]) < n and ids[1] == short
+    text, template = tok.decode(ids[0]), tok.decode(short)
+    assert text.startswith(template[:40]) and text.endswith(template[-30:])  # the template's start and end
+    assert "What is the answer?" in text and "so the answer is 7" in text  # the question and the answer whole
+    assert "REFSTART" in text and "REFEND" in text and " … " in text  # the reference's start and end
+    assert p.cut == 0 and p.last_cut == [False, False] and p.cut_middle == {"reference": 1}  # no answer cut
+    err = capsys.readouterr().err
+    assert f"[verifier] v: 1 of 2 references were longer than its {n} positions allow and lost their middles" in err
+    assert "answers were longer" not in err
