@@ -26,7 +26,6 @@ RUN_FILES = ".run_files"  # the names of the entries the runs in this directory 
 _claimed: dict[str, set[str]] = {}  # out_dir (real path) claimed by this process -> the names listed
 
 
-
 def overwrite_field():
     """The --overwrite flag of both trainers."""
     return dataclasses.field(default=False, metadata={
@@ -69,7 +68,8 @@ def note(path: str | os.PathLike) -> None:
     """Before creating `path`: if it lies in an out_dir this process claimed, list the entry of out_dir
     it belongs to (out_dir/checkpoints for out_dir/checkpoints/step_1/...) in out_dir/.run_files, once.
     Anywhere else (rank > 0, a library call without a claim) it does nothing."""
-    real = os.path.realpath(path)
+    path = os.path.abspath(path)  # the entry itself may be a link out of out_dir (tests: to /dev/full)
+    real = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
     for out_dir, names in _claimed.items():
         rel = os.path.relpath(real, out_dir)
         name = rel.split(os.sep)[0]
