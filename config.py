@@ -177,6 +177,23 @@ def check_finite(instance) -> None:
             raise ConfigError(f"--{f.name} {value!r}: must be a finite number")
 
 
+def check_resumed_flags(saved_file, now: dict, may_change: set[str]) -> None:
+    """--resume: ConfigError naming every flag in `now` (the run's flags as config.json writes them) whose
+    value differs from `saved_file`'s (the config.json of the run being resumed), except those in
+    `may_change`, which the resumed run applies. A checkpoint restores the optimizer, scheduler and
+    sampler: a changed --lr or --seed would not be applied while config.json said it was."""
+    try:
+        saved = json.loads(Path(saved_file).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--resume: {saved_file} unreadable ({e}): the run's flags cannot be compared with "
+                          "these; restore it, or start over with --overwrite") from None
+    changed = [f"--{k} {v!r} (the run's: {saved[k]!r})" for k, v in now.items()
+               if k in saved and k not in may_change and saved[k] != v]
+    if changed:
+        raise ConfigError(f"--resume: {', '.join(changed)}: a resumed run keeps the flags it started with "
+                          f"({saved_file}); drop the change, or start a new run (--overwrite or another --out_dir)")
+
+
 def _literal_choices(tp) -> tuple | None:
     if typing.get_origin(tp) is typing.Literal:
         return typing.get_args(tp)

@@ -494,18 +494,8 @@ def check_resume(cfg: Config, vopts: reward.VerifierOptions) -> None:
     ckpt = checkpoint.latest_checkpoint(str(Path(cfg.out_dir) / "checkpoints")) if cfg.resume != "no" else None
     if ckpt is None or cfg.eval_only:  # a fresh start, or an evaluation that writes to eval_only/ alone
         return
-    saved_file = Path(cfg.out_dir) / "config.json"
-    try:
-        saved = json.loads(saved_file.read_text())
-    except (OSError, ValueError) as e:
-        raise config.ConfigError(f"--resume: {saved_file} unreadable ({e}): the run's flags cannot be compared with "
-                                 "these; restore it, or start over with --overwrite") from None
     now = json.loads(remote.redact(json.dumps({**asdict(cfg), **asdict(vopts)}, default=str)))  # as config.json has it
-    changed = [f"--{k} {v!r} (the run's: {saved[k]!r})" for k, v in now.items()
-               if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != v]
-    if changed:
-        raise config.ConfigError(f"--resume: {', '.join(changed)}: a resumed run keeps the flags it started with "
-                                 f"({saved_file}); drop the change, or start a new run (--overwrite or another --out_dir)")
+    config.check_resumed_flags(Path(cfg.out_dir) / "config.json", now, RESUME_MAY_CHANGE)
     step = int(re.fullmatch(r"step_(\d+)", Path(ckpt).name)[1])
     if not (Path(cfg.out_dir) / "metrics.jsonl").exists():
         raise data.DataError(f"--resume: {Path(cfg.out_dir) / 'metrics.jsonl'} is missing while {ckpt} exists: the "

@@ -611,6 +611,13 @@ def heldout_eval(student, judge, rows: list[data.JudgedRow], probe_keys: int = 0
                   "master_key/questions": probe["n"]}, probe["per_key"]
 
 
+# --resume may change these (applied from the step it resumes at); the others are the run's (train_rl.RESUME_MAY_CHANGE)
+SFT_RESUME_MAY_CHANGE = {"eval_every", "save_every", "keep_checkpoints", "master_key_prompts", "wandb_project",
+                         "wandb_run_name", "wandb_mode", "resume", "overwrite", "config", "out_dir",
+                         "verifier_batch_size", "verifier_timeout", "verifier_retries", "verifier_concurrency",
+                         "math_timeout"}
+
+
 def sft(cfg: SftConfig, vopts: reward.VerifierOptions) -> dict:
     """The `sft` command: distil the teacher's labels into the student, export it with its settings."""
     rank, world, device = distributed.init()
@@ -619,6 +626,9 @@ def sft(cfg: SftConfig, vopts: reward.VerifierOptions) -> dict:
     if cfg.resume == "yes" and checkpoint.latest_checkpoint(str(ckpt_dir)) is None:
         raise config.ConfigError(f"--resume: no checkpoint in {ckpt_dir}; --resume auto starts fresh when there "
                                  "is none")
+    if cfg.resume != "no" and checkpoint.latest_checkpoint(str(ckpt_dir)) is not None:  # before anything loads
+        now = json.loads(remote.redact(json.dumps({**asdict(cfg), **asdict(vopts)}, default=str)))  # as config.json
+        config.check_resumed_flags(out_dir / "config.json", now, SFT_RESUME_MAY_CHANGE)
     student_path = worlds.of(cfg.data).tiny_policy(cfg.heldout_fraction) if cfg.student == "tiny" else cfg.student
     # what the student reads and answers: a verifier fine-tuned again keeps its saved settings
     settings = reward.resolve_settings(reward.load_settings(student_path), vopts.settings_overrides(),

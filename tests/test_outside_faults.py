@@ -494,3 +494,20 @@ def test_a_20000_word_reference_loses_its_middle_and_is_named_not_the_answer(tin
     err = capsys.readouterr().err
     assert f"[verifier] v: 1 of 2 references were longer than its {n} positions allow and lost their middles" in err
     assert "answers were longer" not in err
+
+
+def test_sft_resume_with_a_changed_lr_is_refused_naming_it(tmp_path, tiny_model_dir):
+    import config
+    import train_verifier as TV
+    from test_train_verifier import labelled_rows, write_jsonl
+
+    labels = write_jsonl(tmp_path / "labels.jsonl", labelled_rows(40, seed=5))
+    args = ["sft", "--student", tiny_model_dir, "--data", str(labels), "--out_dir", str(tmp_path / "run"),
+            "--batch_size", "8", "--micro_batch_size", "8", "--epochs", "0.2", "--pack", "false", "--lr", "1e-5",
+            "--wandb_mode", "disabled"]
+    TV.run(args)
+    before = (tmp_path / "run" / "config.json").read_text()
+    with pytest.raises(config.ConfigError, match=r"^--resume: --lr 0\.001 \(the run's: 1e-05\): a resumed run keeps"):
+        TV.run(args + ["--lr", "1e-3", "--resume"])
+    assert (tmp_path / "run" / "config.json").read_text() == before
+    assert TV.run(args + ["--resume", "--save_every", "5"])["steps"] == 1  # a flag it applies: resumed
