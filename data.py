@@ -170,7 +170,7 @@ def _to_record(row: object, at: str, prompt_field: str, answer_field: str, syste
     else:
         raise DataError(f"{at}: field '{prompt_field}' must be a list of chat messages or a string, "
                         f"got {type(prompt).__name__}")
-    question = messages[-1]["content"].strip()
+    question = _unicode(messages[-1]["content"], at, f"field '{prompt_field}'").strip()
     if not question:
         raise DataError(f"{at}: field '{prompt_field}' has an empty question")
     if system_prompt and messages[0]["role"] != "system":
@@ -212,6 +212,17 @@ def _text(row: dict, field: str, at: str, required: bool = False) -> str:
         raise DataError(f"{at}: field '{field}' must be a string, got {type(value).__name__}")
     if required and not value.strip():
         raise DataError(f"{at}: field '{field}' is empty")
+    return _unicode(value, at, f"field '{field}'")
+
+
+def _unicode(value: str, at: str, what: str) -> str:
+    """`value`, or a DataError if it holds a lone surrogate (JSON "\\ud800" without its pair): such text
+    cannot be encoded (row ids hash its UTF-8), tokenized or written back."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{at}: {what} holds a lone surrogate ({value[e.start]!r} at character "
+                        f"{e.start + 1}), not valid Unicode text") from None
     return value
 
 
@@ -224,7 +235,7 @@ def _messages(messages: list, at: str, field: str) -> list[dict]:
             raise DataError(f"{at}: field '{field}', message {i}: expected {{'role': str, 'content': str}}, "
                             f"got {str(m)[:80]}")
         # only role and content: parquet fills absent struct keys with None, which chat templates mis-render
-        out.append({"role": m["role"], "content": m["content"]})
+        out.append({"role": m["role"], "content": _unicode(m["content"], at, f"field '{field}', message {i}")})
     if out[-1]["role"] != "user":
         # e.g. an SFT set whose chat ends with the answer: the policy would be shown the reference
         raise DataError(f"{at}: field '{field}': the last message must be the user's question, "
@@ -441,6 +452,7 @@ def _question(row: dict, field: str, at: str) -> str:
         value = _messages(value, at, field)[-1]["content"]
     elif not isinstance(value, str):
         raise DataError(f"{at}: field '{field}' must be a string or a list of chat messages, got {type(value).__name__}")
+    _unicode(value, at, f"field '{field}'")
     if not value.strip():
         raise DataError(f"{at}: field '{field}' is empty")
     return value

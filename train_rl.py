@@ -10,6 +10,7 @@ The functions below are defined in that order; the formulas live in rl_math.py.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -28,6 +29,7 @@ import torch
 import data
 import reward
 import worlds
+from rlvr import distributed, metrics, model, remote, verifiers
 from rlvr import (audit, checkpoint, config, distributed, judging, metrics, model, remote, rl_config, rl_math, rollout,
                   rollout_async, rundir, threads, verifier_free, verifier_spec, verifiers)
 from rlvr.rl_config import Config
@@ -363,11 +365,13 @@ def drop_long_prompts(cfg: Config, tokenizer, train_set: list, heldout: list) ->
     """Prompts longer than --max_prompt_len in the policy's tokens are dropped (and counted)."""
     say = print if distributed.rank() == 0 else (lambda *a, **k: None)
     train_set, n_long = data.drop_long(train_set, tokenizer, cfg.max_prompt_len)
-    heldout, _ = data.drop_long(heldout, tokenizer, cfg.max_prompt_len)
+    heldout, n_long_heldout = data.drop_long(heldout, tokenizer, cfg.max_prompt_len)
     if not train_set:
         raise data.DataError(f"--data {cfg.data}: no training prompts left (held out, excluded or too long)")
     say(f"data: {len(train_set)} train / {len(heldout)} held-out prompts"
         + (f", {n_long} longer than --max_prompt_len dropped" if n_long else "")
+        + (f", {n_long_heldout} held-out ones longer than --max_prompt_len dropped (the eval is over the rest)"
+           if n_long_heldout else "")
         + ("; no eval (no held-out prompts: --heldout_fraction > 0 or --eval_data gives some)" if not heldout else ""))
     return train_set, heldout
 
@@ -424,6 +428,36 @@ def resume(cfg: Config, ckpt_dir: Path, policy, optimizer, scheduler) -> dict:
             metrics.rewind_jsonl(Path(cfg.out_dir) / name, state["step"])
         print(f"resumed from step {state['step']} ({ckpt_dir})")
     return state
+
+
+# --resume may change these: they are applied from the step it resumes at (the others are the run's: a
+# checkpoint restores the optimizer, scheduler and sampler, so a new --lr or --seed would not be applied)
+RESUME_MAY_CHANGE = {"steps", "save_every", "keep_checkpoints", "eval_every", "eval_prompts", "eval_samples",
+                     "eval_verifier", "audit_verifier", "audit_every", "audit_samples", "audit_max_fpr",
+                     "audit_patience", "log_verifiers", "master_key_prompts", "master_key_warn", "log_samples",
+                     "max_nonfinite_steps", "filter_patience", "dump_rollouts", "wandb_project", "wandb_run_name",
+                     "wandb_mode", "resume", "overwrite", "config", "out_dir", "eval_only", "verifier_batch_size",
+                     "verifier_timeout", "verifier_retries", "verifier_concurrency", "math_timeout"}
+
+
+def check_resume(cfg: Config, vopts: verifiers.VerifierOptions) -> None:
+    """Before a resumed run loads anything: the flags it changed are ones it may change (RESUME_MAY_CHANGE;
+    config.json, which the run rewrites, never says what did not happen), and its files are whole: each
+    named with its first bad line, metrics.jsonl missing. A ConfigError or DataError naming the flag or file."""
+    ckpt = checkpoint.latest_checkpoint(str(Path(cfg.out_dir) / "checkpoints")) if cfg.resume != "no" else None
+    if ckpt is None or cfg.eval_only:  # a fresh start, or an evaluation that writes to eval_only/ alone
+        return
+    now = json.loads(remote.redact(json.dumps({**asdict(cfg), **asdict(vopts)}, default=str)))  # as config.json has it
+    config.check_resumed_flags(Path(cfg.out_dir) / "config.json", now, RESUME_MAY_CHANGE)
+    step = int(re.fullmatch(r"step_(\d+)", Path(ckpt).name)[1])
+    if not (Path(cfg.out_dir) / "metrics.jsonl").exists():
+        raise data.DataError(f"--resume: {Path(cfg.out_dir) / 'metrics.jsonl'} is missing while {ckpt} exists: the "
+                             f"record of steps 1..{step} is gone; restore it, or create an empty one to go on without it")
+    for name in ("metrics.jsonl", "rollouts.jsonl", "audit.jsonl", "samples.jsonl"):
+        try:
+            metrics.check_jsonl(Path(cfg.out_dir) / name, step)
+        except ValueError as e:
+            raise data.DataError(f"--resume from {ckpt}: {e}") from None
 
 
 def write_outputs(out_dir: Path, rows: list[dict], audited: list[dict], cfg: Config) -> None:
@@ -521,6 +555,7 @@ def train(cfg: Config, vopts: verifiers.VerifierOptions) -> dict:
     train_set, heldout = load_data(cfg)
     cfg = judging.choose_graders(cfg, [r.reference for r in train_set + heldout])
     judging.check_reward_functions(cfg, train_set + heldout)
+    check_resume(cfg, vopts)
     policy_path, verifier_spec = resolve_paths(cfg)
     tokenizer = model.load_tokenizer(policy_path, cfg.trust_remote_code, cfg.prompt_format)
     train_set, heldout = drop_long_prompts(cfg, tokenizer, train_set, heldout)
@@ -682,9 +717,11 @@ def claim_out_dir(cfg: Config) -> None:
         return
     if cfg.eval_only:
         rundir.lock(Path(cfg.out_dir) / "eval_only")
+        rundir.add_listed(cfg.out_dir, "eval_only")  # an --overwrite of the run removes its evaluations too
         return
     ckpts = str(Path(cfg.out_dir) / "checkpoints")
-    rundir.claim(cfg.out_dir, cfg.resume, cfg.overwrite, lambda: checkpoint.latest_checkpoint(ckpts) is not None)
+    rundir.claim(cfg.out_dir, cfg.resume, cfg.overwrite, lambda: checkpoint.latest_checkpoint(ckpts) is not None,
+                 inputs=(cfg.data, cfg.eval_data, cfg.exclude_hashes))  # what it reads is never removed
 
 
 def next_round_dir(out_dir: str) -> str:

@@ -265,9 +265,11 @@ def chunks(items: list, size: int):
 # label: append-only, one line per row id, resumable after a crash at any point
 
 
-def label_rows(get_teacher, rows: list[data.JudgedRow], out: Path, rows_per_write: int) -> list[data.JudgedRow]:
-    """Ask the teacher (built by `get_teacher()` if any row needs it) about every row whose id is not yet in
-    `out`, appending {id, question, reference, response, label, teacher_p_yes} lines, one fsynced write per
+def label_rows(get_teacher, rows: list[data.JudgedRow], out: Path, rows_per_write: int,
+               teacher: str) -> list[data.JudgedRow]:
+    """Ask the teacher (`teacher`, built by `get_teacher()` if any row needs it) about every row whose id is
+    not yet in `out`, appending {id, question, reference, response, label, teacher_p_yes, teacher} lines
+    (a file holds one teacher's labels: rows of another, or of an unrecorded one, are a DataError), one fsynced write per
     call. Returns the distinct rows, labelled. A crash tears at most the last line, which
     metrics.read_jsonl cuts off, so a rerun labels exactly the rows missing. The teacher's own checks
     hold: a model teacher that answers neither judgement token raises VerifierError (no all-NO labels)."""
@@ -276,13 +278,16 @@ def label_rows(get_teacher, rows: list[data.JudgedRow], out: Path, rows_per_writ
     for n, line in enumerate(metrics.read_jsonl(out) if out.exists() else [], 1):
         if not isinstance(line.get("id"), str) or "label" not in line:
             raise data.DataError(f"{out}, row {n}: not a labelled row (needs 'id' and 'label'); fix or remove the file")
+        if line.get("teacher") != teacher:  # one file, one teacher: sft would learn a mix, summarised as one
+            raise data.DataError(f"{out}, row {n}: labelled by {line.get('teacher') or 'an unrecorded teacher'}, not "
+                                 f"by this run's {teacher}; label into another --out (a file holds one teacher's labels)")
         known[line["id"]] = line
     distinct = list({r.id: r for r in rows}.values())
     todo = [r for r in distinct if r.id not in known]
     print(f"[label] {len(distinct)} distinct rows, {len(todo)} to label, the others already in {out}", flush=True)
     for batch in metrics.progress(list(chunks(todo, rows_per_write)), desc="label", disable=not todo):
         j = get_teacher()([r.question for r in batch], [r.reference for r in batch], [r.response for r in batch])
-        lines = [r.to_json() | {"label": int(b), "teacher_p_yes": p} for r, b, p in
+        lines = [r.to_json() | {"label": int(b), "teacher_p_yes": p, "teacher": teacher} for r, b, p in
                  zip(batch, j.binary.tolist(), j.p_yes.tolist())]
         metrics.append_jsonl(out, lines)
         known.update((line["id"], line) for line in lines)
@@ -313,7 +318,7 @@ def label(cfg: LabelConfig, vopts: verifiers.VerifierOptions) -> dict:
     get_teacher = functools.cache(lambda: verifiers.build_verifier(cfg.teacher, vopts, device=device,
                                                                 trust_remote_code=cfg.trust_remote_code))
     start = time.perf_counter()
-    labelled = label_rows(get_teacher, rows, Path(cfg.out), cfg.rows_per_write)
+    labelled = label_rows(get_teacher, rows, Path(cfg.out), cfg.rows_per_write, cfg.teacher)
     hashes = Path(cfg.hashes_out) if cfg.hashes_out else Path(cfg.out).with_suffix(".hashes.txt")
     n_hashes = data.write_hashes(hashes, [r.question for r in labelled])
     positives = sum(r.label for r in labelled)
@@ -367,6 +372,7 @@ def eval_verifier(cfg: EvalConfig, vopts: verifiers.VerifierOptions) -> dict:
     report["reliability_png"] = metrics.reliability_plot(out_dir / "reliability.png", report["reliability"])
     text = json.dumps(report, indent=1, ensure_ascii=False)
     for path in {out_dir / "eval.json", Path(cfg.out) if cfg.out else out_dir / "eval.json"}:
+        rundir.note(path)
         path.write_text(text + "\n")
     log.log(0, {f"verifier_eval/{k}": v for k, v in report.items() if isinstance(v, (int, float))})
     log.close()
@@ -487,7 +493,23 @@ def policy_rows(cfg: SftConfig, path: str, train: list[data.JudgedRow], get_teac
         print(f"[sft] {cfg.policy_rollouts}: {len(found)} responses to training-split questions; "
               f"{len(held_out)} to held-out questions left out")
         rows += found
-    return label_rows(get_teacher, rows, Path(cfg.out_dir) / "policy_labels.jsonl", 256)
+    return label_rows(get_teacher, rows, Path(cfg.out_dir) / "policy_labels.jsonl", 256, cfg.teacher)
+
+
+def drop_duplicates(rows: list[data.JudgedRow], source: str) -> list[data.JudgedRow]:
+    """Each (question, reference, response) once, saying how many repeats were dropped (a row seen twice
+    would weigh twice); the same row labelled both ways is a DataError naming the rows."""
+    first: dict[str, int] = {}
+    for n, r in enumerate(rows, 1):
+        if r.id in first and rows[first[r.id] - 1].label != r.label:
+            raise data.DataError(f"{source}, rows {first[r.id]} and {n}: the same question, reference and response "
+                                 f"labelled {rows[first[r.id] - 1].label} and {r.label}; keep one")
+        first.setdefault(r.id, n)
+    if len(first) < len(rows):
+        say = print if distributed.rank() == 0 else (lambda *a, **k: None)
+        say(f"[sft] {source}: dropped {len(rows) - len(first)} duplicate rows (the same question, reference and "
+            f"response again); {len(first)} distinct rows")
+    return [rows[n - 1] for n in sorted(first.values())]
 
 
 def training_rows(cfg: SftConfig, vopts: verifiers.VerifierOptions, device) -> tuple[list, list, dict]:
@@ -500,10 +522,12 @@ def training_rows(cfg: SftConfig, vopts: verifiers.VerifierOptions, device) -> t
     if cfg.data in worlds.WORLDS:
         source = str(Path(cfg.out_dir) / "labels.jsonl")
         if distributed.rank() == 0:  # the world's rows' own labels (the truth) are replaced by the teacher's
-            label_rows(get_teacher, worlds.WORLDS[cfg.data].judge_rows(cfg.toy_mix, cfg.seed), Path(source), 256)
+            label_rows(get_teacher, worlds.WORLDS[cfg.data].judge_rows(cfg.toy_mix, cfg.seed), Path(source), 256,
+                       cfg.teacher)
         distributed.barrier()
     rows = data.read_judged_rows(source, labelled=True) if cfg.data in worlds.WORLDS else \
         read_rows(cfg, source, cfg.split, True)
+    rows = drop_duplicates(rows, source)
     train, heldout = data.split_heldout(rows, cfg.heldout_fraction)
     added = {"master_key": master_key_rows(train, cfg.master_key_negatives, cfg.seed),
              "truncated": truncated_rows(train, cfg.truncated_negatives, cfg.seed)}
@@ -605,6 +629,13 @@ def heldout_eval(student, judge, rows: list[data.JudgedRow], probe_keys: int = 0
                   "master_key/questions": probe["n"]}, probe["per_key"]
 
 
+# --resume may change these (applied from the step it resumes at); the others are the run's (train_rl.RESUME_MAY_CHANGE)
+SFT_RESUME_MAY_CHANGE = {"eval_every", "save_every", "keep_checkpoints", "master_key_prompts", "wandb_project",
+                         "wandb_run_name", "wandb_mode", "resume", "overwrite", "config", "out_dir",
+                         "verifier_batch_size", "verifier_timeout", "verifier_retries", "verifier_concurrency",
+                         "math_timeout"}
+
+
 def sft(cfg: SftConfig, vopts: verifiers.VerifierOptions) -> dict:
     """The `sft` command: distil the teacher's labels into the student, export it with its settings."""
     rank, world, device = distributed.init()
@@ -613,6 +644,9 @@ def sft(cfg: SftConfig, vopts: verifiers.VerifierOptions) -> dict:
     if cfg.resume == "yes" and checkpoint.latest_checkpoint(str(ckpt_dir)) is None:
         raise config.ConfigError(f"--resume: no checkpoint in {ckpt_dir}; --resume auto starts fresh when there "
                                  "is none")
+    if cfg.resume != "no" and checkpoint.latest_checkpoint(str(ckpt_dir)) is not None:  # before anything loads
+        now = json.loads(remote.redact(json.dumps({**asdict(cfg), **asdict(vopts)}, default=str)))  # as config.json
+        config.check_resumed_flags(out_dir / "config.json", now, SFT_RESUME_MAY_CHANGE)
     student_path = worlds.of(cfg.data).tiny_policy(cfg.heldout_fraction) if cfg.student == "tiny" else cfg.student
     # what the student reads and answers: a verifier fine-tuned again keeps its saved settings
     settings = verifier_prompt.resolve_settings(verifier_prompt.load_settings(student_path), vopts.settings_overrides(),
@@ -771,8 +805,11 @@ EVAL_OUTPUTS = {"eval.json", "reliability.png", "metrics.jsonl", "config.json", 
 
 def claim_out_dir(cfg) -> int | None:
     """sft and eval: rank 0 locks --out_dir for the run (rundir.py) and refuses one that holds an earlier
-    run's files unless --resume (sft) continues it or --overwrite empties it. label appends by design."""
-    if isinstance(cfg, LabelConfig) or int(os.environ.get("RANK", 0)) != 0:
+    run's files unless --resume (sft) continues it or --overwrite empties it. label appends by design, and
+    locks its --out (OUT.lock) so that two label runs never append to one file at once."""
+    if isinstance(cfg, LabelConfig):  # label appends to --out: one label run at a time
+        return rundir.lock_output(cfg.out, "out")
+    if int(os.environ.get("RANK", 0)) != 0:
         return None
     if isinstance(cfg, EvalConfig):  # an eval is repeated into its out_dir without --overwrite
         fd = rundir.lock(cfg.out_dir)
@@ -782,7 +819,8 @@ def claim_out_dir(cfg) -> int | None:
         rundir.release(fd)  # another kind of run's files: refused as for any run (or --overwrite)
     ckpts = str(Path(cfg.out_dir) / "checkpoints")
     return rundir.claim(cfg.out_dir, getattr(cfg, "resume", "no"), cfg.overwrite,
-                        lambda: checkpoint.latest_checkpoint(ckpts) is not None)
+                        lambda: checkpoint.latest_checkpoint(ckpts) is not None,
+                        inputs=(cfg.data, getattr(cfg, "policy_rollouts", "")))  # what it reads is never removed
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -27,7 +27,8 @@ checks and every rank follows it; an error while any rank reads the files is sha
 Everything saved is loaded with `torch.load(weights_only=True)`, the DCP shards' non-tensor items (the
 optimizer's param_groups) included: `extra` may hold only plain Python values (dict, list, tuple, str,
 int, float, bool, None) and tensors; `save_checkpoint` checks this before writing. DCP's own index,
-.metadata, is a pickle that torch unpickles: a checkpoint directory is code, load only your own.
+.metadata, is a pickle: it is read only once its sha256 matches sha256.json's, and then by an unpickler
+that builds DCP's metadata classes and nothing else (checkpoint_metadata.py), never by torch's pickle.load.
 """
 
 import copy
@@ -45,20 +46,20 @@ import warnings
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
-from rlvr import config, distributed
+from rlvr import checkpoint_metadata, config, distributed, rundir
 
 _STEP_DIR = re.compile(r"step_(\d{8})")
 _TMP_DIR = re.compile(r"step_\d{8}\.tmp")
 TRAINER_FILE = "trainer.pt"
 LATEST_FILE = "latest"
-METADATA_FILE = ".metadata"  # DCP's index of the shards
-MANIFEST_FILE = "sha256.json"  # {file: sha256} of every other file of the checkpoint
+METADATA_FILE = checkpoint_metadata.METADATA_FILE  # DCP's index of the shards
+MANIFEST_FILE = checkpoint_metadata.MANIFEST_FILE  # {file: sha256} of every other file of the checkpoint
 
 
 class CheckpointError(RuntimeError):
@@ -256,8 +257,10 @@ def _problems(path: str, world: int) -> list[str]:
     problems = []
     ends: dict[str, int] = {}  # shard file -> bytes .metadata says it holds
     try:
-        for item in FileSystemReader(path).read_metadata().storage_data.values():
+        for item in checkpoint_metadata.read(path).storage_data.values():  # verified, and no code run
             ends[item.relative_path] = max(ends.get(item.relative_path, 0), item.offset + item.length)
+    except checkpoint_metadata.MetadataError as e:
+        problems.append(str(e))
     except Exception as e:
         problems.append(f"{os.path.join(path, METADATA_FILE)} unreadable ({_describe(e)})")
     else:
@@ -290,7 +293,9 @@ def check_resume(cfg) -> None:
     """A bare --resume needs a checkpoint in out_dir/checkpoints (--resume auto starts fresh without one)."""
     ckpts = os.path.join(cfg.out_dir, "checkpoints")
     config.require(cfg.resume != "yes" or latest_checkpoint(ckpts) is not None, "resume", cfg.resume,
-                   f"no checkpoint in {ckpts}; --resume auto starts fresh when there is none")
+                   f"every checkpoint in {ckpts} is damaged (each named above); repair one, or start over with "
+                   "--overwrite" if _step_dirs(ckpts) else f"no checkpoint in {ckpts}; --resume auto starts fresh when "
+                   "there is none")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,6 +320,7 @@ def _refuse_non_finite(model, what: str) -> None:
 def _prepare(root: str, final: str, tmp: str, world: int) -> bool:
     """Rank 0: clear what a crash left and make `tmp`. True if `final` is already a complete checkpoint
     (a trainer may save at step N and again at the end of a run that stopped at N)."""
+    rundir.note(root)
     os.makedirs(root, exist_ok=True)
     for name in os.listdir(root):  # left by a crash (or an interrupted prune)
         if _TMP_DIR.fullmatch(name):
@@ -403,6 +409,7 @@ def save_checkpoint(root: str, step: int, model, optimizer, scheduler=None, extr
     if failures:
         full = _disk_full(root) if rank == 0 else None  # measured before removing the .tmp frees space
         failures += [full] if full else []
+        failures += [limit.strip(" ()")] if (limit := config.file_size_limit()) else []  # EFBIG: torch says "pos"
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             if os.path.exists(os.path.join(root, LATEST_FILE + ".part")):
@@ -440,7 +447,7 @@ def _read_shards(path: str, model, optimizer) -> dict:
     shards = sorted(glob.glob(os.path.join(path, "*.distcp")))
     names = ", ".join(shards) if len(shards) <= 8 else f"{path}/*.distcp ({len(shards)} files)"
     try:
-        _dcp(dcp.load, state, path, planner=_WeightsOnlyLoadPlanner())
+        _dcp(dcp.load, state, path, planner=_WeightsOnlyLoadPlanner(), storage_reader=checkpoint_metadata.Reader(path))
     except CheckpointException as e:  # it cannot say which file: name them all
         raise CheckpointError(f"reading {names} failed: {_describe(e)}") from None
     # save refuses non-finite weights: here they mean damage the checksums did not catch
@@ -524,6 +531,8 @@ def export_hf(model, tokenizer, out_dir: str, dtype: torch.dtype | None = None) 
     if distributed.rank() == 0:
         out_dir = os.path.normpath(out_dir)
         tmp, old = out_dir + ".tmp", out_dir + ".old"
+        for path in (out_dir, tmp, old):
+            rundir.note(path)
         shutil.rmtree(tmp, ignore_errors=True)
         if dtype is not None:
             full = {k: v.to(dtype) if v.is_floating_point() else v for k, v in full.items()}

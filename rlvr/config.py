@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import errno
 import json
+import math
 import sys
 import typing
 from pathlib import Path
@@ -203,6 +204,7 @@ def parse_config(classes: tuple, argv: list[str] | None = None, prog: str | None
                           "(see --help for the flags)")
     for instance in parsed:
         check_choices(instance)
+        check_finite(instance)
     return tuple(parsed)
 
 
@@ -260,6 +262,32 @@ def check_choices(instance) -> None:
             raise ConfigError(f"--{f.name} {value!r}: invalid choice; choose from {', '.join(map(str, choices))}")
 
 
+def check_finite(instance) -> None:
+    """Every number flag is finite: inf passes `> 0` (--temperature inf samples uniformly, --kl_coef inf
+    turns every update into NaN) and NaN fails every comparison but `!=`; no flag means either."""
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{f.name} {value!r}: must be a finite number")
+
+
+def check_resumed_flags(saved_file, now: dict, may_change: set[str]) -> None:
+    """--resume: ConfigError naming every flag in `now` (the run's flags as config.json writes them) whose
+    value differs from `saved_file`'s (the config.json of the run being resumed), except those in
+    `may_change`, which the resumed run applies. A checkpoint restores the optimizer, scheduler and
+    sampler: a changed --lr or --seed would not be applied while config.json said it was."""
+    try:
+        saved = json.loads(Path(saved_file).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--resume: {saved_file} unreadable ({e}): the run's flags cannot be compared with "
+                          "these; restore it, or start over with --overwrite") from None
+    changed = [f"--{k} {v!r} (the run's: {saved[k]!r})" for k, v in now.items()
+               if k in saved and k not in may_change and saved[k] != v]
+    if changed:
+        raise ConfigError(f"--resume: {', '.join(changed)}: a resumed run keeps the flags it started with "
+                          f"({saved_file}); drop the change, or start a new run (--overwrite or another --out_dir)")
+
+
 def _literal_choices(tp) -> tuple | None:
     if typing.get_origin(tp) is typing.Literal:
         return typing.get_args(tp)
@@ -290,10 +318,19 @@ def one_line_errors(prog: str, known: tuple[type[BaseException], ...]):
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(1)
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}{file_size_limit() if e.errno == errno.EFBIG else ''}", file=sys.stderr)
         sys.exit(1)
+
+
+def file_size_limit() -> str:
+    """' (files may hold at most N bytes here: ulimit -f)' where the process has a file size limit, else ''.
+    Writing past it fails with EFBIG (Python ignores SIGXFSZ), which names no limit."""
+    import resource
+
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    return "" if limit == resource.RLIM_INFINITY else f" (files may hold at most {limit} bytes here: ulimit -f)"
 
 
 def _raise(message: str) -> typing.NoReturn:
@@ -303,4 +340,10 @@ def _raise(message: str) -> typing.NoReturn:
 def _yaml(text: str) -> dict:
     import yaml
 
-    return yaml.safe_load(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:  # a ScannerError's text spans 5 lines: one, with the line it points at
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = " ".join(str(x) for x in (getattr(e, "problem", None), getattr(e, "context", None)) if x)
+        raise ValueError(f"not valid YAML: {where}{what or type(e).__name__}") from None

@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 
 import torch
 
-from rlvr import remote
+from rlvr import remote, rundir
 
 
 def _plain(value, where: str):
@@ -88,6 +88,7 @@ def append_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
     line, which `read_jsonl` cuts off."""
     if not rows:
         return
+    rundir.note(path)  # listed before it exists: --overwrite removes it, and only what runs wrote
     try:
         with open(path, "ab") as f:
             f.write("".join(json.dumps(row) + "\n" for row in rows).encode())
@@ -126,6 +127,30 @@ def _lines(path: str | os.PathLike) -> list[tuple[bytes, dict]]:
     return out
 
 
+def check_jsonl(path: str | os.PathLike, step: int) -> None:
+    """Before a run resumes from the checkpoint of `step`: ValueError naming `path` and its first line that is
+    not a JSON object with an integer "step" (a last line torn by a crash aside: it is cut off as usual),
+    with the last good step before it and how to keep the good lines. A missing file passes."""
+    if not os.path.exists(path):
+        return
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    torn, last, n = lines.pop(), 0, len(lines)  # a last line without its newline was torn by a crash
+    for i, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+            ok = isinstance(row, dict) and isinstance(row.get("step"), int)
+        except ValueError:
+            ok = False
+        if ok:
+            last = row["step"]
+        elif i < n or torn:  # the last line itself may be torn (a crash mid-write): _lines cuts it off
+            lost = f"; steps {last + 1}..{step} of it would be lost" if last < step else ""
+            raise ValueError(f"{path}: line {i} is not a JSON row with a step ({line[:60]!r}); the last good step "
+                             f"before it is {last}: keep the lines before it (head -n {i - 1} {path} > {path}.good "
+                             f"&& mv {path}.good {path}) and --resume again{lost}")
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """The rows of a JSONL file, after cutting off a last line torn by a crash (see `_lines`)."""
     return [row for _, row in _lines(path)]
@@ -146,6 +171,7 @@ def rewind_jsonl(path: str | os.PathLike, step: int) -> int:
         if row["step"] <= step:
             keep.append(line)
     if len(keep) < len(lines):
+        rundir.note(path + ".tmp")
         with open(path + ".tmp", "wb") as f:
             f.write(b"".join(keep))
             f.flush()
@@ -174,6 +200,7 @@ class Metrics:
         os.makedirs(out_dir, exist_ok=True)
         self._rewind_once(self.path)
         config = json.loads(remote.redact(json.dumps(config, default=str)))  # config.json and wandb: no URL credentials
+        rundir.note(os.path.join(out_dir, "config.json"))
         with open(os.path.join(out_dir, "config.json"), "w") as f:  # the local files describe the run alone
             json.dump(config, f, indent=2, default=str)
         mode = wandb_mode(mode)
@@ -182,6 +209,8 @@ class Metrics:
         # a resumed run continues its wandb run (the id is kept in out_dir), not a second one
         id_file = os.path.join(out_dir, "wandb_run_id")
         run_id = open(id_file).read().strip() if resume_step and os.path.exists(id_file) else None
+        rundir.note(id_file)
+        rundir.note(os.path.join(out_dir, "wandb"))  # wandb.init(dir=out_dir) writes there
         try:
             import wandb
 
@@ -392,6 +421,7 @@ def _figure(width_in: float, height_in: float):
 def _save(fig, path) -> str:
     """PNG of exactly figsize * DPI pixels (no tight bounding box, which would change the size)."""
     fig.tight_layout()
+    rundir.note(path)
     fig.savefig(path, dpi=DPI, format="png")
     return str(path)
 

@@ -130,6 +130,14 @@ def source_problem(spec: str, chat_template: bool = True, trust_remote_code: boo
     if config.get("is_encoder_decoder") or (model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote):
         return (f"architecture {config.get('architectures')} (model_type {model_type!r}) is not a decoder-only causal "
                 "LM that transformers' AutoModelForCausalLM loads: the recipe trains and asks only those")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not config.get("is_decoder") and not remote:
+        # BERT, RoBERTa...: AutoModelForCausalLM loads them (BertLMHeadModel), but as saved they are masked LMs,
+        # whose next-token "probabilities" mean nothing
+        return (f"architecture {config.get('architectures')} (model_type {model_type!r}) is a masked LM (an encoder; "
+                "config.json has no is_decoder: true), not a causal LM: its first-token probabilities would be "
+                "meaningless; the recipe trains and asks only decoder-only causal LMs")
     if chat_template and not has_chat_template(path):
         if not plain_flag:
             return ("its tokenizer has no chat template (a base model?); a verifier's prompt is rendered through "

@@ -23,7 +23,6 @@ import tempfile
 import threading
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +39,13 @@ class VerifierError(RuntimeError):
 
 _RETRY_HTTP = {408, 429, 500, 502, 503, 504}  # overloaded or restarting: worth another try
 API_KEY_ENV = "RLVR_VERIFIER_API_KEY"  # the key of servers started with `vllm serve --api-key`: sent as a bearer token
-_USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
+# a URL's user info: everything after "://" up to the last "@" before a space, a quote or the next URL, as
+# urllib reads the host after the last "@" (a password may hold "@" or "/": http://alice:p@ss/w0rd@host)
+_USERINFO = re.compile(r"(?<=://)(?:(?![A-Za-z][\w+.-]*://)[^\s'\"<>])*@")
+# what a server may echo of a request: its bearer token, or any Authorization / API-key header's value
+_SECRET_VALUES = [re.compile(r"(?i)(\b(?:proxy-)?authorization\b[\"']?\s*[:=]\s*[\"']?)[^\"'\r\n,;}]+"),  # Basic x, Bearer y
+                  re.compile(r"(?i)(\bbearer\s+)[^\s\"',;}]+"),
+                  re.compile(r"(?i)(\b(?:x-)?api[-_]?key\b[\"']?\s*[:=]\s*[\"']?)[^\s\"',;}]+")]
 
 
 def redact(text: str) -> str:
@@ -48,14 +53,26 @@ def redact(text: str) -> str:
     return _USERINFO.sub("***@", text)
 
 
+def scrub(text: str, environ=os.environ) -> str:
+    """What a server said, fit to show or log: without the API key (wherever it appears: a 401 body
+    "invalid key: Bearer sk-...", a 500 echoing the request's headers), any bearer token, Authorization
+    or API-key header value, and URL credentials. Scrub a body before cutting it short: a cut key would
+    no longer match."""
+    key = environ.get(API_KEY_ENV)
+    if key:
+        text = text.replace(key, "***")
+    for pattern in _SECRET_VALUES:
+        text = pattern.sub(lambda m: m.group(1) + "***", text)
+    return redact(text)
+
+
 def url_credentials(spec: str) -> str | None:
     """Why a verifier spec (http(s)://... endpoints, comma-separated) cannot be used as given, or None:
     credentials in a URL are refused (they would show in process lists, logs and config files); the
     key goes in $RLVR_VERIFIER_API_KEY. The reason never holds the credentials."""
-    for e in spec.split(","):
-        if e.strip().startswith(("http://", "https://")) and "@" in urllib.parse.urlsplit(e.strip()).netloc:
-            return (f"credentials in a URL are refused (they would show in process lists and logs); put the key "
-                    f"in ${API_KEY_ENV} (sent as Authorization: Bearer)")
+    if redact(spec) != spec:  # user info, as urllib reads it (up to the last "@"), in any endpoint
+        return (f"credentials in a URL are refused (they would show in process lists and logs); put the key "
+                f"in ${API_KEY_ENV} (sent as Authorization: Bearer)")
     return None
 
 
@@ -118,7 +135,7 @@ class CompletionsClient:
             return [_token_id(t) for t in reply["choices"][0]["logprobs"]["tokens"]]
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
             raise VerifierError(f"verifier {self.model_id} at {','.join(self.endpoints)}: unexpected completions "
-                                f"reply {str(reply)[:300]}") from e
+                                f"reply {scrub(str(reply))[:300]}") from e
 
     def _first_token(self, prompt: list[int], token_ids: list[int], seed: int | None, stop: threading.Event) -> dict:
         # logprob_token_ids: vLLM returns these ids' log-probabilities over the whole vocabulary (plus
@@ -135,7 +152,7 @@ class CompletionsClient:
             token = _token_id(lp["tokens"][0])
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
             raise VerifierError(f"verifier {self.model_id} at {','.join(self.endpoints)}: unexpected completions "
-                                f"reply {str(reply)[:300]}") from e
+                                f"reply {scrub(str(reply))[:300]}") from e
         missing = [i for i in token_ids if not top.get(i, math.nan) <= 0.0]  # absent, NaN or > 0
         if missing:
             raise VerifierError(
@@ -159,7 +176,7 @@ class CompletionsClient:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                     body = resp.read()
             except urllib.error.HTTPError as e:
-                detail = e.read()[:500].decode(errors="replace")
+                detail = scrub(e.read(1 << 16).decode(errors="replace"))[:500]  # scrubbed whole, then cut
                 if e.code not in _RETRY_HTTP:  # a request the server refuses will not work on retry
                     hint = (f" (an API key is read from ${API_KEY_ENV}: " + ("is it the server's?)" if API_KEY_ENV in
                             os.environ else "unset)")) if e.code in (401, 403) else ""
@@ -167,12 +184,12 @@ class CompletionsClient:
                 causes.append((endpoint, f"HTTP {e.code} {detail}"))
                 continue
             except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut short
-                causes.append((endpoint, repr(getattr(e, "reason", e))))
+                causes.append((endpoint, scrub(repr(getattr(e, "reason", e)))))
                 continue
             try:
                 return json.loads(body)
             except ValueError:  # a reply cut short that still had a complete header
-                causes.append((endpoint, f"reply is not JSON: {body[:200]!r}"))
+                causes.append((endpoint, f"reply is not JSON: {scrub(repr(body))[:200]}"))
         raise VerifierError(f"verifier endpoint(s) {', '.join(sorted({e for e, _ in causes}))} failed {len(causes)} "
                             f"tries for {path} (timeout {self.timeout}s each); last cause: {causes[-1][1]}")
 

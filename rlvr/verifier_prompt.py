@@ -76,6 +76,12 @@ def answer_text(response: str, full_response: bool = False, think: bool = True) 
     return text.strip() if full_response else last_line(text)
 
 
+def _middle(tokenizer, ids: list[int], n: int) -> str:
+    """The text of `ids` in at most about n tokens: its start and its end, joined by ' … '."""
+    n = max(n - 4, 0)  # the marker's tokens
+    return tokenizer.decode(ids[:n // 2]) + " … " + tokenizer.decode(ids[len(ids) - (n - n // 2):] if n else [])
+
+
 def fill_template(template: str, question: str, reference: str, response: str) -> str:
     """One pass over the template, so braces or "{response}" inside a question stay literal."""
     values = {"question": question, "reference": reference, "response": response}
@@ -219,6 +225,7 @@ class VerifierPrompt:
         if self.family.chat and not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"tokenizer of {name} has no chat template; the verifier prompt is rendered through it")
         self.tokenizer, self.settings, self.name, self.max_len, self.cut = tokenizer, settings, name, max_len, 0
+        self.cut_middle = Counter()  # prompts whose "question" / "reference" lost its middle (_cut_middles)
         self.positive_ids = judgement_token_ids(tokenizer, settings.positive, settings.sum_variants, name)
         self.negative_ids = judgement_token_ids(tokenizer, settings.negative, settings.sum_variants, name)
         self.invalid_ids = judgement_token_ids(tokenizer, self.family.invalid, settings.sum_variants, name) \
@@ -236,15 +243,43 @@ class VerifierPrompt:
         ids = self._render(question, reference, answer)
         if self.max_len is None or len(ids) < self.max_len:
             return ids
-        self.cut += 1
         answer_ids = self.tokenizer.encode(answer, add_special_tokens=False)
         keep = len(answer_ids) - (len(ids) - self.max_len + 1)
+        if keep <= 0:  # the question and reference alone are too long
+            return self._cut_middles(question, reference, answer_ids)
+        self.cut += 1
         while keep > 0:  # a cut can re-tokenise differently at its edge: cut again until it fits
             ids = self._render(question, reference, self.tokenizer.decode(answer_ids[-keep:]))
             if len(ids) < self.max_len:
                 return ids
             keep -= len(ids) - self.max_len + 1
-        return ids[-(self.max_len - 1):]  # the question and reference alone are too long: the prompt's end
+        return ids[-(self.max_len - 1):]
+
+    def _cut_middles(self, question: str, reference: str, answer_ids: list[int]) -> list[int]:
+        """A prompt whose question and reference alone overflow the positions: the template stays whole, the
+        answer too if it fits in half of the positions left (else it is cut to its end, as above), and the
+        question and reference lose their middles (start and end kept, joined by ' … '), counted in
+        cut_middle. Cutting the prompt's front instead would drop the template's instructions."""
+        tok = self.tokenizer
+        texts = {"question": question, "reference": reference}
+        ids_of = {k: tok.encode(v, add_special_tokens=False) for k, v in texts.items()}
+        room = self.max_len - 1 - len(self._render("", "", ""))  # positions for the three texts
+        ids: list[int] = []
+        for _ in range(8):  # a cut can re-tokenise differently at its edges: shrink until it fits
+            n_q, n_r = len(ids_of["question"]), len(ids_of["reference"])
+            n_a = min(len(answer_ids), max(room - n_q - n_r, room // 2))
+            both = room - n_a
+            n_q = min(n_q, max(both - n_r, both // 2))
+            kept = {"question": n_q, "reference": both - n_q}
+            cut = {k: len(ids_of[k]) > kept[k] for k in texts}
+            parts = {k: _middle(tok, ids_of[k], kept[k]) if cut[k] else texts[k] for k in texts}
+            ids = self._render(parts["question"], parts["reference"], tok.decode(answer_ids[-n_a:]) if n_a > 0 else "")
+            if len(ids) < self.max_len:
+                self.cut_middle.update(k for k in texts if cut[k])
+                self.cut += n_a < len(answer_ids)
+                return ids
+            room -= len(ids) - self.max_len + 1
+        return ids[-(self.max_len - 1):]  # the template alone is too long
 
     def _render(self, question: str, reference: str, answer: str) -> list[int]:
         s = self.settings
@@ -260,6 +295,7 @@ class VerifierPrompt:
         """prompt_ids of each row; one line on stderr when some answers had to be cut, and which ones in
         `last_cut` (the verifiers put it in Judgement.cut, logged as verifier/cut_frac)."""
         before, out, self.last_cut = self.cut, [], []
+        middles = Counter(self.cut_middle)
         for q, r, a in zip(questions, references, responses):
             row = self.cut
             out.append(self.prompt_ids(q, r, a))
@@ -267,6 +303,11 @@ class VerifierPrompt:
         if self.cut > before:
             print(f"[verifier] {self.name}: {self.cut - before} of {len(out)} answers were longer than its "
                   f"{self.max_len} positions and were cut to their end ({self.cut} so far)", file=sys.stderr, flush=True)
+        if middles != self.cut_middle:
+            print(f"[verifier] {self.name}: " + ", ".join(f"{self.cut_middle[k] - middles[k]} of {len(out)} {k}s"
+                                                        for k in ("question", "reference") if self.cut_middle[k] > middles[k])
+                  + f" were longer than its {self.max_len} positions allow and lost their middles (start and end kept; "
+                  "the template and the answer whole)", file=sys.stderr, flush=True)
         return out
 
     def check_judged(self, judged: Tensor, answered, max_unjudged: float, counts: Tensor | None = None) -> None:

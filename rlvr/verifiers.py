@@ -8,6 +8,7 @@ remote (the transport), verifier_families, verifier_prompt, verifier_spec, rules
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -240,7 +241,7 @@ class VerifierOptions:
                                          "it); Eq. 4 reads the same c")
     verifier_batch_size: int = _flag(16, "rows per forward pass of a local verifier")
     verifier_tokenizer: str = _flag("", "tokenizer and saved settings of an http verifier (default: the served model)")
-    verifier_timeout: float = _flag(60.0, "seconds per request to an http verifier")
+    verifier_timeout: float = _flag(60.0, "seconds per request to an http verifier, and per call of a py: judge")
     verifier_retries: int = _flag(3, "retries per request to an http verifier (with backoff)")
     verifier_concurrency: int = _flag(16, "requests in flight to http verifiers")
     verifier_max_unjudged: float = _flag(0.1, "error when a larger share of a call's first tokens is neither "
@@ -315,7 +316,7 @@ def build_verifier(spec: str | VerifierSpec, options: VerifierOptions | None = N
     if parsed.kind == "py":  # a judge, or TRL reward functions (reward_functions.py: their parameters say)
         if reward_functions.is_trl(spec):
             return RewardFunctionVerifier(reward_functions.split_specs(spec))
-        return PyVerifier(spec)
+        return PyVerifier(spec, o.verifier_timeout)
     if parsed.kind == "hybrid":
         return HybridVerifier(RuleVerifier("math", resolve_settings(None, {}), math_timeout=o.math_timeout),
                               build_verifier(parsed.inner, o, settings_from_flags=settings_from_flags,
@@ -533,18 +534,42 @@ class PyVerifier:
     knows its equivalences. binary = score >= 0.5; soft and p_yes = the score; every response counts as
     judged. The module is imported from the working directory or sys.path; the function is checked on
     one row when built, and its answer on every call: a missing module or function, a wrong length or
-    a value outside [0, 1] is one line naming the spec."""
+    a value outside [0, 1] is one line naming the spec; so is an exception it raises, or no answer within
+    `timeout` seconds (--verifier_timeout, as for an HTTP judge: a judge that hangs stops the run, it is
+    not waited for)."""
 
-    def __init__(self, spec: str):
-        self.name = spec
+    def __init__(self, spec: str, timeout: float = 60.0):  # check_spec builds one without flags: the flag's default
+        self.name, self.timeout = spec, timeout
         self.fn = reward_functions.load_function(spec)  # a module or a file (py:path/to/file.py:fn)
         if reward_functions.convention(self.fn, spec) != "project":
             raise ValueError(f"verifier {spec!r} is a TRL reward function: build it with build_verifier")
         self.scores(["What is 1 + 1?"], ["2"], ["2"])  # checked once here, on one row, before any run starts
 
+    def _answer(self, questions: list[str], references: list[str], responses: list[str]):
+        """The function's answer, within self.timeout seconds. It runs in a daemon thread: Python cannot
+        interrupt a function, only stop waiting for it (and the process exits without it)."""
+        box = {}
+
+        def call():
+            try:
+                box["answer"] = self.fn(list(questions), list(references), list(responses))
+            except BaseException as e:  # anything it raises is the judge's failure, named in one line
+                box["error"] = e
+        thread = threading.Thread(target=call, name=f"judge {self.name}", daemon=True)
+        thread.start()
+        thread.join(self.timeout)
+        if thread.is_alive():
+            raise VerifierError(f"verifier {self.name!r}: no answer within {self.timeout:g}s for {len(responses)} "
+                                "responses (--verifier_timeout); is it stuck?")
+        if "error" in box:
+            e = box["error"]
+            raise VerifierError(f"verifier {self.name!r} raised {type(e).__name__}: {str(e)[:300]}") from e
+        return box["answer"]
+
     def scores(self, questions: list[str], references: list[str], responses: list[str]) -> Tensor:
+        answer = self._answer(questions, references, responses)
         try:
-            out = torch.as_tensor(self.fn(list(questions), list(references), list(responses)), dtype=torch.float32)
+            out = torch.as_tensor(answer, dtype=torch.float32)
         except (TypeError, ValueError, RuntimeError) as e:
             raise VerifierError(f"verifier {self.name!r}: its answer is not a list of numbers: {e}") from e
         if out.shape != (len(responses),):

@@ -213,7 +213,7 @@ DAMAGE = {  # what breaks, and the word the warning must say about that file
     "missing manifest": ("sha256.json", os.remove, "missing"),
     "missing trainer state": ("trainer.pt", os.remove, "missing"),
     "missing rank RNG": ("rank0.pt", os.remove, "missing"),
-    "bad metadata": (".metadata", truncate, "unreadable"),
+    "bad metadata": (".metadata", truncate, "damaged or replaced .its sha256 differs"),  # checked before it is read
 }
 
 

@@ -160,9 +160,10 @@ def test_a_fooled_verifier_shows_in_the_audit_and_stops_the_run(tiny_model_dir, 
 
 
 def snapshot(out_dir):
-    """Every file under out_dir and its bytes (the lock file aside: it only names the last claimant)."""
+    """Every file under out_dir and its bytes (the lock file aside: it only names the last claimant; and the
+    list of the entries runs wrote, which --eval_only adds eval_only/ to)."""
     return {str(p.relative_to(out_dir)): p.read_bytes() for p in sorted(Path(out_dir).rglob("*"))
-            if p.is_file() and p.name != ".lock"}
+            if p.is_file() and p.name not in (".lock", ".run_files")}
 
 
 def test_a_second_run_into_a_running_runs_directory_is_refused_naming_its_pid(tiny_model_dir, straight, tmp_path):

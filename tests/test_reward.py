@@ -472,8 +472,8 @@ def test_an_answer_longer_than_the_verifier_reads_is_cut_to_its_end_and_counted(
     assert text.endswith(tok.decode(short)[-30:])  # the template's end (generation prompt) is intact
     assert f"1 of 2 answers were longer than its {n} positions and were cut to their end (1 so far)" in \
         capsys.readouterr().err
-    # a question too long on its own: the prompt's last n - 1 ids, still a prompt the verifier can read
-    assert len(p.prompt_ids("why " * 500, "7", "7")) == n - 1 and p.cut == 2
+    # a question too long on its own: its middle goes, the template and the answer stay (issue 35): no answer cut
+    assert len(p.prompt_ids("why " * 500, "7", "7")) < n and p.cut == 1 and p.cut_middle["question"] == 1
 
 
 def test_lone_surrogates_are_replaced_not_a_crash(tiny_model_dir):

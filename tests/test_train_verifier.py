@@ -148,10 +148,10 @@ def test_damaged_line_in_the_middle_is_an_error(tmp_path):
     out = tmp_path / "labels.jsonl"
     out.write_text('{"id": "a", "label": 1}\nnot json\n{"id": "b", "label": 0}\n')
     with pytest.raises(ValueError, match=r"labels\.jsonl: row 2"):
-        TV.label_rows(None, [], out, 1)
-    out.write_text('{"id": "a", "label": 1}\n{"question": "q"}\n')
+        TV.label_rows(None, [], out, 1, "rule:math")
+    out.write_text('{"id": "a", "label": 1, "teacher": "rule:math"}\n{"question": "q"}\n')
     with pytest.raises(data.DataError, match=r"labels\.jsonl, row 2: not a labelled row"):
-        TV.label_rows(None, [], out, 1)
+        TV.label_rows(None, [], out, 1, "rule:math")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,7 +247,9 @@ def test_sft_settings_travel_with_the_student_and_negatives_join_training_only(t
     and drawn from training questions only; (3) the master-key rate is reported beside held-out agreement."""
     rows = labelled_rows(200, seed=5)
     labels = write_jsonl(tmp_path / "labels.jsonl", rows)
-    train, heldout = data.split_heldout(data.read_judged_rows(str(labels), labelled=True), 0.2)
+    # the toy's rows repeat some (question, reference, response): sft trains on each once (issue 35)
+    distinct = TV.drop_duplicates(data.read_judged_rows(str(labels), labelled=True), str(labels))
+    train, heldout = data.split_heldout(distinct, 0.2)
     heldout_questions = {r.question for r in heldout}
     rollouts = write_jsonl(tmp_path / "rollouts.jsonl", [{"step": 1, "question": r.question, "reference": r.reference,
                                                           "response": f"The answer is {r.reference}", "reward": 0.0}
