@@ -51,7 +51,9 @@ def test_resume_auto_on_a_run_killed_before_its_first_checkpoint_starts_fresh(tm
 
     out_dir = tmp_path / "run"
     out_dir.mkdir()
-    # what a run killed during step 1 leaves: its config, the step-0 row and a rollout row, no checkpoint
+    # what a run killed during step 1 leaves: its config, the step-0 row and a rollout row, no checkpoint, and
+    # the list of what it wrote (a run lists each entry before creating it: rundir.note)
+    (out_dir / ".run_files").write_text("config.json\nmetrics.jsonl\nrollouts.jsonl\n")
     (out_dir / "config.json").write_text("{}")
     (out_dir / "metrics.jsonl").write_text('{"step": 0, "eval/accuracy": 0.1}\n')
     (out_dir / "rollouts.jsonl").write_text('{"step": 1, "question": "q"}\n')

@@ -46,7 +46,7 @@ def test_a_yaml_syntax_error_in_the_config_file_is_one_line_naming_file_and_line
 def test_a_lone_surrogate_in_a_question_or_label_names_the_row(tmp_path, row, field):
     data = tmp_path / "prompts.jsonl"
     data.write_text('{"query": "what is 1+1?", "label": "2"}\n' + row + "\n")
-    out = cli("train_rl.py", "--data", data, "--out_dir", tmp_path / "run", "--policy", "tiny")
+    out = cli("train_rl.py", "--data", data, "--out_dir", tmp_path / "run", "--policy", "tiny", "--verifier", "rule:math")
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert last_line(out).startswith(f"train_rl.py: error: {data}, row 2: {field} holds a lone surrogate ("), \
         last_line(out)

@@ -238,9 +238,10 @@ def records(seed: int = 0) -> list[data.Record]:
 def tiny_policy(heldout_fraction: float = 0.1) -> str:
     """The policy (train_rl.py --policy tiny --data pretrained): the base after INSTRUCT_STEPS of
     instruction tuning on instruct_pairs; cached; rank 0 builds, the others wait."""
+    base = base_model()  # on every rank: it broadcasts the base's path (rank 0 alone would leave the others a step behind)
     path = None
     if distributed.rank() == 0:
-        path = toy.build_tiny_model(start=base_model(), sft_pairs=instruct_pairs(heldout_fraction),
+        path = toy.build_tiny_model(start=base, sft_pairs=instruct_pairs(heldout_fraction),
                                     sft_steps=INSTRUCT_STEPS, name="instruct")
     return distributed.broadcast_object(path)
 
