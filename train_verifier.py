@@ -535,7 +535,7 @@ def sft(cfg: SftConfig, vopts: verifiers.VerifierOptions) -> dict:
     if rank == 0:
         verifier_prompt.save_settings(final, settings)
         print(summary(before, after, len(heldout_rows), steps - start, time.time() - t_start, final)
-              + summary_warnings(after, counts, vopts.verifier_max_unjudged, settings))
+              + summary_warnings(after, counts, vopts.verifier_max_unjudged, settings, before, steps - start, cfg.lr))
     log.close()
     return {"before": before, "after": after, "master_key_per_key": per_key, "rows": counts, "steps": steps,
             "seconds": time.time() - t_start, "final": final, "settings": asdict(settings)}
@@ -556,10 +556,18 @@ def summary(before: dict, after: dict, n_heldout: int, steps: int, seconds: floa
     return text
 
 
-def summary_warnings(after: dict, counts: dict, max_unjudged: float, settings: verifier_prompt.VerifierSettings) -> str:
+def summary_warnings(after: dict, counts: dict, max_unjudged: float, settings: verifier_prompt.VerifierSettings,
+                     before: dict | None = None, steps: int = 0, lr: float = 0.0) -> str:
     """Lines that say a distillation failed where its figures alone look fine: a student that does not
-    answer in its judgement tokens (its accuracy is then the share of NO labels), and labels of one class."""
+    answer in its judgement tokens (its accuracy is then the share of NO labels), labels of one class, and
+    training that did not move the student (its held-out probabilities, Brier score and ECE, unchanged)."""
     text = ""
+    probs = [k for k in ("eval/brier", "eval/ece") if k in after and k in (before or {})]
+    # float32 probabilities averaged over the held-out rows: any update moves them by far more than 1e-7
+    if steps and probs and all(abs(after[k] - before[k]) <= 1e-7 for k in probs):
+        text += (f"
+[sft] WARNING: {steps} steps did not move the student: its held-out Brier score and ECE are "
+                 f"those it started with; --lr {lr:g} is too small for it (or every update was skipped)")
     unjudged = after.get("eval/unjudged")
     if unjudged is not None and unjudged > max_unjudged:
         text += (f"\n[sft] WARNING: {unjudged:.0%} of the student's held-out first tokens were neither "

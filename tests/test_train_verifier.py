@@ -537,3 +537,14 @@ def test_the_released_format_goes_through_label_sft_and_eval(tmp_path, tiny_mode
     report = TV.run(["eval", "--verifier", result["final"], "--data", str(out), "--out_dir", str(tmp_path / "ev"),
                      "--verifier_max_unjudged", "1", "--master_key_prompts", "4", "--wandb_mode", "disabled"])
     assert report["tp"] + report["fn"] == len(oracle) and report["fp"] + report["tn"] == len(written) - len(oracle)
+
+
+def test_sft_warns_when_training_did_not_move_the_student():
+    settings = verifier_prompt.VerifierSettings()
+    before = {"eval/brier": 0.2500001, "eval/ece": 0.1, "eval/accuracy": 0.7, "eval/unjudged": 0.0}
+    counts = {"data/train_rows": 100, "data/train_yes": 40}
+    moved = dict(before, **{"eval/brier": 0.2490})
+    assert TV.summary_warnings(moved, counts, 0.1, settings, before, 20, 5e-6) == ""
+    text = TV.summary_warnings(dict(before), counts, 0.1, settings, before, 20, 1e-12)
+    assert "20 steps did not move the student" in text and "--lr 1e-12 is too small" in text
+    assert TV.summary_warnings(dict(before), counts, 0.1, settings, before, 0, 1e-12) == ""  # resumed at its end
