@@ -565,8 +565,7 @@ def summary_warnings(after: dict, counts: dict, max_unjudged: float, settings: v
     probs = [k for k in ("eval/brier", "eval/ece") if k in after and k in (before or {})]
     # float32 probabilities averaged over the held-out rows: any update moves them by far more than 1e-7
     if steps and probs and all(abs(after[k] - before[k]) <= 1e-7 for k in probs):
-        text += (f"
-[sft] WARNING: {steps} steps did not move the student: its held-out Brier score and ECE are "
+        text += (f"\n[sft] WARNING: {steps} steps did not move the student: its held-out Brier score and ECE are "
                  f"those it started with; --lr {lr:g} is too small for it (or every update was skipped)")
     unjudged = after.get("eval/unjudged")
     if unjudged is not None and unjudged > max_unjudged:
