@@ -27,14 +27,11 @@ teacher; it reports the student's master-key false-positive rate beside its held
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import gc
 import json
 import math
 import os
 import random
-import re
 import shlex
 import signal
 import sys
@@ -51,7 +48,8 @@ import torch
 
 import data
 import worlds
-from rlvr import (audit, checkpoint, config, distributed, metrics, model, remote, rollout, rules, rundir, threads, verifier_families, verifier_prompt, verifier_spec, verifiers)
+from rlvr import (audit, checkpoint, config, distributed, metrics, model, remote, rules, rundir, threads, verifier_data,
+                  verifier_families, verifier_prompt, verifier_spec, verifiers)
 from rlvr.config import overwrite_field, resume_field
 
 def _help(text: str) -> dict:
@@ -128,7 +126,7 @@ class SftConfig(Logged, PolicySamples):
         "freeform: other near hedge copy garbage)"))
     teacher: str = field(default="rule:math", metadata=_help(
         "labels --data toy and the policy's responses (the --verifier_* prompt flags are the student's)"))
-    heldout_fraction: float = field(default=0.1, metadata=_help("share of questions (by hash) held out for eval"))
+    heldout_fraction: float = field(default=verifier_data.HELDOUT_FRACTION, metadata=_help("share of questions (by hash) held out for eval"))
     max_len: int = field(default=4096, metadata=_help("longer rows are dropped (and counted); the paper's max length"))
     balance: Literal["none", "oversample", "weight"] = field(default="none", metadata=_help(
         "oversample: draw the minority class up to the majority's count; weight: loss weight n / (2 n_class)"))
@@ -203,10 +201,10 @@ def check_config(cfg, vopts: verifiers.VerifierOptions) -> None:
     req(not (isinstance(cfg, SftConfig) and vopts.verifier_family and
              verifier_families.family(vopts.verifier_family).decision), "verifier_family", vopts.verifier_family,
         "sft distils a first-token judgement; a generating verifier would need the teacher's reasoning as targets")
-    for name in FIELD_FLAGS:
+    for name in verifier_data.FIELD_FLAGS:
         req(getattr(cfg, name).strip() != "", name, getattr(cfg, name), "must name a column")
     # label writes the judgement; sft and eval read it from a column of its own
-    twin = next((n for n in FIELD_FLAGS[:3] if getattr(cfg, n) == cfg.label_field), None)
+    twin = next((n for n in verifier_data.FIELD_FLAGS[:3] if getattr(cfg, n) == cfg.label_field), None)
     req(twin is None or isinstance(cfg, LabelConfig), str(twin), cfg.label_field, "is also --label_field" + (
         "; the released sets' 'label' is the reference answer, not a judgement: judge responses to their "
         "questions with `train_verifier.py label --policy ...` first" if twin == "reference_field" else ""))
@@ -248,51 +246,8 @@ def check_config(cfg, vopts: verifiers.VerifierOptions) -> None:
         "no such file")
 
 
-FIELD_FLAGS = ("question_field", "reference_field", "response_field", "label_field")
-
-
-def read_rows(cfg, source: str, split: str, labelled: bool = False) -> list[data.JudgedRow]:
-    """The rows of --data, its columns named by the --*_field flags."""
-    return data.read_judged_rows(source, split, labelled, **{name: getattr(cfg, name) for name in FIELD_FLAGS})
-
-
-def chunks(items: list, size: int):
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-
-
 # ----------------------------------------------------------------------------------------------
-# label: append-only, one line per row id, resumable after a crash at any point
-
-
-def label_rows(get_teacher, rows: list[data.JudgedRow], out: Path, rows_per_write: int,
-               teacher: str) -> list[data.JudgedRow]:
-    """Ask the teacher (`teacher`, built by `get_teacher()` if any row needs it) about every row whose id is
-    not yet in `out`, appending {id, question, reference, response, label, teacher_p_yes, teacher} lines
-    (a file holds one teacher's labels: rows of another, or of an unrecorded one, are a DataError), one fsynced write per
-    call. Returns the distinct rows, labelled. A crash tears at most the last line, which
-    metrics.read_jsonl cuts off, so a rerun labels exactly the rows missing. The teacher's own checks
-    hold: a model teacher that answers neither judgement token raises VerifierError (no all-NO labels)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    known = {}
-    for n, line in enumerate(metrics.read_jsonl(out) if out.exists() else [], 1):
-        if not isinstance(line.get("id"), str) or "label" not in line:
-            raise data.DataError(f"{out}, row {n}: not a labelled row (needs 'id' and 'label'); fix or remove the file")
-        if line.get("teacher") != teacher:  # one file, one teacher: sft would learn a mix, summarised as one
-            raise data.DataError(f"{out}, row {n}: labelled by {line.get('teacher') or 'an unrecorded teacher'}, not "
-                                 f"by this run's {teacher}; label into another --out (a file holds one teacher's labels)")
-        known[line["id"]] = line
-    distinct = list({r.id: r for r in rows}.values())
-    todo = [r for r in distinct if r.id not in known]
-    print(f"[label] {len(distinct)} distinct rows, {len(todo)} to label, the others already in {out}", flush=True)
-    for batch in metrics.progress(list(chunks(todo, rows_per_write)), desc="label", disable=not todo):
-        j = get_teacher()([r.question for r in batch], [r.reference for r in batch], [r.response for r in batch])
-        lines = [r.to_json() | {"label": int(b), "teacher_p_yes": p, "teacher": teacher} for r, b, p in
-                 zip(batch, j.binary.tolist(), j.p_yes.tolist())]
-        metrics.append_jsonl(out, lines)
-        known.update((line["id"], line) for line in lines)
-    return [dataclasses.replace(r, label=data.parse_label(known[r.id]["label"], str(out)),
-                                teacher_p_yes=known[r.id].get("teacher_p_yes")) for r in distinct]
+# label: a teacher judges rows (verifier_data.label_rows: append-only, resumable)
 
 
 def label(cfg: LabelConfig, vopts: verifiers.VerifierOptions) -> dict:
@@ -300,12 +255,12 @@ def label(cfg: LabelConfig, vopts: verifiers.VerifierOptions) -> dict:
     with --policy, the policy's sampled responses to the --data questions."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.policy:
-        rows = sample_responses(cfg, policy_path(cfg), prompt_records(cfg), device)
+        rows = verifier_data.sample_responses(cfg, verifier_data.policy_path(cfg), verifier_data.prompt_records(cfg), device)
     elif cfg.data in worlds.WORLDS:  # the world's rows' own labels (the truth) are not read: the teacher's replace them
         rows = worlds.WORLDS[cfg.data].judge_rows(cfg.toy_mix, cfg.seed)
     else:
         try:
-            rows = read_rows(cfg, cfg.data, cfg.split)
+            rows = verifier_data.read_rows(cfg, cfg.data, cfg.split)
         except data.DataError as e:
             if f"field '{cfg.response_field}' is missing" not in str(e):
                 raise
@@ -318,7 +273,7 @@ def label(cfg: LabelConfig, vopts: verifiers.VerifierOptions) -> dict:
     get_teacher = functools.cache(lambda: verifiers.build_verifier(cfg.teacher, vopts, device=device,
                                                                 trust_remote_code=cfg.trust_remote_code))
     start = time.perf_counter()
-    labelled = label_rows(get_teacher, rows, Path(cfg.out), cfg.rows_per_write, cfg.teacher)
+    labelled = verifier_data.label_rows(get_teacher, rows, Path(cfg.out), cfg.rows_per_write, cfg.teacher)
     hashes = Path(cfg.hashes_out) if cfg.hashes_out else Path(cfg.out).with_suffix(".hashes.txt")
     n_hashes = data.write_hashes(hashes, [r.question for r in labelled])
     positives = sum(r.label for r in labelled)
@@ -337,7 +292,7 @@ def score(verifier, rows: list[data.JudgedRow]) -> dict:
     """The verifier's judgements of labelled rows against the labels: audit.agreement, calibration
     (ece, brier, bins), the share of first tokens that were neither judgement token, judgements per second."""
     preds, p_yes, unjudged, start = [], [], 0, time.perf_counter()
-    for batch in metrics.progress(list(chunks(rows, 256)), desc="judge", disable=len(rows) <= 256):
+    for batch in metrics.progress(list(verifier_data.chunks(rows, 256)), desc="judge", disable=len(rows) <= 256):
         j = verifier([r.question for r in batch], [r.reference for r in batch], [r.response for r in batch])
         preds += [int(b) for b in j.binary.tolist()]
         p_yes += j.p_yes.tolist()
@@ -356,7 +311,7 @@ def master_key_rate(verifier, rows: list[data.JudgedRow], n: int, seed: int) -> 
 def eval_verifier(cfg: EvalConfig, vopts: verifiers.VerifierOptions) -> dict:
     """The `eval` command. A saved verifier is asked with its saved settings (a contradicting flag is an
     error unless --verifier_force_settings), as train_rl.py asks it."""
-    rows = read_rows(cfg, cfg.data, cfg.split, labelled=True)
+    rows = verifier_data.read_rows(cfg, cfg.data, cfg.split, labelled=True)
     verifier = verifiers.build_verifier(cfg.verifier, vopts, device="cuda" if torch.cuda.is_available() else "cpu",
                                      trust_remote_code=cfg.trust_remote_code)
     report = {"verifier": cfg.verifier, "data": cfg.data, **score(verifier, rows)}
@@ -389,153 +344,6 @@ def eval_summary(report: dict, out_dir: Path) -> str:
             f"{f('kappa')}, F1 {f('f1')}, ECE {f('ece')}, unjudged {f('unjudged', '.1%')}, master-key false "
             f"positives {f('master_key_fpr', '.1%')}" + (f" ({len(report['notes'])} notes)" if report.get("notes") else "")
             + f"; report {out_dir / 'eval.json'}")
-
-
-# ----------------------------------------------------------------------------------------------
-# sft data: the labelled rows split by question hash, and negatives added to the training split only
-
-
-def master_key_rows(train: list[data.JudgedRow], share: float, seed: int) -> list[data.JudgedRow]:
-    """round(share * len(train)) rows: a training question and its reference with a content-free answer
-    drawn from audit.TRAINING_KEYS, labelled NO (Master-RM's answer to "one token fools the judge"). The
-    probe asks audit.MASTER_KEYS, none of them trained on, so its false-positive rate measures generalisation."""
-    rng = random.Random(f"master-key-negatives:{seed}")
-    picks = [(rng.choice(train), rng.choice(audit.TRAINING_KEYS)) for _ in range(round(share * len(train)))]
-    return [data.JudgedRow(r.question, r.reference, key, label=0) for r, key in picks]
-
-
-_SENTENCE_END = re.compile(r"[.!?。！？:：](?=\s|$)")
-
-
-def opening(response: str, rng: random.Random) -> str | None:
-    """A response cut before its final answer: the first sentence of its first line when it has several
-    lines (Master-RM's reasoning opener), else a random prefix of its one line's words that stops before
-    the last word (where the answer sits). None when nothing would be left."""
-    lines = [line.strip() for line in response.splitlines() if line.strip()]
-    if len(lines) > 1:
-        end = _SENTENCE_END.search(lines[0])
-        return lines[0][:end.end()] if end else lines[0]
-    words = lines[0].split() if lines else []
-    return " ".join(words[:rng.randrange(1, len(words))]) if len(words) >= 2 else None
-
-
-def truncated_rows(train: list[data.JudgedRow], share: float, seed: int) -> list[data.JudgedRow]:
-    """round(share * len(train)) draws of a training row with its response cut before its answer
-    (`opening`), labelled NO: an unfinished solution is not a match. A response too short to cut adds none."""
-    rng = random.Random(f"truncated-negatives:{seed}")
-    out = []
-    for _ in range(round(share * len(train))):
-        r = rng.choice(train)
-        cut = opening(r.response, rng)
-        if cut is not None:
-            out.append(data.JudgedRow(r.question, r.reference, cut, label=0))
-    return out
-
-
-def policy_path(cfg) -> str:
-    """--policy, with 'tiny' the demo world's policy train_rl.py --policy tiny trains (warm-started without
-    the questions --heldout_fraction holds out; label has no split: the default share)."""
-    if cfg.policy != "tiny":
-        return cfg.policy
-    return worlds.of(cfg.data).tiny_policy(getattr(cfg, "heldout_fraction", SftConfig.heldout_fraction))
-
-
-def system_prompt(cfg) -> str:
-    return cfg.policy_system_prompt if cfg.policy_system_prompt is not None else \
-        worlds.WORLDS[cfg.data].system_prompt if cfg.data in worlds.WORLDS else data.PAPER_SYSTEM_PROMPT
-
-
-def prompt_records(cfg: LabelConfig) -> list[data.Record]:
-    """label --policy: the questions of --data as train_rl.py reads them (chat messages kept, the system
-    prompt added where a row has none), or every question of a demo world."""
-    if cfg.data in worlds.WORLDS:
-        system = system_prompt(cfg)
-        return [data.make_record(r.question, r.reference, [{"role": "system", "content": system}] * bool(system)
-                                 + [{"role": "user", "content": r.question}], r.meta)
-                for r in worlds.WORLDS[cfg.data].records(cfg.seed)]
-    return data.load_records(cfg.data, cfg.split, cfg.question_field, cfg.reference_field, system_prompt(cfg))[0]
-
-
-def sample_responses(cfg, path: str, records: list[data.Record], device) -> list[data.JudgedRow]:
-    """--policy_samples responses per record from the policy at `path`, drawn as train_rl.py draws rollouts
-    (rollout.generate, a seed per sample): a rerun draws the same ones and finds their labels. Prompts
-    longer than --max_len are dropped (and counted)."""
-    tokenizer = model.load_tokenizer(path, cfg.trust_remote_code, cfg.policy_prompt_format)
-    records, n_long = data.drop_long(records, tokenizer, cfg.max_len)
-    if n_long:
-        print(f"[policy] {n_long} prompts longer than --max_len {cfg.max_len} tokens dropped", flush=True)
-    policy = model.load_model(path, device, model.compute_dtype(), cfg.trust_remote_code)
-    # the policy samples as an RL run draws rollouts (rollout.generate, a seed per sample)
-    sampling = rollout.Sampling(samples_per_prompt=cfg.policy_samples, max_prompt_len=cfg.max_len, seed=cfg.seed,
-                                max_new_tokens=cfg.policy_max_new_tokens, temperature=cfg.policy_temperature, top_p=1.0)
-    rows = []
-    for step, batch in enumerate(metrics.progress(list(chunks(records, 32)), desc="policy samples")):
-        drawn = rollout.generate(policy, None, tokenizer, batch, step, sampling)
-        rows += [data.JudgedRow(r.question, r.reference, text) for r, text in zip(drawn.records, drawn.texts)]
-    del policy
-    gc.collect()
-    return rows
-
-
-def policy_rows(cfg: SftConfig, path: str, train: list[data.JudgedRow], get_teacher, device) -> list[data.JudgedRow]:
-    """Rank 0: the policy's responses to training questions (sample_responses), labelled by the teacher into
-    OUT_DIR/policy_labels.jsonl: wrong answers in the policy's own style. --policy_rollouts rows of held-out
-    questions (by hash) are left out."""
-    rows = []
-    if path:
-        system = system_prompt(cfg)
-        records = [data.make_record(q, ref, [{"role": "system", "content": system}] * bool(system)
-                                    + [{"role": "user", "content": q}], {})
-                   for q, ref in dict.fromkeys((r.question, r.reference) for r in train)]
-        rows += sample_responses(cfg, path, records, device)
-    if cfg.policy_rollouts:
-        found, held_out = data.split_heldout(data.read_judged_rows(cfg.policy_rollouts), cfg.heldout_fraction)
-        print(f"[sft] {cfg.policy_rollouts}: {len(found)} responses to training-split questions; "
-              f"{len(held_out)} to held-out questions left out")
-        rows += found
-    return label_rows(get_teacher, rows, Path(cfg.out_dir) / "policy_labels.jsonl", 256, cfg.teacher)
-
-
-def drop_duplicates(rows: list[data.JudgedRow], source: str) -> list[data.JudgedRow]:
-    """Each (question, reference, response) once, saying how many repeats were dropped (a row seen twice
-    would weigh twice); the same row labelled both ways is a DataError naming the rows."""
-    first: dict[str, int] = {}
-    for n, r in enumerate(rows, 1):
-        if r.id in first and rows[first[r.id] - 1].label != r.label:
-            raise data.DataError(f"{source}, rows {first[r.id]} and {n}: the same question, reference and response "
-                                 f"labelled {rows[first[r.id] - 1].label} and {r.label}; keep one")
-        first.setdefault(r.id, n)
-    if len(first) < len(rows):
-        say = print if distributed.rank() == 0 else (lambda *a, **k: None)
-        say(f"[sft] {source}: dropped {len(rows) - len(first)} duplicate rows (the same question, reference and "
-            f"response again); {len(first)} distinct rows")
-    return [rows[n - 1] for n in sorted(first.values())]
-
-
-def training_rows(cfg: SftConfig, vopts: verifiers.VerifierOptions, device) -> tuple[list, list, dict]:
-    """(labelled training rows, held-out rows, {kind: rows added to training}). Rank 0 does what needs
-    the teacher (asked with its own settings: the prompt flags are the student's); every rank gets the
-    same rows. Added rows come from training questions only, so held-out figures stay honest."""
-    get_teacher = functools.cache(lambda: verifiers.build_verifier(cfg.teacher, vopts, settings_from_flags=False,
-                                                                device=device, trust_remote_code=cfg.trust_remote_code))
-    source = cfg.data
-    if cfg.data in worlds.WORLDS:
-        source = str(Path(cfg.out_dir) / "labels.jsonl")
-        if distributed.rank() == 0:  # the world's rows' own labels (the truth) are replaced by the teacher's
-            label_rows(get_teacher, worlds.WORLDS[cfg.data].judge_rows(cfg.toy_mix, cfg.seed), Path(source), 256,
-                       cfg.teacher)
-        distributed.barrier()
-    rows = data.read_judged_rows(source, labelled=True) if cfg.data in worlds.WORLDS else \
-        read_rows(cfg, source, cfg.split, True)
-    rows = drop_duplicates(rows, source)
-    train, heldout = data.split_heldout(rows, cfg.heldout_fraction)
-    added = {"master_key": master_key_rows(train, cfg.master_key_negatives, cfg.seed),
-             "truncated": truncated_rows(train, cfg.truncated_negatives, cfg.seed)}
-    if cfg.policy or cfg.policy_rollouts:
-        path = policy_path(cfg) if cfg.policy else ""
-        found = policy_rows(cfg, path, train, get_teacher, device) if distributed.rank() == 0 else None
-        added["policy"] = distributed.broadcast_object(found)
-    return train, heldout, added
 
 
 # ----------------------------------------------------------------------------------------------
@@ -595,7 +403,7 @@ def train_step(student, optimizer, scheduler, batch: list, weights: list[float],
     student.train()
     lr = scheduler.get_last_lr()[0]
     totals = torch.zeros(3, dtype=torch.float64)  # loss, sum of p(judgement), judgements with p > 1/2
-    for mb in chunks(list(range(len(batch))), cfg.micro_batch_size):
+    for mb in verifier_data.chunks(list(range(len(batch))), cfg.micro_batch_size):
         loss, p_sum, right = micro_loss(student, [batch[i] for i in mb], [weights[i] for i in mb],
                                         2 * cfg.batch_size, cfg.pack, pad_id, device)
         (loss * distributed.world_size()).backward()  # FSDP averages over ranks; the denominator is already global
@@ -651,7 +459,7 @@ def sft(cfg: SftConfig, vopts: verifiers.VerifierOptions) -> dict:
     # what the student reads and answers: a verifier fine-tuned again keeps its saved settings
     settings = verifier_prompt.resolve_settings(verifier_prompt.load_settings(student_path), vopts.settings_overrides(),
                                        vopts.verifier_force_settings, student_path)
-    labelled, heldout, added = training_rows(cfg, vopts, device)
+    labelled, heldout, added = verifier_data.training_rows(cfg, vopts, device)
     tokenizer = model.load_tokenizer(student_path, cfg.trust_remote_code)
     prompt = verifier_prompt.VerifierPrompt(tokenizer, settings, student_path)
     seqs, train_rows = encode(prompt, tokenizer.eos_token_id, labelled + sum(added.values(), []), cfg.max_len)
@@ -727,7 +535,7 @@ def sft(cfg: SftConfig, vopts: verifiers.VerifierOptions) -> dict:
     if rank == 0:
         verifier_prompt.save_settings(final, settings)
         print(summary(before, after, len(heldout_rows), steps - start, time.time() - t_start, final)
-              + summary_warnings(after, counts, vopts.verifier_max_unjudged, settings))
+              + summary_warnings(after, counts, vopts.verifier_max_unjudged, settings, before, steps - start, cfg.lr))
     log.close()
     return {"before": before, "after": after, "master_key_per_key": per_key, "rows": counts, "steps": steps,
             "seconds": time.time() - t_start, "final": final, "settings": asdict(settings)}
@@ -748,10 +556,17 @@ def summary(before: dict, after: dict, n_heldout: int, steps: int, seconds: floa
     return text
 
 
-def summary_warnings(after: dict, counts: dict, max_unjudged: float, settings: verifier_prompt.VerifierSettings) -> str:
+def summary_warnings(after: dict, counts: dict, max_unjudged: float, settings: verifier_prompt.VerifierSettings,
+                     before: dict | None = None, steps: int = 0, lr: float = 0.0) -> str:
     """Lines that say a distillation failed where its figures alone look fine: a student that does not
-    answer in its judgement tokens (its accuracy is then the share of NO labels), and labels of one class."""
+    answer in its judgement tokens (its accuracy is then the share of NO labels), labels of one class, and
+    training that did not move the student (its held-out probabilities, Brier score and ECE, unchanged)."""
     text = ""
+    probs = [k for k in ("eval/brier", "eval/ece") if k in after and k in (before or {})]
+    # float32 probabilities averaged over the held-out rows: any update moves them by far more than 1e-7
+    if steps and probs and all(abs(after[k] - before[k]) <= 1e-7 for k in probs):
+        text += (f"\n[sft] WARNING: {steps} steps did not move the student: its held-out Brier score and ECE are "
+                 f"those it started with; --lr {lr:g} is too small for it (or every update was skipped)")
     unjudged = after.get("eval/unjudged")
     if unjudged is not None and unjudged > max_unjudged:
         text += (f"\n[sft] WARNING: {unjudged:.0%} of the student's held-out first tokens were neither "

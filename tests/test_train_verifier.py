@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import data
-from rlvr import audit, config, remote, verifier_prompt, verifiers
+from rlvr import audit, config, remote, verifier_data, verifier_prompt, verifiers
 from worlds import toy
 import train_verifier as TV
 
@@ -148,10 +148,10 @@ def test_damaged_line_in_the_middle_is_an_error(tmp_path):
     out = tmp_path / "labels.jsonl"
     out.write_text('{"id": "a", "label": 1}\nnot json\n{"id": "b", "label": 0}\n')
     with pytest.raises(ValueError, match=r"labels\.jsonl: row 2"):
-        TV.label_rows(None, [], out, 1, "rule:math")
+        verifier_data.label_rows(None, [], out, 1, "rule:math")
     out.write_text('{"id": "a", "label": 1, "teacher": "rule:math"}\n{"question": "q"}\n')
     with pytest.raises(data.DataError, match=r"labels\.jsonl, row 2: not a labelled row"):
-        TV.label_rows(None, [], out, 1, "rule:math")
+        verifier_data.label_rows(None, [], out, 1, "rule:math")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,28 +216,28 @@ def test_opening_cuts_a_response_before_its_answer():
 
     rng = random.Random(0)
     # several lines: the first sentence of the first line (the reasoning opener)
-    assert TV.opening("Let's think. 3 < 7 so\nthe larger is 7\nTherefore, the answer is 7.", rng) == "Let's think."
-    assert TV.opening("First line without end\n7", rng) == "First line without end"
+    assert verifier_data.opening("Let's think. 3 < 7 so\nthe larger is 7\nTherefore, the answer is 7.", rng) == "Let's think."
+    assert verifier_data.opening("First line without end\n7", rng) == "First line without end"
     # one line: a prefix of its words that never reaches the last one
-    cuts = {TV.opening("Therefore, the answer is 7.", rng) for _ in range(200)}
+    cuts = {verifier_data.opening("Therefore, the answer is 7.", rng) for _ in range(200)}
     assert cuts == {"Therefore,", "Therefore, the", "Therefore, the answer", "Therefore, the answer is"}
-    assert TV.opening("7", rng) is None and TV.opening(" \n", rng) is None
+    assert verifier_data.opening("7", rng) is None and verifier_data.opening(" \n", rng) is None
 
 
 def test_master_key_and_truncated_rows_are_labelled_no_and_reproducible():
     train = [data.JudgedRow(f"Q{i}?", str(i), f"Therefore, the answer is {i}.", label=i % 2) for i in range(50)]
-    keys = TV.master_key_rows(train, 0.2, seed=3)
-    assert len(keys) == 10 and keys == TV.master_key_rows(train, 0.2, seed=3) != TV.master_key_rows(train, 0.2, seed=4)
+    keys = verifier_data.master_key_rows(train, 0.2, seed=3)
+    assert len(keys) == 10 and keys == verifier_data.master_key_rows(train, 0.2, seed=3) != verifier_data.master_key_rows(train, 0.2, seed=4)
     assert all(r.label == 0 and r.response in audit.TRAINING_KEYS for r in keys)
     assert not set(audit.TRAINING_KEYS) & set(audit.MASTER_KEYS)  # the probe's keys stay unseen
     by_question = {r.question: r for r in train}
     assert all(by_question[r.question].reference == r.reference for r in keys)
-    cut = TV.truncated_rows(train, 0.5, seed=3)
+    cut = verifier_data.truncated_rows(train, 0.5, seed=3)
     assert len(cut) == 25 and all(r.label == 0 for r in cut)
     for r in cut:  # a prefix of the row's own response, without its answer
         full = by_question[r.question].response
         assert full.startswith(r.response) and r.response != full and r.reference not in r.response
-    assert TV.master_key_rows(train, 0.0, seed=3) == [] == TV.truncated_rows(train, 0.0, seed=3)
+    assert verifier_data.master_key_rows(train, 0.0, seed=3) == [] == verifier_data.truncated_rows(train, 0.0, seed=3)
 
 
 def test_sft_settings_travel_with_the_student_and_negatives_join_training_only(tmp_path, tiny_model_dir):
@@ -248,7 +248,7 @@ def test_sft_settings_travel_with_the_student_and_negatives_join_training_only(t
     rows = labelled_rows(200, seed=5)
     labels = write_jsonl(tmp_path / "labels.jsonl", rows)
     # the toy's rows repeat some (question, reference, response): sft trains on each once (issue 35)
-    distinct = TV.drop_duplicates(data.read_judged_rows(str(labels), labelled=True), str(labels))
+    distinct = verifier_data.drop_duplicates(data.read_judged_rows(str(labels), labelled=True), str(labels))
     train, heldout = data.split_heldout(distinct, 0.2)
     heldout_questions = {r.question for r in heldout}
     rollouts = write_jsonl(tmp_path / "rollouts.jsonl", [{"step": 1, "question": r.question, "reference": r.reference,
@@ -537,3 +537,14 @@ def test_the_released_format_goes_through_label_sft_and_eval(tmp_path, tiny_mode
     report = TV.run(["eval", "--verifier", result["final"], "--data", str(out), "--out_dir", str(tmp_path / "ev"),
                      "--verifier_max_unjudged", "1", "--master_key_prompts", "4", "--wandb_mode", "disabled"])
     assert report["tp"] + report["fn"] == len(oracle) and report["fp"] + report["tn"] == len(written) - len(oracle)
+
+
+def test_sft_warns_when_training_did_not_move_the_student():
+    settings = verifier_prompt.VerifierSettings()
+    before = {"eval/brier": 0.2500001, "eval/ece": 0.1, "eval/accuracy": 0.7, "eval/unjudged": 0.0}
+    counts = {"data/train_rows": 100, "data/train_yes": 40}
+    moved = dict(before, **{"eval/brier": 0.2490})
+    assert TV.summary_warnings(moved, counts, 0.1, settings, before, 20, 5e-6) == ""
+    text = TV.summary_warnings(dict(before), counts, 0.1, settings, before, 20, 1e-12)
+    assert "20 steps did not move the student" in text and "--lr 1e-12 is too small" in text
+    assert TV.summary_warnings(dict(before), counts, 0.1, settings, before, 0, 1e-12) == ""  # resumed at its end
