@@ -20,10 +20,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-# OpenMP reads its wait policy once, when torch loads it: threads that sleep rather than spin at a barrier keep
-# a step within 2x beside another busy process, where spinning ones were 20-100x slower (rlvr/threads.py)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import torch
 
 import data

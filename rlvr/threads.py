@@ -1,18 +1,15 @@
 """The CPU thread budget of a run: how many torch threads, chosen at start-up from the cores that are free
 and said on one line. torch's default (one thread per core, OpenMP threads that spin while they wait)
-is fastest on an idle machine and collapses beside any other busy process: each op's threads wait at a
-barrier for a thread that has no core (measured here: a step 20-100x slower with one competing process
-on 2 cores). `bench.py --sections threads` measures the policies on the machine at hand; the README
-has the table that chose this one. Imports nothing of the project.
+is fastest on an idle machine and slows down beside other busy processes: each op's threads wait at a
+barrier for a thread that has no core. Measured with `bench.py --sections threads` (the README's table,
+2 cores): the cores free at start-up, with OpenMP's own (spinning) wait, stayed within 1% of the best
+idle and 1.5x of it beside one busy process; every core was 2.8x there, one thread was 1.4x slower idle,
+and OpenMP's passive wait cost 1.7x idle. Imports nothing of the project.
 """
 from __future__ import annotations
 
 import os
 import time
-
-# OpenMP reads its wait policy once, when torch loads it: train_rl.py and train_verifier.py set this default
-# (OMP_WAIT_POLICY) before `import torch`.
-WAIT_POLICY = "PASSIVE"
 
 
 def cores() -> int:
@@ -64,5 +61,6 @@ def apply(n: int) -> None:
 
 
 def start_up_line(n: int, why: str) -> str:
-    return (f"threads: {n} torch thread{'s' if n != 1 else ''} ({why}; OpenMP waits "
-            f"{os.environ.get('OMP_WAIT_POLICY', 'ACTIVE').lower()}); --threads N or OMP_NUM_THREADS=N sets it")
+    wait = os.environ.get("OMP_WAIT_POLICY")
+    return (f"threads: {n} torch thread{'s' if n != 1 else ''} ({why}{f'; OMP_WAIT_POLICY={wait}' if wait else ''}); "
+            "--threads N or OMP_NUM_THREADS=N sets it")
