@@ -160,32 +160,17 @@ def pretrain(lm, tokenizer, docs: list[str], steps: int, seed: int, batch_size: 
     """Next-token pretraining on documents (each ends with the end-of-text token), `batch_size` random
     documents a step packed in one row, loss on every token but each document's first; AdamW, the
     learning rate decayed linearly to a tenth. Returns the losses."""
-    generator = torch.Generator().manual_seed(seed)
     seqs = [tokenizer.encode(d, add_special_tokens=False) + [tokenizer.pad_token_id] for d in docs]
     opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 - 0.9 * i / max(1, steps))
-    lm.train()
-    losses = []
-    for _ in range(steps):
-        batch = [seqs[i] for i in torch.randint(len(seqs), (batch_size,), generator=generator).tolist()]
-        ids, pos, _, target = rows(batch, [[False] + [True] * (len(s) - 1) for s in batch], True,
-                                   tokenizer.pad_token_id)
-        logp, _ = token_logprobs(lm, ids, pos, target)
-        loss = -logp.sum() / target.sum()
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    lm.eval()
-    return losses
+    return next_token_steps(lm, seqs, [[False] + [True] * (len(s) - 1) for s in seqs], steps, seed, batch_size,
+                            tokenizer.pad_token_id, opt, sched)
 
 
 def supervised_warm_start(lm, tokenizer, pairs: list, steps: int, seed: int, batch_size: int = 32,
                           lr: float = 1e-3) -> list[float]:
     """A few steps of next-token SFT on (messages, response) pairs, loss on the response (and its
     end-of-turn token) only, on packed rows. Returns the losses."""
-    generator = torch.Generator().manual_seed(seed)
     seqs, masks = [], []
     for messages, response in pairs:
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -194,15 +179,25 @@ def supervised_warm_start(lm, tokenizer, pairs: list, steps: int, seed: int, bat
         seqs.append(p + r)
         masks.append([False] * len(p) + [True] * len(r))
     opt = torch.optim.AdamW(lm.parameters(), lr=lr, weight_decay=0.0)
+    return next_token_steps(lm, seqs, masks, steps, seed, batch_size, tokenizer.pad_token_id, opt)
+
+
+def next_token_steps(lm, seqs: list[list[int]], masks: list[list[bool]], steps: int, seed: int, batch_size: int,
+                     pad_id: int, opt, sched=None) -> list[float]:
+    """`steps` optimizer steps of next-token loss on the masked tokens of `batch_size` random sequences a
+    step (seeded), packed in one row; the loss of each step. Pretraining and the warm start share it."""
+    generator = torch.Generator().manual_seed(seed)
     lm.train()
     losses = []
     for _ in range(steps):
         idx = torch.randint(len(seqs), (batch_size,), generator=generator).tolist()
-        ids, pos, _, target = rows([seqs[i] for i in idx], [masks[i] for i in idx], True, tokenizer.pad_token_id)
+        ids, pos, _, target = rows([seqs[i] for i in idx], [masks[i] for i in idx], True, pad_id)
         logp, _ = token_logprobs(lm, ids, pos, target)
-        loss = -logp.sum() / target[:, 1:].sum()
+        loss = -logp.sum() / target.sum()  # a sequence's first token is never a target: every masked token counts
         loss.backward()
         opt.step()
+        if sched is not None:
+            sched.step()
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     lm.eval()
