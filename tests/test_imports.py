@@ -88,6 +88,13 @@ def test_the_readme_states_the_import_graph_the_code_has():
         "README.md's import graph is not the code's: run `python tests/test_imports.py` to rewrite it.\n" + want)
 
 
+def test_the_readme_file_table_names_every_project_file():
+    # the README's "Files" table is the house's map: a file it does not name is a room nobody can find
+    table = README.read_text().split("## Files", 1)[1].split("<!-- import graph", 1)[0]
+    files = [str(path.relative_to(ROOT)) for path in modules().values()]
+    assert [f for f in files if f"| `{f}` |" not in table] == []
+
+
 def test_the_graph_is_read_from_the_code_and_a_cycle_is_refused(tmp_path):
     # a hand-made project: imports at any depth count, other packages and relative imports do not; a
     # package's modules are named as they are imported
