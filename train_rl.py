@@ -392,10 +392,10 @@ def load_verifiers(cfg: Config, vopts, spec: str, device, policy=None, tokenizer
     def build(s, from_flags):
         parsed = verifier_spec.parse(s)
         if parsed.kind == "policy":
-            return verifier_free.PolicyReward(
-                parsed.target, lambda p, r: forward_logprobs(policy, p, r, range(len(p)), cfg, device)[0],
-                tokenizer, train_set, cfg.max_prompt_len, cfg.micro_batch_size,
-                sharded=model.is_sharded(policy))
+            logprobs = lambda p, r: forward_logprobs(policy, p, r, range(len(p)), cfg, device)[0]  # noqa: E731
+            return verifier_free.PolicyReward(parsed.target, logprobs, tokenizer, train_set, cfg.max_prompt_len,
+                cfg.micro_batch_size, sharded=model.is_sharded(policy), answer=cfg.verifier_free_answer,
+                repetition_penalty=cfg.rlpr_repetition_penalty, max_new_tokens=cfg.max_new_tokens)
         return verifiers.build_verifier(parsed, vopts, settings_from_flags=from_flags, device=device,
                                      shard=distributed.is_initialized(), seed=cfg.seed,
                                      trust_remote_code=cfg.trust_remote_code)

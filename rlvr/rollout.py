@@ -108,7 +108,9 @@ def generate(policy, engine, tokenizer, records, step: int, cfg: "Sampling") -> 
 def judge(verifier, ro: Rollout, step: int, cfg) -> reward.Judgement:
     """(question, reference, last line of the response) -> Eq. 3 / Eq. 4, one entry per response."""
     seeds = [sample_seed(cfg.seed, step, s, "verifier") for s in ro.seeds]  # used when the verifier samples c
-    return verifier([r.question for r in ro.records], [r.reference for r in ro.records], ro.texts, seeds=seeds)
+    # the policy's own sources read which responses the limit cut (VeriFree's tags format gives them 0)
+    cut = {"truncated": ro.truncated} if isinstance(verifier, verifier_free.PolicyReward) else {}
+    return verifier([r.question for r in ro.records], [r.reference for r in ro.records], ro.texts, seeds=seeds, **cut)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ way. Imports no project file.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 
@@ -120,6 +121,58 @@ VERIFIER_PROMPT_TEMPLATE = (
 )
 COT_TEMPLATE = VERIFIER_PROMPT_TEMPLATE.format(question="{question}", ground_truth="{reference}",
                                                student_answer="{response}")
+
+# General-Reasoner's reward (same file and commit, compute_rm_score and the extraction before it), what
+# --cot_reward compute_rm_score gives: the verifier is asked about the policy's extracted final answer
+# (extract_solution; "No Answer" when there is none), a reply containing VERIFIER_PASS_TAG anywhere passes,
+# and the score is 1 for a pass, minus 0.05 per token of length difference between the answer and the
+# reference (at most 10 tokens), minus 0.5 when no answer could be extracted. The regular expressions
+# below are theirs, unchanged.
+VERIFIER_PASS_TAG = "Final Decision: Yes"
+NO_ANSWER = "No Answer"
+_BOXED = re.compile(r"\\boxed\{((?:[^{}]|\{(?:[^{}]|\{[^{}]*\})*\})*)\}")
+_FINAL_ANSWER = [r"Final Answer:\s*((?:[^<]|<[^<])*?)\n", r"Final Answer is:\s*((?:[^<]|<[^<])*?)\n",
+                 r"The answer is:\s*((?:[^<]|<[^<])*?)\n", r"Answer:\s*((?:[^<]|<[^<])*?)\n",
+                 r"Solution:\s*((?:[^<]|<[^<])*?)\n", r"The solution is:\s*((?:[^<]|<[^<])*?)\n"]
+
+
+def extract_last_boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...} (two levels of nested braces), None when there is none."""
+    matches = list(_BOXED.finditer(text))
+    return matches[-1].group(1) if matches else None
+
+
+def extract_last_final_answer(text: str) -> str | None:
+    """The answer of the last "Final Answer:" (or "Answer:", "Solution:", ...) line, stripped, any case; a
+    line needs its line break. None when no pattern matches."""
+    last_match, last_position = None, -1
+    for pattern in _FINAL_ANSWER:
+        for match in re.finditer(pattern, text, flags=re.IGNORECASE):
+            if match.start() > last_position:
+                last_position, last_match = match.start(), match.group(1).strip()
+    for stop_word in ("</s>", "<|im_end|>", "<|endoftext|>"):
+        if last_match and last_match.endswith(stop_word):
+            last_match = last_match[:-len(stop_word)].strip()
+    return last_match
+
+
+def extract_solution(text: str) -> str | None:
+    """The policy's final answer as General-Reasoner reads it: the last non-empty \\boxed{}, else the last
+    "Final Answer:" line; None when neither is there."""
+    return extract_last_boxed(text) or extract_last_final_answer(text)
+
+
+def compute_rm_score(tokenizer, solution: str | None, reference: str, verification: str) -> float:
+    """General-Reasoner's reward of one response: `solution` its extract_solution, `verification` the
+    verifier's reply (special tokens dropped). The token counts are the verifier tokenizer's encode, as
+    theirs (special tokens as its default adds them)."""
+    score = -0.5 if solution is None else 0.0
+    solution = solution or NO_ANSWER
+    if VERIFIER_PASS_TAG in verification.strip():
+        score += 1.0
+        difference = abs(len(tokenizer.encode(solution)) - len(tokenizer.encode(reference)))
+        score -= min(difference, 10) * 0.05
+    return score
 
 FAMILIES = {f.name: f for f in (
     # The paper's RM-7B (virtuoussy/Qwen2.5-7B-Instruct-RLVR): verifier_prompt.TEMPLATE (docs/method.md), YES / NO.

@@ -7,11 +7,12 @@ remote (the transport), verifier_families, verifier_prompt, verifier_spec, rules
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from torch import Tensor
@@ -37,13 +38,29 @@ def _seeds_for(seeds: list[int] | None, n: int, sample: bool, base: int, call: i
     return list(seeds)
 
 
+CotReward = Literal["paper", "compute_rm_score"]  # --cot_reward
+
+
+def asked_solutions(responses: list[str], cot_reward: CotReward) -> tuple[list[str], list[str | None] | None]:
+    """(what the verifier is asked about, the extracted solutions): the responses themselves (paper), or
+    General-Reasoner's extract_solution of each, "No Answer" where none was found (compute_rm_score)."""
+    if cot_reward == "paper":
+        return responses, None
+    solutions = [verifier_families.extract_solution(r) for r in responses]
+    return [s or verifier_families.NO_ANSWER for s in solutions], solutions
+
+
 def judge_decisions(prompt: VerifierPrompt, seqs: list[list[int]], generated: list[list[int]], probs,
-                    soft_mode: SoftMode, pad_id: int) -> tuple[Judgement, object]:
+                    soft_mode: SoftMode, pad_id: int, solutions: list[str | None] | None = None,
+                    references: list[str] | None = None) -> tuple[Judgement, object]:
     """Eq. 3 / Eq. 4 of a generating family (cot), the local and the remote verifier alike: c is the token
     the verifier wrote right after its decision marker, p(positive) and p(negative) that position's
     probabilities, `probs(prefixes)` -> [rows, 2], each prefix the prompt and the reasoning before c (the
     same softmax over the whole vocabulary as a first token). No marker: unjudged. Returns the Judgement,
-    its `verifier_tokens` the generated lengths (the verifier's cost), and a function listing c per row."""
+    its `verifier_tokens` the generated lengths (the verifier's cost), and a function listing c per row.
+    With `solutions` (--cot_reward compute_rm_score, asked_solutions): General-Reasoner's reward instead:
+    binary is their decision (the reply contains "Final Decision: Yes" anywhere), soft their compute_rm_score
+    (with its -0.5 and length penalty); p_yes and judged stay the decision token's."""
     at = [verifier_families.decision_position(prompt.tokenizer, g, prompt.family.decision) for g in generated]
     found = [i for i, a in enumerate(at) if a is not None]
     p = torch.zeros(len(seqs), 2, dtype=torch.float64)
@@ -54,6 +71,11 @@ def judge_decisions(prompt: VerifierPrompt, seqs: list[list[int]], generated: li
         c[found] = token_class(torch.tensor([generated[i][at[i]] for i in found]), prompt.positive_ids,
                                prompt.negative_ids)
     j = judgement_rewards(p[:, 0], p[:, 1], c, soft_mode)
+    if solutions is not None:
+        replies = [prompt.tokenizer.decode(g, skip_special_tokens=True) for g in generated]
+        j.binary = torch.tensor([float(verifier_families.VERIFIER_PASS_TAG in r.strip()) for r in replies])
+        j.soft = torch.tensor([verifier_families.compute_rm_score(prompt.tokenizer, s, ref, r)
+                               for s, ref, r in zip(solutions, references, replies)], dtype=torch.float32)
     j.verifier_tokens = torch.tensor([float(len(g)) for g in generated])
     decided = [g[a] if a is not None else (g[-1] if g else pad_id) for g, a in zip(generated, at)]
     return j, lambda: decided
@@ -76,8 +98,9 @@ class LocalVerifier:
 
     def __init__(self, lm, tokenizer, settings: VerifierSettings = VerifierSettings(), name: str = "local verifier",
                  batch_size: int = 8, soft_mode: SoftModeFlag = "auto", sample: bool = False, max_unjudged: float = 0.1,
-                 seed: int = 0, max_new_tokens: int = 2048):
+                 seed: int = 0, max_new_tokens: int = 2048, cot_reward: CotReward = "paper"):
         self.prompt = VerifierPrompt(tokenizer, settings, name, getattr(lm.config, "max_position_embeddings", None))
+        self.cot_reward = cot_reward
         self.model, self.name, self.batch_size, self.max_new_tokens = lm, name, batch_size, max_new_tokens
         self.soft_mode = family_soft_mode(soft_mode, self.prompt.family.renormalise, self.prompt.family.name)
         self.sample, self.max_unjudged, self.seed, self.calls = sample, max_unjudged, seed, 0
@@ -90,9 +113,10 @@ class LocalVerifier:
         reward.check_lengths(questions, references, responses)
         seeds = _seeds_for(seeds, len(questions), self.sample, self.seed, self.calls)
         self.calls += 1
-        seqs = self.prompt.batch_ids(questions, references, responses)
+        asked, solutions = asked_solutions(responses, self.cot_reward)
+        seqs = self.prompt.batch_ids(questions, references, asked)
         if self.prompt.family.decision:
-            j, answered = self.judge_after_reasoning(seqs, seeds)
+            j, answered = self.judge_after_reasoning(seqs, seeds, solutions, references)
         else:
             logits = self.last_logits(seqs)
             j = rewards_from_logits(logits, self.prompt.positive_ids, self.prompt.negative_ids, self.soft_mode, seeds,
@@ -105,7 +129,8 @@ class LocalVerifier:
         j.cut = torch.tensor(self.prompt.last_cut, dtype=torch.bool)
         return j
 
-    def judge_after_reasoning(self, seqs: list[list[int]], seeds: list[int] | None) -> tuple[Judgement, object]:
+    def judge_after_reasoning(self, seqs: list[list[int]], seeds: list[int] | None, solutions=None,
+                              references=None) -> tuple[Judgement, object]:
         """A generating family (cot): the reasoning from model.generate, the decision's probabilities from
         one forward pass over the prompt and the reasoning before it (judge_decisions)."""
         # a rank without rows still generates (one token from a pad): a sharded verifier gathers its weights there
@@ -116,7 +141,7 @@ class LocalVerifier:
         def probs(prefixes):  # every rank calls last_logits, with or without rows (a sharded verifier)
             p = self.last_logits(prefixes).double().softmax(-1)
             return torch.stack([p[:, pos].sum(-1), p[:, neg].sum(-1)], -1) if prefixes else torch.zeros(0, 2)
-        return judge_decisions(self.prompt, seqs, gen, probs, self.soft_mode, self.pad_id)
+        return judge_decisions(self.prompt, seqs, gen, probs, self.soft_mode, self.pad_id, solutions, references)
 
     def _distributed(self) -> bool:
         return self.sharded and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
@@ -163,12 +188,12 @@ class RemoteVerifier:
 
     def __init__(self, client: CompletionsClient, tokenizer, settings: VerifierSettings = VerifierSettings(),
                  soft_mode: SoftModeFlag = "auto", sample: bool = False, max_unjudged: float = 0.1, seed: int = 0,
-                 max_new_tokens: int = 2048):
+                 max_new_tokens: int = 2048, cot_reward: CotReward = "paper"):
         self.client, self.name = client, f"{client.model_id} at {','.join(client.endpoints)}"
         self.prompt = VerifierPrompt(tokenizer, settings, self.name, client.max_model_len)
         self.soft_mode = family_soft_mode(soft_mode, self.prompt.family.renormalise, self.prompt.family.name)
         self.sample, self.max_unjudged, self.seed, self.calls = sample, max_unjudged, seed, 0
-        self.max_new_tokens = max_new_tokens  # a generating family's (cot) reasoning
+        self.max_new_tokens, self.cot_reward = max_new_tokens, cot_reward  # a generating family's (cot)
 
     def __call__(self, questions: list[str], references: list[str], responses: list[str],
                  seeds: list[int] | None = None) -> Judgement:
@@ -178,7 +203,8 @@ class RemoteVerifier:
         seeds = _seeds_for(seeds, len(questions), self.sample, self.seed, self.calls)
         self.calls += 1
         pos, neg, inv = self.prompt.positive_ids, self.prompt.negative_ids, self.prompt.invalid_ids
-        prompts = self.prompt.batch_ids(questions, references, responses)
+        asked, solutions = asked_solutions(responses, self.cot_reward)
+        prompts = self.prompt.batch_ids(questions, references, asked)
         seeds = seeds and [s % 2 ** 31 for s in seeds]
         if self.prompt.family.decision:  # cot: the server writes the reasoning, then is asked at the decision
             def probs(prefixes):
@@ -186,7 +212,7 @@ class RemoteVerifier:
                 return torch.tensor([[sum(math.exp(r["logprobs"][i]) for i in ids) for ids in (pos, neg)]
                                      for r in replies], dtype=torch.float64).reshape(-1, 2)
             gen = self.client.generate(prompts, self.max_new_tokens, seeds)
-            j, answered = judge_decisions(self.prompt, prompts, gen, probs, self.soft_mode, 0)
+            j, answered = judge_decisions(self.prompt, prompts, gen, probs, self.soft_mode, 0, solutions, references)
             self.prompt.check_judged(j.judged, answered, self.max_unjudged)
             j.cut = torch.tensor(self.prompt.last_cut, dtype=torch.bool)
             return j
@@ -229,6 +255,11 @@ class VerifierOptions:
                                                  "default: saved, else rm, the paper's)")
     verifier_max_new_tokens: int = _flag(2048, "tokens a generating verifier (--verifier_family cot) may write before "
                                                "its decision (2048: General-Reasoner's verifier.py)")
+    cot_reward: CotReward = _flag("paper", "the reward verifier of --verifier_family cot: paper: Eq. 3 / Eq. 4 at the "
+                                           "token after the last 'Final Decision:', on the last line; compute_rm_score: "
+                                           "General-Reasoner's (its extracted \\boxed{} / 'Final Answer:' answer, -0.5 "
+                                           "without one, 'Final Decision: Yes' anywhere, a length penalty) as --reward_type "
+                                           "soft, its decision alone as binary")
     verifier_force_settings: bool = _flag(False, "let the flags above override the verifier's saved settings")
     verifier_paper_defaults: bool = _flag(False, "ask model verifiers without verifier_settings.json (the released "
                                                  "RM-7B, a general judge) with the paper's template and YES/NO; "
@@ -280,13 +311,20 @@ class VerifierOptions:
         return {k: v for k, v in out.items() if v is not None}
 
 
-def _check_soft_mode(reading: dict, settings: VerifierSettings) -> None:
-    """--soft_mode against the verifier's family, before anything loads (a ConfigError naming the flag)."""
+def _reading_settings(reading: dict, settings: VerifierSettings) -> VerifierSettings:
+    """--soft_mode and --cot_reward against the verifier's family, before anything loads (a ConfigError
+    naming the flag); the settings the verifier is asked with: with --cot_reward compute_rm_score it reads
+    the extracted answer whole, as General-Reasoner sends it (asked_solutions)."""
     try:
         family_soft_mode(reading.get("soft_mode", "auto"), verifier_families.family(settings.family).renormalise,
                          settings.family)
     except ValueError as e:
         raise config.ConfigError(str(e)) from None
+    if reading.get("cot_reward", "paper") == "paper":
+        return settings
+    config.require(settings.family == "cot", "cot_reward", reading["cot_reward"],
+                   f"is General-Reasoner's reward of the cot family; this verifier is asked as {settings.family}")
+    return dataclasses.replace(settings, full_response=True, strip_think=False)
 
 
 def build_verifier(spec: str | VerifierSpec, options: VerifierOptions | None = None, *, settings_from_flags: bool = True,
@@ -308,7 +346,7 @@ def build_verifier(spec: str | VerifierSpec, options: VerifierOptions | None = N
             raise config.ConfigError(f"--verifier_family {overrides['family']!r} contradicts the verifier "
                                      f"{parsed.text}; name the family once")
         overrides["family"] = parsed.family
-    reading = dict(soft_mode=o.soft_mode, sample=o.verifier_sample) if settings_from_flags else {}
+    reading = dict(soft_mode=o.soft_mode, sample=o.verifier_sample, cot_reward=o.cot_reward) if settings_from_flags else {}
     if parsed.kind == "rule":
         # a family is how a model is asked: a rule reads the response as its own flags say
         rule_overrides = {k: v for k, v in overrides.items() if k != "family"}
@@ -333,7 +371,7 @@ def build_verifier(spec: str | VerifierSpec, options: VerifierOptions | None = N
         require_settings(saved, f"{spec} ({source})", o.verifier_paper_defaults,
                          "template" in overrides or "family" in overrides)
         settings = resolve_settings(saved, overrides, o.verifier_force_settings, spec)
-        _check_soft_mode(reading, settings)
+        settings = _reading_settings(reading, settings)
         tokenizer = model.load_tokenizer(source, trust_remote_code=trust_remote_code)
         return RemoteVerifier(client, tokenizer, settings, max_unjudged=o.verifier_max_unjudged, seed=seed,
                               max_new_tokens=o.verifier_max_new_tokens, **reading)
@@ -343,7 +381,7 @@ def build_verifier(spec: str | VerifierSpec, options: VerifierOptions | None = N
     saved = load_settings(spec)
     require_settings(saved, spec, o.verifier_paper_defaults, "template" in overrides or "family" in overrides)
     settings = resolve_settings(saved, overrides, o.verifier_force_settings, spec)
-    _check_soft_mode(reading, settings)  # before the weights load
+    settings = _reading_settings(reading, settings)  # before the weights load
     dtype = dtype or model.compute_dtype()
     if shard:  # every rank of the group calls this: the weights are read once, by rank 0, into the shards
         m = model.load_sharded(spec, device, dtype, trust_remote_code, mixed_precision=False, frozen=True)
@@ -457,6 +495,13 @@ def check_roles(cfg, options: VerifierOptions) -> None:
             "cannot score in a thread while it generates; use --stream_judging false")
         req(cfg.eval_verifier != "self", "eval_verifier", cfg.eval_verifier, f"--verifier {cfg.verifier} is not a "
             "grader of held-out answers; name a judge")
+    else:  # the flags of the policy: sources do nothing to a verifier
+        req(cfg.verifier_free_answer == "last_line", "verifier_free_answer", cfg.verifier_free_answer,
+            f"is read by --verifier policy:rlpr|policy:verifree, not {cfg.verifier}")
+    req(not cfg.rlpr_repetition_penalty or parse(cfg.verifier).text == "policy:rlpr", "rlpr_repetition_penalty",
+        cfg.rlpr_repetition_penalty, f"is read by --verifier policy:rlpr, not {cfg.verifier}")
+    req(options.cot_reward == "paper" or parse(cfg.verifier).model_verifier.kind not in ("rule", "py", "policy"),
+        "cot_reward", options.cot_reward, f"is the reward of a cot model verifier, not of {cfg.verifier}")
 
 
 def check_spec(spec: str, flag: str) -> None:
