@@ -296,6 +296,71 @@ def test_cot_generates_then_reads_the_decision_token(lm_tok, monkeypatch):
     assert seen["row_seeds"] == [5, 6, 7]
 
 
+def test_general_reasoners_extraction_and_score_by_hand():
+    """TIGER-AI-Lab/General-Reasoner@007e44c verifier.py: extract_solution (the last non-empty \\boxed{}, else the
+    last "Final Answer:"-like line, which needs its line break) and compute_rm_score's arithmetic, with a
+    one-token-per-character tokenizer."""
+    assert vf.extract_solution("a \\boxed{1} b \\boxed{\\frac{x^{2}}{3}} c") == "\\frac{x^{2}}{3}"
+    assert vf.extract_solution("Answer: 3\nso\nFINAL ANSWER:  7 kg \nok") == "7 kg"  # the last, any case, stripped
+    assert vf.extract_solution("\\boxed{} then\nThe solution is: x\n") == "x"  # an empty box: the line instead
+    assert vf.extract_solution("Final Answer: 7") is None  # no line break after it
+    assert vf.extract_solution("work\nTherefore, the answer is 7.") is None  # this repo's worlds' format
+
+    class Chars:
+        def encode(self, text):
+            return list(text)
+
+    yes, no = "checked.\nFinal Decision: Yes", "Final Decision: No"
+    assert vf.compute_rm_score(Chars(), "7", "7", yes) == 1.0
+    assert vf.compute_rm_score(Chars(), "7 kg", "7", yes) == pytest.approx(1 - 3 * 0.05, abs=1e-12)
+    assert vf.compute_rm_score(Chars(), "x" * 30, "7", yes) == pytest.approx(1 - 10 * 0.05, abs=1e-12)  # at most 10
+    # no extracted answer: -0.5, and "No Answer" (9 characters) is what the length penalty compares
+    assert vf.compute_rm_score(Chars(), None, "7", yes) == pytest.approx(-0.5 + 1 - 8 * 0.05, abs=1e-12)
+    assert vf.compute_rm_score(Chars(), None, "7", no) == -0.5 and vf.compute_rm_score(Chars(), "7", "7", no) == 0.0
+    # "Final Decision: Yes" anywhere passes, a later "No" included; the tag is case-sensitive
+    assert vf.compute_rm_score(Chars(), "7", "7", yes + "\nFinal Decision: No") == 1.0
+    assert vf.compute_rm_score(Chars(), "7", "7", "final decision: yes") == 0.0
+
+
+def _cot_reference_rows(tok):
+    """Responses, what General-Reasoner asks its verifier about them, the verifier's replies, and the
+    expected (binary, soft) of --cot_reward compute_rm_score, by hand."""
+    responses = ["work\n\\boxed{3 +\n4}", "Final Answer: Lyon\nmore", "5"]
+    asked = ["3 +\n4", "Lyon", "No Answer"]  # the whole box (two lines); none: "No Answer"
+    replies = ["Final Decision: Yes", "Final Decision: Yes\nFinal Decision: No", "Final Decision: Yes"]
+    n = lambda t: len(tok.encode(t))  # noqa: E731
+    soft = [1 - 0.05 * min(abs(n(a) - n(r)), 10) - (0.5 if a == "No Answer" else 0) for a, r in zip(asked, REFS)]
+    return responses, asked, replies, [1.0, 1.0, 1.0], soft
+
+
+def test_cot_with_general_reasoners_reward(lm_tok, monkeypatch):
+    from rlvr import model
+
+    lm, tok = lm_tok
+    v = verifiers.LocalVerifier(lm, tok, verifiers._reading_settings(dict(cot_reward="compute_rm_score"),
+                                                                     verifier_prompt.family_settings("cot")),
+                                name="cot", max_unjudged=1.0, cot_reward="compute_rm_score")
+    responses, asked, replies, binary, soft = _cot_reference_rows(tok)
+    script = [tok.encode(r, add_special_tokens=False) + [tok.eos_token_id] for r in replies]
+    seen = {}
+
+    def scripted(m, t, prompts, max_new_tokens, temperature=1.0, top_p=1.0, row_seeds=None):
+        seen.update(prompts=prompts)
+        return script, [False] * 3
+
+    monkeypatch.setattr(model, "generate", scripted)
+    j = v(QS, REFS, responses)
+    # asked about the extracted answer, raw text as their verifier.py formats it
+    assert seen["prompts"] == [tok.encode(vf.VERIFIER_PROMPT_TEMPLATE.format(question=q, ground_truth=r,
+                                                                           student_answer=a))
+                               for q, r, a in zip(QS, REFS, asked)]
+    assert j.binary.tolist() == binary  # row 2: the paper's reading (the last decision, " No") gives 0
+    assert j.soft.tolist() == pytest.approx(soft, abs=1e-6)  # float32 of sums of multiples of 0.05
+    assert len(set(j.soft.tolist())) == 3
+    with pytest.raises(config.ConfigError, match="^--cot_reward 'compute_rm_score': is General-Reasoner's reward"):
+        verifiers._reading_settings(dict(cot_reward="compute_rm_score"), verifier_prompt.family_settings("rm"))
+
+
 def test_cot_with_the_real_generator_counts_its_cost(family_model_dir):
     v = verifiers.build_verifier(family_model_dir, VerifierOptions(verifier_family="cot", verifier_max_new_tokens=3,
                                                                 verifier_max_unjudged=1.0))
@@ -393,6 +458,21 @@ def test_the_fake_vllm_server_asked_in_the_cot_family(cot_server):
     assert j.verifier_tokens.tolist() == [float(len(enc(w))) for w in writes]
     gen = [r for r in cot_server.requests if r["max_tokens"] > 1]
     assert len(gen) == 3 and all(r["max_tokens"] == 40 and r["temperature"] == 0.0 for r in gen)
+
+
+def test_the_fake_vllm_server_gives_general_reasoners_reward(cot_server):
+    v = verifiers.build_verifier(cot_server.url, VerifierOptions(verifier_family="cot", verifier_max_unjudged=1.0,
+                                                              cot_reward="compute_rm_score"))
+    tok = v.prompt.tokenizer
+    responses, asked, replies, binary, soft = _cot_reference_rows(tok)
+    for q, r, a, w in zip(QS, REFS, asked, replies):
+        p = tok.encode(vf.VERIFIER_PROMPT_TEMPLATE.format(question=q, ground_truth=r, student_answer=a))
+        cot_server.written[tuple(p)] = tok.encode(w, add_special_tokens=False)
+        ends = [i for i in range(len(w)) if w.startswith("Final Decision:", i)]
+        cot_server.at_decision[tuple(p + tok.encode(w[:ends[-1] + len("Final Decision:")], add_special_tokens=False))] \
+            = (0.7, 0.2)
+    j = v(QS, REFS, responses)
+    assert j.binary.tolist() == binary and j.soft.tolist() == pytest.approx(soft, abs=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- distillation

@@ -143,6 +143,100 @@ def test_policy_reward_scores_the_reference_after_the_reasoning_and_debiases_by_
     assert j.soft.tolist() == pytest.approx([0.2], abs=1e-6)
 
 
+# ---------------------------------------------------------------------------------------------- the references' tags
+
+BF16_03 = 0.30078125  # 0.3 in bfloat16 (8 significant bits): 1.0011010b x 2^-2
+
+
+def test_rlprs_tags_format_by_hand():
+    """--verifier_free_answer tags for RLPR (OpenBMB/RLPR@8490fca ray_trainer.py replace_answer_with_gt_batch
+    and prob.py, format_mode R1): the <answer> section replaced by the reference after its leading whitespace
+    (' ' when none), 0 without exactly one <think>, </think>, <answer> in order; the reward 0.9 x clip(r -
+    r_base) + 0.1 x format, r rounded to bfloat16 from float32, r_base not. The fake policy of the test above:
+    every reference token has p = 0.1 x (1 + len(prompt) % 5)."""
+    def logprobs(prompts, conts):
+        return torch.cat([torch.full((len(c),), math.log(0.1 * (1 + len(p) % 5))) for p, c in zip(prompts, conts)])
+
+    recs = [data.make_record("Q12", "ab", [{"role": "user", "content": "Q12"}], {})]
+    r = vf.PolicyReward("rlpr", logprobs, FakeTokenizer(), recs, max_prompt_len=100, batch_size=2, answer="tags")
+    think = "<think>xyzw</think><answer>"  # 7 + 4 + 8 + 8 = 27 characters
+    responses = [
+        think + "zz</answer>",                 # "Q12>" 4 + 27 + their ' ' 1 = 32 -> p 0.3; format 1
+        think + "\nzz",                        # the section's own "\n" is the whitespace: 32 -> 0.3; no </answer>: format 0
+        "so " + think + "zz</answer>",         # 3 + 32 = 35 -> p 0.1; text before <think>: format 0
+        "ab",                                  # no tags: 0
+        "<think>a</think><answer>zz<answer>",  # two <answer>: 0
+        "<answer>zz</answer><think>a</think>",  # out of order: 0
+    ]
+    j = r(["Q12"] * 6, ["ab"] * 6, responses)
+    base = 0.1  # "Q12>" and RLPR's space: 5 tokens, p 0.1; not rounded
+    bf16_01 = 0.10009765625  # 0.1 in bfloat16
+    want = [0.9 * (BF16_03 - base) + 0.1, 0.9 * (BF16_03 - base), 0.9 * (bf16_01 - base), 0.0, 0.0, 0.0]
+    # float32 log-probs and a float32 reward: 1e-6; the bf16 rounding moves the first three by >= 8e-5
+    assert j.soft.tolist() == pytest.approx(want, abs=1e-6)
+    assert vf.format_reward(responses[0]) == 1.0 and vf.format_reward("<think></think><answer></answer>\n") == 1.0
+    assert vf.rlpr_answer_context(think + "  zz") == think + "  " and vf.rlpr_answer_context("ab") is None
+
+
+def test_verifrees_tags_format_by_hand():
+    """--verifier_free_answer tags for VeriFree (sail-sg/VeriFree@718b363 verifree.py lines 173-190, 371-382):
+    the response cut at its first "<answer", then the summed log-probs of all the tokens of
+    "> \\boxed{REFERENCE} </answer>"; R = 0 without "<answer", when the generation limit cut the response, or
+    when the cut response and that answer are longer than the limit."""
+    def logprobs(prompts, conts):
+        return torch.cat([torch.full((len(c),), math.log(0.1 * (1 + len(p) % 5))) for p, c in zip(prompts, conts)])
+
+    recs = [data.make_record("Q1", "ab", [{"role": "user", "content": "Q1"}], {})]
+    r = vf.PolicyReward("verifree", logprobs, FakeTokenizer(), recs, max_prompt_len=100, batch_size=2, answer="tags",
+                        max_new_tokens=40)
+    answer = "> \\boxed{ab} </answer>"
+    assert vf.verifree_answer("x<answer>zz", "ab") == ("x<answer", answer) and len(answer) == 22
+    responses = ["x<answer>zz</answer>",          # "Q1>" 3 + "x<answer" 8 = 11 -> p 0.2, 22 tokens
+                 "ab<answer>q<answer>",            # the first "<answer": 3 + 9 = 12 -> p 0.3
+                 "x<answer>zz</answer>",           # cut by the generation limit: 0
+                 "ab",                             # no "<answer": 0
+                 "y" * 11 + "<answer>zz"]          # 18 + 22 = 40 tokens: at the limit, scored: 3 + 18 -> p 0.2
+    j = r(["Q1"] * 5, ["ab"] * 5, responses, truncated=[False, False, True, False, False])
+    want = [0.2 ** 22, 0.3 ** 22, 0.0, 0.0, 0.2 ** 22]
+    assert j.soft.tolist() == pytest.approx(want, rel=1e-5, abs=0)  # 22 float32 log-probs summed: ~1e-6 relative
+    assert r(["Q1"], ["ab"], ["y" * 12 + "<answer>zz"]).soft.tolist() == [0.0]  # 19 + 22 > 40
+
+
+def test_tags_format_warns_once_when_no_response_has_tags(capsys):
+    def logprobs(prompts, conts):
+        return torch.cat([torch.full((len(c),), math.log(0.5)) for c in conts])
+
+    recs = [data.make_record("Q1", "ab", [{"role": "user", "content": "Q1"}], {})]
+    r = vf.PolicyReward("verifree", logprobs, FakeTokenizer(), recs, max_prompt_len=100, batch_size=2, answer="tags")
+    assert r(["Q1"] * 2, ["ab"] * 2, ["ab", "cd"]).soft.tolist() == [0.0, 0.0]
+    assert capsys.readouterr().err == ""  # the master-key probe's call (no truncation flags): no warning
+    r(["Q1"] * 2, ["ab"] * 2, ["ab", "cd"], truncated=[False, False])
+    r(["Q1"] * 2, ["ab"] * 2, ["ab", "cd"], truncated=[False, False])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--verifier_free_answer last_line" in err and "no response of this batch of 2" in err
+
+
+def test_rlprs_repetition_penalty_by_hand():
+    """OpenBMB/RLPR@8490fca verl/utils/reward_score/repetition.py detect_repetition_with_hash (window 10, limit
+    10 as ray_trainer.py passes it) and its use: -1 added to the non-zero rewards only."""
+    ten = "a b c d e f g h i j "
+    assert vf.detect_repetition_with_hash(ten * 10) == -1  # windows at 0, 10, ..., 90: the same one 10 times
+    assert vf.detect_repetition_with_hash(ten * 9 + "a b c d e f g h i") == 0  # 99 words: that window 9 times
+    assert vf.detect_repetition_with_hash(" ".join(["a_b_c_d_e_f_g_h_i_j"] * 10)) == -1  # underscores split words
+    assert vf.detect_repetition_with_hash("x " * 10) == 0  # 10 words: not more than the window
+
+    def logprobs(prompts, conts):
+        return torch.cat([torch.full((len(c),), math.log(0.1 * (1 + len(p) % 5))) for p, c in zip(prompts, conts)])
+
+    recs = [data.make_record("Q12", "ab", [{"role": "user", "content": "Q12"}], {})]
+    r = vf.PolicyReward("rlpr", logprobs, FakeTokenizer(), recs, max_prompt_len=100, batch_size=4,
+                        repetition_penalty=True)
+    # last line: "Q12>" 4 + "x\n" 2 + RLPR's space 1 = 7 -> p 0.3 -> 0.3 - 0.1; 4 + 202 + 1 = 207: the same;
+    # 4 + 405 + 1 = 410 -> p 0.1 = r_base -> 0
+    j = r(["Q12"] * 3, ["ab"] * 3, ["x\nab", ten * 10 + "x\nab", ten * 20 + "xyzw\nab"])
+    assert j.soft.tolist() == pytest.approx([0.2, 0.2 - 1.0, 0.0], abs=1e-6)  # the third's 0 is not penalised
+
+
 def straightforward(lm, prompt: list[int], reference: list[int], kind: str) -> float:
     """The paper's formula token by token: a full forward per position, softmax, math.exp."""
     probs = []
@@ -189,6 +283,46 @@ def test_against_a_token_by_token_implementation_on_the_tiny_model(tiny_model_di
 
 
 @pytest.mark.parametrize("kind", vf.KINDS)
+def test_the_tags_format_against_a_token_by_token_implementation_on_the_tiny_model(tiny_model_dir, kind):
+    """--verifier_free_answer tags on real tokens: the text before the reference written out by hand (RLPR: up
+    to <answer> and its whitespace, ' ' when none; VeriFree: up to "<answer", then "> \\boxed{..} </answer>"),
+    each part tokenised on its own, and the references' formulas token by token."""
+    from rlvr import model
+    import train_rl
+
+    tok, lm = model.load_tokenizer(tiny_model_dir), model.load_model(tiny_model_dir).eval()
+    enc = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    cfg, _ = train_rl.parse_config(["--data", "toy"])
+    q, ref = "What is 2 + 3?", "5 5"
+    rec = data.make_record(q, ref, [{"role": "user", "content": q}], {})
+
+    def logprobs(prompts, conts):
+        return train_rl.forward_logprobs(lm, prompts, conts, list(range(len(prompts))), cfg, "cpu")[0]
+
+    r = vf.PolicyReward(kind, logprobs, tok, [rec], max_prompt_len=256, batch_size=3, answer="tags")
+    responses = ["<think>2 and 3</think><answer>5</answer>", "<think>so</think> then <answer>\n4 4", "5 5"]
+    got = r([q] * 3, [ref] * 3, responses).soft.tolist()
+    prompt = data.tokenize_prompts(tok, [rec], 256)[0]
+    assert [tok.decode([i]) for i in enc(" 5 5")][:2] == [" ", "5"]  # RLPR's space is a token of its own here
+    if kind == "rlpr":
+        base = straightforward(lm, prompt + enc(" "), enc(ref), kind)
+        bf16 = lambda x: torch.tensor(x, dtype=torch.float32).to(torch.bfloat16).item()  # noqa: E731
+        contexts = [("<think>2 and 3</think><answer>", " ", 1.0), ("<think>so</think> then <answer>", "\n", 0.0)]
+        want = [0.9 * max(0.0, bf16(straightforward(lm, prompt + enc(head) + enc(space), enc(ref), kind)) - base)
+                + 0.1 * fmt for head, space, fmt in contexts]
+    else:  # ~20 unlikely tokens: R ~ 1e-53, 0 in the float32 reward, so the float64 scores are compared
+        ids = [(enc(head + "<answer"), enc("> \\boxed{5 5} </answer>")) for head in ("<think>2 and 3</think>",
+                                                                                  "<think>so</think> then ")]
+        assert [r.answer_ids(x, ref, False) for x in responses[:2]] == ids
+        want = [straightforward(lm, prompt + head, answer, kind) for head, answer in ids]
+        got = r.scores([prompt + head for head, _ in ids], [answer for _, answer in ids]).tolist() + got[2:]
+    assert len(set(want)) == 2 and min(want) > 0 and got[2] == 0.0  # the rows differ; the untagged answer gets 0
+    # float32 forwards, packed vs one sequence at a time: ~1e-6 in log-prob (bf16 rounding of such close means
+    # lands on the same value but at a rounding boundary)
+    assert got[:2] == pytest.approx(want, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", vf.KINDS)
 def test_two_rl_steps_log_the_formula_of_the_policy_that_sampled(kind, tmp_path, monkeypatch):
     # 2 steps on the free-form world with the warm-started tiny policy; every call of the reward is recorded
     # with a copy of the policy's weights at that moment, and each logged reward is recomputed token by
@@ -209,9 +343,9 @@ def test_two_rl_steps_log_the_formula_of_the_policy_that_sampled(kind, tmp_path,
 
     score = vf.PolicyReward.__call__
 
-    def recorded(self, questions, references, responses, seeds=None):
+    def recorded(self, questions, references, responses, seeds=None, truncated=None):
         weights = {k: v.detach().clone() for k, v in seen["policy"].state_dict().items()}
-        j = score(self, questions, references, responses, seeds)
+        j = score(self, questions, references, responses, seeds, truncated)
         calls.append((weights, list(questions), list(references), list(responses), j.soft.tolist()))
         return j
 
@@ -263,6 +397,24 @@ def test_flags_a_policy_reward_cannot_run_with_are_refused_in_one_line(extra, fl
     with pytest.raises(config.ConfigError) as e:
         train_rl.parse_config(["--verifier", "policy:rlpr", *extra])
     assert str(e.value).startswith(flag) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--verifier", "rule:exact", "--verifier_free_answer", "tags"], "--verifier_free_answer"),
+    (["--verifier", "policy:verifree", "--rlpr_repetition_penalty", "true"], "--rlpr_repetition_penalty"),
+    (["--verifier", "rule:exact", "--rlpr_repetition_penalty", "true"], "--rlpr_repetition_penalty"),
+    (["--verifier", "policy:rlpr", "--cot_reward", "compute_rm_score"], "--cot_reward")])
+def test_the_verifier_free_flags_are_refused_where_nothing_reads_them(argv, flag):
+    from rlvr import config
+
+    with pytest.raises(config.ConfigError) as e:
+        train_rl.parse_config(argv)
+    assert str(e.value).startswith(flag) and "\n" not in str(e.value)
+    cfg, _ = train_rl.parse_config(["--verifier", "policy:rlpr", "--verifier_free_answer", "tags",
+                                    "--rlpr_repetition_penalty", "true"])
+    assert (cfg.verifier_free_answer, cfg.rlpr_repetition_penalty) == ("tags", True)
+    default, _ = train_rl.parse_config(["--verifier", "policy:rlpr"])  # today's rewards unless asked otherwise
+    assert (default.verifier_free_answer, default.rlpr_repetition_penalty) == ("last_line", False)
 
 
 def test_dynamic_sampling_with_rlprs_std_filter_keeps_the_groups_above_the_threshold():
