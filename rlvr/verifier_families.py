@@ -13,7 +13,8 @@ paper's way, at one judgement token c:
 
 A one-token family (all but cot) is read at its first output token, as verifiers.py reads the paper's
 verifier. cot generates first (greedy, or sampled with a seed per response), and Eq. 3 / Eq. 4 read
-the token after its decision marker; its generated length is its cost and is logged. A c that is none
+the token after its decision marker; its generated length is its cost and is logged. --cot_reward
+compute_rm_score reads it as General-Reasoner's RL does instead (compute_rm_score, below). A c that is none
 of a family's judgements is unjudged (reward 0), as for the paper's verifier. --soft_mode renorm
 renormalises every family over its judgements; --soft_mode auto (the default) is each family's own
 Eq. 4 (renormalised for compass: reward.family_soft_mode).

@@ -304,6 +304,7 @@ def test_general_reasoners_extraction_and_score_by_hand():
     assert vf.extract_solution("Answer: 3\nso\nFINAL ANSWER:  7 kg \nok") == "7 kg"  # the last, any case, stripped
     assert vf.extract_solution("\\boxed{} then\nThe solution is: x\n") == "x"  # an empty box: the line instead
     assert vf.extract_solution("Final Answer: 7") is None  # no line break after it
+    assert vf.extract_solution("\\boxed{3}\nFinal Answer: 4\n") == "3"  # a box wins over a later line
     assert vf.extract_solution("work\nTherefore, the answer is 7.") is None  # this repo's worlds' format
 
     class Chars:
