@@ -163,13 +163,18 @@ def extract_solution(text: str) -> str | None:
     return extract_last_boxed(text) or extract_last_final_answer(text)
 
 
+def passes(verification: str) -> bool:
+    """General-Reasoner's decision: the verifier's reply contains "Final Decision: Yes" anywhere."""
+    return VERIFIER_PASS_TAG in verification.strip()
+
+
 def compute_rm_score(tokenizer, solution: str | None, reference: str, verification: str) -> float:
     """General-Reasoner's reward of one response: `solution` its extract_solution, `verification` the
     verifier's reply (special tokens dropped). The token counts are the verifier tokenizer's encode, as
     theirs (special tokens as its default adds them)."""
     score = -0.5 if solution is None else 0.0
     solution = solution or NO_ANSWER
-    if VERIFIER_PASS_TAG in verification.strip():
+    if passes(verification):
         score += 1.0
         difference = abs(len(tokenizer.encode(solution)) - len(tokenizer.encode(reference)))
         score -= min(difference, 10) * 0.05

@@ -250,7 +250,8 @@ class PolicyReward:
             raise ValueError(f"unknown reward source 'policy:{kind}'; valid: {', '.join('policy:' + k for k in KINDS)}")
         self.kind, self.name, self.logprobs, self.tokenizer = kind, f"policy:{kind}", logprobs, tokenizer
         self.max_prompt_len, self.batch_size, self.sharded = max_prompt_len, batch_size, sharded
-        self.answer, self.repetition_penalty, self.max_new_tokens, self.warned = answer, repetition_penalty, max_new_tokens, False
+        self.answer, self.repetition_penalty, self.max_new_tokens = answer, repetition_penalty, max_new_tokens
+        self.warned = False  # the tags format's warning is said once
         self.records = {r.question: r for r in records}
         self.base: dict[tuple[str, str], float] = {}  # RLPR's r_base per (question, reference)
         if kind == "rlpr":
@@ -340,7 +341,8 @@ class PolicyReward:
                 score[rows] = (1 - FORMAT_COEFFICIENT) * score[rows] + FORMAT_COEFFICIENT * fmt
         s = score.clamp(0.0, 1.0)
         if self.repetition_penalty:  # added to a non-zero reward only (their reward_tensor.nonzero())
-            s += torch.tensor([float(detect_repetition_with_hash(r)) for r in responses], dtype=torch.float64) * (s != 0)
+            penalty = torch.tensor([float(detect_repetition_with_hash(r)) for r in responses], dtype=torch.float64)
+            s += penalty * (s != 0)
         s = s.float()
         return reward.Judgement(binary=(s >= 0.5).float(), soft=s, p_yes=s.clone(),
                                 judged=torch.ones(len(s), dtype=torch.bool))

@@ -73,7 +73,7 @@ def judge_decisions(prompt: VerifierPrompt, seqs: list[list[int]], generated: li
     j = judgement_rewards(p[:, 0], p[:, 1], c, soft_mode)
     if solutions is not None:
         replies = [prompt.tokenizer.decode(g, skip_special_tokens=True) for g in generated]
-        j.binary = torch.tensor([float(verifier_families.VERIFIER_PASS_TAG in r.strip()) for r in replies])
+        j.binary = torch.tensor([float(verifier_families.passes(r)) for r in replies])
         j.soft = torch.tensor([verifier_families.compute_rm_score(prompt.tokenizer, s, ref, r)
                                for s, ref, r in zip(solutions, references, replies)], dtype=torch.float32)
     j.verifier_tokens = torch.tensor([float(len(g)) for g in generated])
@@ -255,11 +255,11 @@ class VerifierOptions:
                                                  "default: saved, else rm, the paper's)")
     verifier_max_new_tokens: int = _flag(2048, "tokens a generating verifier (--verifier_family cot) may write before "
                                                "its decision (2048: General-Reasoner's verifier.py)")
-    cot_reward: CotReward = _flag("paper", "the reward verifier of --verifier_family cot: paper: Eq. 3 / Eq. 4 at the "
-                                           "token after the last 'Final Decision:', on the last line; compute_rm_score: "
-                                           "General-Reasoner's (its extracted \\boxed{} / 'Final Answer:' answer, -0.5 "
-                                           "without one, 'Final Decision: Yes' anywhere, a length penalty) as --reward_type "
-                                           "soft, its decision alone as binary")
+    cot_reward: CotReward = _flag("paper", "the reward verifier of --verifier_family cot: paper: Eq. 3 / Eq. 4 at "
+                                           "the token after the last 'Final Decision:', on the last line; "
+                                           "compute_rm_score: General-Reasoner's (its extracted \\boxed{} / 'Final "
+                                           "Answer:' answer, -0.5 without one, 'Final Decision: Yes' anywhere, a length "
+                                           "penalty) as --reward_type soft, its decision alone as binary")
     verifier_force_settings: bool = _flag(False, "let the flags above override the verifier's saved settings")
     verifier_paper_defaults: bool = _flag(False, "ask model verifiers without verifier_settings.json (the released "
                                                  "RM-7B, a general judge) with the paper's template and YES/NO; "
@@ -346,7 +346,8 @@ def build_verifier(spec: str | VerifierSpec, options: VerifierOptions | None = N
             raise config.ConfigError(f"--verifier_family {overrides['family']!r} contradicts the verifier "
                                      f"{parsed.text}; name the family once")
         overrides["family"] = parsed.family
-    reading = dict(soft_mode=o.soft_mode, sample=o.verifier_sample, cot_reward=o.cot_reward) if settings_from_flags else {}
+    reading = dict(soft_mode=o.soft_mode, sample=o.verifier_sample, cot_reward=o.cot_reward) \
+        if settings_from_flags else {}
     if parsed.kind == "rule":
         # a family is how a model is asked: a rule reads the response as its own flags say
         rule_overrides = {k: v for k, v in overrides.items() if k != "family"}

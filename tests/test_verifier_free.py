@@ -162,7 +162,7 @@ def test_rlprs_tags_format_by_hand():
     think = "<think>xyzw</think><answer>"  # 7 + 4 + 8 + 8 = 27 characters
     responses = [
         think + "zz</answer>",                 # "Q12>" 4 + 27 + their ' ' 1 = 32 -> p 0.3; format 1
-        think + "\nzz",                        # the section's own "\n" is the whitespace: 32 -> 0.3; no </answer>: format 0
+        think + "\nzz",                        # its own "\n" is the whitespace: 32 -> 0.3; no </answer>: format 0
         "so " + think + "zz</answer>",         # 3 + 32 = 35 -> p 0.1; text before <think>: format 0
         "ab",                                  # no tags: 0
         "<think>a</think><answer>zz<answer>",  # two <answer>: 0
@@ -213,7 +213,8 @@ def test_tags_format_warns_once_when_no_response_has_tags(capsys):
     r(["Q1"] * 2, ["ab"] * 2, ["ab", "cd"], truncated=[False, False])
     r(["Q1"] * 2, ["ab"] * 2, ["ab", "cd"], truncated=[False, False])
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--verifier_free_answer last_line" in err and "no response of this batch of 2" in err
+    assert err.count("\n") == 1 and "no response of this batch of 2" in err
+    assert "--verifier_free_answer last_line" in err
 
 
 def test_rlprs_repetition_penalty_by_hand():
