@@ -34,11 +34,12 @@ class Config:
     reward_weights: str = field(default="", metadata={
         "help": "weights of the TRL reward functions in --verifier py:a:f,py:b:g, in their order (TRL's "
                 "reward_weights), e.g. 1,0.5; '': all 1"})
-    verifier_free_answer: Literal["last_line", "tags"] = field(default="last_line", metadata={
-        "help": "where --verifier policy:rlpr|policy:verifree find the answer the reference replaces: last_line "
-                "(ours: the response's last line, no tags needed); tags (the references': R1's "
-                "<think>...</think><answer>...</answer>, 0 without them; RLPR's format reward and bf16 score, "
-                "VeriFree's '> \\boxed{REFERENCE} </answer>'; verifier_free.py)"})
+    verifier_free_answer: Literal["auto", "last_line", "tags"] = field(default="auto", metadata={
+        "help": "where --verifier policy:rlpr|policy:verifree find the answer the reference replaces: tags (the "
+                "references': R1's <think>...</think><answer>...</answer>, 0 without them; RLPR's format reward "
+                "and bf16 score, VeriFree's '> \\boxed{REFERENCE} </answer>'); last_line (ours: the response's "
+                "last line, no tags needed); auto: tags where the training prompts ask for <answer> tags (as the "
+                "references' prompts do), else last_line (verifier_free.answer_format)"})
     rlpr_repetition_penalty: bool = field(default=False, metadata={
         "help": "--verifier policy:rlpr: -1 added to a non-zero reward whose response repeats a 10-word window 10 "
                 "times (RLPR's reward_model.repetition_penalty, on in their recipes; the std filter reads it too)"})

@@ -30,9 +30,10 @@ reference y*, and score the reference's tokens under the current policy pi_theta
   apart from the reference (think ids + answer ids), as here. Their second gradient term (a supervised
   term on y* weighted by R) is not part of a reward and is left out.
 
-Where the answer is (--verifier_free_answer): last_line (the default, ours) reads the response as above, so
-this repo's untagged one-line answers get a reward; tags is each reference's own R1 answer-tag format, under
-which an untagged response earns 0 (a one-line warning at the first batch where no response has the tags):
+Where the answer is (--verifier_free_answer): last_line (ours) reads the response as above, so this repo's
+untagged answers get a reward; tags is each reference's own R1 answer-tag format, under which an untagged
+response earns 0 (a one-line warning at the first batch where no response has the tags); auto (the default)
+takes tags where the training prompts ask for the tags, as the references' do, else last_line (answer_format):
   RLPR (ray_trainer.py replace_answer_with_gt_batch, format_mode R1 of reproduce_qwen.sh): a response with
   exactly one <think>, </think> and <answer>, in that order, has its <answer> section replaced by the
   reference after the section's leading whitespace (' ' when none); any other response scores 0
@@ -110,6 +111,20 @@ def continuation_ids(tokenizer, reasoning: str, reference: str, rlpr: bool = Fal
 # the references' answer-tag format (--verifier_free_answer tags): R1's <think>...</think><answer>...</answer>
 
 THINK, END_THINK, ANSWER, END_ANSWER = "<think>", "</think>", "<answer>", "</answer>"
+
+
+def answer_format(flag: str, records: list, name: str) -> str:
+    """--verifier_free_answer auto: the references' tags format where the training prompts ask for the answer
+    tags (a prompt holds "<answer>", as the references' R1 prompts do), else last_line, under which an
+    untagged policy's answers still earn a reward (under tags every one would earn 0). Said on one line."""
+    if flag != "auto":
+        return flag
+    asks = sum(any(ANSWER in m.get("content", "") for m in r.messages) for r in records)
+    chosen = "tags" if asks else "last_line"
+    if distributed.rank() == 0:
+        print(f"[{name}] --verifier_free_answer auto: {chosen} ({asks} of {len(records)} training prompts ask for "
+              f"{ANSWER} tags); --verifier_free_answer tags|last_line sets it", flush=True)
+    return chosen
 FORMAT_COEFFICIENT = 0.1  # RLPR's reward_model.format_coefficient (main_ppo.py's default)
 _R1_ANSWER = re.compile(r"^.*<think>.*</think>.*<answer>.*$", re.DOTALL)  # their valid_flag pattern
 _R1_FORMAT = re.compile(r"<think>.*</think>.*<answer>.*</answer>.*", re.DOTALL)  # their format_reward pattern
@@ -250,7 +265,8 @@ class PolicyReward:
             raise ValueError(f"unknown reward source 'policy:{kind}'; valid: {', '.join('policy:' + k for k in KINDS)}")
         self.kind, self.name, self.logprobs, self.tokenizer = kind, f"policy:{kind}", logprobs, tokenizer
         self.max_prompt_len, self.batch_size, self.sharded = max_prompt_len, batch_size, sharded
-        self.answer, self.repetition_penalty, self.max_new_tokens = answer, repetition_penalty, max_new_tokens
+        self.answer = answer_format(answer, records, self.name)
+        self.repetition_penalty, self.max_new_tokens = repetition_penalty, max_new_tokens
         self.warned = False  # the tags format's warning is said once
         self.records = {r.question: r for r in records}
         self.base: dict[tuple[str, str], float] = {}  # RLPR's r_base per (question, reference)

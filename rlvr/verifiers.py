@@ -497,7 +497,7 @@ def check_roles(cfg, options: VerifierOptions) -> None:
         req(cfg.eval_verifier != "self", "eval_verifier", cfg.eval_verifier, f"--verifier {cfg.verifier} is not a "
             "grader of held-out answers; name a judge")
     else:  # the flags of the policy: sources do nothing to a verifier
-        req(cfg.verifier_free_answer == "last_line", "verifier_free_answer", cfg.verifier_free_answer,
+        req(cfg.verifier_free_answer == "auto", "verifier_free_answer", cfg.verifier_free_answer,
             f"is read by --verifier policy:rlpr|policy:verifree, not {cfg.verifier}")
     req(not cfg.rlpr_repetition_penalty or parse(cfg.verifier).text == "policy:rlpr", "rlpr_repetition_penalty",
         cfg.rlpr_repetition_penalty, f"is read by --verifier policy:rlpr, not {cfg.verifier}")

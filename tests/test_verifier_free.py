@@ -414,8 +414,28 @@ def test_the_verifier_free_flags_are_refused_where_nothing_reads_them(argv, flag
     cfg, _ = train_rl.parse_config(["--verifier", "policy:rlpr", "--verifier_free_answer", "tags",
                                     "--rlpr_repetition_penalty", "true"])
     assert (cfg.verifier_free_answer, cfg.rlpr_repetition_penalty) == ("tags", True)
-    default, _ = train_rl.parse_config(["--verifier", "policy:rlpr"])  # today's rewards unless asked otherwise
-    assert (default.verifier_free_answer, default.rlpr_repetition_penalty) == ("last_line", False)
+    default, _ = train_rl.parse_config(["--verifier", "policy:rlpr"])
+    assert (default.verifier_free_answer, default.rlpr_repetition_penalty) == ("auto", False)
+
+
+def test_auto_takes_the_tags_format_only_where_the_training_prompts_ask_for_the_tags(capsys):
+    """The references' format is the default where it can reward something: their R1 prompts ask for
+    <answer> tags; prompts that do not (this repo's worlds) get last_line, not a reward of 0 everywhere."""
+    def logprobs(prompts, conts):
+        return torch.cat([torch.full((len(c),), math.log(0.5)) for c in conts])
+
+    r1 = "Think in <think> </think>, then answer in <answer> </answer>."
+    plain = [data.make_record("Q1", "ab", [{"role": "user", "content": "Q1"}], {})]
+    asking = plain + [data.make_record("Q2", "cd", [{"role": "system", "content": r1},
+                                                   {"role": "user", "content": "Q2"}], {})]
+    build = lambda recs, flag: vf.PolicyReward("verifree", logprobs, FakeTokenizer(), recs, max_prompt_len=100,  # noqa: E731
+                                               batch_size=2, answer=flag)
+    assert build(plain, "auto").answer == "last_line"
+    assert "auto: last_line (0 of 1 training prompts ask for <answer> tags)" in capsys.readouterr().out
+    assert build(asking, "auto").answer == "tags"
+    assert "auto: tags (1 of 2" in capsys.readouterr().out
+    assert build(asking, "last_line").answer == "last_line" and build(plain, "tags").answer == "tags"
+    assert capsys.readouterr().out == ""  # a format named by the flag is not announced
 
 
 def test_dynamic_sampling_with_rlprs_std_filter_keeps_the_groups_above_the_threshold():
