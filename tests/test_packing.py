@@ -79,12 +79,12 @@ def _block_causal_mask(lengths):
 
 
 def test_varlen_sdpa_equals_a_dense_block_diagonal_mask():
-    lengths = [6, 1, 11, 4]
     heads, kv_heads, dim = 4, 2, 16
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, heads, sum(lengths), dim, generator=g)
-    k = torch.randn(1, kv_heads, sum(lengths), dim, generator=g)
-    v = torch.randn(1, kv_heads, sum(lengths), dim, generator=g)
+    lengths = [6, 1, 11, 4, 6]  # two of length 6: one batched call, whose output is split back per sequence
+    q = torch.randn(1, heads, sum(lengths), dim, generator=g, requires_grad=True)
+    k = torch.randn(1, kv_heads, sum(lengths), dim, generator=g, requires_grad=True)
+    v = torch.randn(1, kv_heads, sum(lengths), dim, generator=g, requires_grad=True)
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
     out, _ = M._varlen_sdpa(None, q, k, v, None, scaling=dim ** -0.5, position_ids=pos)  # [1, T, H, D]
     rep = heads // kv_heads
@@ -92,6 +92,13 @@ def test_varlen_sdpa_equals_a_dense_block_diagonal_mask():
         q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=_block_causal_mask(lengths),
         scale=dim ** -0.5)
     assert torch.allclose(out, dense.transpose(1, 2), atol=1e-6, rtol=0)
+    # the gradients too (the backward of the per-sequence calls and of putting their outputs back in place);
+    # float32 sums of at most 11 unit-scale products: 1e-5
+    w = torch.randn(out.shape, generator=g)
+    got = torch.autograd.grad((out * w).sum(), (q, k, v))
+    want = torch.autograd.grad((dense.transpose(1, 2) * w).sum(), (q, k, v))
+    for name, a, b in zip("qkv", got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=name)
 
 
 def test_model_varlen_path_equals_transformers_dense_mask_path(tiny_model_dir):
