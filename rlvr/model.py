@@ -269,7 +269,8 @@ def shard_model(model, mixed_precision: bool, activation_checkpointing: bool = F
     master weights stay in the dtype the model was loaded in (float32 for a trained policy).
     """
     if activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+            "use_reentrant": False, "context_fn": functools.partial(_recompute_as_forward, model)})
     if not distributed.is_initialized():
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
@@ -452,11 +453,25 @@ def _packed_attention(model, packed: bool):
         yield
         return
     _register_varlen_sdpa()
-    model.config._attn_implementation = "sdpa_varlen"
+    with _attention_kernel(model, "sdpa_varlen"):
+        yield
+
+
+@contextlib.contextmanager
+def _attention_kernel(model, impl: str):
+    before = model.config._attn_implementation
+    model.config._attn_implementation = impl
     try:
         yield
     finally:
-        model.config._attn_implementation = impl
+        model.config._attn_implementation = before
+
+
+def _recompute_as_forward(model):
+    """torch.utils.checkpoint's context_fn (--activation_checkpointing): a layer's recompute in backward runs
+    with the attention kernel its forward ran with. _packed_attention sets the per-sequence kernel only around
+    the forward; recomputed with plain sdpa, a packed row would attend across its sequences."""
+    return contextlib.nullcontext(), _attention_kernel(model, model.config._attn_implementation)
 
 
 def _forward_logprobs(model, input_ids, position_ids, attention_mask, target_mask, temperature, chunk_size,

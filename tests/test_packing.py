@@ -72,6 +72,25 @@ def test_packed_logprobs_equal_one_sequence_at_a_time(tiny_model_dir):
             assert torch.allclose(packed[i], alone, atol=1e-5, rtol=0)
 
 
+def test_activation_checkpointing_recomputes_packed_rows_as_their_forward(tiny_model_dir):
+    """--activation_checkpointing on packed rows: each layer's recompute in backward runs the per-sequence
+    attention its forward ran (recomputed with plain sdpa, the row would attend across its sequences and
+    checkpoint refuses the mismatched shapes). The recompute repeats the forward's float32 ops, so the
+    gradients are bitwise those without checkpointing."""
+    model = _load(tiny_model_dir)
+    prompts, responses = _batch(model.config.vocab_size, seed=3)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            M.shard_model(model, mixed_precision=False, activation_checkpointing=True)  # no process group: no shards
+        sum(x.sum() for x in _per_sequence_logprobs(model, prompts, responses, pack=True)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        model.zero_grad(set_to_none=True)
+    assert model.config._attn_implementation == "sdpa"  # restored after forward and backward
+    for name, g in grads[0].items():
+        assert torch.equal(grads[1][name], g), name
+
+
 def _block_causal_mask(lengths):
     seg = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
     t = torch.arange(len(seg))
