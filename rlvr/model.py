@@ -269,7 +269,8 @@ def shard_model(model, mixed_precision: bool, activation_checkpointing: bool = F
     master weights stay in the dtype the model was loaded in (float32 for a trained policy).
     """
     if activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+            "use_reentrant": False, "context_fn": functools.partial(_recompute_as_forward, model)})
     if not distributed.is_initialized():
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
@@ -429,8 +430,10 @@ def _varlen_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
         o = torch.nn.functional.scaled_dot_product_attention(
             torch.cat([qs[i] for i in idx]), torch.cat([ks[i] for i in idx]), torch.cat([vs[i] for i in idx]),
             is_causal=True, scale=scaling, enable_gqa=True)
-        for j, i in enumerate(idx):
-            outs[i] = o[j:j + 1]
+        # split, not o[j:j + 1]: a slice's backward zero-fills a whole o per sequence and autograd sums them
+        # (O(sequences x o) per layer, ~5% of an update at 32 sequences); split's backward is one cat
+        for i, part in zip(idx, o.split(1)):
+            outs[i] = part
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 
@@ -450,11 +453,25 @@ def _packed_attention(model, packed: bool):
         yield
         return
     _register_varlen_sdpa()
-    model.config._attn_implementation = "sdpa_varlen"
+    with _attention_kernel(model, "sdpa_varlen"):
+        yield
+
+
+@contextlib.contextmanager
+def _attention_kernel(model, impl: str):
+    before = model.config._attn_implementation
+    model.config._attn_implementation = impl
     try:
         yield
     finally:
-        model.config._attn_implementation = impl
+        model.config._attn_implementation = before
+
+
+def _recompute_as_forward(model):
+    """torch.utils.checkpoint's context_fn (--activation_checkpointing): a layer's recompute in backward runs
+    with the attention kernel its forward ran with. _packed_attention sets the per-sequence kernel only around
+    the forward; recomputed with plain sdpa, a packed row would attend across its sequences."""
+    return contextlib.nullcontext(), _attention_kernel(model, model.config._attn_implementation)
 
 
 def _forward_logprobs(model, input_ids, position_ids, attention_mask, target_mask, temperature, chunk_size,
@@ -480,8 +497,9 @@ def _forward_logprobs(model, input_ids, position_ids, attention_mask, target_mas
     # The [chunk, vocab] float32 logits and their softmax temporaries (about 4 such blocks in backward)
     # set the peak: `chunk_size` rows per block (--logprob_chunk); bench.py measures the trade.
     logps, ents = [], []
-    for i in range(0, hs.shape[0], chunk_size):
-        hc, tc = hs[i:i + chunk_size], targets[i:i + chunk_size]
+    # split, not slices: each slice's backward would zero-fill a whole [tokens, hidden] gradient (quadratic in
+    # the number of chunks); split's backward is one cat
+    for hc, tc in zip(hs.split(chunk_size), targets.split(chunk_size)):
         if torch.is_grad_enabled():
             # recompute the chunk's logits in backward instead of keeping [chunk, vocab] per chunk
             logps.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, hc, weight, tc, temperature, softcap,

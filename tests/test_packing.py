@@ -72,6 +72,25 @@ def test_packed_logprobs_equal_one_sequence_at_a_time(tiny_model_dir):
             assert torch.allclose(packed[i], alone, atol=1e-5, rtol=0)
 
 
+def test_activation_checkpointing_recomputes_packed_rows_as_their_forward(tiny_model_dir):
+    """--activation_checkpointing on packed rows: each layer's recompute in backward runs the per-sequence
+    attention its forward ran (recomputed with plain sdpa, the row would attend across its sequences and
+    checkpoint refuses the mismatched shapes). The recompute repeats the forward's float32 ops, so the
+    gradients are bitwise those without checkpointing."""
+    model = _load(tiny_model_dir)
+    prompts, responses = _batch(model.config.vocab_size, seed=3)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            M.shard_model(model, mixed_precision=False, activation_checkpointing=True)  # no process group: no shards
+        sum(x.sum() for x in _per_sequence_logprobs(model, prompts, responses, pack=True)).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        model.zero_grad(set_to_none=True)
+    assert model.config._attn_implementation == "sdpa"  # restored after forward and backward
+    for name, g in grads[0].items():
+        assert torch.equal(grads[1][name], g), name
+
+
 def _block_causal_mask(lengths):
     seg = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
     t = torch.arange(len(seg))
@@ -79,12 +98,12 @@ def _block_causal_mask(lengths):
 
 
 def test_varlen_sdpa_equals_a_dense_block_diagonal_mask():
-    lengths = [6, 1, 11, 4]
     heads, kv_heads, dim = 4, 2, 16
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, heads, sum(lengths), dim, generator=g)
-    k = torch.randn(1, kv_heads, sum(lengths), dim, generator=g)
-    v = torch.randn(1, kv_heads, sum(lengths), dim, generator=g)
+    lengths = [6, 1, 11, 4, 6]  # two of length 6: one batched call, whose output is split back per sequence
+    q = torch.randn(1, heads, sum(lengths), dim, generator=g, requires_grad=True)
+    k = torch.randn(1, kv_heads, sum(lengths), dim, generator=g, requires_grad=True)
+    v = torch.randn(1, kv_heads, sum(lengths), dim, generator=g, requires_grad=True)
     pos = torch.cat([torch.arange(n) for n in lengths])[None]
     out, _ = M._varlen_sdpa(None, q, k, v, None, scaling=dim ** -0.5, position_ids=pos)  # [1, T, H, D]
     rep = heads // kv_heads
@@ -92,6 +111,13 @@ def test_varlen_sdpa_equals_a_dense_block_diagonal_mask():
         q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=_block_causal_mask(lengths),
         scale=dim ** -0.5)
     assert torch.allclose(out, dense.transpose(1, 2), atol=1e-6, rtol=0)
+    # the gradients too (the backward of the per-sequence calls and of putting their outputs back in place);
+    # float32 sums of at most 11 unit-scale products: 1e-5
+    w = torch.randn(out.shape, generator=g)
+    got = torch.autograd.grad((out * w).sum(), (q, k, v))
+    want = torch.autograd.grad((dense.transpose(1, 2) * w).sum(), (q, k, v))
+    for name, a, b in zip("qkv", got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=name)
 
 
 def test_model_varlen_path_equals_transformers_dense_mask_path(tiny_model_dir):
