@@ -497,19 +497,27 @@ def master_key_rate(verifier_path: str) -> float:
     return audit.master_key_probe(v, [r.question for r in recs], [r.reference for r in recs])["fpr"]
 
 
-def students_report() -> dict:
-    """The student from the base and the student from a random init, both distilled by the same recipe on
-    the same rows: on their held-out rows, on the policy's answers, on novel_rows, and master keys."""
+def grading_sets() -> dict[str, list[data.JudgedRow]]:
+    """The rows a student is graded on: the distillation's held-out rows, the instruct policy's answers,
+    answers in novel forms."""
     import yaml
 
     mix = yaml.safe_load(VERIFIER_RECIPES[0].read_text())["toy_mix"]
     heldout = data.split_heldout(judge_rows(mix, 0), 0.1)[1]  # as train_verifier.py sft splits them
-    sets = {"held-out rows": heldout, "policy answers": policy_answers(), "novel forms": novel_rows(1000)}
-    out = {}
-    for name, path in (("from the base", tiny_verifier()), ("from a random init", random_student())):
-        out[name] = {k: grade(path, rows) for k, rows in sets.items()} | {"master_key_fpr": master_key_rate(path),
-                                                                          "path": path}
-    return out
+    return {"held-out rows": heldout, "policy answers": policy_answers(), "novel forms": novel_rows(1000)}
+
+
+def verifier_report(path: str, sets: dict[str, list[data.JudgedRow]]) -> dict:
+    """One verifier against the teacher on every grading set, and its master-key rate."""
+    return {k: grade(path, rows) for k, rows in sets.items()} | {"master_key_fpr": master_key_rate(path), "path": path}
+
+
+def students_report() -> dict:
+    """The student from the base and the student from a random init, both distilled by the same recipe on
+    the same rows: on their held-out rows, on the policy's answers, on novel_rows, and master keys."""
+    sets = grading_sets()
+    return {name: verifier_report(path, sets)
+            for name, path in (("from the base", tiny_verifier()), ("from a random init", random_student()))}
 
 
 def subject_of(question: str) -> str:
@@ -524,11 +532,14 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("base", help="build (or find) the base; its held-out next-token loss and equivalence probe")
     sub.add_parser("examples", help="a question per subject, an instruct response, the teacher's verdicts")
     sub.add_parser("students", help="the student from the base against one from a random init (builds both)")
+    g = sub.add_parser("grade", help="a verifier (e.g. the next round's student) graded as `students` grades them")
+    g.add_argument("verifier", help="a verifier's directory (its saved settings)")
     args = ap.parse_args(argv)
-    if args.cmd == "students":
+    if args.cmd in ("students", "grade"):
         import json
 
-        print(json.dumps(students_report(), indent=1))
+        print(json.dumps(students_report() if args.cmd == "students" else verifier_report(args.verifier, grading_sets()),
+                         indent=1))
         return
     if args.cmd == "base":
         t = time.time()
