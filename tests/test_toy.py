@@ -191,3 +191,29 @@ def test_tiny_verifier_chains_its_stages_and_is_cached_by_recipe_text(monkeypatc
     assert toy.tiny_verifier() == path and len(runs) == 2  # cached
     recipes[1].write_text("# b.yaml, edited\n")
     assert toy.tiny_verifier() != path and len(runs) == 4
+
+
+def test_a_model_another_process_is_building_is_waited_for_not_built_twice(tmp_path, capsys):
+    """Two runs (or suite workers) on one cold cache: the second waits on the first's lock, then finds the
+    model built; it builds only where the first left nothing (here the holder builds nothing)."""
+    import threading
+
+    out = tmp_path / "m"
+    root = Path(__file__).resolve().parents[1]
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys; sys.path.insert(0, %r); from worlds import toy; from pathlib import Path\n"
+        "with toy.build_lock(Path(%r)):\n    print('held', flush=True); sys.stdin.readline()")
+        % (str(root), str(tmp_path / ".m.build"))], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    got = []
+    t = threading.Thread(target=lambda: got.append(toy.build_tiny_model(str(out), hidden_size=64, num_layers=1,
+                                                                        name="small")))
+    t.start()
+    t.join(timeout=3)
+    assert t.is_alive() and not (out / "config.json").exists()  # waiting: nothing built while the lock is held
+    holder.stdin.write("\n")
+    holder.stdin.flush()
+    t.join(timeout=120)
+    assert holder.wait(timeout=60) == 0 and got == [str(out)] and (out / "config.json").exists()
+    printed = capsys.readouterr().out
+    assert "waiting for it" in printed and printed.count("[small] building") == 1

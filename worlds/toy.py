@@ -93,8 +93,8 @@ def build_tiny_model(out_dir: str | None = None, seed: int = 0, sft_pairs: list 
     next-token for `pretrain_steps` first (pretrain). `start`: a built model's directory to fine-tune
     instead of a random init (its tokenizer and shape; the size arguments are then unused). `name`: the
     stage's name in the two lines a build prints (its start and its end), so a cold start is not silent.
-    Returns the directory. Deterministic content means concurrent builders (ranks, tests) race
-    harmlessly: each writes a private temp dir and the first rename wins.
+    Returns the directory. Concurrent builders (ranks, tests, runs on one cache) build once: the others
+    wait on a lock beside `out` (build_lock), then find it built.
     """
     spec = dict(seed=seed, hidden=hidden_size, layers=num_layers, vocab=vocab_size, sft_steps=sft_steps,
                 sft=hashlib.sha256(json.dumps(sft_pairs or [], sort_keys=True).encode()).hexdigest()[:12], v=1)
@@ -106,9 +106,23 @@ def build_tiny_model(out_dir: str | None = None, seed: int = 0, sft_pairs: list 
         spec["start"] = json.loads((Path(start) / "rlvr_tiny.json").read_text())
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     out = Path(out_dir) if out_dir else cache_root() / f"tiny-{key}"
-    if (out / "config.json").exists() and json.loads((out / "rlvr_tiny.json").read_text()) == spec:
+    if _built(out, spec):
         return str(out)
+    with build_lock(out.parent / f".{out.name}.build"):  # a concurrent builder waits, then finds it built
+        if _built(out, spec):
+            return str(out)
+        return _build(out, spec, seed, sft_pairs, sft_steps, hidden_size, corpus, start, docs, pretrain_steps, name,
+                      num_layers, vocab_size)
 
+
+def _built(out: Path, spec: dict) -> bool:
+    return (out / "config.json").exists() and json.loads((out / "rlvr_tiny.json").read_text()) == spec
+
+
+def _build(out: Path, spec: dict, seed: int, sft_pairs: list | None, sft_steps: int, hidden_size: int, corpus: str,
+           start: str, docs: list[str] | None, pretrain_steps: int, name: str, num_layers: int, vocab_size: int) -> str:
+    """build_tiny_model's build, under its lock: the model trained in one thread, saved to a private temp
+    directory, renamed to `out`."""
     from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
     from transformers.utils import logging as hf_logging
 
