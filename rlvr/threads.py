@@ -24,16 +24,20 @@ def _cpu_times() -> tuple[float, float]:
     return user + nice + system + sum(rest[:3]), user + nice + system + idle + iowait + sum(rest[:3])
 
 
-def busy_cores(window: float = 0.3) -> float:
-    """Cores other processes keep busy now: the machine's busy share over `window` seconds while this
-    process sleeps, times the cores (/proc/stat; where there is none, the 1-minute load average, which
-    lags a new competitor by a minute)."""
+def busy_cores(window: float = 0.1, samples: int = 3) -> float:
+    """Cores other processes keep busy now: the machine's busy share while this process sleeps, the least
+    of `samples` windows of `window` seconds (a competitor is busy in every window; a blip, such as a
+    process that is just ending, in one: a single 0.3 s window once read an idle machine as a core busy),
+    times the cores (/proc/stat; where there is none, the 1-minute load average, which lags a new
+    competitor by a minute)."""
     try:
-        b0, t0 = _cpu_times()
-        time.sleep(window)
-        b1, t1 = _cpu_times()
-        share = (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
-        return share * (os.cpu_count() or 1)
+        shares = []
+        for _ in range(samples):
+            b0, t0 = _cpu_times()
+            time.sleep(window)
+            b1, t1 = _cpu_times()
+            shares.append((b1 - b0) / (t1 - t0) if t1 > t0 else 0.0)
+        return min(shares) * (os.cpu_count() or 1)
     except (OSError, ValueError):
         try:
             return os.getloadavg()[0]

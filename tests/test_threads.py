@@ -9,7 +9,7 @@ def machine(monkeypatch):
     """A machine of `n` cores with `busy` of them kept busy by other processes."""
     def make(n, busy):
         monkeypatch.setattr(threads, "cores", lambda: n)
-        monkeypatch.setattr(threads, "busy_cores", lambda window=0.3: busy)
+        monkeypatch.setattr(threads, "busy_cores", lambda: busy)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     return make
 
@@ -35,3 +35,25 @@ def test_busy_cores_reads_the_machine_while_this_process_sleeps():
     assert 0.0 <= busy <= (os.cpu_count() or 1) + 1e-9
     line = threads.start_up_line(1, "2 cores, 0.9 busy")
     assert line.startswith("threads: 1 torch thread (2 cores, 0.9 busy") and "--threads N" in line
+
+
+def test_a_blip_in_one_window_is_not_a_busy_core(monkeypatch):
+    """A competitor is busy in every window, a process that is just ending in one: the least share counts."""
+    import os
+
+    def readings(per_window):  # cumulative (busy, total) jiffies: each window 100 jiffies long
+        out, busy, total = [], 0.0, 0.0
+        for share in per_window:
+            out.append((busy, total))
+            busy, total = busy + 100 * share, total + 100
+            out.append((busy, total))
+        return iter(out)
+
+    monkeypatch.setattr(threads.time, "sleep", lambda s: None)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    it = readings([0.5, 0.0, 0.0])  # one core busy in the first window only
+    monkeypatch.setattr(threads, "_cpu_times", lambda: next(it))
+    assert threads.busy_cores() == 0.0
+    it = readings([0.5, 0.5, 0.55])  # one core busy throughout
+    monkeypatch.setattr(threads, "_cpu_times", lambda: next(it))
+    assert threads.busy_cores() == 1.0
