@@ -111,6 +111,9 @@ def continuation_ids(tokenizer, reasoning: str, reference: str, rlpr: bool = Fal
 # the references' answer-tag format (--verifier_free_answer tags): R1's <think>...</think><answer>...</answer>
 
 THINK, END_THINK, ANSWER, END_ANSWER = "<think>", "</think>", "<answer>", "</answer>"
+FORMAT_COEFFICIENT = 0.1  # RLPR's reward_model.format_coefficient (main_ppo.py's default)
+_R1_ANSWER = re.compile(r"^.*<think>.*</think>.*<answer>.*$", re.DOTALL)  # their valid_flag pattern
+_R1_FORMAT = re.compile(r"<think>.*</think>.*<answer>.*</answer>.*", re.DOTALL)  # their format_reward pattern
 
 
 def answer_format(flag: str, records: list, name: str) -> str:
@@ -125,9 +128,6 @@ def answer_format(flag: str, records: list, name: str) -> str:
         print(f"[{name}] --verifier_free_answer auto: {chosen} ({asks} of {len(records)} training prompts ask for "
               f"{ANSWER} tags); --verifier_free_answer tags|last_line sets it", flush=True)
     return chosen
-FORMAT_COEFFICIENT = 0.1  # RLPR's reward_model.format_coefficient (main_ppo.py's default)
-_R1_ANSWER = re.compile(r"^.*<think>.*</think>.*<answer>.*$", re.DOTALL)  # their valid_flag pattern
-_R1_FORMAT = re.compile(r"<think>.*</think>.*<answer>.*</answer>.*", re.DOTALL)  # their format_reward pattern
 
 
 def rlpr_answer_context(response: str) -> str | None:

@@ -111,16 +111,18 @@ def build_tiny_model(out_dir: str | None = None, seed: int = 0, sft_pairs: list 
     with build_lock(out.parent / f".{out.name}.build"):  # a concurrent builder waits, then finds it built
         if _built(out, spec):
             return str(out)
-        return _build(out, spec, seed, sft_pairs, sft_steps, hidden_size, corpus, start, docs, pretrain_steps, name,
-                      num_layers, vocab_size)
+        return _build(out, spec, seed=seed, sft_pairs=sft_pairs, sft_steps=sft_steps, hidden_size=hidden_size,
+                      num_layers=num_layers, vocab_size=vocab_size, corpus=corpus, start=start, docs=docs,
+                      pretrain_steps=pretrain_steps, name=name)
 
 
 def _built(out: Path, spec: dict) -> bool:
     return (out / "config.json").exists() and json.loads((out / "rlvr_tiny.json").read_text()) == spec
 
 
-def _build(out: Path, spec: dict, seed: int, sft_pairs: list | None, sft_steps: int, hidden_size: int, corpus: str,
-           start: str, docs: list[str] | None, pretrain_steps: int, name: str, num_layers: int, vocab_size: int) -> str:
+def _build(out: Path, spec: dict, *, seed: int, sft_pairs: list | None, sft_steps: int, hidden_size: int,
+           num_layers: int, vocab_size: int, corpus: str, start: str, docs: list[str] | None, pretrain_steps: int,
+           name: str) -> str:
     """build_tiny_model's build, under its lock: the model trained in one thread, saved to a private temp
     directory, renamed to `out`."""
     from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
