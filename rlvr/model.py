@@ -3,7 +3,7 @@ generation; packed or right-padded for log-probs), compute per-token log-probs w
 float32 logits, generate with seeded sampling (the decode loop: generation.py), and the one optimizer and LR
 schedule of both trainers.
 
-Imports distributed.py and generation.py only. The tiny offline models of the demo are built in toy.py.
+Imports config.py, distributed.py and generation.py only. The tiny offline models of the demo are built in toy.py.
 """
 from __future__ import annotations
 
