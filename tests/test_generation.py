@@ -129,3 +129,37 @@ def test_the_preallocated_cache_holds_what_dynamic_cache_holds(tiny_model_dir):
     for a, b in zip(ours.layers, theirs.layers):
         assert a.k_buf.shape[2] == 8 and a.keys.data_ptr() == a.k_buf.data_ptr()  # a view, not a copy
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_streamed_groups_are_handed_over_when_they_end_with_their_logprobs(ending):
+    """rollout_stream on decode's on_token hook: each group right after the step its last response ended,
+    with the behaviour log-probs of HF's scores / T (within LOGIT_ATOL), the tokens model.generate draws."""
+    from types import SimpleNamespace
+
+    from rlvr import rollout_stream
+
+    lm, tok, prompts = ending
+    seeds, temperature = list(range(100, 100 + len(prompts))), 0.8
+    want, want_scores = hf_generate(lm, tok, prompts, 24, temperature, 1.0, seeds)
+    forwards, seen = [], {}
+    hook = lm.register_forward_hook(lambda *args: forwards.append(1))
+    try:
+        rollout_stream.sample_groups(lm, tok, prompts, seeds, SimpleNamespace(temperature=temperature, top_p=1.0,
+                                                                              max_new_tokens=24), 4,
+                                     lambda first, *rest: seen.update({first: (len(forwards), *rest)}), record=True)
+    finally:
+        hook.remove()
+    assert sorted(seen) == [0, 4, 8]
+    assert [r for f in sorted(seen) for r in seen[f][1]] == model.generate(lm, tok, prompts, 24, temperature, 1.0,
+                                                                            seeds)[0]
+    early = [f for f, (n, responses, truncated, _) in seen.items() if not any(truncated)]
+    assert early and len(forwards) > min(seen[f][0] for f in early), "need a group that ends before the others"
+    for first, (n, responses, truncated, logp) in seen.items():
+        if not any(truncated):  # the forward whose logits drew the group's last token (the prefill drew token 0)
+            assert n == max(len(r) for r in responses)
+        for i, (response, lp) in enumerate(zip(responses, logp)):
+            row = first + i
+            assert torch.equal(want[row, :len(response)], torch.tensor(response))
+            ref = torch.stack([(want_scores[t][row] / temperature).log_softmax(-1)[tok_id]
+                               for t, tok_id in enumerate(response)])
+            torch.testing.assert_close(lp, ref, atol=LOGIT_ATOL, rtol=0)
