@@ -1,8 +1,9 @@
 """Models: load with the right attention kernel, shard with FSDP2, lay batches out (left-padded for
 generation; packed or right-padded for log-probs), compute per-token log-probs without full-vocabulary
-float32 logits, generate with seeded sampling, and the one optimizer and LR schedule of both trainers.
+float32 logits, generate with seeded sampling (the decode loop: generation.py), and the one optimizer and LR
+schedule of both trainers.
 
-Imports distributed.py only. The tiny offline models of the demo are built in toy.py.
+Imports config.py, distributed.py and generation.py only. The tiny offline models of the demo are built in toy.py.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from rlvr import config, distributed
+from rlvr import config, distributed, generation
+from rlvr.generation import SeededSampling  # noqa: F401 (callers and tests name it model.SeededSampling)
 
 # ----------------------------------------------------------------------------------------------
 # loading
@@ -542,73 +544,33 @@ def token_logprobs(model, input_ids: torch.Tensor, position_ids: torch.Tensor, t
 # generation
 
 
-def _splitmix64(x: torch.Tensor) -> torch.Tensor:
-    """A counter-based hash on int64 tensors (two's-complement wrap-around; `>>` is arithmetic in
-    torch, so the shifted-in sign bits are masked off to get a logical shift)."""
-    def shr(v, k):
-        return (v >> k) & ((1 << (64 - k)) - 1)
-    x = x + (0x9E3779B97F4A7C15 - (1 << 64))
-    x = (x ^ shr(x, 30)) * (0xBF58476D1CE4E5B9 - (1 << 64))
-    x = (x ^ shr(x, 27)) * (0x94D049BB133111EB - (1 << 64))
-    return x ^ shr(x, 31)
-
-
-class SeededSampling:
-    """Logits processor for temperature / top-p sampling by the Gumbel-max trick, with noise that is
-    a hash of (row seed, index of the generated token, token): greedy decoding over perturbed scores
-    is then an exact sample, and a sample depends only on its own seed and prompt, never on which rank
-    or batch it ran in (nor on the left padding a longer prompt in the batch adds). So one process and
-    N processes draw the same rollouts, and a resumed run redraws them. One instance per generate call:
-    the first call sees the (padded) prompt width, from which later calls count generated tokens."""
-
-    def __init__(self, row_seeds: torch.Tensor, temperature: float, top_p: float):
-        self.row_seeds, self.temperature, self.top_p = row_seeds, temperature, top_p
-        self.prompt_width: int | None = None
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.prompt_width is None:
-            self.prompt_width = input_ids.shape[1]
-        generated = input_ids.shape[1] - self.prompt_width  # 0 for the first new token
-        scores = scores.float() / self.temperature
-        if self.top_p < 1.0:
-            sorted_scores, order = scores.sort(-1, descending=True)
-            cum = sorted_scores.softmax(-1).cumsum(-1)
-            drop = cum - sorted_scores.softmax(-1) >= self.top_p  # keep the smallest set reaching top_p
-            scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-        vocab = torch.arange(scores.shape[-1], device=scores.device)
-        key = _splitmix64(self.row_seeds.to(scores.device)[:, None] * 1_000_003 + generated)
-        bits = _splitmix64(key * 0x100000001B3 + vocab[None])
-        u = (((bits >> 11) & ((1 << 53) - 1)).double() + 0.5) / float(1 << 53)  # uniform in (0, 1)
-        return scores + (-torch.log(-torch.log(u))).float()
+def eos_ids(model, tokenizer) -> set[int]:
+    """The tokens a response ends at: the generation config's end-of-sequence ids and the tokenizer's."""
+    eos = model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
 
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, row_seeds: list[int] | None = None) -> tuple[list[list[int]], list[bool]]:
-    """Sample (or, with row_seeds=None, greedily decode) one response per prompt with the KV cache.
+             top_p: float = 1.0, row_seeds: list[int] | None = None,
+             on_token=None) -> tuple[list[list[int]], list[bool]]:
+    """Sample (or, with row_seeds=None, greedily decode) one response per prompt with the KV cache
+    (generation.decode: the tokens HF's generate() draws with SeededSampling, at less cost).
 
     Returns the response token ids (cut after the first end-of-sequence token, which is kept) and
-    whether each response was truncated at max_new_tokens.
+    whether each response was truncated at max_new_tokens. on_token: see generation.decode.
     """
-    from transformers import GenerationConfig, LogitsProcessorList
-
     device = next(model.parameters()).device
-    eos = model.generation_config.eos_token_id
-    eos = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    eos = eos_ids(model, tokenizer)
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)
-    processors = LogitsProcessorList()
-    if row_seeds is not None:
-        processors.append(SeededSampling(torch.tensor(row_seeds, dtype=torch.long), temperature, top_p))
-    # a fresh generation config, not the model's: Qwen2.5's ships repetition_penalty 1.05, top_k 20 and more,
-    # which would make the sampler a policy other than the one the trainer scores (temperature and top_p only)
+    seeds = None if row_seeds is None else torch.tensor(row_seeds, dtype=torch.long)
+    # the model's generation_config.json applies as generate() applies it (generation.config_processors)
     ctx = gathered_params(model) if distributed.is_initialized() else contextlib.nullcontext()
     with ctx:
-        settings = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=sorted(eos),
-                                    pad_token_id=tokenizer.pad_token_id)
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=settings,
-                             logits_processor=processors)
+        out = generation.decode(model, ids.to(device), mask.to(device), max_new_tokens, sorted(eos),
+                                tokenizer.pad_token_id, seeds, temperature, top_p, on_token=on_token)
     responses, truncated = [], []
-    for row in out[:, ids.shape[1]:].tolist():
+    for row in out.tolist():
         cut = next((i + 1 for i, t in enumerate(row) if t in eos), None)
         responses.append(row[:cut] if cut else row)
         truncated.append(cut is None)
