@@ -145,14 +145,20 @@ _ROW_WISE = {"SequenceBiasLogitsProcessor", "MinNewTokensLengthLogitsProcessor",
 
 def config_processors(model, eos: list[int], pad_id: int, mask: torch.Tensor | None, prompt_width: int, device):
     """The logits processors HF's generate() builds from the model's generation_config under our settings
-    (greedy over our perturbed scores: min_new_tokens, sequence_bias, repetition_penalty... of the model's
-    generation_config.json apply, sampling warpers do not): the same list, so the same tokens. `mask`: the
-    attention mask as generate() keeps it (None without padding). Private transformers API (5.x);
-    tests/test_generation.py checks the tokens against generate()."""
+    (greedy over our perturbed scores: min_new_tokens, sequence_bias... of the model's generation_config.json
+    apply, sampling warpers do not), less its repetition penalties: the same list otherwise, so the same
+    tokens. `mask`: the attention mask as generate() keeps it (None without padding). Private transformers
+    API (5.x); tests/test_generation.py checks the tokens against generate()."""
     from transformers import GenerationConfig, LogitsProcessorList
 
     settings = GenerationConfig(do_sample=False, eos_token_id=eos, pad_token_id=pad_id)
     generation_config, _ = model._prepare_generation_config(settings)
+    # The sampler draws from the policy the trainer scores (softmax(logits / T), top-p). Qwen2.5's file ships
+    # repetition_penalty 1.05, which generate() applies (a setting left at its default is filled from the
+    # model's file), so the rollouts came from another policy than the one whose ratio the update takes. TRL
+    # (repetition_penalty 1.0 unless asked) and verl / OpenRLHF (vLLM's SamplingParams) sample without it.
+    generation_config.repetition_penalty = generation_config.encoder_repetition_penalty = None
+    generation_config.no_repeat_ngram_size = generation_config.encoder_no_repeat_ngram_size = None
     model._prepare_special_tokens(generation_config, True, device=device)
     return model._get_logits_processor(generation_config=generation_config, input_ids_seq_length=prompt_width,
                                        logits_processor=LogitsProcessorList(), device=device,

@@ -97,10 +97,10 @@ def test_decode_computes_hf_generates_logits_bitwise_on_the_same_shapes(ending):
 
 
 def test_decode_applies_the_models_generation_config_as_generate_does(tiny_model_dir):
-    """min_new_tokens, sequence_bias, repetition_penalty of generation_config.json (the bench sets lengths so)."""
+    """min_new_tokens, sequence_bias of generation_config.json (the bench sets lengths so)."""
     lm, tok = model.load_model(tiny_model_dir).eval(), model.load_tokenizer(tiny_model_dir)
     eos = tok.eos_token_id
-    lm.generation_config.update(min_new_tokens=6, sequence_bias=[[[eos], 5.0]], repetition_penalty=3.0)
+    lm.generation_config.update(min_new_tokens=6, sequence_bias=[[[eos], 5.0]])
     tok.pad_token = tok.eos_token  # as real tokenizers without a pad token are loaded (load_tokenizer)
     prompts = [[5, 6, 7], [5, 6, 7], [8, 9], [8, 9]]
     want, _ = hf_generate(lm, tok, prompts, 16, row_seeds=[1, 2, 3, 4])
@@ -163,3 +163,19 @@ def test_streamed_groups_are_handed_over_when_they_end_with_their_logprobs(endin
             ref = torch.stack([(want_scores[t][row] / temperature).log_softmax(-1)[tok_id]
                                for t, tok_id in enumerate(response)])
             torch.testing.assert_close(lp, ref, atol=LOGIT_ATOL, rtol=0)
+
+
+def test_the_models_repetition_penalty_is_not_the_samplers(tiny_model_dir):
+    """Qwen2.5's generation_config.json ships repetition_penalty 1.05, which HF's generate() applies: the
+    sampler must draw from the policy the trainer scores, so each step's scores are the model's logits."""
+    lm, tok = model.load_model(tiny_model_dir).eval(), model.load_tokenizer(tiny_model_dir)
+    lm.generation_config.update(repetition_penalty=3.0, no_repeat_ngram_size=2)
+    prompts = [[5, 6, 7, 5, 6], [8, 9, 8, 9], [5, 6, 7, 5, 6]]
+    got, steps = our_decode(lm, tok, prompts, 12, row_seeds=[1, 2, 3])
+    penalised, _ = hf_generate(lm, tok, prompts, 12, row_seeds=[1, 2, 3])
+    assert not torch.equal(got, penalised)  # the penalty would have changed the samples
+    for step, (rows, scores) in enumerate(steps):  # the raw logits of each row's own sequence so far
+        for i, row_scores in zip(rows.tolist(), scores):
+            seq = torch.tensor([prompts[i] + got[i, :step].tolist()])
+            # float32 logits of one row alone vs a batch with a shared prefill: ~1e-6 (other summation order)
+            torch.testing.assert_close(row_scores.float(), lm(seq).logits[0, -1].float(), atol=1e-4, rtol=0)
