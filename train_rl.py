@@ -26,8 +26,8 @@ import data
 import reward
 import worlds
 from rlvr import distributed, metrics, model, remote, verifiers
-from rlvr import (audit, checkpoint, config, distributed, judging, metrics, model, remote, rl_config, rl_math, rollout,
-                  rollout_async, rundir, threads, verifier_free, verifier_spec, verifiers)
+from rlvr import (audit, checkpoint, config, distributed, judging, metrics, model, prefix_sharing, remote, rl_config,
+                  rl_math, rollout, rollout_async, rundir, threads, verifier_free, verifier_spec, verifiers)
 from rlvr.rl_config import Config
 
 
@@ -71,7 +71,12 @@ def old_logprobs_source(cfg: Config, ro: rollout.Rollout) -> str:
 
 
 def forward_logprobs(net, prompts, responses, idx, cfg: Config, device, with_entropy=False):
-    """Flat per-token log-probs (and entropies) of responses `idx` under `net`: one forward pass."""
+    """Flat per-token log-probs (and entropies) of responses `idx` under `net`: one forward pass. Packed rows;
+    where samples share prompts and that saves work, each distinct prompt runs once (prefix_sharing.py).
+    --pack false keeps its padded rows (the layout for architectures the packed path cannot run)."""
+    if cfg.pack and prefix_sharing.use(net, [prompts[i] for i in idx], [responses[i] for i in idx]):
+        return prefix_sharing.logprobs(net, [prompts[i] for i in idx], [responses[i] for i in idx], cfg.temperature,
+                                       cfg.logprob_chunk, with_entropy, cfg.fp32_lm_head, device)
     seqs = [prompts[i] + responses[i] for i in idx]
     targets = [[False] * len(prompts[i]) + [True] * len(responses[i]) for i in idx]
     ids, pos, att, tmask = model.rows(seqs, targets, cfg.pack, 0, device)

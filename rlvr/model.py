@@ -287,6 +287,10 @@ def shard_model(model, mixed_precision: bool, activation_checkpointing: bool = F
     # (embeddings, final norm, lm_head) and reduce their gradients as it does for forward().
     model.forward_logprobs = functools.partial(_forward_logprobs, model)
     register_fsdp_forward_method(model, "forward_logprobs")
+    from rlvr import prefix_sharing  # imports this module: late
+
+    model.forward_shared_logprobs = functools.partial(prefix_sharing.forward_shared, model)  # the same, prompts shared
+    register_fsdp_forward_method(model, "forward_shared_logprobs")
     return model
 
 
@@ -486,8 +490,15 @@ def _forward_logprobs(model, input_ids, position_ids, attention_mask, target_mas
     # The hidden state at t predicts token t+1: select only the positions whose next token is a
     # target, so the vocabulary projection runs for response tokens only.
     sel = target_mask[:, 1:]
-    hs = h[:, :-1][sel]
-    targets = input_ids[:, 1:][sel]
+    flat, ent = head_logprobs(model, h[:, :-1][sel], input_ids[:, 1:][sel], temperature, chunk_size, with_entropy,
+                              fp32_head)
+    return _scatter(target_mask, flat), (_scatter(target_mask, ent) if ent is not None else None)
+
+
+def head_logprobs(model, hs: torch.Tensor, targets: torch.Tensor, temperature: float, chunk_size: int,
+                  with_entropy: bool, fp32_head: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head on selected hidden states hs [N, hidden]: flat log p(targets) [N] float32 (and entropies),
+    chunked and recomputed in backward. Shared by the packed/padded layout here and prefix_sharing.py."""
     weight = model.get_output_embeddings().weight
     if fp32_head and weight.dtype != torch.float32:
         # The output layer in float32 (an "fp32 LM head"): bf16 logits carry a relative error of 2^-9,
@@ -512,8 +523,7 @@ def _forward_logprobs(model, input_ids, position_ids, attention_mask, target_mas
             with torch.no_grad():
                 ents.append(_chunk_entropy(hc.detach(), weight.detach(), temperature, softcap))
     flat = torch.cat(logps) if logps else hs.new_zeros(0, dtype=torch.float32)
-    ent = _scatter(target_mask, torch.cat(ents)) if with_entropy and ents else None
-    return _scatter(target_mask, flat), ent
+    return flat, (torch.cat(ents) if with_entropy and ents else None)
 
 
 def _scatter(target_mask: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
