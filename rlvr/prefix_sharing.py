@@ -24,13 +24,16 @@ from rlvr import distributed
 from rlvr import model as models
 
 # Share when the shared layout's tokens (distinct prompts x longest prompt + rows x longest response, padding
-# included) are at most this fraction of the packed layout's (sum of prompt + response). Below 1 because the
-# shared layout pays for what packed does not: two decoder passes, the K/V copies to the rows (and their
-# gradient sums), attention through a padding mask, and padded positions' MLPs. Measured on CPU at the
-# bench's shapes (tiny Qwen2, 32 rows of 8-sample groups; see the commit adding this): equal lengths save
-# ~20% tokens and run ~1.15x faster; uneven geometric lengths pad so much that the layout costs more tokens
-# than packing and is not chosen.
-MAX_TOKEN_FRACTION = 0.9
+# included) are at most this fraction of the packed layout's (sum of prompt + response). Padding costs what a
+# token costs; besides, the shared layout pays for two decoder passes (two FSDP gathers per layer), the K/V
+# copies to the rows and their gradient sums, and attention through a padding mask, while on CPU the packed
+# layout pays one attention call per distinct sequence length. Measured on CPU (fwd+bwd of 64 rows in
+# micro-batches of 32, tiny Qwen2 h128 x 4 layers, 8 groups of 8, prompts 40-50 tokens, one thread, load ~4 on
+# 2 cores), packed time / shared time against this fraction: 0.80 (equal 128-token responses) 1.27x, 0.85 1.19x,
+# 0.90 1.32x, 1.00 1.22x, 1.13 1.00x, 1.28 0.77x, 1.51 (bench's uneven geometric lengths) 0.71x. The break-even
+# is ~1.1 on CPU; 0.95 keeps a margin for GPUs, where the packed varlen kernel has no per-length overhead and
+# padding is pure cost.
+MAX_TOKEN_FRACTION = 0.95
 
 
 def token_counts(prompts: list[list[int]], responses: list[list[int]]) -> tuple[int, int]:
