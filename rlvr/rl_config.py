@@ -146,7 +146,7 @@ class Config:
         "help": "when the sampler is not the trainer (vLLM, or --async_steps 1): per-token weights pi_old / pi_sampler, "
                 "truncated at --correction_threshold (tis) or tokens outside [1/threshold, threshold] dropped (mask)"})
     correction_threshold: float = field(default=2.0, metadata={"help": "the cap (tis) or the band (mask)"})
-    pack: bool = field(default=True, metadata={"help": "padding-free packed rows for log-probs and training"})
+    pack: bool = field(default=True, metadata={"help": "padding-free packed rows for log-probs and training, each distinct prompt run once where a group's samples share it and that saves tokens (rlvr/prefix_sharing.py); false: right-padded rows, no sharing"})
     logprob_chunk: int = field(default=1024, metadata={"help": "tokens per chunk of the vocabulary projection (float32 "
                                                                "[chunk, vocab] blocks: 0.6 GB each at 1024 x Qwen2.5's "
                                                                "151,936, ~4 alive in backward)"})
