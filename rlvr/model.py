@@ -287,10 +287,6 @@ def shard_model(model, mixed_precision: bool, activation_checkpointing: bool = F
     # (embeddings, final norm, lm_head) and reduce their gradients as it does for forward().
     model.forward_logprobs = functools.partial(_forward_logprobs, model)
     register_fsdp_forward_method(model, "forward_logprobs")
-    from rlvr import prefix_sharing  # imports this module: late
-
-    model.forward_shared_logprobs = functools.partial(prefix_sharing.forward_shared, model)  # the same, prompts shared
-    register_fsdp_forward_method(model, "forward_shared_logprobs")
     return model
 
 

@@ -151,9 +151,8 @@ def _replayable_cache(net):
 
 def forward_shared(model, prompt_ids, prompt_mask, prompt_pos, group, response_ids, response_mask, response_pos,
                    temperature, chunk_size, with_entropy, fp32_head=True):
-    """Flat per-token log-probs (and entropies) of the responses, row by row, in the shared layout. Registered
-    as an FSDP forward method by model.shard_model (as forward_logprobs is): it calls the decoder and the LM
-    head's weight directly, so the root's parameters must be gathered around it."""
+    """Flat per-token log-probs (and entropies) of the responses, row by row, in the shared layout (on a sharded
+    model, run as an FSDP forward method: _method)."""
     decoder, name = model.get_decoder(), _cache_kwarg(model)
     recording = Cache(layer_class_to_replicate=_Recording)
     with _replayable_cache(model):
@@ -171,11 +170,24 @@ def forward_shared(model, prompt_ids, prompt_mask, prompt_pos, group, response_i
     return models.head_logprobs(model, h[sel], response_ids[sel], temperature, chunk_size, with_entropy, fp32_head)
 
 
+def _method(net):
+    """forward_shared on `net`; on a sharded model as an FSDP forward method, registered on first use as
+    model.shard_model registers forward_logprobs: it calls the decoder and the LM head's weight directly, so
+    FSDP must gather the root's parameters (embeddings, final norm, LM head) around it and reduce their gradients."""
+    if not models.is_sharded(net):
+        return functools.partial(forward_shared, net)
+    if not hasattr(net, "forward_shared_logprobs"):
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        net.forward_shared_logprobs = functools.partial(forward_shared, net)
+        register_fsdp_forward_method(net, "forward_shared_logprobs")
+    return net.forward_shared_logprobs
+
+
 def logprobs(net, prompts, responses, temperature: float, chunk_size: int, with_entropy: bool, fp32_head: bool,
              device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Flat per-token log-probs (and entropies) of `responses` after `prompts`, sequence by sequence: what
     token_logprobs(...)[target_mask] gives in the packed layout."""
-    fn = getattr(net, "forward_shared_logprobs", None) or functools.partial(forward_shared, net)
     t = layout(prompts, responses, device)
-    return fn(t["prompt_ids"], t["prompt_mask"], t["prompt_pos"], t["group"], t["response_ids"], t["response_mask"],
+    return _method(net)(t["prompt_ids"], t["prompt_mask"], t["prompt_pos"], t["group"], t["response_ids"], t["response_mask"],
               t["response_pos"], temperature, chunk_size, with_entropy, fp32_head)
