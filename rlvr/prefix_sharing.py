@@ -53,7 +53,7 @@ def supported(net) -> bool:
     """Whether the shared layout can run on this model (else the packed one runs):
     - a decoder taking a Cache (`cache` or `past_key_values`);
     - full attention in every layer: a sliding-window layer's cache has its own mask sizes and would need
-      the prefix cut to the window; such models (Mistral, Gemma2/3) keep the packed layout;
+      the prefix cut to the window; such models (Gemma2/3, Mistral with a window) keep the packed layout;
     - under activation checkpointing, a transformers that lets a checkpointed layer keep a cache whose
       replay reads the same states (`_can_checkpoint_with_cache`); an older one drops the cache in
       checkpointed layers, and the responses would silently attend to themselves only."""

@@ -192,3 +192,19 @@ def test_two_fsdp_ranks_share_prompts_as_one_process_packs(tiny_model_dir, tmp_p
         scale = p.grad.abs().max().item()
         for r in ranks:
             torch.testing.assert_close(r["grads"][name], p.grad, atol=RTOL_GRAD * scale, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama", "mistral", "gpt2", "gemma2", "gemma3"])
+def test_every_architecture_shares_exactly_or_keeps_packing(arch, tmp_path):
+    """The other architectures the recipe trains: the shared layout equals the packed one (GPT-2: absolute
+    positions, continued after the prompt as rotary ones are); Gemma2/3 have sliding-window layers and keep
+    the packed layout."""
+    from test_architectures import build
+
+    model = _load(build(arch, tmp_path / arch))
+    if arch.startswith("gemma"):
+        assert not PS.supported(model)
+        return
+    assert PS.supported(model)
+    prompts, responses = _groups(model.config.vocab_size)
+    _assert_same(_run(model, _packed, prompts, responses, 12), _run(model, _shared, prompts, responses, 12))
