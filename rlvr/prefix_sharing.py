@@ -104,34 +104,35 @@ def layout(prompts: list[list[int]], responses: list[list[int]], device) -> dict
     }
 
 
-try:
+@functools.cache
+def _cache_layers():
+    """(Cache, _Recording, _Prefix): transformers imported on first use, as model.py imports it (so importing
+    train_rl, a --help, stays fast)."""
     from transformers.cache_utils import Cache, DynamicLayer
-except ImportError:  # supported() is False without a decoder taking a Cache
-    Cache, DynamicLayer = None, object
 
+    class _Recording(DynamicLayer):
+        """A layer's cache for the prompt pass: keeps the last K/V written (overwrites, never appends), so a
+        checkpointed layer's replay in backward writes the same states again instead of doubling them."""
 
-class _Recording(DynamicLayer):
-    """A layer's cache for the prompt pass: keeps the last K/V written (overwrites, never appends), so a
-    checkpointed layer's replay in backward writes the same states again instead of doubling them."""
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = key_states, value_states
+            return key_states, value_states
 
-    def update(self, key_states, value_states, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self.keys, self.values = key_states, value_states
-        return key_states, value_states
+    class _Prefix(DynamicLayer):
+        """A layer's cache for the response pass: the rows' prompt K/V, read only. update returns prefix + new
+        without storing, so a replay in backward (activation checkpointing) reads the same states."""
 
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+            super().__init__()
+            self.lazy_initialization(keys, values)
+            self.keys, self.values = keys, values
 
-class _Prefix(DynamicLayer):
-    """A layer's cache for the response pass: the rows' prompt K/V, read only. update returns prefix + new
-    without storing, so a replay in backward (activation checkpointing) reads the same states."""
+        def update(self, key_states, value_states, *args, **kwargs):
+            return torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
-        super().__init__()
-        self.lazy_initialization(keys, values)
-        self.keys, self.values = keys, values
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        return torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
+    return Cache, _Recording, _Prefix
 
 
 @contextlib.contextmanager
@@ -154,6 +155,7 @@ def forward_shared(model, prompt_ids, prompt_mask, prompt_pos, group, response_i
     """Flat per-token log-probs (and entropies) of the responses, row by row, in the shared layout (on a sharded
     model, run as an FSDP forward method: _method)."""
     decoder, name = model.get_decoder(), _cache_kwarg(model)
+    Cache, _Recording, _Prefix = _cache_layers()
     recording = Cache(layer_class_to_replicate=_Recording)
     with _replayable_cache(model):
         prompt_out = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_pos,
@@ -189,5 +191,5 @@ def logprobs(net, prompts, responses, temperature: float, chunk_size: int, with_
     """Flat per-token log-probs (and entropies) of `responses` after `prompts`, sequence by sequence: what
     token_logprobs(...)[target_mask] gives in the packed layout."""
     t = layout(prompts, responses, device)
-    return _method(net)(t["prompt_ids"], t["prompt_mask"], t["prompt_pos"], t["group"], t["response_ids"], t["response_mask"],
-              t["response_pos"], temperature, chunk_size, with_entropy, fp32_head)
+    return _method(net)(t["prompt_ids"], t["prompt_mask"], t["prompt_pos"], t["group"], t["response_ids"],
+                        t["response_mask"], t["response_pos"], temperature, chunk_size, with_entropy, fp32_head)

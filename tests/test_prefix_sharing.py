@@ -169,6 +169,7 @@ def test_two_fsdp_ranks_share_prompts_as_one_process_packs(tiny_model_dir, tmp_p
     """FSDP2 (2 gloo ranks, float32, each layer and the root sharded; with and without activation checkpointing):
     the shared layout runs inside the registered forward method, both ranks take the same layout per micro-batch,
     and the log-probs and the ranks' averaged gradients equal the packed layout's in one process."""
+    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -176,9 +177,9 @@ def test_two_fsdp_ranks_share_prompts_as_one_process_packs(tiny_model_dir, tmp_p
     root = Path(__file__).resolve().parents[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(root / "tests" / "prefix_sharing_worker.py"), str(tmp_path), tiny_model_dir, checkpointing]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root,  # ~15 s; a layout mismatch between ranks hangs
-                         env={k: v for k, v in __import__("os").environ.items() if k != "RLVR_GPU_PATH"}
-                         | {"OMP_NUM_THREADS": "1"})
+    env = {k: v for k, v in os.environ.items() if k != "RLVR_GPU_PATH"} | {"OMP_NUM_THREADS": "1"}  # float32
+    # ~15 s; 300: a layout that differs between the ranks hangs in FSDP's gathers
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-6000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert [r["taken"] for r in ranks] == [["shared", "packed"]] * 2
