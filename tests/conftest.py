@@ -39,22 +39,3 @@ def straight(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
     run(flags(tiny_model_dir, out, 4, **STRAIGHT))
     return out
-
-
-# `-n 2 --dist loadfile` hands each worker a file at a time, in the work queue's order. xdist's default
-# orders files by their number of tests, which puts the files with few tests and a long start (a vLLM
-# server, the main job's world built cold, many training runs) last, where one worker runs them alone
-# while the other has nothing left. These go first instead, longest first (the rest keep their order):
-# the pretrained world's build first, so that test_verifier_free's RLPR test finds it built.
-LONG_FILES = ["test_pretrained.py", "test_faults.py", "test_reward_vllm.py", "test_train_rl.py", "test_vllm_engine.py",
-              "test_rollout.py", "test_outside_faults.py", "test_verifier_free.py", "test_bench.py", "test_load_once.py"]
-
-
-def pytest_configure(config):
-    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the collection's order of files
-        config.option.loadscopereorder = False
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONG_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: a file's tests keep their order
