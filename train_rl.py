@@ -74,11 +74,12 @@ def forward_logprobs(net, prompts, responses, idx, cfg: Config, device, with_ent
     """Flat per-token log-probs (and entropies) of responses `idx` under `net`: one forward pass. Packed rows;
     where samples share prompts and that saves work, each distinct prompt runs once (prefix_sharing.py).
     --pack false keeps its padded rows (the layout for architectures the packed path cannot run)."""
-    if cfg.pack and prefix_sharing.use(net, [prompts[i] for i in idx], [responses[i] for i in idx]):
-        return prefix_sharing.logprobs(net, [prompts[i] for i in idx], [responses[i] for i in idx], cfg.temperature,
-                                       cfg.logprob_chunk, with_entropy, cfg.fp32_lm_head, device)
-    seqs = [prompts[i] + responses[i] for i in idx]
-    targets = [[False] * len(prompts[i]) + [True] * len(responses[i]) for i in idx]
+    ps, rs = [prompts[i] for i in idx], [responses[i] for i in idx]
+    if cfg.pack and prefix_sharing.use(net, ps, rs):
+        return prefix_sharing.logprobs(net, ps, rs, cfg.temperature, cfg.logprob_chunk, with_entropy, cfg.fp32_lm_head,
+                                       device)
+    seqs = [p + r for p, r in zip(ps, rs)]
+    targets = [[False] * len(p) + [True] * len(r) for p, r in zip(ps, rs)]
     ids, pos, att, tmask = model.rows(seqs, targets, cfg.pack, 0, device)
     lp, ent = model.token_logprobs(net, ids, pos, tmask, att, cfg.temperature, cfg.logprob_chunk, with_entropy,
                                    cfg.fp32_lm_head)

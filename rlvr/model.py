@@ -570,7 +570,8 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, te
     eos = eos_ids(model, tokenizer)
     ids, mask = left_pad(prompts, tokenizer.pad_token_id)
     seeds = None if row_seeds is None else torch.tensor(row_seeds, dtype=torch.long)
-    # the model's generation_config.json applies as generate() applies it (generation.config_processors)
+    # the model's generation_config.json applies as generate() applies it, less its repetition penalties
+    # (generation.config_processors: the sampler draws from the policy the trainer scores)
     ctx = gathered_params(model) if distributed.is_initialized() else contextlib.nullcontext()
     with ctx:
         out = generation.decode(model, ids.to(device), mask.to(device), max_new_tokens, sorted(eos),
